@@ -1,0 +1,475 @@
+"""The DPOJob spec: the single source of truth for the CRD schema, the operator and the trainer.
+
+Defaults reproduce the Hugging Face post "Fine-tune Llama 2 with DPO" (QLoRA SFT, then DPO on
+stack-exchange-paired). Field names are camelCase in YAML (Kubernetes convention) and snake_case in
+Python. Only pydantic and the standard library are imported here, so the trainer image and the
+operator can both use it cheaply.
+"""
+
+from __future__ import annotations
+
+import string
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "dpo-operator.io"
+API_VERSION = "v1alpha1"
+KIND = "DPOJob"
+PLURAL = "dpojobs"
+
+DType = Literal["bfloat16", "float16", "float32"]
+LossType = Literal[
+    "sigmoid",
+    "hinge",
+    "ipo",
+    "exo_pair",
+    "nca_pair",
+    "robust",
+    "bco_pair",
+    "sppo_hard",
+    "aot",
+    "aot_unpaired",
+    "apo_zero",
+    "apo_down",
+    "discopop",
+    "sft",
+    "sigmoid_norm",
+]
+Optimizer = Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit", "sgd", "adafactor"]
+LRScheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts"]
+PositiveInt = Annotated[int, Field(ge=1)]
+K8sName = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
+
+
+class SpecModel(BaseModel):
+    """Base of every spec object: camelCase aliases, unknown fields rejected, assignment validated."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        validate_assignment=True,
+        use_attribute_docstrings=True,
+    )
+
+
+class ModelSpec(SpecModel):
+    """The base model to align."""
+
+    name: str = Field(default="meta-llama/Llama-2-7b-hf", min_length=1)
+    """Hugging Face Hub model id, or a path inside the trainer container (e.g. a mounted volume)."""
+    revision: str | None = None
+    """Hub revision (branch, tag or commit) of the base model. Default: the repo's default branch."""
+    trust_remote_code: bool = False
+    """Allow custom modelling code from the model repo. Off by default: it runs arbitrary code."""
+    dtype: DType = "bfloat16"
+    """Dtype the base model is loaded in for merging and, with quantization off, for training."""
+
+
+class HubDatasetSource(SpecModel):
+    """A dataset on the Hugging Face Hub, loaded with datasets.load_dataset."""
+
+    name: str = Field(min_length=1)
+    """Dataset repo id, e.g. lvwerra/stack-exchange-paired."""
+    config: str | None = None
+    """Dataset configuration name."""
+    split: str = "train"
+    """Split to read."""
+    data_dir: str | None = None
+    """Sub-directory of the dataset repo, e.g. data/rl."""
+    revision: str | None = None
+    """Dataset revision (branch, tag or commit)."""
+
+
+class FilesDatasetSource(SpecModel):
+    """Local data files (e.g. on a mounted volume) in one format."""
+
+    paths: list[str] = Field(min_length=1)
+    """Files or glob patterns inside the trainer container."""
+    format: Literal["jsonl", "json", "parquet"] = "jsonl"
+    """File format. jsonl and json are both read by the json loader."""
+
+
+class DatasetSource(SpecModel):
+    """Where rows come from: exactly one of hub or files."""
+
+    model_config = ConfigDict(json_schema_extra={"oneOf": [{"required": ["hub"]}, {"required": ["files"]}]})
+
+    hub: HubDatasetSource | None = None
+    """A Hub dataset."""
+    files: FilesDatasetSource | None = None
+    """Local files."""
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> DatasetSource:
+        if (self.hub is None) == (self.files is None):
+            raise ValueError("set exactly one of hub or files")
+        return self
+
+
+def template_fields(template: str) -> list[str]:
+    """Column names a str.format template refers to, e.g. "Q: {question}" -> ["question"]."""
+    return [name for _, name, _, _ in string.Formatter().parse(template) if name]
+
+
+class SFTData(SpecModel):
+    """Rows for supervised fine-tuning, rendered to text with a template over dataset columns."""
+
+    source: DatasetSource
+    """Training rows."""
+    text_template: str = Field(min_length=1)
+    """Python format string over dataset columns producing the training text."""
+    eval_size: int = Field(default=0, ge=0)
+    """Hold out the first N rows for evaluation (0: no evaluation)."""
+
+
+class DPOData(SpecModel):
+    """Preference pairs: prompt, chosen and rejected rendered with templates over dataset columns."""
+
+    source: DatasetSource
+    """Training pairs."""
+    eval_source: DatasetSource | None = None
+    """Evaluation pairs (optional); otherwise evalSize rows are held out from source."""
+    prompt_template: str = Field(min_length=1)
+    """Format string over columns producing the prompt."""
+    chosen_template: str = Field(min_length=1)
+    """Format string over columns producing the preferred answer."""
+    rejected_template: str = Field(min_length=1)
+    """Format string over columns producing the dispreferred answer."""
+    eval_size: int = Field(default=0, ge=0)
+    """Rows of source held out for evaluation when evalSource is unset (0: none)."""
+
+
+STACK_EXCHANGE_PAIRED: dict[str, Any] = {
+    "sft": {
+        "source": {"hub": {"name": "lvwerra/stack-exchange-paired", "dataDir": "data/finetune", "split": "train"}},
+        "textTemplate": "Question: {question}\n\nAnswer: {response_j}",
+        "evalSize": 4000,
+    },
+    "dpo": {
+        "source": {"hub": {"name": "lvwerra/stack-exchange-paired", "dataDir": "data/rl", "split": "train"}},
+        "evalSource": {
+            "hub": {"name": "lvwerra/stack-exchange-paired", "dataDir": "data/evaluation", "split": "train"}
+        },
+        "promptTemplate": "Question: {question}\n\nAnswer: ",
+        "chosenTemplate": "{response_j}",
+        "rejectedTemplate": "{response_k}",
+    },
+}
+PRESETS: dict[str, dict[str, Any]] = {"stack-exchange-paired": STACK_EXCHANGE_PAIRED}
+
+
+class DataSpec(SpecModel):
+    """Training data. A preset fills whatever sft/dpo leave unset."""
+
+    preset: Literal["stack-exchange-paired"] | None = "stack-exchange-paired"
+    """Built-in mapping; stack-exchange-paired reproduces the seed recipe exactly. Set null to map yourself."""
+    sft: SFTData | None = None
+    """SFT rows (required when the preset is null and SFT is enabled)."""
+    dpo: DPOData | None = None
+    """Preference pairs (required when the preset is null)."""
+    max_samples: int | None = Field(default=None, ge=1)
+    """Use at most this many training rows per stage (after eval hold-out). Default: all."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        if not isinstance(data, dict):
+            return data
+        preset = data.get("preset", "stack-exchange-paired")
+        if preset not in PRESETS:
+            return data
+        merged = dict(data)
+        for stage, defaults in PRESETS[preset].items():
+            given = data.get(stage)
+            if given is None:
+                merged[stage] = defaults
+            elif isinstance(given, dict):
+                merged[stage] = {**defaults, **given}
+        return merged
+
+    @model_validator(mode="after")
+    def _dpo_required(self) -> DataSpec:
+        if self.dpo is None:
+            raise ValueError("dpo is required when preset is null")
+        return self
+
+
+class LoRASpec(SpecModel):
+    """Low-rank adapter settings."""
+
+    r: int = Field(default=8, ge=1, le=1024)
+    """Adapter rank."""
+    alpha: int = Field(default=16, ge=1)
+    """LoRA alpha (scaling = alpha / r)."""
+    dropout: float = Field(default=0.05, ge=0, lt=1)
+    """Dropout on the adapter input."""
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    """Module names the adapter wraps."""
+
+
+class TrainingSpec(SpecModel):
+    """Hyperparameters shared by the SFT and DPO stages."""
+
+    max_steps: int = Field(default=-1, ge=-1)
+    """Optimizer steps; -1 trains numTrainEpochs epochs instead."""
+    num_train_epochs: float = Field(default=1.0, gt=0)
+    """Epochs when maxSteps is -1."""
+    learning_rate: float = Field(default=1e-4, gt=0, le=1)
+    """Peak learning rate."""
+    lr_scheduler_type: LRScheduler = "cosine"
+    """Learning-rate schedule."""
+    warmup_steps: int = Field(default=100, ge=0)
+    """Linear warm-up steps."""
+    batch_size: PositiveInt = 4
+    """Per-device train batch size."""
+    gradient_accumulation_steps: PositiveInt = 2
+    """Micro-batches per optimizer step."""
+    max_length: PositiveInt = 1024
+    """Maximum tokens per sequence."""
+    optimizer: Optimizer = "paged_adamw_32bit"
+    """Optimizer (paged optimizers need bitsandbytes)."""
+    gradient_checkpointing: bool = True
+    """Recompute activations in backward to save memory."""
+    logging_steps: PositiveInt = 10
+    """Log (and report progress) every N steps."""
+    eval_steps: PositiveInt = 100
+    """Evaluate every N steps when eval data exists."""
+    lora: LoRASpec = Field(default_factory=LoRASpec)
+    """Adapter for this stage."""
+
+
+class SFTSpec(TrainingSpec):
+    """Supervised fine-tuning with QLoRA before DPO."""
+
+    enabled: bool = True
+    """Run SFT before DPO. Off: DPO starts from the base model."""
+    max_steps: int = Field(default=500, ge=-1)
+    """Optimizer steps; -1 trains numTrainEpochs epochs instead."""
+    packing: bool = True
+    """Pack several rows into each maxLength sequence."""
+
+
+class DPOSpec(TrainingSpec):
+    """Direct Preference Optimization on the merged SFT model."""
+
+    beta: float = Field(default=0.1, gt=0)
+    """Strength of the KL penalty towards the reference model."""
+    loss_type: list[LossType] = Field(default_factory=lambda: ["sigmoid"], min_length=1)
+    """DPO loss(es); several are combined with lossWeights."""
+    loss_weights: list[float] | None = None
+    """One weight per lossType entry."""
+    max_steps: int = Field(default=1000, ge=-1)
+    """Optimizer steps; -1 trains numTrainEpochs epochs instead."""
+    learning_rate: float = Field(default=5e-4, gt=0, le=1)
+    """Peak learning rate."""
+    gradient_accumulation_steps: PositiveInt = 4
+    """Micro-batches per optimizer step."""
+    max_prompt_length: PositiveInt = 512
+    """Pairs whose prompt exceeds this many tokens are dropped (TRL no longer enforces it)."""
+    precompute_ref_log_probs: bool = False
+    """Compute reference log-probs once up front (saves a forward pass per step)."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DPOSpec:
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(
+                f"lossWeights has {len(self.loss_weights)} entries but lossType has {len(self.loss_type)}"
+            )
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(
+                f"maxPromptLength ({self.max_prompt_length}) must be less than maxLength ({self.max_length})"
+            )
+        return self
+
+
+class QuantizationSpec(SpecModel):
+    """Quantization of the frozen base weights during training (QLoRA)."""
+
+    mode: Literal["4bit", "none"] = "4bit"
+    """4bit: bitsandbytes QLoRA; none: train LoRA on the unquantized model."""
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    """4-bit data type."""
+    compute_dtype: DType = "bfloat16"
+    """Dtype of matmuls on dequantized weights."""
+    double_quant: bool = False
+    """Quantize the quantization constants too (saves ~0.4 bits/param)."""
+
+
+class SecretKeyRef(SpecModel):
+    """A key of a Secret in the DPOJob's namespace."""
+
+    name: K8sName
+    """Secret name."""
+    key: str = Field(default="token", min_length=1)
+    """Key inside the Secret."""
+
+
+class HubOutput(SpecModel):
+    """Push the merged model to the Hugging Face Hub."""
+
+    repo_id: str = Field(min_length=3, max_length=96, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+    """Target model repo, namespace/name."""
+    private: bool = True
+    """Create the repo private (the safe default)."""
+    revision: str | None = None
+    """Branch to push to (created if missing). Default: main."""
+    commit_message: str = "Upload DPO-aligned model trained by dpo-operator"
+    """Commit message of the upload."""
+
+
+class OutputSpec(SpecModel):
+    """Where the merged model goes: the Hub, a directory, or both."""
+
+    hub: HubOutput | None = None
+    """Hub destination."""
+    directory: str | None = None
+    """Directory (e.g. a mounted volume) that receives the merged model."""
+
+
+class CheckpointingSpec(SpecModel):
+    """Checkpoints make every stage resumable (e.g. after preemption or suspend)."""
+
+    save_steps: PositiveInt = 100
+    """Save a checkpoint every N optimizer steps."""
+    save_total_limit: int | None = Field(default=2, ge=1)
+    """Keep at most this many checkpoints per stage."""
+    directory: str = "/checkpoints"
+    """Work directory for stages and checkpoints; mount a volume here to survive pod restarts."""
+
+
+class ReportingSpec(SpecModel):
+    """Experiment trackers."""
+
+    report_to: list[Literal["none", "tensorboard", "wandb", "mlflow", "trackio"]] = Field(
+        default_factory=lambda: ["none"]
+    )
+    """Trackers the Trainer reports to (progress always reaches DPOJob status)."""
+
+
+class Toleration(SpecModel):
+    """A Kubernetes pod toleration."""
+
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] | None = None
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class LocalObjectReference(SpecModel):
+    """A reference to an object by name in the same namespace."""
+
+    name: K8sName
+
+
+class VolumeClaim(SpecModel):
+    """An existing PersistentVolumeClaim mounted into the trainer pod."""
+
+    claim_name: K8sName
+    """PVC name in the DPOJob's namespace."""
+    read_only: bool = False
+    """Mount read-only."""
+
+
+class RuntimeSpec(SpecModel):
+    """How the trainer pod runs on the cluster. Ignored by `dpo-trainer run` outside Kubernetes."""
+
+    image: str = Field(default="ghcr.io/dpo-operator/trainer:0.1.0", min_length=1)
+    """Trainer container image."""
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    """Image pull policy."""
+    image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list)
+    """Pull secrets for private registries."""
+    gpus: int = Field(default=1, ge=0, le=64)
+    """nvidia.com/gpu per pod; more than one trains data-parallel inside the pod."""
+    cpu: str = Field(default="4", pattern=r"^([0-9]+m?|[0-9]*\.[0-9]+)$")
+    """CPU request (Kubernetes quantity)."""
+    memory: str = Field(default="32Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+    """Memory request and limit (Kubernetes quantity)."""
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    """Node labels the pod must match."""
+    tolerations: list[Toleration] = Field(default_factory=list)
+    """Taints the pod tolerates (GPU nodes are often tainted)."""
+    affinity: dict[str, Any] | None = None
+    """Kubernetes affinity, passed through unchanged."""
+    priority_class_name: str | None = None
+    """PriorityClass of the pod (for preemption and queueing)."""
+    service_account_name: str | None = None
+    """ServiceAccount of the trainer pod. It needs no API rights; its token is not mounted."""
+    checkpoint_volume: VolumeClaim | None = None
+    """PVC mounted at checkpointing.directory so a restarted pod resumes. Default: an emptyDir."""
+    data_volume: VolumeClaim | None = None
+    """PVC mounted at /data for file-based datasets and local models."""
+    output_volume: VolumeClaim | None = None
+    """PVC mounted at /output for output.directory."""
+    backoff_limit: int = Field(default=2, ge=0, le=20)
+    """Pod retries before the DPOJob fails."""
+    active_deadline_seconds: int | None = Field(default=None, ge=1)
+    """Wall-clock limit of one run; exceeding it fails the DPOJob."""
+    ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
+    """Delete the finished trainer Job and its pods after N seconds. The DPOJob itself is kept."""
+
+
+class DPOJobSpec(SpecModel):
+    """Desired state of a DPOJob: align a model with preference data (QLoRA SFT, then DPO)."""
+
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    """Base model."""
+    data: DataSpec = Field(default_factory=DataSpec)
+    """Training data."""
+    sft: SFTSpec = Field(default_factory=SFTSpec)
+    """Supervised fine-tuning stage."""
+    dpo: DPOSpec = Field(default_factory=DPOSpec)
+    """DPO stage."""
+    quantization: QuantizationSpec = Field(default_factory=QuantizationSpec)
+    """Base-weight quantization during training."""
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    """Where the merged model goes."""
+    hub_token_secret_ref: SecretKeyRef | None = None
+    """Secret holding a Hugging Face token (for gated base models and pushes). Exposed to the trainer as HF_TOKEN."""
+    checkpointing: CheckpointingSpec = Field(default_factory=CheckpointingSpec)
+    """Checkpoints and resume."""
+    reporting: ReportingSpec = Field(default_factory=ReportingSpec)
+    """Experiment tracking."""
+    seed: int = Field(default=0, ge=0)
+    """Random seed for data shuffling, adapter init and training."""
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec)
+    """Pod settings on the cluster."""
+    suspend: bool = False
+    """Suspend the run: the trainer pod is removed and resumes from its checkpoint when set back to false."""
+
+    @model_validator(mode="after")
+    def _consistent(self) -> DPOJobSpec:
+        if self.output.hub is None and self.output.directory is None:
+            raise ValueError("output needs hub or directory (or both): the merged model has to go somewhere")
+        if self.sft.enabled and self.data.sft is None:
+            raise ValueError("data.sft is required when sft.enabled is true and data.preset is null")
+        return self
+
+
+class DPOJob(BaseModel):
+    """A whole DPOJob document, as applied with kubectl; the trainer reads its spec."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    api_version: Literal["dpo-operator.io/v1alpha1"] = Field(alias="apiVersion")
+    kind: Literal["DPOJob"]
+    metadata: dict[str, Any] = Field(default_factory=dict)
+    spec: DPOJobSpec
+
+
+def describe_validation_error(exc: ValidationError, prefix: str = "spec") -> str:
+    """One line per problem, each naming the field path and what is allowed (no traceback, no input dump)."""
+    lines = []
+    for error in exc.errors(include_url=False):
+        path = ".".join([prefix, *(str(p) for p in error["loc"])]) if prefix else ".".join(map(str, error["loc"]))
+        message = error["msg"].removeprefix("Value error, ")
+        if error["type"] == "extra_forbidden":
+            message = "unknown field"
+        elif error["type"] == "literal_error" and "expected" in error.get("ctx", {}):
+            message = f"must be one of {error['ctx']['expected']}"
+        lines.append(f"{path}: {message}")
+    return "; ".join(lines)
