@@ -275,9 +275,7 @@ class DPOSpec(TrainingSpec):
     @model_validator(mode="after")
     def _consistent(self) -> DPOSpec:
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
-            raise ValueError(
-                f"lossWeights has {len(self.loss_weights)} entries but lossType has {len(self.loss_type)}"
-            )
+            raise ValueError(f"lossWeights has {len(self.loss_weights)} entries but lossType has {len(self.loss_type)}")
         if self.max_prompt_length >= self.max_length:
             raise ValueError(
                 f"maxPromptLength ({self.max_prompt_length}) must be less than maxLength ({self.max_length})"

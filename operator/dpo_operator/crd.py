@@ -1,0 +1,160 @@
+"""Generate the DPOJob CustomResourceDefinition from the pydantic models.
+
+`python -m dpo_operator.crd > crds/dpojobs.dpo-operator.io.yaml` regenerates the committed file; a test
+fails when they drift. Pydantic emits JSON Schema 2020-12; Kubernetes wants a structural OpenAPI v3.0
+subset, so references are inlined, Optional becomes nullable, and free-form maps keep unknown fields.
+Defaults stay in pydantic (one place) and are written into the descriptions for `kubectl explain`.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import Any
+
+import yaml
+
+from .spec import API_GROUP, API_VERSION, KIND, PLURAL, DPOJobSpec
+from .status_model import DPOJobStatus
+
+CRD_NAME = f"{PLURAL}.{API_GROUP}"
+CRD_FILE = f"crds/{CRD_NAME}.yaml"
+
+_KEPT_KEYWORDS = (
+    "type",
+    "description",
+    "enum",
+    "minimum",
+    "maximum",
+    "minLength",
+    "maxLength",
+    "pattern",
+    "minItems",
+    "maxItems",
+    "required",
+    "format",
+)
+
+
+def to_structural(schema: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """Convert one pydantic JSON-Schema node to a Kubernetes structural schema node."""
+    if "$ref" in schema:
+        target = defs[schema["$ref"].rsplit("/", 1)[-1]]
+        merged = {**target, **{k: v for k, v in schema.items() if k != "$ref"}}
+        return to_structural(merged, defs)
+    variants = schema.get("anyOf")
+    if variants:
+        non_null = [v for v in variants if v.get("type") != "null"]
+        if len(non_null) != 1:
+            raise ValueError(f"cannot express union {variants} structurally")
+        inner = to_structural(non_null[0], defs)
+        outer = {k: v for k, v in schema.items() if k not in ("anyOf", "default", "title")}
+        node = {**inner, **{k: v for k, v in to_structural(outer, defs).items() if k != "type"}}
+        if len(non_null) < len(variants):
+            node["nullable"] = True
+        return node
+
+    node: dict[str, Any] = {k: schema[k] for k in _KEPT_KEYWORDS if k in schema}
+    if "const" in schema:
+        node["enum"] = [schema["const"]]
+    if "exclusiveMinimum" in schema:
+        node["minimum"], node["exclusiveMinimum"] = schema["exclusiveMinimum"], True
+    if "exclusiveMaximum" in schema:
+        node["maximum"], node["exclusiveMaximum"] = schema["exclusiveMaximum"], True
+    if "default" in schema and schema["default"] not in (None, [], {}):
+        default = json.dumps(schema["default"]) if not isinstance(schema["default"], str) else schema["default"]
+        node["description"] = f"{node.get('description', '').rstrip()} Default: {default}.".lstrip()
+    if "oneOf" in schema:
+        node["oneOf"] = schema["oneOf"]
+    if "properties" in schema:
+        node["type"] = "object"
+        node["properties"] = {name: to_structural(sub, defs) for name, sub in schema["properties"].items()}
+    elif isinstance(schema.get("additionalProperties"), dict):
+        node["additionalProperties"] = to_structural(schema["additionalProperties"], defs)
+    elif schema.get("type") == "object":
+        node["x-kubernetes-preserve-unknown-fields"] = True
+    if "items" in schema:
+        node["items"] = to_structural(schema["items"], defs)
+    return node
+
+
+def openapi_schema(model: type) -> dict[str, Any]:
+    """Structural schema of a pydantic model (by alias, i.e. camelCase field names)."""
+    raw = model.model_json_schema(by_alias=True)
+    return to_structural(raw, raw.get("$defs", {}))
+
+
+def build_crd() -> dict[str, Any]:
+    """The full CRD object."""
+    spec_schema = openapi_schema(DPOJobSpec)
+    status_schema = openapi_schema(DPOJobStatus)
+    columns = [
+        ("Phase", "string", ".status.phase", "Pending, Running, Succeeded, Failed or Suspended"),
+        ("Stage", "string", ".status.stage", "Trainer stage"),
+        ("Progress", "integer", ".status.progress.percent", "Percent of the run done"),
+        ("Accuracy", "number", ".status.rewards.accuracies", "Latest rewards/accuracies"),
+        ("Margin", "number", ".status.rewards.margins", "Latest rewards/margins"),
+        ("Age", "date", ".metadata.creationTimestamp", ""),
+    ]
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": CRD_NAME, "labels": {"app.kubernetes.io/name": "dpo-operator"}},
+        "spec": {
+            "group": API_GROUP,
+            "scope": "Namespaced",
+            "names": {
+                "kind": KIND,
+                "listKind": f"{KIND}List",
+                "plural": PLURAL,
+                "singular": KIND.lower(),
+                "shortNames": ["dpo"],
+                "categories": ["all", "ml", "training"],
+            },
+            "versions": [
+                {
+                    "name": API_VERSION,
+                    "served": True,
+                    "storage": True,
+                    "subresources": {"status": {}},
+                    "additionalPrinterColumns": [
+                        {"name": n, "type": t, "jsonPath": p, **({"description": d} if d else {})}
+                        for n, t, p, d in columns
+                    ],
+                    "schema": {
+                        "openAPIV3Schema": {
+                            "type": "object",
+                            "description": "DPOJob aligns a language model with preference data: QLoRA "
+                            "supervised fine-tuning, then Direct Preference Optimization (TRL), then a "
+                            "merged model pushed to the Hugging Face Hub.",
+                            "required": ["spec"],
+                            "properties": {
+                                "apiVersion": {"type": "string"},
+                                "kind": {"type": "string"},
+                                "metadata": {"type": "object"},
+                                "spec": spec_schema,
+                                "status": status_schema,
+                            },
+                        }
+                    },
+                }
+            ],
+        },
+    }
+
+
+class _PlainDumper(yaml.SafeDumper):
+    """Writes repeated sub-schemas out in full: anchors and aliases confuse reviewers and some tools."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
+def render() -> str:
+    """The CRD as the YAML text committed in crds/."""
+    header = "# Generated by `python -m dpo_operator.crd` from dpo_operator/spec.py. Do not edit.\n"
+    return header + yaml.dump(build_crd(), Dumper=_PlainDumper, sort_keys=False, width=100)
+
+
+if __name__ == "__main__":
+    sys.stdout.write(render())

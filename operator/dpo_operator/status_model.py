@@ -1,0 +1,123 @@
+"""The DPOJob status schema: declared in the CRD (so patches are not pruned) and produced by the operator."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic.alias_generators import to_camel
+
+Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
+Stage = Literal["data", "sft", "merge", "dpo", "push"]
+ConditionType = Literal["Ready", "Running", "Succeeded", "Failed", "Suspended"]
+
+
+class StatusModel(BaseModel):
+    """Base of status objects: camelCase, tolerant of fields written by newer operator versions."""
+
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, use_attribute_docstrings=True)
+
+
+class Condition(StatusModel):
+    """A Kubernetes-style condition (kstatus / Flux / Argo CD read these)."""
+
+    type: ConditionType
+    status: Literal["True", "False", "Unknown"]
+    reason: str
+    """CamelCase reason, e.g. Running, Succeeded, OutOfMemory, Unschedulable, InvalidSpec."""
+    message: str = ""
+    last_transition_time: str
+    """When status last changed (RFC 3339)."""
+    observed_generation: int | None = None
+    """metadata.generation this condition was computed for."""
+
+
+class Progress(StatusModel):
+    """Where training is within the current stage."""
+
+    step: int = 0
+    """Optimizer step within the stage."""
+    total_steps: int = 0
+    """Steps the stage will run."""
+    percent: int = 0
+    """Progress of the whole run (SFT then DPO), 0-100."""
+    eta_seconds: int | None = None
+    """Estimated seconds until the current stage finishes."""
+    updated_at: str | None = None
+    """When the trainer last reported (RFC 3339)."""
+
+
+class Rewards(StatusModel):
+    """The latest DPO reward metrics (train; eval ones are in metrics with an eval_ prefix)."""
+
+    chosen: float | None = None
+    rejected: float | None = None
+    accuracies: float | None = None
+    margins: float | None = None
+
+
+class ModelLocation(StatusModel):
+    """Where the merged model went."""
+
+    directory: str | None = None
+    repo_id: str | None = None
+    revision: str | None = None
+    commit_url: str | None = None
+    commit_sha: str | None = None
+
+
+class TrainerRef(StatusModel):
+    """The Kubernetes objects running the current run."""
+
+    job_name: str | None = None
+    pod_name: str | None = None
+    config_map_name: str | None = None
+
+
+class RunRef(StatusModel):
+    """Identity of a run: a training spec, first seen at a generation."""
+
+    generation: int
+    """metadata.generation at which this training spec was first seen; names the trainer Job."""
+    spec_hash: str
+    """Hash of the training-relevant spec (everything but suspend and runtime)."""
+
+
+class Run(RunRef):
+    """A finished or superseded run, kept for the retraining history."""
+
+    phase: Phase = "Pending"
+    reason: str | None = None
+    message: str | None = None
+    start_time: str | None = None
+    completion_time: str | None = None
+    rewards: Rewards | None = None
+    metrics: dict[str, float] | None = None
+    model: ModelLocation | None = None
+    retries: int = 0
+
+
+class DPOJobStatus(StatusModel):
+    """Observed state of a DPOJob."""
+
+    observed_generation: int | None = None
+    """metadata.generation the operator last acted on."""
+    phase: Phase | None = None
+    stage: Stage | None = None
+    """Trainer stage: data, sft, merge, dpo or push."""
+    conditions: list[Condition] = Field(default_factory=list)
+    start_time: str | None = None
+    completion_time: str | None = None
+    progress: Progress | None = None
+    rewards: Rewards | None = None
+    """Latest rewards/* metrics of the DPO stage."""
+    metrics: dict[str, float] | None = None
+    """Latest logged metrics by their TRL names (rewards/margins, loss, eval_loss, ...)."""
+    model: ModelLocation | None = None
+    trainer: TrainerRef | None = None
+    retries: int = 0
+    """Trainer pods that failed and were retried in the current run."""
+    run: RunRef | None = None
+    """The current run."""
+    runs: list[Run] = Field(default_factory=list)
+    """Previous runs, oldest first (capped)."""
