@@ -1,0 +1,135 @@
+"""Follow trainer pod logs and fold their progress events, so metrics reach status within seconds.
+
+Why the pod log: trainer pods then need no Kubernetes API rights at all (their token is not even mounted),
+the channel works on every cluster version, and `kubectl logs` shows users the same lines. One thread per
+running trainer pod streams its log (the API server proxies it from the kubelet).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+from urllib3.exceptions import HTTPError, ProtocolError, ReadTimeoutError
+
+from .manifests import CONTAINER
+from .progress import TrainerProgress
+
+log = logging.getLogger(__name__)
+_READ_TIMEOUT = 120.0
+
+
+def _container_started(pod: dict[str, Any]) -> bool:
+    statuses = pod.get("status", {}).get("containerStatuses") or []
+    state = statuses[0].get("state", {}) if statuses else {}
+    return bool(state.get("running") or state.get("terminated"))
+
+
+class _Follower(threading.Thread):
+    """Streams one pod's log into a TrainerProgress until the container ends or the pod goes away."""
+
+    def __init__(self, core: client.CoreV1Api, namespace: str, pod: str, notify: Callable[[], None]) -> None:
+        super().__init__(name=f"logs-{namespace}/{pod}", daemon=True)
+        self.core, self.namespace, self.pod, self.notify = core, namespace, pod, notify
+        self.progress = TrainerProgress()
+        self.progress_lock = threading.Lock()
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        while not self.stopping.is_set():
+            try:
+                ended = self._stream_once()
+            except ApiException as exc:
+                if exc.status == 404:
+                    return
+                ended = False
+                log.debug("log stream of %s/%s: %s", self.namespace, self.pod, exc.reason)
+            except (ReadTimeoutError, ProtocolError, HTTPError, OSError):
+                ended = False
+            if ended:
+                return
+            self.stopping.wait(2.0)
+
+    def _stream_once(self) -> bool:
+        """Read the log from the start, skipping events already folded. True when the container has ended."""
+        response = self.core.read_namespaced_pod_log(
+            self.pod,
+            self.namespace,
+            container=CONTAINER,
+            follow=True,
+            _preload_content=False,
+            _request_timeout=(10, _READ_TIMEOUT),
+        )
+        already, seen = self.progress.events_seen, 0
+        buffer = b""
+        try:
+            for chunk in response.stream(4096):
+                if self.stopping.is_set():
+                    return True
+                buffer += chunk
+                *lines, buffer = buffer.split(b"\n")
+                for raw in lines:
+                    line = raw.decode("utf-8", "replace")
+                    if line.lstrip().startswith("{") and '"dpo-trainer/progress"' in line:
+                        seen += 1
+                        if seen <= already:
+                            continue
+                    with self.progress_lock:
+                        fed = self.progress.feed(line)
+                    if fed:
+                        self.notify()
+        finally:
+            response.release_conn()
+        pod = self.core.read_namespaced_pod(self.pod, self.namespace)
+        return pod.status.phase in ("Succeeded", "Failed")
+
+
+class LogFollowers:
+    """The followers of one operator process, keyed by pod; their progress outlives the thread."""
+
+    def __init__(self, core: client.CoreV1Api, mark_dirty: Callable[[str, str], None]) -> None:
+        self.core = core
+        self.mark_dirty = mark_dirty
+        self._followers: dict[tuple[str, str], _Follower] = {}
+        self._owner: dict[tuple[str, str], str] = {}
+        self._lock = threading.Lock()
+
+    def ensure(self, namespace: str, dpojob: str, pods: list[dict[str, Any]]) -> None:
+        """Follow every started pod of the run not followed yet; forget pods that are gone."""
+        names = {p["metadata"]["name"] for p in pods}
+        with self._lock:
+            for key in [k for k, owner in self._owner.items() if owner == dpojob and k[0] == namespace]:
+                if key[1] not in names:
+                    self._followers.pop(key).stopping.set()
+                    del self._owner[key]
+            for pod in pods:
+                key = (namespace, pod["metadata"]["name"])
+                if key in self._followers or not _container_started(pod):
+                    continue
+                follower = _Follower(self.core, namespace, key[1], lambda: self.mark_dirty(namespace, dpojob))
+                self._followers[key], self._owner[key] = follower, dpojob
+                follower.start()
+
+    def latest_progress(self, namespace: str, dpojob: str, pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+        """Status fields from the newest pod that reported anything."""
+        newest_first = sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
+        with self._lock:
+            for pod in newest_first:
+                follower = self._followers.get((namespace, pod["metadata"]["name"]))
+                if follower is not None and follower.progress.events_seen:
+                    with follower.progress_lock:
+                        return follower.progress.status_fields()
+        return None
+
+    def forget(self, namespace: str, dpojob: str) -> None:
+        """Stop following a deleted DPOJob's pods."""
+        self.ensure(namespace, dpojob, [])
+
+    def stop_all(self) -> None:
+        with self._lock:
+            for follower in self._followers.values():
+                follower.stopping.set()

@@ -1,0 +1,148 @@
+"""Thin wrappers over the Kubernetes API that the reconciler needs: idempotent create, status patch, events."""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from .spec import API_GROUP, API_VERSION, KIND, PLURAL
+
+log = logging.getLogger(__name__)
+
+
+def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """RFC 7386 merge patch turning old into new (removed keys become null); {} when equal."""
+    patch: dict[str, Any] = {key: None for key in old.keys() - new.keys()}
+    for key, value in new.items():
+        before = old.get(key)
+        if isinstance(value, dict) and isinstance(before, dict):
+            if sub := merge_patch(before, value):
+                patch[key] = sub
+        elif key not in old or before != value:
+            patch[key] = value
+    return patch
+
+
+def prune_none(value: Any) -> Any:
+    """Drop None values recursively: the API server does not store them, so comparing needs them gone."""
+    if isinstance(value, dict):
+        return {k: prune_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [prune_none(v) for v in value]
+    return value
+
+
+@dataclass
+class Kube:
+    """The API groups the operator talks to, sharing one ApiClient."""
+
+    api_client: client.ApiClient
+
+    def __post_init__(self) -> None:
+        self.custom = client.CustomObjectsApi(self.api_client)
+        self.batch = client.BatchV1Api(self.api_client)
+        self.core = client.CoreV1Api(self.api_client)
+        self.instance = socket.gethostname()
+
+    def get_dpojob(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            return self.custom.get_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL, name)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+
+    def list_dpojobs(self) -> list[dict[str, Any]]:
+        return self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)["items"]
+
+    def patch_status(self, dpojob: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+        """Merge-patch the status subresource, conditional on the resourceVersion we computed from (409 if stale)."""
+        meta = dpojob["metadata"]
+        body = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": patch}
+        return self.custom.patch_namespaced_custom_object_status(
+            API_GROUP, API_VERSION, meta["namespace"], PLURAL, meta["name"], body
+        )
+
+    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
+        try:
+            job = self.batch.read_namespaced_job(name, namespace)
+        except ApiException as exc:
+            if exc.status == 404:
+                return None
+            raise
+        return self.api_client.sanitize_for_serialization(job)
+
+    def list_jobs(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        jobs = self.batch.list_namespaced_job(namespace, label_selector=selector).items
+        return [self.api_client.sanitize_for_serialization(j) for j in jobs]
+
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        pods = self.core.list_namespaced_pod(namespace, label_selector=selector).items
+        return [self.api_client.sanitize_for_serialization(p) for p in pods]
+
+    def create_or_adopt(self, body: dict[str, Any], owner_uid: str) -> tuple[dict[str, Any], bool]:
+        """Create a Job or ConfigMap; on 409 return the existing one if we own it. True when created."""
+        namespace, name, kind = body["metadata"]["namespace"], body["metadata"]["name"], body["kind"]
+        create, read = (
+            (self.batch.create_namespaced_job, self.batch.read_namespaced_job)
+            if kind == "Job"
+            else (self.core.create_namespaced_config_map, self.core.read_namespaced_config_map)
+        )
+        try:
+            return self.api_client.sanitize_for_serialization(create(namespace, body)), True
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+        existing = self.api_client.sanitize_for_serialization(read(name, namespace))
+        owners = existing["metadata"].get("ownerReferences") or []
+        if not any(ref.get("uid") == owner_uid for ref in owners):
+            raise RuntimeError(f"{kind} {namespace}/{name} exists but is not owned by this DPOJob; delete or rename it")
+        return existing, False
+
+    def delete(self, kind: str, namespace: str, name: str) -> bool:
+        """Delete a Job (with its pods, in the background) or ConfigMap; False when already gone."""
+        options = client.V1DeleteOptions(propagation_policy="Background")
+        try:
+            if kind == "Job":
+                self.batch.delete_namespaced_job(name, namespace, body=options)
+            else:
+                self.core.delete_namespaced_config_map(name, namespace, body=options)
+        except ApiException as exc:
+            if exc.status == 404:
+                return False
+            raise
+        return True
+
+    def post_event(self, dpojob: dict[str, Any], event_type: str, reason: str, message: str) -> None:
+        """A core/v1 Event on the DPOJob (kubectl describe shows it). Failures are logged, not raised."""
+        meta = dpojob["metadata"]
+        now = datetime.now(UTC)
+        body = client.CoreV1Event(
+            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
+            involved_object=client.V1ObjectReference(
+                api_version=f"{API_GROUP}/{API_VERSION}",
+                kind=KIND,
+                name=meta["name"],
+                namespace=meta["namespace"],
+                uid=meta["uid"],
+            ),
+            type=event_type,
+            reason=reason,
+            message=message[:1024],
+            source=client.V1EventSource(component="dpo-operator"),
+            reporting_component="dpo-operator",
+            reporting_instance=self.instance,
+            first_timestamp=now,
+            last_timestamp=now,
+            count=1,
+        )
+        try:
+            self.core.create_namespaced_event(meta["namespace"], body)
+        except ApiException as exc:
+            log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc.reason)

@@ -1,0 +1,216 @@
+"""Build the trainer's Kubernetes objects from a DPOJob. Pure functions: spec in, manifest dicts out.
+
+Names are deterministic (DPOJob name + run generation), so re-creating after an operator restart hits
+409 and the existing object is adopted instead of duplicated.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import posixpath
+from typing import Any
+
+import yaml
+
+from .spec import API_GROUP, API_VERSION, KIND, DPOJobSpec
+
+CONFIG_MOUNT = "/etc/dpo-operator"
+SPEC_FILE = "dpojob.yaml"
+DATA_MOUNT = "/data"
+OUTPUT_MOUNT = "/output"
+TERMINATION_LOG = "/dev/termination-log"
+CONTAINER = "trainer"
+LABEL_DPOJOB = f"{API_GROUP}/dpojob"
+LABEL_RUN = f"{API_GROUP}/run-generation"
+MANAGED_BY = "dpo-operator"
+_NAME_LIMIT = 52  # Job names feed pod names and the job-name label (63) plus the Job's 5-char pod suffix.
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    """Hash of what decides the trained model: the spec without suspend and runtime (pod placement)."""
+    training = {k: v for k, v in spec.items() if k not in ("suspend", "runtime")}
+    return hashlib.sha256(json.dumps(training, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def run_name(dpojob_name: str, generation: int) -> str:
+    """Deterministic name of one run's Job and ConfigMap, short enough for pod names and labels."""
+    suffix = f"-g{generation}"
+    if len(dpojob_name) + len(suffix) <= _NAME_LIMIT:
+        return dpojob_name + suffix
+    digest = hashlib.sha256(dpojob_name.encode()).hexdigest()[:6]
+    return f"{dpojob_name[: _NAME_LIMIT - len(suffix) - 7].rstrip('-.')}-{digest}{suffix}"
+
+
+def labels(dpojob_name: str, generation: int) -> dict[str, str]:
+    """Labels on every child: the operator finds its objects by these."""
+    return {
+        "app.kubernetes.io/name": "dpo-trainer",
+        "app.kubernetes.io/instance": dpojob_name,
+        "app.kubernetes.io/managed-by": MANAGED_BY,
+        LABEL_DPOJOB: dpojob_name,
+        LABEL_RUN: str(generation),
+    }
+
+
+def owner_reference(dpojob: dict[str, Any]) -> dict[str, Any]:
+    """Controller reference so deleting the DPOJob garbage-collects its children (no finalizer needed)."""
+    return {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "name": dpojob["metadata"]["name"],
+        "uid": dpojob["metadata"]["uid"],
+        "controller": True,
+        "blockOwnerDeletion": True,
+    }
+
+
+def build_config_map(dpojob: dict[str, Any], generation: int) -> dict[str, Any]:
+    """The DPOJob document the trainer reads (`dpo-trainer run` takes the same file kubectl applied)."""
+    meta = dpojob["metadata"]
+    document = {
+        "apiVersion": f"{API_GROUP}/{API_VERSION}",
+        "kind": KIND,
+        "metadata": {"name": meta["name"], "namespace": meta["namespace"], "generation": generation},
+        "spec": dpojob["spec"],
+    }
+    return {
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": {
+            "name": run_name(meta["name"], generation),
+            "namespace": meta["namespace"],
+            "labels": labels(meta["name"], generation),
+            "ownerReferences": [owner_reference(dpojob)],
+        },
+        "data": {SPEC_FILE: yaml.safe_dump(document, sort_keys=False)},
+    }
+
+
+def _claim_volume(name: str, claim: Any) -> dict[str, Any]:
+    return {"name": name, "persistentVolumeClaim": {"claimName": claim.claim_name, "readOnly": claim.read_only}}
+
+
+def _volumes(spec: DPOJobSpec, config_map: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Volumes and mounts: spec file, checkpoints (PVC to survive restarts), data, output, scratch."""
+    runtime = spec.runtime
+    volumes: list[dict[str, Any]] = [
+        {"name": "config", "configMap": {"name": config_map}},
+        _claim_volume("checkpoints", runtime.checkpoint_volume)
+        if runtime.checkpoint_volume
+        else {"name": "checkpoints", "emptyDir": {}},
+        {"name": "tmp", "emptyDir": {}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
+        {"name": "checkpoints", "mountPath": spec.checkpointing.directory},
+        {"name": "tmp", "mountPath": "/tmp"},
+    ]
+    for name, claim, path in (
+        ("data", runtime.data_volume, DATA_MOUNT),
+        ("output", runtime.output_volume, OUTPUT_MOUNT),
+    ):
+        if claim is not None:
+            volumes.append(_claim_volume(name, claim))
+            mounts.append({"name": name, "mountPath": path, "readOnly": claim.read_only})
+    if runtime.gpus > 1:  # NCCL needs more shared memory than the container default
+        volumes.append({"name": "dshm", "emptyDir": {"medium": "Memory"}})
+        mounts.append({"name": "dshm", "mountPath": "/dev/shm"})
+    return volumes, mounts
+
+
+def _env(spec: DPOJobSpec, extra_env: dict[str, str]) -> list[dict[str, Any]]:
+    env: list[dict[str, Any]] = [
+        {"name": "PYTHONUNBUFFERED", "value": "1"},
+        {"name": "HF_HOME", "value": "/tmp/hf-home"},
+        {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
+        {"name": "DPO_TERMINATION_MESSAGE_PATH", "value": TERMINATION_LOG},
+    ]
+    env += [{"name": k, "value": v} for k, v in sorted(extra_env.items())]
+    if spec.hub_token_secret_ref is not None:
+        ref = spec.hub_token_secret_ref
+        env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
+    return env
+
+
+def _resources(spec: DPOJobSpec) -> dict[str, Any]:
+    runtime = spec.runtime
+    requests = {"cpu": runtime.cpu, "memory": runtime.memory}
+    limits = {"memory": runtime.memory}
+    if runtime.gpus:
+        requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(runtime.gpus)
+    return {"requests": requests, "limits": limits}
+
+
+def build_job(
+    dpojob: dict[str, Any], spec: DPOJobSpec, generation: int, extra_env: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The batch/v1 Job that runs `dpo-trainer` for one run of the DPOJob."""
+    meta = dpojob["metadata"]
+    name = run_name(meta["name"], generation)
+    runtime = spec.runtime
+    volumes, mounts = _volumes(spec, name)
+    container = {
+        "name": CONTAINER,
+        "image": runtime.image,
+        "imagePullPolicy": runtime.image_pull_policy,
+        "command": ["dpo-trainer"],
+        "args": [
+            "run",
+            posixpath.join(CONFIG_MOUNT, SPEC_FILE),
+            "--output",
+            posixpath.join(spec.checkpointing.directory, name),
+        ],
+        "env": _env(spec, extra_env or {}),
+        "resources": _resources(spec),
+        "volumeMounts": mounts,
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": {
+            "allowPrivilegeEscalation": False,
+            "readOnlyRootFilesystem": True,
+            "capabilities": {"drop": ["ALL"]},
+        },
+    }
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "automountServiceAccountToken": False,
+        "enableServiceLinks": False,
+        "securityContext": {
+            "runAsNonRoot": True,
+            "runAsUser": 1000,
+            "runAsGroup": 1000,
+            "fsGroup": 1000,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        },
+        "containers": [container],
+        "volumes": volumes,
+    }
+    optional = {
+        "nodeSelector": runtime.node_selector or None,
+        "tolerations": [t.model_dump(by_alias=True, exclude_none=True) for t in runtime.tolerations] or None,
+        "affinity": runtime.affinity,
+        "priorityClassName": runtime.priority_class_name,
+        "serviceAccountName": runtime.service_account_name,
+        "imagePullSecrets": [{"name": s.name} for s in runtime.image_pull_secrets] or None,
+    }
+    pod_spec.update({k: v for k, v in optional.items() if v is not None})
+    job_spec: dict[str, Any] = {
+        "backoffLimit": runtime.backoff_limit,
+        "completions": 1,
+        "parallelism": 1,
+        "template": {"metadata": {"labels": labels(meta["name"], generation)}, "spec": pod_spec},
+    }
+    if runtime.active_deadline_seconds is not None:
+        job_spec["activeDeadlineSeconds"] = runtime.active_deadline_seconds
+    return {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": name,
+            "namespace": meta["namespace"],
+            "labels": labels(meta["name"], generation),
+            "ownerReferences": [owner_reference(dpojob)],
+        },
+        "spec": job_spec,
+    }

@@ -1,0 +1,146 @@
+"""Turn the trainer's JSON progress lines (its pod log) into status fields. Pure: no cluster access.
+
+The trainer prints one JSON object per line with ``"kind": "dpo-trainer/progress"``; everything else in the
+log (progress bars, warnings) is ignored. Reading the pod log means trainer pods need no API rights at all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+PROGRESS_KIND = "dpo-trainer/progress"
+
+# Trainer stage ids -> the stages users see in status.stage.
+DISPLAY_STAGE = {
+    "data": "data",
+    "sft": "sft",
+    "sft_merge": "merge",
+    "dpo": "dpo",
+    "dpo_merge": "merge",
+    "model_card": "push",
+    "push": "push",
+}
+# Share of the whole run each trainer stage covers, for status.progress.percent (training dominates).
+_STAGE_WEIGHTS = {"data": 2, "sft": 40, "sft_merge": 3, "dpo": 50, "dpo_merge": 3, "model_card": 1, "push": 1}
+_STAGE_ORDER = list(_STAGE_WEIGHTS)
+REWARD_KEYS = {
+    "rewards/chosen": "chosen",
+    "rewards/rejected": "rejected",
+    "rewards/accuracies": "accuracies",
+    "rewards/margins": "margins",
+}
+
+
+def parse_line(line: str) -> dict[str, Any] | None:
+    """The progress event in one log line, or None for any other line."""
+    line = line.strip()
+    if not line.startswith("{"):
+        return None
+    try:
+        event = json.loads(line)
+    except ValueError:
+        return None
+    if not isinstance(event, dict) or event.get("kind") != PROGRESS_KIND:
+        return None
+    return event
+
+
+def _rfc3339(timestamp: float) -> str:
+    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _finite(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass
+class TrainerProgress:
+    """What the trainer has reported so far for one pod, folded from its events in order."""
+
+    stage: str | None = None
+    stage_started: float | None = None
+    step: int = 0
+    total_steps: int = 0
+    updated: float | None = None
+    metrics: dict[str, float] = field(default_factory=dict)
+    skip_sft: bool = False
+    done: bool = False
+    events_seen: int = 0
+
+    def feed(self, line: str) -> bool:
+        """Apply one log line; True when it was a progress event."""
+        event = parse_line(line)
+        if event is None:
+            return False
+        self.events_seen += 1
+        kind, stage, when = event.get("event"), event.get("stage"), event.get("time")
+        if _finite(when):
+            self.updated = float(when)
+        if kind == "stage_start" and stage in _STAGE_WEIGHTS:
+            self.stage, self.stage_started, self.step, self.total_steps = stage, self.updated, 0, 0
+            if stage in ("sft", "dpo"):
+                self.metrics = {}  # each training stage reports its own loss; don't mix SFT's into DPO's
+        elif kind == "stage_end" and stage == "sft" and event.get("skipped") and self.step == 0:
+            self.skip_sft = True
+        elif kind == "log":
+            if stage in _STAGE_WEIGHTS:
+                self.stage = stage
+            self.step = int(event.get("step") or 0)
+            self.total_steps = int(event.get("totalSteps") or 0)
+            metrics = event.get("metrics") or {}
+            self.metrics.update({k: float(v) for k, v in metrics.items() if _finite(v)})
+        elif kind == "done":
+            self.done = True
+            self.stage = "push"
+            final = (event.get("summary") or {}).get("metrics") or {}
+            self.metrics.update({k: float(v) for k, v in final.items() if _finite(v)})
+        return True
+
+    @property
+    def ordinal(self) -> tuple[int, int]:
+        """Position in the run, to refuse going backwards when a log is replayed."""
+        index = _STAGE_ORDER.index(self.stage) if self.stage in _STAGE_ORDER else -1
+        return (len(_STAGE_ORDER) if self.done else index, self.step)
+
+    def percent(self) -> int:
+        """Share of the whole run done, weighting stages by how long they usually take."""
+        if self.done:
+            return 100
+        if self.stage is None:
+            return 0
+        before = sum(_STAGE_WEIGHTS[s] for s in _STAGE_ORDER[: _STAGE_ORDER.index(self.stage)])
+        within = self.step / self.total_steps if self.total_steps else 0.0
+        return min(99, int(100 * (before + within * _STAGE_WEIGHTS[self.stage]) / sum(_STAGE_WEIGHTS.values())))
+
+    def eta_seconds(self) -> int | None:
+        """Seconds left in the current stage at the rate seen so far."""
+        if not (self.step and self.total_steps and self.stage_started and self.updated):
+            return None
+        rate = (self.updated - self.stage_started) / self.step
+        return max(0, round(rate * (self.total_steps - self.step)))
+
+    def status_fields(self) -> dict[str, Any]:
+        """The status fields this progress determines (camelCase, ready for a merge patch)."""
+        if self.stage is None and not self.metrics:
+            return {}
+        fields: dict[str, Any] = {
+            "progress": {
+                "step": self.step,
+                "totalSteps": self.total_steps,
+                "percent": self.percent(),
+                "etaSeconds": self.eta_seconds(),
+                "updatedAt": _rfc3339(self.updated) if self.updated else None,
+            }
+        }
+        if self.stage is not None:
+            fields["stage"] = DISPLAY_STAGE[self.stage]
+        if self.metrics:
+            fields["metrics"] = dict(sorted(self.metrics.items()))
+            rewards = {short: self.metrics[key] for key, short in REWARD_KEYS.items() if key in self.metrics}
+            if rewards:
+                fields["rewards"] = rewards
+        return fields

@@ -1,0 +1,347 @@
+"""Compute a DPOJob's status from what is observed in the cluster. Pure functions, no API calls.
+
+`compute_status` folds the trainer Job, its pods, the trainer's progress (from the pod log) and the previous
+status into the new status; `transition_events` says which Events the change deserves.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from .progress import REWARD_KEYS
+
+TERMINAL = ("Succeeded", "Failed")
+CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Suspended")
+MAX_RUN_HISTORY = 10
+_WAITING_PROBLEMS = {
+    "ErrImagePull": "ImagePullBackOff",
+    "ImagePullBackOff": "ImagePullBackOff",
+    "InvalidImageName": "ImagePullBackOff",
+    "CreateContainerConfigError": "CreateContainerConfigError",
+    "CreateContainerError": "CreateContainerConfigError",
+}
+# Carried from the previous status while the run is the same; reset when a new run starts.
+_RUN_FIELDS = ("stage", "progress", "metrics", "rewards", "model", "startTime", "completionTime", "retries")
+
+
+def now_rfc3339(now: datetime | None = None) -> str:
+    """Kubernetes timestamp format."""
+    return (now or datetime.now(UTC)).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+@dataclass
+class Observed:
+    """Everything the status depends on, gathered by the reconciler."""
+
+    generation: int
+    run: dict[str, Any]
+    """{"generation": G, "specHash": h} of the run the spec asks for."""
+    spec_error: str | None = None
+    suspended: bool = False
+    job: dict[str, Any] | None = None
+    pods: list[dict[str, Any]] = field(default_factory=list)
+    progress: dict[str, Any] | None = None
+    """Status fields from the trainer's log (TrainerProgress.status_fields), if any were read."""
+    now: datetime = field(default_factory=lambda: datetime.now(UTC))
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """Phase and the condition reason/message explaining it."""
+
+    phase: str
+    reason: str
+    message: str = ""
+    pod_name: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    """The trainer's termination message (model, metrics) when it finished."""
+
+
+def _latest(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    return max(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", default=None)
+
+
+def _container_status(pod: dict[str, Any]) -> dict[str, Any]:
+    statuses = pod.get("status", {}).get("containerStatuses") or []
+    return statuses[0] if statuses else {}
+
+
+def termination_details(pod: dict[str, Any]) -> dict[str, Any]:
+    """The trainer's JSON termination message of a finished pod ({} when absent or not JSON)."""
+    terminated = _container_status(pod).get("state", {}).get("terminated") or {}
+    try:
+        details = json.loads(terminated.get("message") or "")
+    except ValueError:
+        return {}
+    return details if isinstance(details, dict) else {}
+
+
+def pod_failure(pod: dict[str, Any]) -> tuple[str, str]:
+    """Reason code and one-line message for a failed trainer pod."""
+    terminated = _container_status(pod).get("state", {}).get("terminated") or {}
+    details = termination_details(pod)
+    if terminated.get("reason") == "OOMKilled":
+        return "OutOfMemory", "the trainer container was OOMKilled: raise spec.runtime.memory or lower batch sizes"
+    if details.get("reason"):
+        return str(details["reason"]), str(details.get("message", ""))
+    if terminated:
+        tail = (terminated.get("message") or "").strip().splitlines()[-1:] or [""]
+        return "TrainerError", f"trainer exited with code {terminated.get('exitCode')}: {tail[0]}".rstrip(": ")
+    reason = pod.get("status", {}).get("reason")
+    return (reason or "PodFailed"), pod.get("status", {}).get("message", "the trainer pod failed")
+
+
+def pending_problem(pod: dict[str, Any]) -> tuple[str, str] | None:
+    """Why a pod is stuck before running (unschedulable, image pull, config), or None."""
+    for condition in pod.get("status", {}).get("conditions") or []:
+        if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
+            return condition.get("reason") or "Unschedulable", condition.get("message", "")
+    waiting = _container_status(pod).get("state", {}).get("waiting") or {}
+    if waiting.get("reason") in _WAITING_PROBLEMS:
+        return _WAITING_PROBLEMS[waiting["reason"]], waiting.get("message") or waiting["reason"]
+    return None
+
+
+def _job_condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    for condition in job.get("status", {}).get("conditions") or []:
+        if condition.get("type") == kind and condition.get("status") == "True":
+            return condition
+    return None
+
+
+def observe_outcome(obs: Observed) -> Outcome:
+    """Phase of the current run from the Job and its pods."""
+    if obs.spec_error is not None:
+        return Outcome("Failed", "InvalidSpec", obs.spec_error)
+    if obs.suspended:
+        return Outcome("Suspended", "Suspended", "spec.suspend is true: the trainer is stopped")
+    if obs.job is None:
+        return Outcome("Pending", "Creating", "creating the trainer Job")
+    pods = obs.pods
+    latest = _latest(pods)
+    if _job_condition(obs.job, "Complete"):
+        done = [p for p in pods if p.get("status", {}).get("phase") == "Succeeded"]
+        pod = _latest(done)
+        details = termination_details(pod) if pod else {}
+        return Outcome("Succeeded", "Succeeded", "training finished", pod and pod["metadata"]["name"], details)
+    failed_condition = _job_condition(obs.job, "Failed")
+    if failed_condition:
+        failed = _latest([p for p in pods if p.get("status", {}).get("phase") == "Failed"])
+        if failed_condition.get("reason") == "DeadlineExceeded" or failed is None:
+            reason = failed_condition.get("reason") or "JobFailed"
+            return Outcome("Failed", reason, failed_condition.get("message", ""), failed and failed["metadata"]["name"])
+        reason, message = pod_failure(failed)
+        return Outcome("Failed", reason, message, failed["metadata"]["name"])
+    if latest is None:
+        return Outcome("Pending", "PodCreating", "waiting for the Job controller to create the trainer pod")
+    name = latest["metadata"]["name"]
+    phase = latest.get("status", {}).get("phase")
+    if phase == "Running":
+        return Outcome("Running", "Running", f"trainer pod {name} is running", name)
+    problem = pending_problem(latest)
+    if problem is not None:
+        return Outcome("Pending", problem[0], problem[1], name)
+    return Outcome("Pending", "PodPending", f"trainer pod {name} is {phase or 'Pending'}", name)
+
+
+def _conditions(old: list[dict[str, Any]], outcome: Outcome, generation: int, now: str) -> list[dict[str, Any]]:
+    """All five conditions, keeping lastTransitionTime where a condition's status did not change."""
+    truth = {
+        "Ready": outcome.phase == "Succeeded",
+        "Running": outcome.phase == "Running",
+        "Succeeded": outcome.phase == "Succeeded",
+        "Failed": outcome.phase == "Failed",
+        "Suspended": outcome.phase == "Suspended",
+    }
+    previous = {c.get("type"): c for c in old}
+    conditions = []
+    for kind in CONDITION_TYPES:
+        status = "True" if truth[kind] else "False"
+        before = previous.get(kind, {})
+        if truth[kind] or kind == "Ready":  # Ready=False explains why: Running, Unschedulable, OutOfMemory...
+            reason, message = outcome.reason, outcome.message
+        else:
+            reason, message = f"Not{kind}", ""
+        conditions.append(
+            {
+                "type": kind,
+                "status": status,
+                "reason": reason,
+                "message": message,
+                "lastTransitionTime": before.get("lastTransitionTime") if before.get("status") == status else now,
+                "observedGeneration": generation,
+            }
+        )
+    return conditions
+
+
+def archived_run(status: dict[str, Any]) -> dict[str, Any]:
+    """The history entry for the run a status describes."""
+    run = status.get("run") or {}
+    entry = {
+        "generation": run.get("generation"),
+        "specHash": run.get("specHash"),
+        "phase": status.get("phase"),
+        "reason": _reason(status),
+        "startTime": status.get("startTime"),
+        "completionTime": status.get("completionTime"),
+        "rewards": status.get("rewards"),
+        "metrics": status.get("metrics"),
+        "model": status.get("model"),
+        "retries": status.get("retries", 0),
+    }
+    return {k: v for k, v in entry.items() if v is not None}
+
+
+def _reason(status: dict[str, Any]) -> str | None:
+    for condition in status.get("conditions") or []:
+        if condition.get("status") == "True" and condition.get("type") in ("Succeeded", "Failed"):
+            return condition.get("reason")
+    return None
+
+
+def _model_location(details: dict[str, Any]) -> dict[str, Any] | None:
+    model = details.get("model")
+    if not isinstance(model, dict):
+        return None
+    keys = ("directory", "repoId", "revision", "commitUrl", "commitSha")
+    location = {k: str(model[k]) for k in keys if model.get(k) is not None}
+    return location or None
+
+
+def compute_status(old: dict[str, Any], obs: Observed) -> dict[str, Any]:
+    """The new status. Progress and history are carried over; the run's outcome is recomputed."""
+    now = now_rfc3339(obs.now)
+    same_run = (old.get("run") or {}) == obs.run
+    status: dict[str, Any] = {k: old[k] for k in _RUN_FIELDS if k in old and same_run}
+    runs = list(old.get("runs") or [])
+    if old.get("run") and not same_run:
+        runs = [*runs, archived_run(old)][-MAX_RUN_HISTORY:]
+    status.update(observedGeneration=obs.generation, run=obs.run, runs=runs)
+
+    if same_run and old.get("phase") in TERMINAL and obs.spec_error is None:
+        outcome = Outcome(old["phase"], _reason(old) or old["phase"], _message(old))
+    else:
+        outcome = observe_outcome(obs)
+    status["phase"] = outcome.phase
+    status["conditions"] = _conditions(old.get("conditions") or [] if same_run else [], outcome, obs.generation, now)
+
+    if obs.job is not None:
+        latest = _latest(obs.pods)
+        pod_name = outcome.pod_name or (latest["metadata"]["name"] if latest else None)
+        name = obs.job["metadata"]["name"]
+        status["trainer"] = {"jobName": name, "configMapName": name, **({"podName": pod_name} if pod_name else {})}
+        status["retries"] = int(obs.job.get("status", {}).get("failed") or 0)
+    elif same_run and old.get("trainer"):
+        status["trainer"] = old["trainer"]
+
+    if outcome.phase in ("Running", "Succeeded", "Failed") and obs.spec_error is None:
+        started = (obs.job or {}).get("status", {}).get("startTime")
+        status.setdefault("startTime", started or now)
+    if obs.progress:
+        status.update(obs.progress)
+    if outcome.phase in TERMINAL:
+        status.setdefault("completionTime", now)
+        if outcome.details:
+            _apply_final(status, outcome.details)
+    return status
+
+
+def _message(status: dict[str, Any]) -> str:
+    for condition in status.get("conditions") or []:
+        if condition.get("type") == status.get("phase"):
+            return condition.get("message", "")
+    return ""
+
+
+def _apply_final(status: dict[str, Any], details: dict[str, Any]) -> None:
+    """Fold the trainer's termination message (final metrics, model location) into the status."""
+    metrics = {k: float(v) for k, v in (details.get("metrics") or {}).items() if isinstance(v, int | float)}
+    if metrics:
+        status["metrics"] = {**(status.get("metrics") or {}), **metrics}
+        rewards = {short: metrics[key] for key, short in REWARD_KEYS.items() if key in metrics}
+        if rewards:
+            status["rewards"] = {**(status.get("rewards") or {}), **rewards}
+    if location := _model_location(details):
+        status["model"] = location
+    if status.get("phase") == "Succeeded":
+        status["stage"] = "push"
+        status["progress"] = {**(status.get("progress") or {}), "percent": 100, "etaSeconds": 0}
+
+
+@dataclass(frozen=True)
+class Event:
+    """A Kubernetes Event to post on the DPOJob."""
+
+    type: str  # Normal or Warning
+    reason: str
+    message: str
+
+
+def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
+    """Events for what changed between two statuses: new run, stage, retries, phase."""
+    events: list[Event] = []
+    old_run, new_run = old.get("run"), new.get("run")
+    if old_run and new_run and old_run != new_run:
+        events.append(
+            Event(
+                "Normal",
+                "NewRun",
+                f"training spec changed at generation {new_run['generation']}: starting a new run "
+                f"(previous run {old.get('phase', 'unknown')} kept in status.runs)",
+            )
+        )
+    same_run = old_run == new_run
+    if new.get("stage") and (not same_run or old.get("stage") != new.get("stage")):
+        events.append(Event("Normal", "StageStarted", f"stage {new['stage']} started"))
+    retries_before = old.get("retries", 0) if same_run else 0
+    if new.get("retries", 0) > retries_before:
+        reason = _condition(new, "Failed") or {}
+        events.append(
+            Event("Warning", "Retrying", f"trainer pod failed ({new['retries']} so far); the Job retries it")
+            if new.get("phase") != "Failed"
+            else Event("Warning", "PodFailed", reason.get("message") or "trainer pod failed")
+        )
+    old_phase = old.get("phase") if same_run else None
+    phase = new.get("phase")
+    if phase != old_phase:
+        events.append(_phase_event(new, old_phase))
+    elif phase == "Pending":
+        old_ready, new_ready = _condition(old, "Ready") or {}, _condition(new, "Ready") or {}
+        if old_ready.get("reason") != new_ready.get("reason"):
+            events.append(_phase_event(new, old_phase))
+    return events
+
+
+def _condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
+    return next((c for c in status.get("conditions") or [] if c.get("type") == kind), None)
+
+
+_PENDING_WARNINGS = {"Unschedulable", "ImagePullBackOff", "CreateContainerConfigError"}
+
+
+def _phase_event(status: dict[str, Any], old_phase: str | None) -> Event:
+    phase = status["phase"]
+    ready = _condition(status, "Ready") or {}
+    if phase == "Succeeded":
+        model = status.get("model") or {}
+        where = model.get("commitUrl") or model.get("repoId") or model.get("directory") or "the output"
+        return Event("Normal", "Succeeded", f"training finished; merged model at {where}")
+    if phase == "Failed":
+        failed = _condition(status, "Failed") or {}
+        return Event("Warning", failed.get("reason") or "Failed", failed.get("message") or "training failed")
+    if phase == "Suspended":
+        return Event("Normal", "Suspended", "suspended: trainer Job deleted; it resumes from its checkpoint")
+    if phase == "Running":
+        reason = "Resumed" if old_phase == "Suspended" else "Running"
+        return Event("Normal", reason, ready.get("message") or "trainer running")
+    kind = "Warning" if ready.get("reason") in _PENDING_WARNINGS else "Normal"
+    return Event(kind, ready.get("reason") or "Pending", ready.get("message") or "waiting for the trainer")
+
+
+def utc_from_rfc3339(value: str) -> datetime:
+    """Parse a Kubernetes timestamp."""
+    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
