@@ -500,6 +500,9 @@ class _HubServer(ThreadingHTTPServer):
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     server: _HubServer
+    _query: dict[str, list[str]]
+    _body_done: bool  # the request body was fully read, so the connection can serve the next request
+    _responded: bool  # headers went out: an error can no longer be reported as a response
 
     # -- plumbing --
     def log_message(self, format: str, *args: Any) -> None:
@@ -514,6 +517,7 @@ class _Handler(BaseHTTPRequestHandler):
         split = urlsplit(self.path)
         self._query = parse_qs(split.query)
         self._body_done = not self._has_body()
+        self._responded = False
         try:
             for methods, pattern, func in _ROUTES:
                 if self.command in methods and (match := pattern.match(split.path)):
@@ -521,15 +525,21 @@ class _Handler(BaseHTTPRequestHandler):
                     break
             else:
                 raise HubError(404, f"Not found: {self.command} {split.path}")
-        except HubError as error:
-            self._send_error(error)
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
-        except Exception:
-            log.exception("local hub: %s %s failed", self.command, self.path)
-            self._send_error(HubError(500, "Internal server error"))
+        except Exception as error:
+            if not isinstance(error, HubError):
+                log.exception("local hub: %s %s failed", self.command, self.path)
+            if self._responded:
+                self.close_connection = True
+            else:
+                self._send_error(error if isinstance(error, HubError) else HubError(500, "Internal server error"))
         if not self._body_done:  # unread request bytes would be parsed as the next request
             self.close_connection = True
+
+    def end_headers(self) -> None:
+        self._responded = True
+        super().end_headers()
 
     @property
     def _base_url(self) -> str:

@@ -1,0 +1,193 @@
+"""The local Hub driven by the real huggingface_hub client and by `datasets`, the way training jobs use the Hub."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from dpo_operator.dev.hub import LocalHub
+from huggingface_hub import HfApi, HfFileSystem, hf_hub_download, snapshot_download
+from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from safetensors.numpy import load_file, save_file
+
+COMMIT_URL = re.compile(r"/commit/[0-9a-f]{40}$")
+
+
+def _credentials(hub: LocalHub) -> tuple[str, str]:
+    """The (token, user) the local_hub fixture configured."""
+    return next(iter(hub.tokens.items()))
+
+
+def _model_folder(root: Path) -> Path:
+    """A small model checkpoint: binary weights (LFS) next to text files (plain git), one in a subfolder."""
+    root.mkdir()
+    weights = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "b": np.ones(4, dtype=np.float32)}
+    save_file(weights, root / "model.safetensors")
+    (root / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
+    (root / "tokenizer").mkdir()
+    (root / "tokenizer" / "vocab.txt").write_text("a\nb\nc\n")
+    return root
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in root.rglob("*") if p.is_file()}
+
+
+def test_create_repo_private_and_exist_ok(local_hub: LocalHub) -> None:
+    token, user = _credentials(local_hub)
+    api = HfApi(endpoint=local_hub.url, token=token)
+    url = api.create_repo("policy", private=True)
+    assert url == f"{local_hub.url}/{user}/policy"
+    assert url.repo_id == f"{user}/policy"
+
+    with pytest.raises(HfHubHTTPError) as conflict:
+        api.create_repo("policy")
+    assert conflict.value.response.status_code == 409
+    assert api.create_repo("policy", exist_ok=True, private=True) == url
+
+    info = api.model_info(f"{user}/policy")
+    assert info.private is True
+    assert [s.rfilename for s in info.siblings or []] == [".gitattributes"]
+    assert re.fullmatch(r"[0-9a-f]{40}", info.sha or "")
+    # Private repos look missing to anonymous callers, as on huggingface.co.
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(endpoint=local_hub.url, token=False).model_info(f"{user}/policy")
+    assert api.whoami()["name"] == user
+
+
+def test_model_push_round_trips_byte_identical(local_hub: LocalHub, tmp_path: Path) -> None:
+    token, _ = _credentials(local_hub)
+    api = HfApi(endpoint=local_hub.url, token=token)
+    repo_id = api.create_repo("policy", private=True).repo_id
+    folder = _model_folder(tmp_path / "checkpoint")
+
+    commit = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="Upload policy")
+    assert commit.commit_url.startswith(f"{local_hub.url}/{repo_id}/commit/")
+    assert COMMIT_URL.search(commit.commit_url)
+    assert api.model_info(repo_id).sha == commit.oid
+
+    tree = {f.path: f for f in api.list_repo_tree(repo_id, recursive=True) if hasattr(f, "blob_id")}
+    assert sorted(tree) == [".gitattributes", "config.json", "model.safetensors", "tokenizer/vocab.txt"]
+    weights = (folder / "model.safetensors").read_bytes()
+    lfs = tree["model.safetensors"].lfs
+    assert lfs is not None and lfs.size == len(weights)
+    assert tree["config.json"].lfs is None
+
+    snapshot = Path(snapshot_download(repo_id, endpoint=local_hub.url, token=token))
+    downloaded = _files(snapshot)
+    assert downloaded.pop(".gitattributes")
+    assert downloaded == _files(folder)
+    single = hf_hub_download(repo_id, "model.safetensors", endpoint=local_hub.url, token=token, force_download=True)
+    assert Path(single).read_bytes() == weights
+    np.testing.assert_array_equal(load_file(single)["w"], np.arange(12, dtype=np.float32).reshape(3, 4))
+
+    # HfFileSystem (what datasets uses) reads with HTTP range requests.
+    fs = HfFileSystem(endpoint=local_hub.url, token=token)
+    with fs.open(f"{repo_id}/model.safetensors", "rb", block_size=16) as handle:
+        handle.seek(8)
+        assert handle.read(40) == weights[8:48]
+
+
+def test_branch_push_and_deletions(local_hub: LocalHub, tmp_path: Path) -> None:
+    token, _ = _credentials(local_hub)
+    api = HfApi(endpoint=local_hub.url, token=token)
+    repo_id = api.create_repo("policy").repo_id
+    folder = _model_folder(tmp_path / "checkpoint")
+    first = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="v1")
+
+    api.create_branch(repo_id, branch="candidate")
+    api.create_branch(repo_id, branch="candidate", exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 128}))
+    (folder / "tokenizer" / "vocab.txt").unlink()
+    on_branch = api.upload_folder(
+        repo_id=repo_id, folder_path=folder, revision="candidate", commit_message="v2", delete_patterns="*.txt"
+    )
+    assert COMMIT_URL.search(on_branch.commit_url) and on_branch.oid != first.oid
+
+    assert "tokenizer/vocab.txt" in api.list_repo_files(repo_id)
+    assert "tokenizer/vocab.txt" not in api.list_repo_files(repo_id, revision="candidate")
+    refs = {ref.name: ref.target_commit for ref in api.list_repo_refs(repo_id).branches}
+    assert refs == {"main": first.oid, "candidate": on_branch.oid}
+    assert [c.title for c in api.list_repo_commits(repo_id, revision="candidate")] == ["v2", "v1", "initial commit"]
+    config = hf_hub_download(repo_id, "config.json", revision="candidate", endpoint=local_hub.url, token=token)
+    assert json.loads(Path(config).read_text())["hidden_size"] == 128
+    # The unchanged weights were not uploaded again: same LFS object on both branches.
+    main_info = api.get_paths_info(repo_id, ["model.safetensors"])[0]
+    branch_info = api.get_paths_info(repo_id, ["model.safetensors"], revision="candidate")[0]
+    assert main_info.blob_id == branch_info.blob_id
+
+    with pytest.raises(RevisionNotFoundError):
+        api.list_repo_files(repo_id, revision="no-such-branch")
+
+
+def test_bad_or_missing_token_is_an_auth_error(local_hub: LocalHub) -> None:
+    """huggingface_hub has no 401 subclass: it raises HfHubHTTPError itself, carrying the 401 response."""
+    with pytest.raises(HfHubHTTPError) as bad:
+        HfApi(endpoint=local_hub.url, token="hf_wrong").create_repo("policy")
+    assert type(bad.value) is HfHubHTTPError
+    assert bad.value.response.status_code == 401
+    assert "Invalid credentials" in str(bad.value)
+    with pytest.raises(HfHubHTTPError, match="Invalid user token"):
+        HfApi(endpoint=local_hub.url, token="hf_wrong").whoami()
+
+    repo_id = HfApi(endpoint=local_hub.url, token=_credentials(local_hub)[0]).create_repo("policy").repo_id
+    anonymous = HfApi(endpoint=local_hub.url, token=False)
+    with pytest.raises(HfHubHTTPError) as missing:
+        anonymous.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=repo_id)
+    assert missing.value.response.status_code == 401
+    assert anonymous.list_repo_files(repo_id) == [".gitattributes"]  # public: readable without a token
+
+
+def test_load_dataset_from_hub(local_hub: LocalHub, tmp_path: Path) -> None:
+    token, _ = _credentials(local_hub)
+    api = HfApi(endpoint=local_hub.url, token=token)
+    repo_id = api.create_repo("prefs", repo_type="dataset", private=True).repo_id
+    rows = [{"prompt": f"q{i}", "chosen": f"good {i}", "rejected": f"bad {i}"} for i in range(4)]
+    data = tmp_path / "data"
+    (data / "dpo").mkdir(parents=True)
+    (data / "dpo" / "train.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    (data / "sft").mkdir()
+    (data / "sft" / "train.jsonl").write_text(json.dumps({"text": "other split"}) + "\n")
+    api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=data, commit_message="data")
+
+    # datasets reads HF_ENDPOINT when imported: a fresh interpreter gets a clean, explicit environment.
+    script = (
+        "import json, datasets\n"
+        f"ds = datasets.load_dataset({repo_id!r}, data_dir='dpo', split='train')\n"
+        "print(json.dumps(ds.to_list()))\n"
+    )
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": local_hub.url,
+        "HF_TOKEN": token,
+        "HF_HOME": str(tmp_path / "hf-home-datasets"),
+        "HF_DATASETS_CACHE": str(tmp_path / "datasets-cache"),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == rows
+
+
+@pytest.mark.usefixtures("hub_client_env")
+def test_standalone_server_cli(tmp_path: Path) -> None:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "dpo_operator.dev.hub", "--root", str(tmp_path), "--port", "0", "--token", "t0k"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert process.stdout is not None
+        url = process.stdout.readline().split(" at ")[-1].strip()
+        assert url.startswith("http://127.0.0.1:")
+        assert HfApi(endpoint=url, token="t0k").whoami()["name"] == "local"
+    finally:
+        process.terminate()
+        assert process.wait(timeout=10) == 0
