@@ -1,0 +1,69 @@
+"""The committed CRD is generated from the pydantic models and is a valid structural schema."""
+
+from pathlib import Path
+
+import jsonschema
+import yaml
+
+from dpo_operator import crd
+from dpo_operator.spec import DPOJobSpec
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_committed_crd_matches_the_models() -> None:
+    committed = (ROOT / crd.CRD_FILE).read_text()
+    assert committed == crd.render(), (
+        "crds/ drifted from the spec: run `python -m dpo_operator.crd > " + crd.CRD_FILE + "`"
+    )
+
+
+def _walk(node: dict, path: str = ""):
+    yield path, node
+    for name, sub in (node.get("properties") or {}).items():
+        yield from _walk(sub, f"{path}.{name}")
+    if isinstance(node.get("items"), dict):
+        yield from _walk(node["items"], f"{path}[]")
+    if isinstance(node.get("additionalProperties"), dict):
+        yield from _walk(node["additionalProperties"], f"{path}{{}}")
+
+
+def test_schema_is_structural() -> None:
+    schema = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    for path, node in _walk(schema):
+        assert "$ref" not in node and "anyOf" not in node and "title" not in node, path
+        assert "type" in node, f"{path} has no type (structural schemas need one everywhere)"
+        if node["type"] == "object" and path.startswith(".spec"):
+            assert (
+                "properties" in node
+                or "additionalProperties" in node
+                or node.get("x-kubernetes-preserve-unknown-fields")
+            ), path
+    spec = schema["properties"]["spec"]["properties"]
+    assert spec["dpo"]["properties"]["beta"]["description"].startswith("Strength")
+    assert spec["quantization"]["properties"]["mode"]["enum"] == ["4bit", "none"]
+
+
+def test_examples_validate_against_the_crd_schema() -> None:
+    schema = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    validator = jsonschema.Draft4Validator(schema)
+    for path in sorted((ROOT / "examples").glob("*.yaml")):
+        for document in yaml.safe_load_all(path.read_text()):
+            if document and document.get("kind") == "DPOJob":
+                errors = [e.message for e in validator.iter_errors(document)]
+                assert not errors, f"{path.name}: {errors}"
+                DPOJobSpec.model_validate(document["spec"])
+
+
+def test_printer_columns_and_names() -> None:
+    version = crd.build_crd()["spec"]["versions"][0]
+    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
+        "Phase",
+        "Stage",
+        "Progress",
+        "Accuracy",
+        "Margin",
+        "Age",
+    ]
+    assert version["subresources"] == {"status": {}}
+    assert crd.build_crd()["spec"]["names"]["shortNames"] == ["dpo"]

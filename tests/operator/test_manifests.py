@@ -1,0 +1,99 @@
+"""Building the trainer Job and ConfigMap from a DPOJob."""
+
+import yaml
+
+from dpo_operator import manifests
+from dpo_operator.spec import DPOJob, DPOJobSpec
+
+DPOJOB = {
+    "apiVersion": "dpo-operator.io/v1alpha1",
+    "kind": "DPOJob",
+    "metadata": {"name": "llama", "namespace": "ml", "uid": "u-1", "generation": 3},
+    "spec": {
+        "output": {"hub": {"repoId": "org/llama-dpo"}},
+        "hubTokenSecretRef": {"name": "hf", "key": "token"},
+        "runtime": {
+            "gpus": 2,
+            "nodeSelector": {"gpu": "a100"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+            "priorityClassName": "training",
+            "serviceAccountName": "trainer",
+            "imagePullSecrets": [{"name": "regcred"}],
+            "checkpointVolume": {"claimName": "ckpt"},
+            "backoffLimit": 4,
+            "activeDeadlineSeconds": 3600,
+        },
+    },
+}
+
+
+def build() -> dict:
+    spec = DPOJobSpec.model_validate(DPOJOB["spec"])
+    return manifests.build_job(DPOJOB, spec, 3, {"HF_ENDPOINT": "http://hub"})
+
+
+def test_job_is_named_and_owned_deterministically() -> None:
+    job = build()
+    assert job["metadata"]["name"] == "llama-g3" == build()["metadata"]["name"]
+    owner = job["metadata"]["ownerReferences"][0]
+    assert owner["uid"] == "u-1" and owner["controller"] and owner["kind"] == "DPOJob"
+    assert job["metadata"]["labels"][manifests.LABEL_RUN] == "3"
+    assert job["spec"]["template"]["metadata"]["labels"][manifests.LABEL_DPOJOB] == "llama"
+
+
+def test_long_names_are_shortened_uniquely() -> None:
+    a, b = manifests.run_name("x" * 80, 12), manifests.run_name("x" * 79 + "y", 12)
+    assert len(a) <= 52 and a != b and a.endswith("-g12")
+
+
+def test_pod_placement_resources_and_security() -> None:
+    job = build()
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"
+    assert container["resources"]["requests"]["nvidia.com/gpu"] == "2"
+    assert pod["nodeSelector"] == {"gpu": "a100"}
+    assert pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert pod["priorityClassName"] == "training" and pod["serviceAccountName"] == "trainer"
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}]
+    assert pod["automountServiceAccountToken"] is False, "trainer pods need no API rights"
+    assert (
+        pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    )
+    assert container["securityContext"] == {
+        "allowPrivilegeEscalation": False,
+        "readOnlyRootFilesystem": True,
+        "capabilities": {"drop": ["ALL"]},
+    }
+    assert job["spec"]["backoffLimit"] == 4 and job["spec"]["activeDeadlineSeconds"] == 3600
+    assert pod["restartPolicy"] == "Never"
+
+
+def test_token_comes_from_the_secret_never_inline() -> None:
+    env = build()["spec"]["template"]["spec"]["containers"][0]["env"]
+    token = next(e for e in env if e["name"] == "HF_TOKEN")
+    assert token == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+    assert {"name": "HF_ENDPOINT", "value": "http://hub"} in env
+
+
+def test_checkpoints_on_the_claim_and_run_specific_output() -> None:
+    job = build()
+    pod = job["spec"]["template"]["spec"]
+    volumes = {v["name"]: v for v in pod["volumes"]}
+    assert volumes["checkpoints"]["persistentVolumeClaim"]["claimName"] == "ckpt"
+    assert volumes["config"]["configMap"]["name"] == "llama-g3"
+    assert "dshm" in volumes, "multi-GPU pods get a memory-backed /dev/shm"
+    args = pod["containers"][0]["args"]
+    assert args == ["run", "/etc/dpo-operator/dpojob.yaml", "--output", "/checkpoints/llama-g3"]
+
+
+def test_config_map_holds_a_dpojob_the_trainer_reads() -> None:
+    config_map = manifests.build_config_map(DPOJOB, 3)
+    document = yaml.safe_load(config_map["data"][manifests.SPEC_FILE])
+    assert DPOJob.model_validate(document).spec.output.hub.repo_id == "org/llama-dpo"
+
+
+def test_spec_hash_ignores_suspend_and_runtime() -> None:
+    base = DPOJOB["spec"]
+    assert manifests.spec_hash(base) == manifests.spec_hash({**base, "suspend": True, "runtime": {"gpus": 8}})
+    assert manifests.spec_hash(base) != manifests.spec_hash({**base, "dpo": {"beta": 0.2}})

@@ -1,0 +1,90 @@
+"""The spec model: seed defaults, presets, and messages that name the field."""
+
+import pytest
+from pydantic import ValidationError
+
+from dpo_operator.spec import DPOJob, DPOJobSpec, describe_validation_error, template_fields
+
+OUT = {"output": {"directory": "/output/model"}}
+
+
+def errors_of(raw: dict) -> str:
+    with pytest.raises(ValidationError) as info:
+        DPOJobSpec.model_validate(raw)
+    return describe_validation_error(info.value)
+
+
+def test_defaults_are_the_seed_recipe() -> None:
+    spec = DPOJobSpec.model_validate(OUT)
+    assert spec.model.name == "meta-llama/Llama-2-7b-hf"
+    assert (spec.sft.learning_rate, spec.sft.max_steps, spec.sft.batch_size, spec.sft.gradient_accumulation_steps) == (
+        1e-4,
+        500,
+        4,
+        2,
+    )
+    assert (spec.dpo.beta, spec.dpo.learning_rate, spec.dpo.max_steps, spec.dpo.gradient_accumulation_steps) == (
+        0.1,
+        5e-4,
+        1000,
+        4,
+    )
+    assert (spec.dpo.max_prompt_length, spec.dpo.max_length, spec.dpo.loss_type) == (512, 1024, ["sigmoid"])
+    assert spec.sft.optimizer == spec.dpo.optimizer == "paged_adamw_32bit"
+    assert (spec.sft.lora.r, spec.sft.lora.alpha, spec.sft.lora.dropout) == (8, 16, 0.05)
+    assert spec.quantization.mode == "4bit" and spec.quantization.quant_type == "nf4"
+    assert spec.output.hub is None and spec.runtime.gpus == 1
+
+
+def test_stack_exchange_preset_reproduces_the_seed_mapping() -> None:
+    data = DPOJobSpec.model_validate(OUT).data
+    assert data.sft.source.hub.name == "lvwerra/stack-exchange-paired"
+    assert data.sft.source.hub.data_dir == "data/finetune"
+    assert data.sft.text_template == "Question: {question}\n\nAnswer: {response_j}"
+    assert data.sft.eval_size == 4000
+    assert data.dpo.source.hub.data_dir == "data/rl"
+    assert data.dpo.eval_source.hub.data_dir == "data/evaluation"
+    assert data.dpo.prompt_template == "Question: {question}\n\nAnswer: "
+    assert template_fields(data.dpo.chosen_template) == ["response_j"]
+    assert template_fields(data.dpo.rejected_template) == ["response_k"]
+
+
+def test_preset_fills_only_what_is_missing() -> None:
+    spec = DPOJobSpec.model_validate({**OUT, "data": {"dpo": {"evalSize": 50}}})
+    assert spec.data.dpo.eval_size == 50 and spec.data.dpo.source.hub.data_dir == "data/rl"
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ({**OUT, "dpo": {"beta": 0}}, "spec.dpo.beta: Input should be greater than 0"),
+        ({**OUT, "dpo": {"bata": 0.2}}, "spec.dpo.bata: unknown field"),
+        ({**OUT, "sft": {"maxSteps": "many"}}, "spec.sft.maxSteps: Input should be a valid integer"),
+        ({**OUT, "quantization": {"mode": "3bit"}}, "spec.quantization.mode: must be one of '4bit' or 'none'"),
+        ({}, "spec: output needs hub or directory"),
+        ({**OUT, "dpo": {"lossType": ["sigmoid", "sft"], "lossWeights": [1.0]}}, "lossWeights has 1 entries"),
+        ({**OUT, "dpo": {"maxPromptLength": 2048}}, "maxPromptLength (2048) must be less than maxLength (1024)"),
+        ({**OUT, "output": {"hub": {"repoId": "no-namespace"}}}, "spec.output.hub.repoId: String should match"),
+    ],
+)
+def test_bad_input_names_the_field(raw: dict, expected: str) -> None:
+    assert expected in errors_of(raw)
+
+
+def test_dataset_source_needs_exactly_one_kind() -> None:
+    raw = {
+        **OUT,
+        "data": {
+            "preset": None,
+            "dpo": {"source": {}, "promptTemplate": "{q}", "chosenTemplate": "{a}", "rejectedTemplate": "{b}"},
+        },
+        "sft": {"enabled": False},
+    }
+    assert "spec.data.dpo.source: set exactly one of hub or files" in errors_of(raw)
+
+
+def test_whole_document_is_read() -> None:
+    job = DPOJob.model_validate(
+        {"apiVersion": "dpo-operator.io/v1alpha1", "kind": "DPOJob", "metadata": {"name": "x"}, "spec": OUT}
+    )
+    assert job.spec.output.directory == "/output/model"

@@ -1,0 +1,145 @@
+"""Computing status and events from observed Jobs and pods (no cluster)."""
+
+import json
+from datetime import UTC, datetime
+
+from dpo_operator.kube import merge_patch
+from dpo_operator.status import Observed, compute_status, transition_events
+
+RUN = {"generation": 1, "specHash": "abc"}
+NOW = datetime(2026, 1, 1, tzinfo=UTC)
+
+
+def job(**status) -> dict:
+    return {"metadata": {"name": "j-g1"}, "status": status}
+
+
+def pod(name: str, phase: str, created: str = "2026-01-01T00:00:00Z", **container_state) -> dict:
+    return {
+        "metadata": {"name": name, "creationTimestamp": created},
+        "status": {"phase": phase, "containerStatuses": [{"state": container_state}] if container_state else []},
+    }
+
+
+def observe(old: dict | None = None, **kwargs) -> dict:
+    return compute_status(old or {}, Observed(generation=1, run=RUN, now=NOW, **kwargs))
+
+
+def condition(status: dict, kind: str) -> dict:
+    return next(c for c in status["conditions"] if c["type"] == kind)
+
+
+def test_running_pod_means_running() -> None:
+    status = observe(job=job(active=1), pods=[pod("p1", "Running", running={})])
+    assert status["phase"] == "Running"
+    assert condition(status, "Running")["status"] == "True"
+    assert condition(status, "Ready") == {**condition(status, "Ready"), "status": "False", "reason": "Running"}
+    assert status["trainer"] == {"jobName": "j-g1", "configMapName": "j-g1", "podName": "p1"}
+    assert all(c["observedGeneration"] == 1 for c in status["conditions"])
+
+
+def test_success_takes_model_and_final_metrics_from_the_termination_message() -> None:
+    message = {
+        "reason": "Succeeded",
+        "metrics": {"rewards/accuracies": 0.75, "rewards/margins": 0.4, "loss": 0.5},
+        "model": {"repoId": "org/m", "revision": "main", "commitUrl": "http://hub/commit/1"},
+    }
+    done = pod("p1", "Succeeded", terminated={"exitCode": 0, "message": json.dumps(message)})
+    status = observe(job=job(succeeded=1, conditions=[{"type": "Complete", "status": "True"}]), pods=[done])
+    assert status["phase"] == "Succeeded" and condition(status, "Ready")["status"] == "True"
+    assert status["rewards"] == {"accuracies": 0.75, "margins": 0.4}
+    assert status["model"]["commitUrl"] == "http://hub/commit/1"
+    assert status["progress"]["percent"] == 100 and status["completionTime"]
+
+
+def test_trainer_reason_code_becomes_the_failure_reason() -> None:
+    failure = {"reason": "HubAuthError", "message": "token rejected by the Hub"}
+    failed = pod("p2", "Failed", "2026-01-01T00:01:00Z", terminated={"exitCode": 5, "message": json.dumps(failure)})
+    first = pod("p1", "Failed", terminated={"exitCode": 1, "reason": "OOMKilled"})
+    status = observe(job=job(failed=2, conditions=[{"type": "Failed", "status": "True"}]), pods=[first, failed])
+    assert status["phase"] == "Failed" and status["retries"] == 2
+    assert condition(status, "Failed")["reason"] == "HubAuthError"
+    assert "token rejected" in condition(status, "Failed")["message"]
+
+
+def test_oom_killed_is_out_of_memory() -> None:
+    oom = pod("p1", "Failed", terminated={"exitCode": 137, "reason": "OOMKilled"})
+    status = observe(job=job(failed=1, conditions=[{"type": "Failed", "status": "True"}]), pods=[oom])
+    assert condition(status, "Failed")["reason"] == "OutOfMemory"
+
+
+def test_pending_problems_are_reported() -> None:
+    unschedulable = pod("p1", "Pending")
+    unschedulable["status"]["conditions"] = [
+        {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/1 nodes: Insufficient gpu"}
+    ]
+    status = observe(job=job(active=1), pods=[unschedulable])
+    assert status["phase"] == "Pending" and condition(status, "Ready")["reason"] == "Unschedulable"
+    pull = pod("p1", "Pending", waiting={"reason": "ImagePullBackOff", "message": "no such image"})
+    assert condition(observe(job=job(active=1), pods=[pull]), "Ready")["reason"] == "ImagePullBackOff"
+
+
+def test_invalid_spec_and_suspend() -> None:
+    invalid = observe(spec_error="spec.output.directory: not on a volume")
+    assert invalid["phase"] == "Failed" and condition(invalid, "Failed")["reason"] == "InvalidSpec"
+    suspended = observe(suspended=True)
+    assert suspended["phase"] == "Suspended" and condition(suspended, "Suspended")["status"] == "True"
+
+
+def test_transition_time_is_kept_while_a_condition_holds() -> None:
+    running = observe(job=job(active=1), pods=[pod("p1", "Running", running={})])
+    later = compute_status(
+        running,
+        Observed(
+            generation=1,
+            run=RUN,
+            now=datetime(2026, 1, 2, tzinfo=UTC),
+            job=job(active=1),
+            pods=[pod("p1", "Running", running={})],
+        ),
+    )
+    assert condition(later, "Running")["lastTransitionTime"] == condition(running, "Running")["lastTransitionTime"]
+    assert merge_patch(running, later) == {}, "an unchanged observation must not patch"
+
+
+def test_progress_from_the_log_is_used_and_carried() -> None:
+    fields = {"stage": "dpo", "progress": {"step": 3, "totalSteps": 10, "percent": 60}, "rewards": {"margins": 0.2}}
+    running = observe(job=job(active=1), pods=[pod("p1", "Running", running={})], progress=fields)
+    assert running["stage"] == "dpo" and running["rewards"] == {"margins": 0.2}
+    carried = compute_status(running, Observed(generation=2, run=RUN, now=NOW, job=job(active=1), pods=[]))
+    assert carried["rewards"] == {"margins": 0.2} and carried["observedGeneration"] == 2
+
+
+def test_a_new_run_archives_the_previous_one() -> None:
+    message = json.dumps({"reason": "Succeeded", "metrics": {"rewards/margins": 1.0}, "model": {"repoId": "o/m"}})
+    done = pod("p1", "Succeeded", terminated={"exitCode": 0, "message": message})
+    finished = observe(job=job(conditions=[{"type": "Complete", "status": "True"}]), pods=[done])
+    new_run = {"generation": 4, "specHash": "def"}
+    status = compute_status(finished, Observed(generation=4, run=new_run, now=NOW))
+    assert status["phase"] == "Pending" and "rewards" not in status and status["run"] == new_run
+    assert status["runs"][0]["phase"] == "Succeeded" and status["runs"][0]["model"] == {"repoId": "o/m"}
+    assert status["runs"][0]["generation"] == 1
+    reasons = [e.reason for e in transition_events(finished, status)]
+    assert reasons == ["NewRun", "Creating"]
+
+
+def test_events_for_stage_retry_and_finish() -> None:
+    pending = observe(job=job(active=1), pods=[])
+    running = observe(job=job(active=1), pods=[pod("p1", "Running", running={})], progress={"stage": "sft"})
+    assert [(e.type, e.reason) for e in transition_events(pending, running)] == [
+        ("Normal", "StageStarted"),
+        ("Normal", "Running"),
+    ]
+    retried = observe(job=job(active=1, failed=1), pods=[pod("p2", "Running", "2026-01-01T00:05:00Z", running={})])
+    retried["stage"] = "sft"
+    assert [e.reason for e in transition_events(running, retried)] == ["Retrying"]
+    failure = json.dumps({"reason": "DatasetError", "message": "column response_j missing"})
+    failed = observe(
+        job=job(failed=3, conditions=[{"type": "Failed", "status": "True"}]),
+        pods=[pod("p3", "Failed", terminated={"exitCode": 3, "message": failure})],
+    )
+    failed["stage"] = "sft"
+    events = transition_events(retried, failed)
+    assert events[-1].type == "Warning" and events[-1].reason == "DatasetError"
+    assert "response_j" in events[-1].message
+    assert transition_events(failed, failed) == []
