@@ -6,6 +6,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
 from dpo_operator.dev.hub import LocalHub
 
 HUB_TOKEN = "hf_local_test_token"

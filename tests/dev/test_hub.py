@@ -11,10 +11,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from dpo_operator.dev.hub import LocalHub
 from huggingface_hub import HfApi, HfFileSystem, hf_hub_download, snapshot_download
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from safetensors.numpy import load_file, save_file
+
+from dpo_operator.dev.hub import LocalHub
 
 COMMIT_URL = re.compile(r"/commit/[0-9a-f]{40}$")
 

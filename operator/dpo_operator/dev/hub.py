@@ -5,6 +5,13 @@ Tests and the local demo push models and load datasets through the *real* `huggi
 git-like state on disk: repos (models, datasets, spaces) with branches, PR refs and immutable commits (sha1 ids),
 plus one content-addressed object store (sha256) shared by regular and LFS files.
 
+Routes (``{kinds}`` is models|datasets|spaces, ``{repo}`` is ns/name, git-style URLs prefix datasets/ or spaces/):
+GET /api/whoami-v2; POST /api/repos/create; DELETE /api/repos/delete; POST /api/validate-yaml;
+GET /api/{kinds}/{repo}[/revision/{rev}]; GET .../tree/{rev}[/{path}]; POST .../paths-info/{rev};
+GET .../refs; GET .../commits/{rev}; POST|DELETE .../branch/{name}; POST .../preupload/{rev};
+POST .../commit/{rev} (NDJSON); POST /{repo}.git/info/lfs/objects/batch and .../verify; PUT /lfs-upload/{sha256}
+(signed URL); GET|HEAD /{repo}/resolve/{rev}/{path} (with Range).
+
 Clients need ``HF_HUB_DISABLE_XET=1`` (uploads otherwise go through Xet storage, which this server does not speak)
 and offline mode off; pass the endpoint explicitly (``HfApi(endpoint=hub.url)``) or set ``HF_ENDPOINT`` before
 `huggingface_hub` is imported.
@@ -105,6 +112,10 @@ def _regular_entry(data: bytes, sha256: str) -> dict[str, Any]:
 def _lfs_entry(sha256: str, size: int) -> dict[str, Any]:
     """A file stored in LFS: git holds a pointer, so its oid is the pointer's git id."""
     return {"sha256": sha256, "size": size, "lfs": True, "oid": _git_blob_oid(_lfs_pointer(sha256, size))}
+
+
+def _pointer_size(entry: Mapping[str, Any]) -> int:
+    return len(_lfs_pointer(entry["sha256"], entry["size"]))
 
 
 def _glob_regex(pattern: str) -> re.Pattern[str]:
@@ -230,6 +241,8 @@ class _Store:
                 for chunk in chunks:
                     digest.update(chunk)
                     received += len(chunk)
+                    if received > size:
+                        break  # the rest is not read: the handler closes the connection
                     out.write(chunk)
             if received != size or digest.hexdigest() != sha256:
                 expected, got = f"sha256 {sha256}, {size} bytes", f"sha256 {digest.hexdigest()}, {received} bytes"
@@ -454,8 +467,7 @@ def _tree_entry(path: str, entry: Mapping[str, Any] | None, folder_oid: str | No
         return {"type": "directory", "oid": folder_oid, "size": 0, "path": path}
     item: dict[str, Any] = {"type": "file", "oid": entry["oid"], "size": entry["size"], "path": path}
     if entry["lfs"]:
-        pointer_size = len(_lfs_pointer(entry["sha256"], entry["size"]))
-        item["lfs"] = {"oid": entry["sha256"], "size": entry["size"], "pointerSize": pointer_size}
+        item["lfs"] = {"oid": entry["sha256"], "size": entry["size"], "pointerSize": _pointer_size(entry)}
     return item
 
 
@@ -657,33 +669,32 @@ class _Handler(BaseHTTPRequestHandler):
             }
         )
 
-    @_route("POST", r"^/api/repos/create$")
-    def _create_repo(self, args: dict[str, str]) -> None:
-        user = self._writer()
-        body = self._json()
+    def _repo_from_body(self, body: Mapping[str, Any], user: str) -> tuple[str, str]:
+        """(kind, repo id) named by a create/delete payload; the namespace defaults to the caller."""
         kind = str(body.get("type") or "model")
         namespace, name = str(body.get("organization") or user), str(body.get("name") or "")
         if kind not in _URL_PREFIX or not (_NAME_RE.match(namespace) and _NAME_RE.match(name)):
             raise HubError(400, f"Invalid repo: type={kind!r} id={namespace}/{name}")
+        return kind, f"{namespace}/{name}"
+
+    @_route("POST", r"^/api/repos/create$")
+    def _create_repo(self, args: dict[str, str]) -> None:
+        body = self._json()
+        kind, repo_id = self._repo_from_body(body, self._writer())
         private = body.get("visibility") == "private" or body.get("private") is True
-        url = self._repo_url(kind, f"{namespace}/{name}")
+        url = self._repo_url(kind, repo_id)
         try:
-            self.server.store.create_repo(kind, f"{namespace}/{name}", private)
+            self.server.store.create_repo(kind, repo_id, private)
         except HubError as error:
             if error.status == 409:  # huggingface_hub reads the url of the existing repo (exist_ok=True)
                 error.body["url"] = url
             raise
-        self._send_json({"url": url, "name": f"{namespace}/{name}", "id": f"{namespace}/{name}"})
+        self._send_json({"url": url, "name": repo_id, "id": repo_id})
 
     @_route("DELETE", r"^/api/repos/delete$")
     def _delete_repo(self, args: dict[str, str]) -> None:
-        user = self._writer()
         body = self._json()
-        kind = str(body.get("type") or "model")
-        repo_id = f"{body.get('organization') or user}/{body.get('name')}"
-        if kind not in _URL_PREFIX:
-            raise HubError(400, f"Invalid repo type: {kind!r}")
-        self.server.store.delete_repo(kind, repo_id)
+        self.server.store.delete_repo(*self._repo_from_body(body, self._writer()))
         self._send_json({})
 
     @_route("POST", r"^/api/validate-yaml$")
@@ -720,8 +731,8 @@ class _Handler(BaseHTTPRequestHandler):
             if with_blobs:
                 sibling.update(size=entry["size"], blobId=entry["oid"])
                 if entry["lfs"]:
-                    pointer_size = len(_lfs_pointer(entry["sha256"], entry["size"]))
-                    sibling["lfs"] = {"sha256": entry["sha256"], "size": entry["size"], "pointerSize": pointer_size}
+                    size = entry["size"]
+                    sibling["lfs"] = {"sha256": entry["sha256"], "size": size, "pointerSize": _pointer_size(entry)}
             siblings.append(sibling)
         self._send_json(
             {
