@@ -1,0 +1,112 @@
+"""What every stage shares: the spec, the work directory, the reporter, the token, and resumable state.
+
+DIR/state.json records, per stage, the fingerprint of the spec parts the stage (and every stage before
+it) depends on, and whether it finished. A rerun skips a finished stage whose fingerprint still
+matches, resumes a started one from its newest checkpoint, and starts over (wiping the stage's
+directory) when the spec parts it depends on have changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dpo_operator.spec import DPOJobSpec
+from dpo_trainer.progress import Reporter
+
+STATE_FILE = "state.json"
+SUMMARY_FILE = "summary.json"
+DEBUG_LOG = "debug.log"
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun/accelerate launch (RANK is set by both), or a single process."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def wait_for_everyone() -> None:
+    """Barrier between ranks; a no-op for a single process (and cheap: no torch import when alone)."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from accelerate import PartialState
+
+        PartialState().wait_for_everyone()
+
+
+def fingerprint(previous: str, part: Any) -> str:
+    """Chain hash: a stage's fingerprint changes when its own inputs or any earlier stage's change."""
+    blob = json.dumps(part, sort_keys=True, default=str).encode()
+    return hashlib.sha256(previous.encode() + blob).hexdigest()[:16]
+
+
+@dataclass
+class RunState:
+    """Stage bookkeeping persisted in DIR/state.json (written by the main process only)."""
+
+    path: Path
+    stages: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, path: Path) -> RunState:
+        if path.exists():
+            return cls(path, json.loads(path.read_text()).get("stages", {}))
+        return cls(path)
+
+    def is_done(self, stage: str, fp: str) -> bool:
+        entry = self.stages.get(stage, {})
+        return entry.get("status") == "done" and entry.get("fingerprint") == fp
+
+    def is_resumable(self, stage: str, fp: str) -> bool:
+        """Started before with the same inputs: its checkpoints are valid to resume from."""
+        return self.stages.get(stage, {}).get("fingerprint") == fp
+
+    def mark(self, stage: str, fp: str, status: str, **extra: Any) -> None:
+        self.stages[stage] = {"fingerprint": fp, "status": status, "updated": time.time(), **extra}
+        if is_main_process():
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps({"stages": self.stages}, indent=2))
+            tmp.replace(self.path)
+
+
+@dataclass
+class RunContext:
+    """Everything a stage needs; stages read their inputs from earlier stages' directories."""
+
+    spec: DPOJobSpec
+    out_dir: Path
+    reporter: Reporter
+    token: str | None
+    state: RunState
+    metadata: dict[str, Any] = field(default_factory=dict)
+    timings: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    @property
+    def secrets(self) -> tuple[str, ...]:
+        return (self.token,) if self.token else ()
+
+    def stage_dir(self, stage: str) -> Path:
+        path = self.out_dir / stage
+        path.mkdir(parents=True, exist_ok=True)
+        return path
+
+    def reset_stage_dir(self, stage: str) -> None:
+        """Drop outputs of a stage whose inputs changed, so no stale checkpoint is resumed."""
+        path = self.out_dir / stage
+        if is_main_process() and path.exists():
+            shutil.rmtree(path)
+        wait_for_everyone()
+
+    def read_json(self, stage: str, name: str) -> Any:
+        path = self.out_dir / stage / name
+        return json.loads(path.read_text()) if path.exists() else None
+
+    def write_json(self, stage: str, name: str, payload: Any) -> Path:
+        path = self.stage_dir(stage) / name
+        if is_main_process():
+            path.write_text(json.dumps(payload, indent=2, default=str))
+        return path

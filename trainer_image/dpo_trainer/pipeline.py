@@ -1,0 +1,151 @@
+"""The stage sequence, its resumable bookkeeping, and the run summary.
+
+    data → sft → sft_merge → dpo → dpo_merge → model_card → push
+
+Where each stage writes, under the work directory DIR:
+
+    data        DIR/data/        rendered splits (save_to_disk) + stats.json
+    sft         DIR/sft/         checkpoints, adapter/, log_history.json
+    sft_merge   DIR/sft_merge/   base + SFT adapter merged, in model.dtype, with tokenizer
+    dpo         DIR/dpo/         checkpoints, adapter/, log_history.json
+    dpo_merge   DIR/model/       the final model + tokenizer (also copied to output.directory)
+    model_card  DIR/model_card/  README.md + training_curves.png (also copied next to the model)
+    push        DIR/push/        result.json: repoId, revision, commitUrl, commitSha
+
+plus DIR/state.json (stage bookkeeping), DIR/summary.json and, after a failure, DIR/debug.log.
+sft.enabled=false skips sft and sft_merge; push runs only when output.hub is set.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from dpo_operator.spec import DPOJobSpec
+from dpo_trainer.context import (
+    STATE_FILE,
+    SUMMARY_FILE,
+    RunContext,
+    RunState,
+    fingerprint,
+    is_main_process,
+    wait_for_everyone,
+)
+from dpo_trainer.progress import Reporter
+from dpo_trainer.specfile import spec_as_yaml_dict
+
+KEY_METRICS_PREFIXES = ("rewards/", "eval_")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One unit of work. `inputs` picks the spec parts whose change invalidates this stage (and later ones)."""
+
+    name: str
+    directory: str
+    target: str  # "module:function", imported only when the stage actually runs
+    inputs: Callable[[dict[str, Any]], Any]
+    enabled: Callable[[DPOJobSpec], bool] = lambda spec: True
+
+    def run(self, ctx: RunContext) -> None:
+        module, _, function = self.target.partition(":")
+        getattr(importlib.import_module(module), function)(ctx)
+
+
+STAGES: tuple[Stage, ...] = (
+    Stage(
+        "data",
+        "data",
+        "dpo_trainer.data:run",
+        lambda s: [s["model"], s["data"], s["sft"]["enabled"], s["dpo"]["maxPromptLength"]],
+    ),
+    Stage(
+        "sft",
+        "sft",
+        "dpo_trainer.training:run_sft",
+        lambda s: [s["sft"], s["quantization"], s["seed"]],
+        lambda spec: spec.sft.enabled,
+    ),
+    Stage("sft_merge", "sft_merge", "dpo_trainer.merge:run_sft_merge", lambda s: [], lambda spec: spec.sft.enabled),
+    Stage("dpo", "dpo", "dpo_trainer.training:run_dpo", lambda s: [s["dpo"], s["quantization"], s["seed"]]),
+    Stage("dpo_merge", "model", "dpo_trainer.merge:run_dpo_merge", lambda s: [s["output"]["directory"]]),
+    Stage("model_card", "model_card", "dpo_trainer.card:run", lambda s: s),
+    Stage(
+        "push",
+        "push",
+        "dpo_trainer.hub:run",
+        lambda s: [s["output"]["hub"]],
+        lambda spec: spec.output.hub is not None,
+    ),
+)
+
+
+def key_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
+    """What the termination message carries: rewards/*, loss and eval_*."""
+    return {k: v for k, v in metrics.items() if k == "loss" or k.startswith(KEY_METRICS_PREFIXES)}
+
+
+def model_location(ctx: RunContext) -> dict[str, Any]:
+    location: dict[str, Any] = {"directory": ctx.spec.output.directory or str(ctx.out_dir / "model")}
+    if ctx.spec.output.hub is not None:
+        location.update(ctx.read_json("push", "result.json") or {})
+    return location
+
+
+def build_summary(ctx: RunContext) -> dict[str, Any]:
+    from dpo_trainer.training import stage_metrics
+
+    summary: dict[str, Any] = {
+        "metrics": stage_metrics(ctx, "dpo"),
+        "sftMetrics": stage_metrics(ctx, "sft") if ctx.spec.sft.enabled else {},
+        "stages": ctx.timings,
+        "data": ctx.read_json("data", "stats.json") or {},
+        "model": model_location(ctx),
+    }
+    return summary
+
+
+def run(
+    spec: DPOJobSpec,
+    out_dir: Path,
+    reporter: Reporter,
+    token: str | None,
+    metadata: dict[str, Any],
+) -> dict[str, Any]:
+    """Run (or resume) every enabled stage; return the summary also written to DIR/summary.json."""
+    from dpo_trainer.hub import check_token
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ctx = RunContext(spec, out_dir, reporter, token, RunState.load(out_dir / STATE_FILE), metadata)
+    wait_for_everyone()  # every rank has read state.json before the main process changes it
+    check_token(ctx)
+    spec_dict = spec_as_yaml_dict(spec)
+    chain = ""
+    for stage in STAGES:
+        if not stage.enabled(spec):
+            continue
+        chain = fingerprint(chain, stage.inputs(spec_dict))
+        reporter.emit("stage_start", stage=stage.name)
+        if ctx.state.is_done(stage.name, chain):
+            ctx.timings[stage.name] = {"seconds": 0.0, "skipped": True}
+            reporter.emit("stage_end", stage=stage.name, seconds=0.0, skipped=True)
+            continue
+        if not ctx.state.is_resumable(stage.name, chain):
+            ctx.reset_stage_dir(stage.directory)
+        ctx.state.mark(stage.name, chain, "running")
+        started = time.monotonic()
+        stage.run(ctx)
+        wait_for_everyone()
+        seconds = round(time.monotonic() - started, 3)
+        ctx.state.mark(stage.name, chain, "done", seconds=seconds)
+        ctx.timings[stage.name] = {"seconds": seconds, "skipped": False}
+        reporter.emit("stage_end", stage=stage.name, seconds=seconds, skipped=False)
+    summary = build_summary(ctx)
+    if is_main_process():
+        (out_dir / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+    return summary

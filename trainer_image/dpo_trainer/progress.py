@@ -1,0 +1,112 @@
+"""The trainer's machine-readable channel: JSON progress lines on stdout and the termination message.
+
+The operator has no other view into the pod than its log and its termination message, so both
+formats are a contract. Every stdout line is one JSON object:
+
+    {"kind": "dpo-trainer/progress", "event": <event>, "time": <unix seconds, float>, ...fields}
+
+    stage_start  {"stage"}
+    log          {"stage", "step", "totalSteps", "epoch", "metrics": {every key the Trainer logged}}
+    stage_end    {"stage", "seconds", "skipped"}
+    done         {"summary"}
+    error        {"reason", "message"}
+
+Stage names: data, sft, sft_merge, dpo, dpo_merge, model_card, push. Non-finite floats become null so
+every line is strict JSON.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from dpo_trainer.errors import one_line, scrub
+
+KIND = "dpo-trainer/progress"
+TERMINATION_MESSAGE_LIMIT = 4096
+DEFAULT_TERMINATION_PATH = "/dev/termination-log"
+
+
+def to_json_safe(value: Any) -> Any:
+    """Replace NaN/inf (which json.dumps would emit as invalid JSON) with None, recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): to_json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_json_safe(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy / torch scalars
+        return to_json_safe(value.item())
+    return value
+
+
+class Reporter:
+    """Writes progress events, one flushed JSON line each, from the main process only."""
+
+    def __init__(self, stream: TextIO, *, enabled: bool = True, secrets: tuple[str, ...] = ()) -> None:
+        self.stream = stream
+        self.enabled = enabled
+        self.secrets = secrets
+
+    def emit(self, event: str, **fields: Any) -> None:
+        if not self.enabled:
+            return
+        record = {"kind": KIND, "event": event, "time": time.time(), **to_json_safe(fields)}
+        line = scrub(json.dumps(record, allow_nan=False, ensure_ascii=False), self.secrets)
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+
+def _encode(payload: dict[str, Any]) -> bytes:
+    return json.dumps(to_json_safe(payload), separators=(",", ":"), allow_nan=False).encode()
+
+
+def _metric_priority(key: str) -> int:
+    """Lower sorts first and survives trimming: rewards/* and losses matter most to users."""
+    if key.startswith(("rewards/", "eval_rewards/")):
+        return 0
+    if key in ("loss", "eval_loss", "train_loss"):
+        return 1
+    return 2
+
+
+def fit_termination_message(payload: dict[str, Any], limit: int = TERMINATION_MESSAGE_LIMIT) -> bytes:
+    """Encode payload as JSON of at most `limit` bytes (Kubernetes truncates the termination message at 4 KiB).
+
+    Metrics are dropped least-important first, then the message is shortened, so the result is always
+    valid JSON that still carries the reason.
+    """
+    payload = dict(payload)
+    data = _encode(payload)
+    if len(data) <= limit:
+        return data
+    metrics = dict(payload.get("metrics") or {})
+    for key in sorted(metrics, key=lambda k: (_metric_priority(k), k), reverse=True):
+        del metrics[key]
+        payload["metrics"] = metrics
+        data = _encode(payload)
+        if len(data) <= limit:
+            return data
+    message = str(payload.get("message", ""))
+    while len(data) > limit and message:
+        message = message[: max(0, len(message) - (len(data) - limit) - 3)] + "..." if len(message) > 3 else ""
+        payload["message"] = message
+        data = _encode(payload)
+    if len(data) > limit:
+        data = _encode({"reason": payload.get("reason", "TrainingError")})
+    return data
+
+
+def write_termination_message(payload: dict[str, Any], secrets: tuple[str, ...] = ()) -> None:
+    """Write the message to $DPO_TERMINATION_MESSAGE_PATH (default /dev/termination-log); skip if unwritable."""
+    path = Path(os.environ.get("DPO_TERMINATION_MESSAGE_PATH", DEFAULT_TERMINATION_PATH))
+    if "message" in payload:
+        payload = {**payload, "message": one_line(scrub(str(payload["message"]), secrets))}
+    data = scrub(fit_termination_message(payload).decode(), secrets).encode()
+    with contextlib.suppress(OSError):
+        path.write_bytes(data)

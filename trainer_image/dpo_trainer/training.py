@@ -1,0 +1,206 @@
+"""The `sft` and `dpo` stages: QLoRA SFT on the base, then DPO with a fresh LoRA on the merged SFT model.
+
+Both write Trainer checkpoints under their stage directory and resume from the newest complete one,
+so a restarted pod loses at most `checkpointing.saveSteps` steps (or nothing, when SIGTERM leaves time
+for the just-in-time checkpoint). The final adapter goes to DIR/<stage>/adapter and the Trainer's
+log history to DIR/<stage>/log_history.json (the model card plots it).
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+from typing import Any
+
+from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+
+from dpo_trainer.context import RunContext
+from dpo_trainer.data import load_split
+from dpo_trainer.errors import DatasetError, Interrupted, TrainingError, classify
+from dpo_trainer.models import lora_config, trainer_arguments
+from dpo_trainer.progress import Reporter
+
+ADAPTER_DIR = "adapter"
+LOG_HISTORY = "log_history.json"
+TEST_KILL_ENV = "DPO_TRAINER_TEST_KILL_AT"
+"""Test hook, `<stage>:<step>`: SIGKILL the process right after that optimizer step (simulates preemption)."""
+
+
+class ProgressCallback(TrainerCallback):
+    """Turns every Trainer log (train, eval, final summary) into one `log` progress event."""
+
+    def __init__(self, reporter: Reporter, stage: str) -> None:
+        self.reporter = reporter
+        self.stage = stage
+
+    def on_log(
+        self,
+        args: TrainingArguments,
+        state: TrainerState,
+        control: TrainerControl,
+        logs: dict[str, Any] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if state.is_world_process_zero and logs:
+            self.reporter.emit(
+                "log",
+                stage=self.stage,
+                step=state.global_step,
+                totalSteps=state.max_steps,
+                epoch=state.epoch,
+                metrics=dict(logs),
+            )
+
+
+class KillAtStep(TrainerCallback):
+    """See TEST_KILL_ENV: dies without any cleanup, like a node loss, to prove resume works."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
+        if state.global_step == self.step:
+            os.kill(os.getpid(), signal.SIGKILL)
+
+
+def callbacks(ctx: RunContext, stage: str) -> list[TrainerCallback]:
+    result: list[TrainerCallback] = [ProgressCallback(ctx.reporter, stage)]
+    target, _, step = os.environ.get(TEST_KILL_ENV, "").partition(":")
+    if target == stage and step.isdigit():
+        result.append(KillAtStep(int(step)))
+    return result
+
+
+def latest_checkpoint(stage_dir: Path) -> str | None:
+    """Newest complete checkpoint: trainer_state.json is written last, and an interrupted JIT save leaves a marker."""
+    complete = [
+        p
+        for p in stage_dir.glob("checkpoint-*")
+        if p.name.removeprefix("checkpoint-").isdigit()
+        and (p / "trainer_state.json").exists()
+        and not (p / "checkpoint-is-incomplete.txt").exists()
+    ]
+    return str(max(complete, key=lambda p: int(p.name.removeprefix("checkpoint-")))) if complete else None
+
+
+def final_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
+    """The last training log (loss, rewards/*, ...) plus the last evaluation (eval_*) and the run's train_loss."""
+    metrics: dict[str, float] = {}
+    for entry in log_history:
+        if "loss" in entry:
+            metrics.update({k: v for k, v in entry.items() if not k.startswith("eval_")})
+        if any(k.startswith("eval_") for k in entry):
+            metrics.update({k: v for k, v in entry.items() if k.startswith("eval_")})
+        if "train_loss" in entry:
+            metrics["train_loss"] = entry["train_loss"]
+    metrics.pop("step", None)
+    return metrics
+
+
+def train_and_save(ctx: RunContext, stage: str, trainer: Trainer) -> None:
+    """Train (resuming when a checkpoint exists), evaluate once more if the last step missed an eval, save."""
+    out = ctx.stage_dir(stage)
+    checkpoint = latest_checkpoint(out)
+    trainer.train(resume_from_checkpoint=checkpoint)
+    state = trainer.state
+    if state.global_step < state.max_steps:
+        raise Interrupted(
+            f"{stage} stopped at step {state.global_step} of {state.max_steps} after SIGTERM; "
+            "the checkpoint is saved and a rerun resumes from it"
+        )
+    evaluated_at = [e.get("step") for e in state.log_history if "eval_loss" in e]
+    if trainer.eval_dataset is not None and (not evaluated_at or evaluated_at[-1] != state.global_step):
+        trainer.evaluate()
+    trainer.save_model(str(out / ADAPTER_DIR))
+    ctx.write_json(stage, LOG_HISTORY, state.log_history)
+
+
+def run_sft(ctx: RunContext) -> None:
+    """QLoRA SFT of the base model on the rendered `text` column."""
+    from trl import SFTConfig, SFTTrainer
+
+    from dpo_trainer.models import load_model, load_tokenizer
+
+    spec = ctx.spec
+    train = load_split(ctx, "sft_train")
+    if train is None:
+        raise DatasetError("the data stage produced no SFT rows")
+    evaluation = load_split(ctx, "sft_eval")
+    tokenizer = load_tokenizer(spec, spec.model.name, spec.model.revision, ctx.token)
+    model = load_model(
+        spec,
+        spec.model.name,
+        revision=spec.model.revision,
+        token=ctx.token,
+        quantized=spec.quantization.mode == "4bit",
+    )
+    try:
+        args = SFTConfig(
+            **trainer_arguments(spec, spec.sft, str(ctx.stage_dir("sft")), evaluation is not None),
+            packing=spec.sft.packing,
+            # "wrapped" concatenates and cuts like the seed's ConstantLengthDataset; "bfd" needs flash-attention.
+            packing_strategy="wrapped",
+            dataset_text_field="text",
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=args,
+            train_dataset=train,
+            eval_dataset=evaluation,
+            processing_class=tokenizer,
+            peft_config=lora_config(spec.sft.lora),
+            callbacks=callbacks(ctx, "sft"),
+        )
+        train_and_save(ctx, "sft", trainer)
+    except Exception as exc:
+        raise classify(exc, TrainingError, "sft") from exc
+
+
+def dpo_input(ctx: RunContext) -> tuple[str, str | None]:
+    """DPO starts from the merged SFT model, or from the base when SFT is disabled."""
+    if ctx.spec.sft.enabled:
+        return str(ctx.out_dir / "sft_merge"), None
+    return ctx.spec.model.name, ctx.spec.model.revision
+
+
+def run_dpo(ctx: RunContext) -> None:
+    """DPO with a fresh LoRA; the reference is the same model with the adapter disabled (no second copy)."""
+    from trl import DPOConfig, DPOTrainer
+
+    from dpo_trainer.models import load_model, load_tokenizer
+
+    spec = ctx.spec
+    train = load_split(ctx, "dpo_train")
+    if train is None:
+        raise DatasetError("the data stage produced no DPO pairs")
+    evaluation = load_split(ctx, "dpo_eval")
+    path, revision = dpo_input(ctx)
+    tokenizer = load_tokenizer(spec, path, revision, ctx.token)
+    model = load_model(spec, path, revision=revision, token=ctx.token, quantized=spec.quantization.mode == "4bit")
+    try:
+        args = DPOConfig(
+            **trainer_arguments(spec, spec.dpo, str(ctx.stage_dir("dpo")), evaluation is not None),
+            beta=spec.dpo.beta,
+            loss_type=list(spec.dpo.loss_type),
+            loss_weights=spec.dpo.loss_weights,
+            precompute_ref_log_probs=spec.dpo.precompute_ref_log_probs,
+        )
+        trainer = DPOTrainer(
+            model=model,
+            ref_model=None,
+            args=args,
+            train_dataset=train,
+            eval_dataset=evaluation,
+            processing_class=tokenizer,
+            peft_config=lora_config(spec.dpo.lora),
+            callbacks=callbacks(ctx, "dpo"),
+        )
+        train_and_save(ctx, "dpo", trainer)
+    except Exception as exc:
+        raise classify(exc, TrainingError, "dpo") from exc
+
+
+def stage_metrics(ctx: RunContext, stage: str) -> dict[str, float]:
+    history = ctx.read_json(stage, LOG_HISTORY) or []
+    return final_metrics(history)
