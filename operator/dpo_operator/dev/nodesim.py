@@ -1,0 +1,1212 @@
+"""Node simulator: fake Nodes for the real scheduler, and a kubelet stand-in for the pods bound to them.
+
+Why: the local control plane has no kubelet and no container runtime, and the machines have no GPUs; yet the
+operator must be tested against the real scheduler, Job controller and pod log stream. Like the Kubernetes
+SIG project kwok, this registers Nodes (with ``nvidia.com/gpu`` capacity, labels, taints) and keeps them
+Ready with Lease heartbeats. For each pod the scheduler binds to them it either
+
+* **simulates** the container (scripted by a rule or pod annotations: run N seconds, exit code, reason such
+  as OOMKilled, termination message, log lines; restarts per restartPolicy), or
+* runs it as a **process**: the container's command/args with the pod's resolved env, volumes materialised
+  into local dirs (paths rewritten), the local Python environment standing in for the image.
+
+It reports Pending -> Running -> Succeeded/Failed into pod status, deletes terminating pods (there is no
+kubelet to do it), and serves the kubelet ``/containerLogs`` endpoint over HTTPS so ``kubectl logs [-f]``
+and ``read_namespaced_pod_log(follow=True)`` work through the apiserver.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from decimal import ROUND_CEILING
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qs, unquote, urlparse
+
+from kubernetes import client, config
+from kubernetes.client.rest import ApiException
+from kubernetes.utils import parse_quantity
+from kubernetes.watch.watch import iter_resp_lines
+
+from .cluster import die_with_parent, processes_in_groups
+
+log = logging.getLogger(__name__)
+
+ANNOTATION_PREFIX = "nodesim.dpo.dev/"
+NOT_READY_TAINT = "node.kubernetes.io/not-ready"
+GPU_RESOURCE = "nvidia.com/gpu"
+KUBELET_VERSION = "v1.20.2-nodesim"
+TERMINATION_MESSAGE_MAX = 4096  # kubelet's per-container cap
+FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES = 80, 2048  # kubelet's FallbackToLogsOnError tail
+DEFAULT_PULL_ERROR_MARKERS = ("does-not-exist",)
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _now_micro() -> str:
+    return dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def _parse_time(value: str) -> dt.datetime:
+    """RFC 3339 (with or without fractional seconds, nanoseconds truncated) to an aware datetime."""
+    match = re.match(r"^(\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d)(?:\.(\d+))?(Z|[+-]\d\d:\d\d)$", value.strip())
+    if not match:
+        raise ValueError(f"not an RFC 3339 time: {value!r}")
+    base, frac, zone = match.groups()
+    text = base + (f".{(frac or '0')[:6]:0<6}") + ("+00:00" if zone == "Z" else zone)
+    return dt.datetime.fromisoformat(text)
+
+
+@dataclass
+class NodeSpec:
+    """A fake Node: what the scheduler sees."""
+
+    name: str
+    cpu: str = "8"
+    memory: str = "32Gi"
+    gpus: int = 0
+    pods: int = 110
+    labels: dict[str, str] = field(default_factory=dict)
+    taints: list[dict[str, str]] = field(default_factory=list)  # [{"key", "value", "effect"}]
+
+    def capacity(self) -> dict[str, str]:
+        capacity = {"cpu": self.cpu, "memory": self.memory, "pods": str(self.pods), "ephemeral-storage": "100Gi"}
+        if self.gpus:
+            capacity[GPU_RESOURCE] = str(self.gpus)
+        return capacity
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """A scripted container run (simulate mode): log lines, then exit after ``duration_s``."""
+
+    exit_code: int = 0
+    duration_s: float = 0.2
+    reason: str | None = None  # default: Completed (exit 0) / Error
+    message: str = ""  # termination message
+    logs: str = ""
+
+    @classmethod
+    def from_annotations(cls, annotations: dict[str, str]) -> Outcome | None:
+        """The outcome scripted by ``nodesim.dpo.dev/{exit-code,duration,reason,message,logs}`` annotations."""
+        keys = {k[len(ANNOTATION_PREFIX) :]: v for k, v in annotations.items() if k.startswith(ANNOTATION_PREFIX)}
+        scripted = {"exit-code", "duration", "reason", "message", "logs"} & keys.keys()
+        if keys.get("mode") != "simulate" and not scripted:
+            return None
+        return cls(
+            exit_code=int(keys.get("exit-code", 0)),
+            duration_s=float(keys.get("duration", cls.duration_s)),
+            reason=keys.get("reason"),
+            message=keys.get("message", ""),
+            logs=keys.get("logs", ""),
+        )
+
+
+RUN_FOREVER = Outcome(duration_s=math.inf)
+# A rule sees (pod, container name, restart count) and returns an Outcome to simulate, or None to pass.
+Rule = Callable[[dict, str, int], "Outcome | None"]
+
+
+class ContainerConfigError(Exception):
+    """The container cannot be configured yet (missing Secret/ConfigMap): kubelet's CreateContainerConfigError."""
+
+
+# --- container logs (CRI-like files: "<time> stdout <F|P> <content>") ---------------------------------
+
+
+class LogFile:
+    """One container attempt's log; ``finished`` ends follow streams."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.finished = threading.Event()
+        self._lock = threading.Lock()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.touch()
+
+    def write(self, content: bytes) -> None:
+        """Append one line (``content`` without or with its trailing newline)."""
+        full = content.endswith(b"\n")
+        record = f"{_now_micro()} stdout {'F' if full else 'P'} ".encode() + content.rstrip(b"\n") + b"\n"
+        with self._lock, self.path.open("ab") as out:
+            out.write(record)
+
+    def read_tail(self, max_lines: int, max_bytes: int) -> str:
+        lines = [_parse_record(r)[1] for r in self.path.read_bytes().splitlines(keepends=True)]
+        text = b"".join(lines[-max_lines:])[-max_bytes:]
+        return text.decode(errors="replace")
+
+
+def _parse_record(record: bytes) -> tuple[str, bytes]:
+    """(timestamp, content as the container wrote it) from one stored log record."""
+    parts = record.rstrip(b"\n").split(b" ", 3)
+    stamp, _stream, tag, content = parts + [b""] * (4 - len(parts))
+    return stamp.decode(), content + (b"\n" if tag == b"F" else b"")
+
+
+# --- per-container state and status -------------------------------------------------------------------
+
+
+@dataclass
+class _Container:
+    spec: dict
+    init: bool
+    restart_count: int = 0
+    state: dict = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
+    last_state: dict = field(default_factory=dict)
+    container_id: str = ""
+    exit_code: int = 0
+    final: bool = False  # terminated and not going to restart
+    logs: list[LogFile] = field(default_factory=list)
+
+    @property
+    def name(self) -> str:
+        return self.spec["name"]
+
+    def status(self) -> dict:
+        running = "running" in self.state
+        status = {
+            "name": self.name,
+            "image": self.spec.get("image", ""),
+            "imageID": f"nodesim://{self.spec.get('image', '')}" if self.container_id else "",
+            "ready": running and not self.init,
+            "restartCount": self.restart_count,
+            "started": running,
+            "state": self.state,
+            "lastState": self.last_state,
+        }
+        if self.container_id:
+            status["containerID"] = self.container_id
+        return status
+
+
+class _PodRunner:
+    """Plays one pod: init containers in order, then the containers in parallel, with restarts."""
+
+    def __init__(self, sim: NodeSimulator, pod: dict) -> None:
+        self.sim = sim
+        self.pod = pod
+        meta, spec = pod["metadata"], pod["spec"]
+        self.namespace, self.name, self.uid = meta["namespace"], meta["name"], meta["uid"]
+        self.restart_policy = spec.get("restartPolicy", "Always")
+        self.dir = sim.workdir / "pods" / f"{self.namespace}_{self.name}_{self.uid}"
+        self.init_containers = [_Container(c, True) for c in spec.get("initContainers") or []]
+        self.containers = [_Container(c, False) for c in spec.get("containers") or []]
+        self.stopping = threading.Event()
+        self.processes: list[subprocess.Popen] = []
+        self.start_time = _now()
+        self._conditions: dict[str, tuple[str, str, str]] = {}  # type -> (status, time, reason)
+        self._status_lock = threading.Lock()
+        self._thread = threading.Thread(target=self._run, name=f"nodesim-pod-{self.name}", daemon=True)
+        self._volumes: dict[str, Path] = {}
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def container(self, name: str) -> _Container | None:
+        return next((c for c in [*self.init_containers, *self.containers] if c.name == name), None)
+
+    # --- status
+    @property
+    def initialized(self) -> bool:
+        return all(c.final and c.exit_code == 0 for c in self.init_containers)
+
+    @property
+    def phase(self) -> str:
+        """The pod phase a kubelet derives from its containers."""
+        if any(c.final and c.exit_code != 0 for c in self.init_containers):
+            return "Failed"
+        if not self.initialized:
+            return "Pending"
+        if all(c.final for c in self.containers):
+            return "Failed" if any(c.exit_code != 0 for c in self.containers) else "Succeeded"
+        return "Running" if any(c.logs for c in self.containers) else "Pending"
+
+    def _condition(self, kind: str, ok: bool, reason: str = "") -> dict:
+        status = "True" if ok else "False"
+        previous = self._conditions.get(kind)
+        if previous is None or previous[0] != status:
+            self._conditions[kind] = (status, _now(), reason)
+        status, when, reason = self._conditions[kind]
+        condition = {"type": kind, "status": status, "lastProbeTime": None, "lastTransitionTime": when}
+        if reason:
+            condition["reason"] = reason
+        return condition
+
+    def report(self) -> None:
+        """Write the whole pod status (as a kubelet does) with a JSON merge patch."""
+        with self._status_lock:
+            if self.stopping.is_set():
+                return
+            phase, initialized = self.phase, self.initialized
+            ready = phase == "Running" and all("running" in c.state for c in self.containers)
+            not_ready = "" if ready else ("PodCompleted" if phase in ("Succeeded", "Failed") else "ContainersNotReady")
+            status = {
+                "phase": phase,
+                "hostIP": self.sim.address,
+                "podIP": self.sim.address,
+                "podIPs": [{"ip": self.sim.address}],
+                "startTime": self.start_time,
+                "conditions": [
+                    self._condition("Initialized", initialized, "" if initialized else "ContainersNotInitialized"),
+                    self._condition("Ready", ready, not_ready),
+                    self._condition("ContainersReady", ready, not_ready),
+                    self._condition("PodScheduled", True),
+                ],
+                "containerStatuses": [c.status() for c in self.containers],
+            }
+            if self.init_containers:
+                status["initContainerStatuses"] = [c.status() for c in self.init_containers]
+            try:
+                self.sim.core.patch_namespaced_pod_status(
+                    self.name, self.namespace, {"status": status}, _content_type="application/merge-patch+json"
+                )
+            except ApiException as exc:
+                if exc.status == 404:
+                    self.stopping.set()
+                else:
+                    log.warning("nodesim: status of %s/%s not written: %s", self.namespace, self.name, exc)
+
+    # --- lifecycle
+    def _run(self) -> None:
+        try:
+            self._play()
+        except Exception:
+            log.exception("nodesim: the runner of pod %s/%s crashed", self.namespace, self.name)
+
+    def _play(self) -> None:
+        self.report()
+        bad_images = [c for c in self.init_containers + self.containers if self.sim.image_pull_fails(c)]
+        if bad_images:
+            self._fail_pull(bad_images)
+            return
+        while not self._configure():
+            if self.stopping.wait(2.0):
+                return
+        for container in self.init_containers:
+            if self._run_container(container) != 0:
+                return
+        threads = [
+            threading.Thread(target=self._run_container, args=(c,), name=f"nodesim-{self.name}-{c.name}", daemon=True)
+            for c in self.containers
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    def _fail_pull(self, containers: list[_Container]) -> None:
+        """What a kubelet shows for an image that cannot be pulled: ErrImagePull, then ImagePullBackOff."""
+        for reason, message in (
+            ("ErrImagePull", 'rpc error: code = NotFound desc = failed to pull and unpack image "{}": not found'),
+            ("ImagePullBackOff", 'Back-off pulling image "{}"'),
+        ):
+            for container in containers:
+                container.state = {"waiting": {"reason": reason, "message": message.format(container.spec["image"])}}
+            self.report()
+            if self.stopping.wait(self.sim.pull_backoff_s):
+                return
+
+    def _configure(self) -> bool:
+        """Materialise volumes and resolve env; on a missing Secret/ConfigMap show CreateContainerConfigError."""
+        try:
+            if self.sim.needs_process(self.pod):
+                self._volumes = self.sim.materialize_volumes(self.pod, self.dir)
+                for container in self.init_containers + self.containers:
+                    self.sim.resolve_env(self.pod, container.spec)
+        except ContainerConfigError as exc:
+            for container in self.init_containers + self.containers:
+                container.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}
+            self.report()
+            return False
+        return True
+
+    def _run_container(self, container: _Container) -> int:
+        """Run (and restart per restartPolicy) one container; returns its last exit code."""
+        backoff = self.sim.restart_backoff_s
+        while not self.stopping.is_set():
+            logfile = LogFile(self.dir / container.name / f"{container.restart_count}.log")
+            container.logs.append(logfile)
+            container.container_id = f"nodesim://{uuid.uuid4().hex}"
+            started = _now()
+            container.state = {"running": {"startedAt": started}}
+            self.report()
+            try:
+                exit_code, reason, message = self._execute(container, logfile)
+            finally:
+                logfile.finished.set()
+            terminated = {
+                "exitCode": exit_code,
+                "reason": reason or ("Completed" if exit_code == 0 else "Error"),
+                "startedAt": started,
+                "finishedAt": _now(),
+                "containerID": container.container_id,
+            }
+            if message:
+                terminated["message"] = message
+            container.exit_code = exit_code
+            restart = self.restart_policy == "Always" or (self.restart_policy == "OnFailure" and exit_code != 0)
+            if (container.init and exit_code == 0) or not restart:
+                container.state, container.final = {"terminated": terminated}, True
+                self.report()
+                return exit_code
+            container.last_state = {"terminated": terminated}
+            container.state = {
+                "waiting": {
+                    "reason": "CrashLoopBackOff",
+                    "message": f"back-off {backoff:g}s restarting failed container={container.name} pod={self.name}",
+                }
+            }
+            self.report()
+            if self.stopping.wait(backoff):
+                break
+            backoff = min(backoff * 2, self.sim.max_restart_backoff_s)
+            container.restart_count += 1
+        return 137
+
+    def _execute(self, container: _Container, logfile: LogFile) -> tuple[int, str | None, str]:
+        outcome = self.sim.outcome_for(self.pod, container.name, container.restart_count)
+        if outcome is not None:
+            return self._simulate(outcome, logfile)
+        try:
+            return self._process(container, logfile)
+        except ContainerConfigError as exc:  # a Secret/ConfigMap vanished between attempts
+            logfile.write(str(exc).encode())
+            return 128, "CreateContainerConfigError", str(exc)
+
+    def _simulate(self, outcome: Outcome, logfile: LogFile) -> tuple[int, str | None, str]:
+        for line in outcome.logs.splitlines():
+            logfile.write(line.encode() + b"\n")
+        if self.stopping.wait(outcome.duration_s if math.isfinite(outcome.duration_s) else None):
+            return 137, None, ""
+        return outcome.exit_code, outcome.reason, outcome.message[:TERMINATION_MESSAGE_MAX]
+
+    def _process(self, container: _Container, logfile: LogFile) -> tuple[int, str | None, str]:
+        spec = container.spec
+        termination_path = self.dir / container.name / "termination-log"
+        termination_path.write_bytes(b"")
+        rewrite = _path_rewriter(spec, self._volumes, termination_path)
+        env = {k: rewrite(v) for k, v in self.sim.resolve_env(self.pod, spec).items()}
+        command = [rewrite(_expand(a, env)) for a in spec.get("command") or []]
+        args = [rewrite(_expand(a, env)) for a in spec.get("args") or []]
+        if not command:
+            command = self.sim.entrypoint(spec.get("image", ""))
+            if not command:
+                message = f'no command and no known entrypoint for image "{spec.get("image")}"'
+                logfile.write(message.encode())
+                return 128, "StartError", message
+        try:
+            proc = subprocess.Popen(
+                [*command, *args],
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                env=self.sim.base_env(self.name) | env,
+                cwd=self.sim.cwd,
+                start_new_session=True,
+                preexec_fn=die_with_parent,  # this thread waits for it, so the death signal is safe here
+            )
+        except OSError as exc:
+            message = f"failed to start {command[0]!r}: {exc}"
+            logfile.write(message.encode())
+            return 128, "StartError", message
+        self.sim.track(proc)
+        self.processes.append(proc)
+        if self.stopping.is_set():  # deletion raced the start
+            self.sim.kill_group(proc, 0)
+        assert proc.stdout is not None
+        for line in iter(proc.stdout.readline, b""):
+            logfile.write(line)
+        code = proc.wait()
+        exit_code = 128 - code if code < 0 else code
+        message = termination_path.read_bytes()[:TERMINATION_MESSAGE_MAX].decode(errors="replace")
+        if not message and exit_code != 0 and spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+            message = logfile.read_tail(FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES)
+        return exit_code, None, message
+
+    def kill(self, grace: float) -> None:
+        """Stop simulating/running the pod: SIGTERM its process groups, SIGKILL after ``grace`` seconds."""
+        self.stopping.set()
+        for proc in list(self.processes):
+            self.sim.kill_group(proc, grace)
+        self._thread.join(timeout=grace + 5)
+
+
+def _expand(value: str, env: dict[str, str]) -> str:
+    """Kubernetes $(VAR) expansion: defined vars are substituted, $$ escapes, unknown refs stay as written."""
+
+    def replace(match: re.Match) -> str:
+        if match.group(0) == "$$":
+            return "$"
+        return env.get(match.group(1), match.group(0))
+
+    return re.sub(r"\$\$|\$\(([A-Za-z_][A-Za-z0-9_.-]*)\)", replace, value)
+
+
+def _path_rewriter(spec: dict, volumes: dict[str, Path], termination_path: Path) -> Callable[[str], str]:
+    """Map the container's absolute mount paths (and terminationMessagePath) to their local stand-ins."""
+    mapping: dict[str, str] = {spec.get("terminationMessagePath") or "/dev/termination-log": str(termination_path)}
+    for mount in spec.get("volumeMounts") or []:
+        local = volumes.get(mount["name"])
+        if local is not None:
+            mapping[mount["mountPath"].rstrip("/") or "/"] = str(local / mount.get("subPath", ""))
+    if not mapping:
+        return lambda text: text
+    prefixes = sorted(mapping, key=len, reverse=True)
+    pattern = re.compile(r"(?<![\w./-])(" + "|".join(re.escape(p) for p in prefixes) + r")(?=/|$|[^\w.-])")
+    return lambda text: pattern.sub(lambda m: mapping[m.group(1)].rstrip("/"), text)
+
+
+# --- the kubelet log endpoint --------------------------------------------------------------------------
+
+
+class _TLSServer(ThreadingHTTPServer):
+    """HTTPS with the TLS handshake in the request thread (a slow client can't block accept)."""
+
+    daemon_threads = True
+
+    def __init__(self, address: tuple[str, int], handler: type, context: ssl.SSLContext, sim: NodeSimulator):
+        super().__init__(address, handler)
+        self.context = context
+        self.sim = sim
+
+    def get_request(self) -> tuple[socket.socket, Any]:
+        sock, addr = self.socket.accept()
+        return self.context.wrap_socket(sock, server_side=True, do_handshake_on_connect=False), addr
+
+    def finish_request(self, request: Any, client_address: Any) -> None:
+        try:
+            request.do_handshake()
+        except (OSError, ssl.SSLError):
+            return
+        super().finish_request(request, client_address)
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        log.debug("nodesim: kubelet endpoint error for %s", client_address, exc_info=True)
+
+
+class _KubeletHandler(BaseHTTPRequestHandler):
+    """GET /containerLogs/{namespace}/{pod}/{container}: what the apiserver proxies ``kubectl logs`` to."""
+
+    server: _TLSServer
+    protocol_version = "HTTP/1.0"  # the body ends when the connection closes: simplest for follow streams
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("nodesim kubelet: " + format, *args)
+
+    def _error(self, code: int, message: str) -> None:
+        body = message.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def do_GET(self) -> None:
+        url = urlparse(self.path)
+        parts = [unquote(p) for p in url.path.strip("/").split("/")]
+        if parts == ["healthz"]:
+            self._error(200, "ok")
+            return
+        if len(parts) != 4 or parts[0] != "containerLogs":
+            self._error(404, f"not found: {url.path}")
+            return
+        query = {k: v[-1] for k, v in parse_qs(url.query).items()}
+        _, namespace, pod, name = parts
+        runner = self.server.sim.runner(namespace, pod)
+        container = runner.container(name) if runner else None
+        if runner is None or container is None:
+            self._error(404, f'container "{name}" in pod "{pod}" not found in namespace "{namespace}"')
+            return
+        previous = query.get("previous") == "true"
+        attempts = container.logs[:-1] if previous else container.logs
+        if not attempts:
+            reason = container.state.get("waiting", {}).get("reason", "ContainerCreating")
+            if previous:
+                self._error(400, f'previous terminated container "{name}" in pod "{pod}" not found')
+            else:
+                self._error(400, f'container "{name}" in pod "{pod}" is waiting to start: {reason}')
+            return
+        self._stream(attempts[-1], query, follow=query.get("follow") == "true" and not previous)
+
+    def _stream(self, logfile: LogFile, query: dict[str, str], follow: bool) -> None:
+        since: dt.datetime | None = None
+        try:
+            if "sinceTime" in query:
+                since = _parse_time(query["sinceTime"])
+            elif "sinceSeconds" in query:
+                since = dt.datetime.now(dt.UTC) - dt.timedelta(seconds=int(query["sinceSeconds"]))
+            tail_lines = int(query["tailLines"]) if "tailLines" in query else None
+            limit = int(query["limitBytes"]) if "limitBytes" in query else None
+        except ValueError as exc:
+            self._error(400, str(exc))
+            return
+        timestamps = query.get("timestamps") == "true"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain")
+        self.end_headers()
+        sent = 0
+
+        def emit(records: list[bytes]) -> bool:
+            nonlocal sent
+            out = bytearray()
+            for record in records:
+                stamp, content = _parse_record(record)
+                if since is not None and _parse_time(stamp) < since:
+                    continue
+                out += (stamp.encode() + b" " if timestamps else b"") + content
+            if limit is not None:
+                out = out[: max(0, limit - sent)]
+            if out:
+                self.wfile.write(out)
+                self.wfile.flush()
+                sent += len(out)
+            return limit is None or sent < limit
+
+        try:
+            with logfile.path.open("rb") as handle:
+                records = handle.read().splitlines(keepends=True)
+                partial = records.pop() if records and not records[-1].endswith(b"\n") else b""
+                if tail_lines is not None:
+                    records = records[-tail_lines:] if tail_lines > 0 else []
+                if not emit(records) or not follow:
+                    return
+                while True:
+                    finished = logfile.finished.is_set()  # read after the flag: nothing is lost at the end
+                    chunk = handle.read()
+                    if chunk:
+                        data = partial + chunk
+                        records = data.splitlines(keepends=True)
+                        partial = records.pop() if not records[-1].endswith(b"\n") else b""
+                        if not emit(records):
+                            return
+                    elif finished:
+                        return
+                    else:
+                        logfile.finished.wait(0.1)
+        except (BrokenPipeError, ConnectionResetError, ssl.SSLError):
+            return
+
+
+def _self_signed_cert(directory: Path, address: str) -> tuple[Path, Path]:
+    """A throwaway serving cert for the kubelet endpoint (the apiserver does not verify kubelets here)."""
+    cert, key = directory / "kubelet.crt", directory / "kubelet.key"
+    if not cert.exists():
+        directory.mkdir(parents=True, exist_ok=True)
+        san = f"IP:{address}" if re.fullmatch(r"[\d.]+|[0-9a-fA-F:]+", address) else f"DNS:{address}"
+        command = "req -x509 -newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes -days 3650 -subj /CN=nodesim"
+        subprocess.run(
+            ["openssl", *command.split(), "-addext", f"subjectAltName={san}", "-keyout", str(key), "-out", str(cert)],
+            check=True,
+            capture_output=True,
+        )
+    return cert, key
+
+
+# --- the simulator ----------------------------------------------------------------------------------------
+
+
+class NodeSimulator:
+    """Fake Nodes plus a kubelet stand-in, running in threads of this process.
+
+    Usage::
+
+        sim = NodeSimulator(kubeconfig, [NodeSpec("gpu-0", gpus=2)], mode="process").start()
+        with sim.scripted(lambda pod, container, restarts: Outcome(exit_code=1, reason="OOMKilled")):
+            ...  # pods now simulate an OOM kill
+        sim.stop()
+
+    Per pod, the first match decides how a container runs: a DaemonSet pod is simulated running forever;
+    then the scripted rules (newest first); then annotations (``nodesim.dpo.dev/mode: process|simulate``,
+    ``nodesim.dpo.dev/{exit-code,duration,reason,message,logs}``); then the simulator's ``mode``.
+    """
+
+    def __init__(
+        self,
+        kubeconfig: Path | str,
+        nodes: Sequence[NodeSpec],
+        *,
+        mode: str = "process",
+        workdir: Path | None = None,
+        cwd: Path | None = None,
+        bin_dir: Path | None = None,
+        env: dict[str, str] | None = None,
+        image_entrypoints: dict[str, list[str]] | None = None,
+        address: str = "127.0.0.1",
+        pull_error_markers: Sequence[str] = DEFAULT_PULL_ERROR_MARKERS,
+        pull_backoff_s: float = 2.0,
+        restart_backoff_s: float = 1.0,
+        max_restart_backoff_s: float = 10.0,
+        max_grace_s: float = 10.0,
+        heartbeat_s: float = 10.0,
+        delete_nodes_on_stop: bool = True,
+    ) -> None:
+        if mode not in ("process", "simulate"):
+            raise ValueError(f"mode must be 'process' or 'simulate', not {mode!r}")
+        self.kubeconfig = Path(kubeconfig)
+        self.nodes = {n.name: n for n in nodes}
+        self.mode = mode
+        self._own_workdir = workdir is None
+        self.workdir = Path(workdir) if workdir else Path(tempfile.mkdtemp(prefix="dpo-nodesim-"))
+        self.cwd = Path(cwd) if cwd else Path.cwd()
+        self.bin_dir = Path(bin_dir) if bin_dir else Path(sys.executable).parent
+        self.extra_env = dict(env or {})
+        self.image_entrypoints = dict(image_entrypoints or {})
+        self.address = address
+        self.pull_error_markers = tuple(pull_error_markers)
+        self.pull_backoff_s = pull_backoff_s
+        self.restart_backoff_s = restart_backoff_s
+        self.max_restart_backoff_s = max_restart_backoff_s
+        self.max_grace_s = max_grace_s
+        self.heartbeat_s = heartbeat_s
+        self.delete_nodes_on_stop = delete_nodes_on_stop
+        self._rules: list[Rule] = []
+        self._runners: dict[str, _PodRunner] = {}  # by pod uid
+        self._by_name: dict[tuple[str, str], _PodRunner] = {}
+        self._deleting: set[str] = set()
+        self._lock = threading.Lock()
+        self._stopping = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._watch_response: Any = None
+        self._processes: list[subprocess.Popen] = []
+        self._server: _TLSServer | None = None
+        self.api: client.ApiClient | None = None
+        self.core: client.CoreV1Api
+
+    # --- public
+    @property
+    def kubelet_port(self) -> int:
+        assert self._server is not None, "start() first"
+        return self._server.server_address[1]
+
+    def start(self, timeout: float = 60.0) -> NodeSimulator:
+        """Serve the kubelet endpoint, register the Nodes, and wait until the scheduler may use them."""
+        configuration = client.Configuration()
+        config.load_kube_config(config_file=str(self.kubeconfig), client_configuration=configuration)
+        configuration.connection_pool_maxsize = 64
+        self.api = client.ApiClient(configuration)
+        self.core = client.CoreV1Api(self.api)
+        cert, key = _self_signed_cert(self.workdir / "tls", self.address)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        self._server = _TLSServer((self.address, 0), _KubeletHandler, context, self)
+        self._thread(self._server.serve_forever, "nodesim-kubelet")
+        for node in self.nodes.values():
+            self._register(node)
+        self._thread(self._heartbeat, "nodesim-heartbeat")
+        self._thread(self._watch_pods, "nodesim-watch")
+        self._wait_schedulable(timeout)
+        return self
+
+    def stop(self) -> None:
+        """Kill every pod process, stop the threads and the endpoint, and delete the Nodes."""
+        if self._stopping.is_set():
+            return
+        self._stopping.set()
+        with self._lock:
+            runners = list(self._runners.values())
+        for runner in runners:
+            runner.stopping.set()
+        for runner in runners:
+            runner.kill(0)
+        response = self._watch_response
+        if response is not None:
+            with contextlib.suppress(Exception):
+                response.connection.sock.shutdown(socket.SHUT_RDWR)
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+        for thread in self._threads:
+            thread.join(timeout=10)
+        if self.delete_nodes_on_stop and self.api is not None:
+            for name in self.nodes:
+                with contextlib.suppress(ApiException, OSError):
+                    self.core.delete_node(name)
+        if self.api is not None:
+            self.api.close()
+        if self._own_workdir:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def __enter__(self) -> NodeSimulator:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    @contextlib.contextmanager
+    def scripted(self, rule: Rule) -> Iterator[None]:
+        """Simulate the containers ``rule`` returns an Outcome for, while the block runs."""
+        with self._lock:
+            self._rules.insert(0, rule)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._rules.remove(rule)
+
+    def process_groups(self) -> list[int]:
+        """Process-group ids of every container process ever started (for leak checks)."""
+        return [p.pid for p in self._processes]
+
+    def running_pids(self) -> list[int]:
+        """PIDs of processes still alive in any container's process group."""
+        return processes_in_groups(self.process_groups())
+
+    def runner(self, namespace: str, name: str) -> _PodRunner | None:
+        with self._lock:
+            return self._by_name.get((namespace, name))
+
+    # --- hooks for runners
+    def track(self, proc: subprocess.Popen) -> None:
+        with self._lock:
+            self._processes.append(proc)
+
+    @staticmethod
+    def kill_group(proc: subprocess.Popen, grace: float) -> None:
+        """SIGTERM the container's process group, SIGKILL it after ``grace`` seconds."""
+        for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)
+            try:
+                proc.wait(wait)
+                if sig == signal.SIGTERM:
+                    with contextlib.suppress(ProcessLookupError, PermissionError):
+                        os.killpg(proc.pid, signal.SIGKILL)  # stragglers in the group
+                return
+            except subprocess.TimeoutExpired:
+                continue
+
+    def image_pull_fails(self, container: _Container) -> bool:
+        return any(marker in container.spec.get("image", "") for marker in self.pull_error_markers)
+
+    def outcome_for(self, pod: dict, container: str, restarts: int) -> Outcome | None:
+        """The scripted outcome for a container, or None to run it as a process."""
+        owners = pod["metadata"].get("ownerReferences") or []
+        if any(o.get("kind") == "DaemonSet" for o in owners):
+            return RUN_FOREVER
+        with self._lock:
+            rules = list(self._rules)
+        for rule in rules:
+            outcome = rule(pod, container, restarts)
+            if outcome is not None:
+                return outcome
+        annotations = pod["metadata"].get("annotations") or {}
+        mode = annotations.get(f"{ANNOTATION_PREFIX}mode")
+        outcome = Outcome.from_annotations(annotations)
+        if outcome is not None or mode == "process":
+            return outcome
+        return Outcome() if self.mode == "simulate" else None
+
+    def needs_process(self, pod: dict) -> bool:
+        return any(
+            self.outcome_for(pod, c["name"], 0) is None
+            for c in (pod["spec"].get("initContainers") or []) + pod["spec"]["containers"]
+        )
+
+    def entrypoint(self, image: str) -> list[str]:
+        """The stand-in for an image's ENTRYPOINT: a configured mapping, else the image's name on PATH."""
+        repository = image.rsplit("@", 1)[0]
+        if ":" in repository.rsplit("/", 1)[-1]:
+            repository = repository.rsplit(":", 1)[0]
+        if repository in self.image_entrypoints:
+            return list(self.image_entrypoints[repository])
+        name = repository.rsplit("/", 1)[-1]
+        path = os.pathsep.join([str(self.bin_dir), os.environ.get("PATH", "")])
+        return [name] if name and shutil.which(name, path=path) else []
+
+    def base_env(self, pod_name: str) -> dict[str, str]:
+        """The process env under the pod's: ours minus cluster credentials, the venv's bin first on PATH."""
+        env = {k: v for k, v in os.environ.items() if k not in ("KUBECONFIG", "KUBERNETES_SERVICE_HOST")}
+        env["PATH"] = os.pathsep.join([str(self.bin_dir), env.get("PATH", "")])
+        env["HOSTNAME"] = pod_name
+        return env | self.extra_env
+
+    def resolve_env(self, pod: dict, spec: dict) -> dict[str, str]:
+        """The container's env (envFrom, then env with $(VAR) expansion), as the kubelet resolves it."""
+        namespace = pod["metadata"]["namespace"]
+        env: dict[str, str] = {}
+        for source in spec.get("envFrom") or []:
+            prefix = source.get("prefix", "")
+            if "configMapRef" in source:
+                ref = source["configMapRef"]
+                data = self._config_data("configmap", namespace, ref["name"], ref.get("optional", False))
+            else:
+                ref = source["secretRef"]
+                data = self._config_data("secret", namespace, ref["name"], ref.get("optional", False))
+            env.update({prefix + k: v.decode(errors="replace") for k, v in (data or {}).items()})
+        for var in spec.get("env") or []:
+            if "valueFrom" not in var:
+                env[var["name"]] = _expand(var.get("value", ""), env)
+                continue
+            value = self._env_value(pod, spec, var["valueFrom"])
+            if value is not None:
+                env[var["name"]] = value
+        return env
+
+    def _env_value(self, pod: dict, spec: dict, source: dict) -> str | None:
+        namespace = pod["metadata"]["namespace"]
+        for kind, key in (("configmap", "configMapKeyRef"), ("secret", "secretKeyRef")):
+            if key in source:
+                ref = source[key]
+                data = self._config_data(kind, namespace, ref["name"], ref.get("optional", False))
+                if data is None:
+                    return None
+                if ref["key"] not in data:
+                    if ref.get("optional", False):
+                        return None
+                    raise ContainerConfigError(f"couldn't find key {ref['key']} in {kind} {namespace}/{ref['name']}")
+                return data[ref["key"]].decode(errors="replace")
+        if "fieldRef" in source:
+            return _field_value(pod, source["fieldRef"]["fieldPath"], self.address)
+        if "resourceFieldRef" in source:
+            return self._resource_value(pod, spec, source["resourceFieldRef"])
+        raise ContainerConfigError(f"unsupported env source {sorted(source)}")
+
+    def _resource_value(self, pod: dict, spec: dict, ref: dict) -> str:
+        """limits.cpu / requests.memory ...: the container's value (node capacity when no limit), rounded up."""
+        container = spec
+        if ref.get("containerName"):
+            container = next(c for c in pod["spec"]["containers"] if c["name"] == ref["containerName"])
+        kind, _, resource = ref["resource"].partition(".")
+        resources = container.get("resources") or {}
+        quantity = (resources.get(kind) or {}).get(resource)
+        if quantity is None and kind == "requests":
+            quantity = (resources.get("limits") or {}).get(resource)
+        if quantity is None:
+            quantity = self.nodes[pod["spec"]["nodeName"]].capacity().get(resource, "0")
+        divisor = parse_quantity(ref.get("divisor") or "1")
+        return str(int((parse_quantity(quantity) / divisor).to_integral_value(rounding=ROUND_CEILING)))
+
+    def _config_data(self, kind: str, namespace: str, name: str, optional: bool) -> dict[str, bytes] | None:
+        """A ConfigMap's or Secret's data as bytes; None if missing and optional."""
+        try:
+            if kind == "secret":
+                obj = self.core.read_namespaced_secret(name, namespace, _preload_content=False)
+            else:
+                obj = self.core.read_namespaced_config_map(name, namespace, _preload_content=False)
+        except ApiException as exc:
+            if exc.status == 404 and optional:
+                return None
+            if exc.status == 404:
+                raise ContainerConfigError(f'{kind} "{name}" not found') from exc
+            raise
+        body = json.loads(obj.data)
+        if kind == "secret":
+            return {k: base64.b64decode(v) for k, v in (body.get("data") or {}).items()}
+        data = {k: v.encode() for k, v in (body.get("data") or {}).items()}
+        data.update({k: base64.b64decode(v) for k, v in (body.get("binaryData") or {}).items()})
+        return data
+
+    def materialize_volumes(self, pod: dict, pod_dir: Path) -> dict[str, Path]:
+        """Local directories standing in for the pod's volumes (PVCs persist per claim across pods)."""
+        namespace = pod["metadata"]["namespace"]
+        volumes: dict[str, Path] = {}
+        for volume in pod["spec"].get("volumes") or []:
+            name = volume["name"]
+            local = pod_dir / "volumes" / name
+            if "persistentVolumeClaim" in volume:
+                local = self.workdir / "pvcs" / namespace / volume["persistentVolumeClaim"]["claimName"]
+            elif "hostPath" in volume:
+                local = Path(volume["hostPath"]["path"])
+            local.mkdir(parents=True, exist_ok=True)
+            for kind, key in (("configmap", "configMap"), ("secret", "secret")):
+                if key in volume:
+                    source = volume[key]
+                    ref_name = source.get("name") or source.get("secretName")
+                    data = self._config_data(kind, namespace, ref_name, source.get("optional", False)) or {}
+                    items = source.get("items") or [{"key": k, "path": k} for k in data]
+                    for item in items:
+                        if item["key"] not in data:
+                            raise ContainerConfigError(f"couldn't find key {item['key']} in {kind} {ref_name}")
+                        target = local / item["path"]
+                        target.parent.mkdir(parents=True, exist_ok=True)
+                        target.write_bytes(data[item["key"]])
+                        target.chmod(item.get("mode", source.get("defaultMode", 0o644)))
+            volumes[name] = local
+        return volumes
+
+    # --- threads
+    def _thread(self, target: Callable[[], None], name: str) -> None:
+        thread = threading.Thread(target=target, name=name, daemon=True)
+        thread.start()
+        self._threads.append(thread)
+
+    def _node_body(self, node: NodeSpec) -> dict:
+        labels = {
+            "kubernetes.io/hostname": node.name,
+            "kubernetes.io/os": "linux",
+            "kubernetes.io/arch": "amd64",
+            "type": "nodesim",
+            **node.labels,
+        }
+        return {
+            "metadata": {"name": node.name, "labels": labels, "annotations": {"node.alpha.kubernetes.io/ttl": "0"}},
+            "spec": {"taints": node.taints or None},
+        }
+
+    def _node_status(self, node: NodeSpec, full: bool) -> dict:
+        now = _now()
+        conditions = [
+            {"type": kind, "status": "False", "reason": f"KubeletHas{ok}", "lastHeartbeatTime": now}
+            for kind, ok in (
+                ("MemoryPressure", "SufficientMemory"),
+                ("DiskPressure", "NoDiskPressure"),
+                ("PIDPressure", "SufficientPID"),
+            )
+        ]
+        conditions.append({"type": "Ready", "status": "True", "reason": "KubeletReady", "lastHeartbeatTime": now})
+        if full:
+            for condition in conditions:
+                condition["lastTransitionTime"] = now
+        status: dict[str, Any] = {"conditions": conditions}
+        if full:
+            status.update(
+                capacity=node.capacity(),
+                allocatable=node.capacity(),
+                addresses=[{"type": "InternalIP", "address": self.address}, {"type": "Hostname", "address": node.name}],
+                daemonEndpoints={"kubeletEndpoint": {"Port": self.kubelet_port}},
+                nodeInfo={
+                    "machineID": node.name,
+                    "systemUUID": node.name,
+                    "bootID": uuid.uuid4().hex,
+                    "kernelVersion": os.uname().release,
+                    "osImage": "nodesim",
+                    "containerRuntimeVersion": "nodesim://1",
+                    "kubeletVersion": KUBELET_VERSION,
+                    "kubeProxyVersion": KUBELET_VERSION,
+                    "operatingSystem": "linux",
+                    "architecture": "amd64",
+                },
+            )
+        return {"status": status}
+
+    def _register(self, node: NodeSpec) -> None:
+        body = self._node_body(node)
+        try:
+            self.core.create_node(body)
+        except ApiException as exc:
+            if exc.status != 409:
+                raise
+            self.core.patch_node(node.name, body, _content_type="application/merge-patch+json")
+        self.core.patch_node_status(
+            node.name, self._node_status(node, full=True), _content_type="application/merge-patch+json"
+        )
+        self._renew_lease(node)
+
+    def _renew_lease(self, node: NodeSpec) -> None:
+        coordination = client.CoordinationV1Api(self.api)
+        spec = {"holderIdentity": node.name, "leaseDurationSeconds": 40, "renewTime": _now_micro()}
+        try:
+            coordination.patch_namespaced_lease(
+                node.name, "kube-node-lease", {"spec": spec}, _content_type="application/merge-patch+json"
+            )
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            uid = self.core.read_node(node.name).metadata.uid
+            owner = {"apiVersion": "v1", "kind": "Node", "name": node.name, "uid": uid}
+            body = {"metadata": {"name": node.name, "ownerReferences": [owner]}, "spec": spec}
+            with contextlib.suppress(ApiException):
+                coordination.create_namespaced_lease("kube-node-lease", body)
+
+    def _heartbeat(self) -> None:
+        """Keep Leases and Ready conditions fresh so nodelifecycle never taints or evicts the fake nodes."""
+        while not self._stopping.wait(self.heartbeat_s):
+            for node in self.nodes.values():
+                try:
+                    self._renew_lease(node)
+                    self.core.patch_node_status(
+                        node.name, self._node_status(node, full=False), _content_type="application/merge-patch+json"
+                    )
+                except ApiException as exc:
+                    if exc.status == 404:  # someone deleted the Node: re-register, as a kubelet does
+                        with contextlib.suppress(ApiException, OSError):
+                            self._register(node)
+                    else:
+                        log.warning("nodesim: heartbeat for %s failed: %s", node.name, exc)
+                except OSError as exc:
+                    if not self._stopping.is_set():
+                        log.warning("nodesim: heartbeat for %s failed: %s", node.name, exc)
+
+    def _wait_schedulable(self, timeout: float) -> None:
+        """nodelifecycle lifts the not-ready taint (added at creation) once it sees the Ready heartbeat."""
+        deadline = time.monotonic() + timeout
+        while True:
+            tainted = [
+                n.metadata.name
+                for n in (self.core.read_node(name) for name in self.nodes)
+                if any(t.key == NOT_READY_TAINT for t in n.spec.taints or [])
+            ]
+            if not tainted:
+                return
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"nodes {tainted} still carry the {NOT_READY_TAINT} taint after {timeout:.0f}s")
+            time.sleep(0.2)
+
+    def _watch_pods(self) -> None:
+        """List+watch pods bound to any node (resourceVersion resume; relist on 410 Gone)."""
+        version: str | None = None
+        while not self._stopping.is_set():
+            try:
+                if version is None:
+                    listing = self.core.list_pod_for_all_namespaces(
+                        field_selector="spec.nodeName!=", _preload_content=False
+                    )
+                    body = json.loads(listing.data)
+                    version = body["metadata"]["resourceVersion"]
+                    seen = set()
+                    for pod in body["items"]:
+                        seen.add(pod["metadata"]["uid"])
+                        self._on_pod("ADDED", pod)
+                    with self._lock:
+                        gone = [r for uid, r in self._runners.items() if uid not in seen]
+                    for runner in gone:
+                        self._on_pod("DELETED", runner.pod)
+                response = self.core.list_pod_for_all_namespaces(
+                    field_selector="spec.nodeName!=",
+                    watch=True,
+                    resource_version=version,
+                    allow_watch_bookmarks=True,
+                    timeout_seconds=300,
+                    _preload_content=False,
+                )
+                self._watch_response = response
+                try:
+                    for line in iter_resp_lines(response):
+                        if not line:
+                            continue
+                        event = json.loads(line)
+                        obj = event["object"]
+                        if event["type"] == "ERROR":
+                            if obj.get("code") == 410:
+                                version = None
+                                break
+                            raise ApiException(status=obj.get("code"), reason=obj.get("message"))
+                        version = obj["metadata"]["resourceVersion"]
+                        if event["type"] != "BOOKMARK":
+                            self._on_pod(event["type"], obj)
+                finally:
+                    self._watch_response = None
+                    response.release_conn()
+            except ApiException as exc:
+                if exc.status == 410:
+                    version = None
+                elif not self._stopping.is_set():
+                    log.warning("nodesim: pod watch failed: %s", exc)
+                    self._stopping.wait(1.0)
+            except Exception as exc:
+                if self._stopping.is_set():
+                    return
+                log.warning("nodesim: pod watch interrupted: %s", exc)
+                self._stopping.wait(1.0)
+
+    def _on_pod(self, kind: str, pod: dict) -> None:
+        meta, spec = pod["metadata"], pod["spec"]
+        if spec.get("nodeName") not in self.nodes:
+            return
+        uid = meta["uid"]
+        with self._lock:
+            runner = self._runners.get(uid)
+            if kind == "DELETED":
+                self._runners.pop(uid, None)
+                self._deleting.discard(uid)
+                if runner and self._by_name.get((meta["namespace"], meta["name"])) is runner:
+                    del self._by_name[(meta["namespace"], meta["name"])]
+            elif meta.get("deletionTimestamp"):
+                if uid in self._deleting:
+                    return
+                self._deleting.add(uid)
+            elif runner is None and pod.get("status", {}).get("phase", "Pending") == "Pending":
+                runner = self._runners[uid] = self._by_name[(meta["namespace"], meta["name"])] = _PodRunner(self, pod)
+                runner.start()
+                return
+            else:
+                return
+        if kind == "DELETED":
+            if runner is not None:
+                threading.Thread(target=self._forget, args=(runner,), daemon=True).start()
+            return
+        grace = min(float(meta.get("deletionGracePeriodSeconds") or 0), self.max_grace_s)
+        threading.Thread(target=self._finish_deletion, args=(runner, pod, grace), daemon=True).start()
+
+    def _finish_deletion(self, runner: _PodRunner | None, pod: dict, grace: float) -> None:
+        """No kubelet confirms the deletion, so after killing the containers we delete with grace 0."""
+        meta = pod["metadata"]
+        if runner is not None:
+            runner.kill(grace)
+        options = client.V1DeleteOptions(grace_period_seconds=0, preconditions=client.V1Preconditions(uid=meta["uid"]))
+        try:
+            self.core.delete_namespaced_pod(meta["name"], meta["namespace"], body=options, grace_period_seconds=0)
+        except ApiException as exc:
+            if exc.status not in (404, 409):
+                log.warning("nodesim: deleting %s/%s failed: %s", meta["namespace"], meta["name"], exc)
+
+    @staticmethod
+    def _forget(runner: _PodRunner) -> None:
+        runner.kill(0)
+        shutil.rmtree(runner.dir, ignore_errors=True)
+
+
+def _field_value(pod: dict, path: str, address: str) -> str:
+    """The downward-API fields a container env may reference."""
+    meta, spec = pod["metadata"], pod["spec"]
+    match = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
+    if match:
+        return (meta.get(match.group(1)) or {}).get(match.group(2), "")
+    values = {
+        "metadata.name": meta["name"],
+        "metadata.namespace": meta["namespace"],
+        "metadata.uid": meta["uid"],
+        "spec.nodeName": spec.get("nodeName", ""),
+        "spec.serviceAccountName": spec.get("serviceAccountName", ""),
+        "status.hostIP": address,
+        "status.podIP": address,
+        "status.podIPs": address,
+    }
+    if path not in values:
+        raise ContainerConfigError(f"unsupported fieldRef {path}")
+    return values[path]
+
+
+def parse_node(text: str) -> NodeSpec:
+    """``NAME[:key=value,...]`` with keys gpus, cpu, memory, pods, label.K=V, taint.K=V:Effect (CLI form)."""
+    name, _, options = text.partition(":")
+    node = NodeSpec(name=name)
+    for option in filter(None, options.split(",")):
+        key, _, value = option.partition("=")
+        if key == "gpus":
+            node.gpus = int(value)
+        elif key in ("cpu", "memory"):
+            setattr(node, key, value)
+        elif key == "pods":
+            node.pods = int(value)
+        elif key.startswith("label."):
+            node.labels[key[len("label.") :]] = value
+        elif key.startswith("taint."):
+            taint_value, _, effect = value.partition(":")
+            node.taints.append({"key": key[len("taint.") :], "value": taint_value, "effect": effect or "NoSchedule"})
+        else:
+            raise ValueError(f"unknown node option {key!r} in {text!r}")
+    return node
