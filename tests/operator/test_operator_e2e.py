@@ -1,0 +1,311 @@
+"""The operator end to end on the real local control plane, under its own ServiceAccount (RBAC on).
+
+Trainer pods run the REAL `dpo-trainer` as local processes on a simulated GPU node and push to a local Hub.
+The node simulator's scripted outcomes are used only for faults a real part will not produce on demand
+(an OOM kill). Tests share one stack and run in file order.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dpo_operator.dev.nodesim import Outcome
+from dpo_operator.dev.stack import LocalStack, kubectl, quickstart_for_cluster
+
+NS = "e2e"
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture(scope="module")
+def stack(admin_kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    with LocalStack(admin_kubeconfig, tmp_path_factory.mktemp("stack"), resync_seconds=3) as stack:
+        stack.create_token_secret(NS)
+        yield stack
+
+
+def apply(stack: LocalStack, document: dict, check: bool = True) -> str:
+    return kubectl(stack.admin_kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump(document), check=check)
+
+
+def dpojob(name: str, **spec) -> dict:
+    return {
+        "apiVersion": "dpo-operator.io/v1alpha1",
+        "kind": "DPOJob",
+        "metadata": {"name": name, "namespace": NS},
+        "spec": spec,
+    }
+
+
+def phase(obj: dict) -> str | None:
+    return (obj.get("status") or {}).get("phase")
+
+
+def condition(obj: dict, kind: str) -> dict:
+    return next(c for c in obj["status"]["conditions"] if c["type"] == kind)
+
+
+def events(stack: LocalStack, name: str) -> list[dict]:
+    raw = kubectl(
+        stack.admin_kubeconfig, "-n", NS, "get", "events", "-o", "json", f"--field-selector=involvedObject.name={name}"
+    )
+    return json.loads(raw)["items"]
+
+
+def jobs_of(stack: LocalStack, name: str) -> list[dict]:
+    raw = kubectl(stack.admin_kubeconfig, "-n", NS, "get", "jobs", "-l", f"dpo-operator.io/dpojob={name}", "-o", "json")
+    return json.loads(raw)["items"]
+
+
+def test_schema_rejects_bad_fields_with_their_path(stack: LocalStack) -> None:
+    bad_type = apply(stack, dpojob("bad-type", dpo={"beta": "high"}, output={"directory": "/output/m"}), check=False)
+    assert "spec.dpo.beta" in bad_type and "number" in bad_type
+    bad_enum = apply(stack, dpojob("bad-enum", quantization={"mode": "3bit"}, output={"directory": "/o"}), check=False)
+    assert "spec.quantization.mode" in bad_enum and "4bit" in bad_enum
+    bad_bound = apply(stack, dpojob("bad-bound", runtime={"gpus": -1}, output={"directory": "/o"}), check=False)
+    assert "spec.runtime.gpus" in bad_bound
+
+
+def test_kubectl_explain_shows_the_spec_docs(stack: LocalStack) -> None:
+    explained = kubectl(stack.admin_kubeconfig, "explain", "dpojob.spec.dpo.beta")
+    assert "Strength of the KL penalty" in explained and "Default: 0.1" in explained
+
+
+def test_deep_invalid_spec_fails_and_a_spec_change_starts_a_new_run(stack: LocalStack) -> None:
+    spec = {"dpo": {"lossType": ["sigmoid", "sft"], "lossWeights": [1.0]}, "output": {"directory": "/output/m"}}
+    apply(stack, dpojob("deep-invalid", **spec))
+    obj = stack.wait_for(NS, "deep-invalid", lambda o: phase(o) == "Failed", 60)
+    failed = condition(obj, "Failed")
+    assert failed["reason"] == "InvalidSpec" and "spec.dpo" in failed["message"] and "lossWeights" in failed["message"]
+    assert not jobs_of(stack, "deep-invalid"), "an invalid spec must not start a trainer"
+    assert any(e["reason"] == "InvalidSpec" and e["type"] == "Warning" for e in events(stack, "deep-invalid"))
+
+    apply(stack, dpojob("deep-invalid", output={"directory": "/tmp/model"}))  # valid model, but not on a volume
+    obj = stack.wait_for(NS, "deep-invalid", lambda o: (o["status"].get("run") or {}).get("generation") == 2, 60)
+    assert obj["status"]["runs"][0]["generation"] == 1 and obj["status"]["runs"][0]["reason"] == "InvalidSpec"
+    assert "spec.output.directory" in condition(obj, "Failed")["message"]
+    assert any(e["reason"] == "NewRun" for e in events(stack, "deep-invalid"))
+
+
+def test_unschedulable_and_image_pull_problems_are_surfaced(stack: LocalStack) -> None:
+    common = {"output": {"hub": {"repoId": "demo/x"}}}
+    apply(stack, dpojob("too-many-gpus", runtime={"gpus": 8}, **common))
+    obj = stack.wait_for(NS, "too-many-gpus", lambda o: condition(o, "Ready")["reason"] == "Unschedulable", 60)
+    assert phase(obj) == "Pending" and "nvidia.com/gpu" in condition(obj, "Ready")["message"]
+    apply(stack, dpojob("bad-image", runtime={"image": "registry.example/does-not-exist:1"}, **common))
+    obj = stack.wait_for(NS, "bad-image", lambda o: condition(o, "Ready")["reason"] == "ImagePullBackOff", 60)
+    assert any(e["reason"] == "ImagePullBackOff" and e["type"] == "Warning" for e in events(stack, "bad-image"))
+    for name in ("too-many-gpus", "bad-image"):
+        kubectl(stack.admin_kubeconfig, "-n", NS, "delete", "dpojob", name, "--wait=false")
+
+
+def test_pod_failure_is_retried_then_fails_with_reason(stack: LocalStack) -> None:
+    name = "oom"
+
+    def oom_for_this_job(pod: dict, container: str, restarts: int) -> Outcome | None:
+        if pod["metadata"].get("labels", {}).get("dpo-operator.io/dpojob") != name:
+            return None
+        return Outcome(exit_code=137, reason="OOMKilled", duration_s=1.0)
+
+    with stack.simulator.scripted(oom_for_this_job):
+        apply(
+            stack,
+            dpojob(name, runtime={"backoffLimit": 1, "ttlSecondsAfterFinished": 0}, output={"hub": {"repoId": "d/x"}}),
+        )
+        obj = stack.wait_for(NS, name, lambda o: phase(o) == "Failed", 120)
+    assert condition(obj, "Failed")["reason"] == "OutOfMemory"
+    assert obj["status"]["retries"] == 2
+    reasons = [e["reason"] for e in events(stack, name)]
+    assert "Retrying" in reasons and "OutOfMemory" in reasons and "JobCreated" in reasons
+
+    # ttlSecondsAfterFinished: 0 cleans the Job and ConfigMap, never the DPOJob itself.
+    deadline = time.monotonic() + 30
+    while jobs_of(stack, name) and time.monotonic() < deadline:
+        time.sleep(1)
+    assert not jobs_of(stack, name)
+    assert phase(stack.get_dpojob(NS, name)) == "Failed", "TTL must keep the DPOJob and its status"
+
+
+def test_real_trainer_failure_reason_reaches_status(stack: LocalStack) -> None:
+    document = quickstart_for_cluster(NS, name="missing-column")
+    document["spec"]["data"]["dpo"]["chosenTemplate"] = "{no_such_column}"
+    document["spec"]["runtime"]["backoffLimit"] = 0
+    apply(stack, document)
+    obj = stack.wait_for(NS, "missing-column", lambda o: phase(o) == "Failed", 240)
+    failed = condition(obj, "Failed")
+    assert failed["reason"] == "DatasetError" and "no_such_column" in failed["message"]
+
+
+def test_deletion_cleans_up_children(stack: LocalStack) -> None:
+    name = "to-delete"
+    with stack.simulator.scripted(
+        lambda pod, c, r: Outcome(duration_s=3600) if name in pod["metadata"]["name"] else None
+    ):
+        apply(stack, dpojob(name, output={"hub": {"repoId": "d/x"}}))
+        stack.wait_for(NS, name, lambda o: phase(o) == "Running", 60)
+        kubectl(stack.admin_kubeconfig, "-n", NS, "delete", "dpojob", name, "--timeout=30s")
+        deadline = time.monotonic() + 60
+        leftovers = ["start"]
+        while leftovers and time.monotonic() < deadline:
+            leftovers = [
+                line
+                for kind in ("jobs", "configmaps", "pods")
+                for line in kubectl(stack.admin_kubeconfig, "-n", NS, "get", kind, "-o", "name").split()
+                if name in line
+            ]
+            time.sleep(1)
+    assert not leftovers, f"children left after deleting the DPOJob: {leftovers}"
+
+
+# --- the quickstart, end to end, with an operator crash and a suspend/resume on the way -----------------
+
+
+@pytest.fixture(scope="module")
+def quickstart_run(stack: LocalStack) -> dict:
+    """Run the quickstart: kill -9 the operator during SFT, suspend during DPO, resume; record what was seen."""
+    kubectl(stack.admin_kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump(_checkpoint_volume()))
+    document = quickstart_for_cluster(NS)
+    document["spec"]["runtime"]["checkpointVolume"] = {"claimName": "checkpoints"}
+    apply(stack, document)
+    seen: dict = {"statuses": [], "job_counts": set(), "restarted": False, "suspended": False, "resumed": False}
+    deadline = time.monotonic() + 480
+    while time.monotonic() < deadline:
+        obj = stack.get_dpojob(NS, "quickstart")
+        status = obj.get("status") or {}
+        seen["statuses"].append(status)
+        seen["job_counts"].add(len(jobs_of(stack, "quickstart")))
+        if status.get("stage") == "sft" and not seen["restarted"]:
+            stack.operator.stop(signal.SIGKILL)
+            time.sleep(2)
+            stack.operator.start()
+            seen["restarted"] = True
+        if status.get("stage") == "dpo" and (status.get("progress") or {}).get("step", 0) > 0 and not seen["suspended"]:
+            kubectl(stack.admin_kubeconfig, "-n", NS, "patch", "dpojob", "quickstart", "--type=merge",
+                    "-p", '{"spec": {"suspend": true}}')  # fmt: skip
+            seen["suspended_status"] = stack.wait_for(NS, "quickstart", lambda o: phase(o) == "Suspended", 60)["status"]
+            seen["pods_while_suspended"] = _pods(stack)
+            kubectl(stack.admin_kubeconfig, "-n", NS, "patch", "dpojob", "quickstart", "--type=merge",
+                    "-p", '{"spec": {"suspend": false}}')  # fmt: skip
+            seen["suspended"] = True
+        if status.get("phase") in ("Succeeded", "Failed"):
+            break
+        time.sleep(0.5)
+    seen["final"] = stack.get_dpojob(NS, "quickstart")
+    return seen
+
+
+def _checkpoint_volume() -> dict:
+    return {
+        "apiVersion": "v1",
+        "kind": "List",
+        "items": [
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolume",
+                "metadata": {"name": "e2e-checkpoints"},
+                "spec": {
+                    "capacity": {"storage": "1Gi"},
+                    "accessModes": ["ReadWriteOnce"],
+                    "hostPath": {"path": "/tmp/e2e-checkpoints"},
+                    "storageClassName": "manual",
+                },
+            },
+            {
+                "apiVersion": "v1",
+                "kind": "PersistentVolumeClaim",
+                "metadata": {"name": "checkpoints", "namespace": NS},
+                "spec": {
+                    "accessModes": ["ReadWriteOnce"],
+                    "resources": {"requests": {"storage": "1Gi"}},
+                    "storageClassName": "manual",
+                    "volumeName": "e2e-checkpoints",
+                },
+            },
+        ],
+    }
+
+
+def _pods(stack: LocalStack) -> list[str]:
+    raw = kubectl(
+        stack.admin_kubeconfig, "-n", NS, "get", "pods", "-l", "dpo-operator.io/dpojob=quickstart", "-o", "json"
+    )
+    return [p["metadata"]["name"] for p in json.loads(raw)["items"] if not p["metadata"].get("deletionTimestamp")]
+
+
+def test_quickstart_succeeds_and_the_hub_holds_the_model(stack: LocalStack, quickstart_run: dict) -> None:
+    final = quickstart_run["final"]
+    assert phase(final) == "Succeeded", final.get("status")
+    model = final["status"]["model"]
+    assert model["repoId"] == "demo/tiny-dpo" and model["commitUrl"].startswith(stack.hub.url)
+    from huggingface_hub import HfApi
+
+    files = HfApi(endpoint=stack.hub.url, token=stack.hub_token).list_repo_files("demo/tiny-dpo")
+    assert {"model.safetensors", "config.json", "README.md"} <= set(files)
+    assert condition(final, "Ready")["status"] == "True"
+    assert final["status"]["observedGeneration"] == final["metadata"]["generation"]
+    reasons = [e["reason"] for e in events(stack, "quickstart")]
+    assert {"JobCreated", "StageStarted", "Running", "Suspended", "Resumed", "Succeeded"} <= set(reasons)
+
+
+def test_stage_and_reward_metrics_appear_during_the_run(quickstart_run: dict) -> None:
+    running = [s for s in quickstart_run["statuses"] if s.get("phase") == "Running"]
+    stages = [s.get("stage") for s in running if s.get("stage")]
+    assert "sft" in stages and "dpo" in stages
+    assert stages.index("sft") < stages.index("dpo")
+    with_rewards = [s for s in running if s.get("stage") == "dpo" and s.get("rewards")]
+    assert with_rewards, "rewards/* must reach status while DPO runs"
+    assert {"chosen", "rejected", "accuracies", "margins"} <= set(with_rewards[-1]["rewards"])
+    assert with_rewards[-1]["progress"]["totalSteps"] > 0
+
+
+def test_operator_restart_mid_run_never_duplicates_the_job(quickstart_run: dict) -> None:
+    assert quickstart_run["restarted"]
+    assert quickstart_run["job_counts"] <= {0, 1}, "more than one trainer Job existed at once"
+
+
+def test_suspend_deletes_the_pod_and_resume_continues_from_the_checkpoint(
+    stack: LocalStack, quickstart_run: dict
+) -> None:
+    assert quickstart_run["suspended"] and quickstart_run["suspended_status"]["phase"] == "Suspended"
+    assert condition({"status": quickstart_run["suspended_status"]}, "Suspended")["status"] == "True"
+    trainer_log = kubectl(
+        stack.admin_kubeconfig, "-n", NS, "logs", "job/" + quickstart_run["final"]["status"]["trainer"]["jobName"]
+    )
+    events_after_resume = [json.loads(line) for line in trainer_log.splitlines() if '"dpo-trainer/progress"' in line]
+    skipped = {e["stage"] for e in events_after_resume if e["event"] == "stage_end" and e.get("skipped")}
+    assert {"data", "sft", "sft_merge"} <= skipped, "the resumed pod must not redo finished stages"
+    first_dpo_log = next(e for e in events_after_resume if e["event"] == "log" and e["stage"] == "dpo")
+    assert first_dpo_log["step"] > 1, "DPO must continue from its checkpoint, not from step 1"
+
+
+def test_printer_columns(stack: LocalStack, quickstart_run: dict) -> None:
+    table = kubectl(stack.admin_kubeconfig, "-n", NS, "get", "dpo", "quickstart")
+    header, row = table.splitlines()[:2]
+    assert header.split() == ["NAME", "PHASE", "STAGE", "PROGRESS", "ACCURACY", "MARGIN", "AGE"]
+    assert row.split()[1:4] == ["Succeeded", "push", "100"]
+
+
+def test_canary_token_never_leaks(stack: LocalStack, quickstart_run: dict) -> None:
+    token = stack.hub_token
+    places = {
+        "status": json.dumps(quickstart_run["final"]["status"]),
+        "events": json.dumps(events(stack, "quickstart")),
+        "operator log": stack.operator.logs(),
+        "trainer logs": "".join(p.read_text(errors="replace") for p in stack.simulator.workdir.rglob("*.log")),
+        "termination messages": kubectl(stack.admin_kubeconfig, "-n", NS, "get", "pods", "-o", "json"),
+    }
+    from huggingface_hub import HfApi
+
+    places["model card"] = Path(
+        HfApi(endpoint=stack.hub.url, token=token).hf_hub_download(
+            "demo/tiny-dpo", "README.md", cache_dir=stack.workdir / "dl"
+        )
+    ).read_text()
+    leaked = [where for where, text in places.items() if token in text]
+    assert not leaked, f"the HF token appeared in: {leaked}"
