@@ -147,8 +147,11 @@ def classify(exc: BaseException, default: type[TrainerError] = TrainingError, co
     if any(_is_out_of_memory(e) for e in chain):
         return OutOfMemory(f"{prefix}{detail}")
     for e in chain:
-        status = _http_status(e)
-        if type(e).__name__ == "GatedRepoError" or status in (401, 403):
+        name, status = type(e).__name__, _http_status(e)
+        if name == "RepositoryNotFoundError":
+            # Missing, or private and no/other token: the Hub answers both alike; the caller's reason fits best.
+            return default(f"{prefix}repository not found (or private: check HF_TOKEN): {detail}")
+        if name == "GatedRepoError" or status in (401, 403):
             code = f" (HTTP {status})" if status else ""
             return HubAuthError(f"{prefix}the Hub refused access{code}: {detail}")
     if default is TrainingError and any(_is_hub_error(e) for e in chain):

@@ -85,6 +85,18 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
+def plan(spec: DPOJobSpec) -> list[tuple[Stage, str]]:
+    """The enabled stages in order, each with its chained fingerprint."""
+    spec_dict = spec_as_yaml_dict(spec)
+    chain = ""
+    planned = []
+    for stage in STAGES:
+        if stage.enabled(spec):
+            chain = fingerprint(chain, stage.inputs(spec_dict))
+            planned.append((stage, chain))
+    return planned
+
+
 def key_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
     """What the termination message carries: rewards/*, loss and eval_*."""
     return {k: v for k, v in metrics.items() if k == "loss" or k.startswith(KEY_METRICS_PREFIXES)}
@@ -124,12 +136,7 @@ def run(
     ctx = RunContext(spec, out_dir, reporter, token, RunState.load(out_dir / STATE_FILE), metadata)
     wait_for_everyone()  # every rank has read state.json before the main process changes it
     check_token(ctx)
-    spec_dict = spec_as_yaml_dict(spec)
-    chain = ""
-    for stage in STAGES:
-        if not stage.enabled(spec):
-            continue
-        chain = fingerprint(chain, stage.inputs(spec_dict))
+    for stage, chain in plan(spec):
         reporter.emit("stage_start", stage=stage.name)
         if ctx.state.is_done(stage.name, chain):
             ctx.timings[stage.name] = {"seconds": 0.0, "skipped": True}

@@ -1,0 +1,264 @@
+"""End to end through the CLI: the quickstart with a push, resume after a kill, and the Hub-dataset path."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from dpo_operator.dev.hub import LocalHub
+from dpo_operator.spec import DPOJob
+from dpo_trainer.pipeline import STAGES, plan
+from dpo_trainer.specfile import load_job
+
+from .conftest import (
+    HUB_TOKEN,
+    PUSH_BRANCH,
+    PUSH_REPO,
+    QUICKSTART,
+    TINY_DATA,
+    TINY_MODEL,
+    CliRun,
+    hub_env,
+    quickstart_job,
+    run_cli,
+)
+
+ALL_STAGES = ["data", "sft", "sft_merge", "dpo", "dpo_merge", "model_card", "push"]
+DPO_KEYS = {
+    "loss",
+    "grad_norm",
+    "learning_rate",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+}
+
+
+def test_stdout_holds_only_progress_events_in_stage_order(quickstart_run: CliRun) -> None:
+    events = quickstart_run.events  # every line parses as JSON, or this raises
+    assert all(e["kind"] == "dpo-trainer/progress" and isinstance(e["time"], float) for e in events)
+    starts = [e["stage"] for e in events if e["event"] == "stage_start"]
+    assert starts == ALL_STAGES
+    ends = quickstart_run.stage_ends()
+    assert list(ends) == ALL_STAGES
+    assert all(e["skipped"] is False and e["seconds"] >= 0 for e in ends.values())
+    assert events[-1]["event"] == "done"
+    assert not [e for e in events if e["event"] == "error"]
+
+
+def test_log_events_carry_step_totals_and_every_metric(quickstart_run: CliRun) -> None:
+    logs = quickstart_run.logs("dpo")
+    assert [e["step"] for e in logs] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert all(e["totalSteps"] == 40 and e["epoch"] > 0 for e in logs)
+    assert all(set(e["metrics"]) >= DPO_KEYS for e in logs)
+    evals = [e for e in quickstart_run.events if e["event"] == "log" and "eval_loss" in e["metrics"]]
+    assert {e["stage"] for e in evals} == {"sft", "dpo"}
+    assert {f"eval_{k}" for k in DPO_KEYS - {"grad_norm", "learning_rate"}} <= set(evals[-1]["metrics"])
+    assert [e["step"] for e in quickstart_run.logs("sft")] == [5, 10, 15, 20, 25, 30]
+
+
+def test_sft_and_dpo_learn(quickstart_run: CliRun) -> None:
+    sft = [e["metrics"]["loss"] for e in quickstart_run.logs("sft")]
+    assert sft[-1] < sft[0]
+    dpo = [e["metrics"] for e in quickstart_run.logs("dpo")]
+    assert dpo[-1]["loss"] < dpo[0]["loss"] - 0.1
+    assert dpo[-1]["rewards/margins"] > dpo[0]["rewards/margins"] + 0.1
+    assert dpo[-1]["rewards/accuracies"] >= 0.9
+
+
+def test_summary_and_termination_message(quickstart_run: CliRun) -> None:
+    summary = quickstart_run.summary()
+    assert summary == quickstart_run.events[-1]["summary"]
+    metrics = summary["metrics"]
+    assert set(metrics) >= DPO_KEYS
+    assert {"eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"} <= set(metrics)
+    assert set(summary["stages"]) == set(ALL_STAGES)
+    counts = {"sft_train": 288, "sft_eval": 32, "dpo_train": 288, "dpo_eval": 32, "dpo_train_dropped_long_prompts": 0}
+    assert summary["data"] == counts
+    model = summary["model"]
+    assert model["directory"].endswith("final-model")
+    assert model["repoId"] == PUSH_REPO and model["revision"] == PUSH_BRANCH
+    assert model["commitUrl"].endswith(model["commitSha"])
+
+    raw = quickstart_run.termination_path.read_bytes()
+    assert len(raw) <= 4096
+    message = json.loads(raw)
+    assert message["reason"] == "Succeeded"
+    assert message["model"] == model
+    assert message["metrics"]["rewards/margins"] == metrics["rewards/margins"]
+    assert all(k == "loss" or k.startswith(("rewards/", "eval_")) for k in message["metrics"])
+    assert "rewards/accuracies" in quickstart_run.stderr.splitlines()[-1]
+
+
+def test_merged_model_reloads_and_differs_from_base(quickstart_run: CliRun) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    final = Path(quickstart_run.summary()["model"]["directory"])
+    work_copy = quickstart_run.out_dir / "model"
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "training_curves.png"):
+        assert (final / name).read_bytes() == (work_copy / name).read_bytes(), name
+    base = AutoModelForCausalLM.from_pretrained(TINY_MODEL).state_dict()
+    merged_model = AutoModelForCausalLM.from_pretrained(final)
+    merged = merged_model.state_dict()
+    assert set(merged) == set(base)  # adapters were merged away: plain Llama weights only
+    changed = [k for k in base if not torch.equal(base[k], merged[k])]
+    assert any("q_proj" in k for k in changed) and any("down_proj" in k for k in changed)
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    inputs = tokenizer("Question: How do I reverse a list in Python?\n\nAnswer: ", return_tensors="pt")
+    assert merged_model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] > inputs["input_ids"].shape[1]
+
+
+def test_model_card_holds_front_matter_metrics_plot_and_spec(quickstart_run: CliRun) -> None:
+    card = (quickstart_run.out_dir / "model" / "README.md").read_text()
+    _, front_text, body = card.split("---\n", 2)
+    front = yaml.safe_load(front_text)
+    assert front["library_name"] == "transformers"
+    assert {"trl", "dpo"} <= set(front["tags"])
+    margins = quickstart_run.summary()["metrics"]["rewards/margins"]
+    assert f"| rewards/margins | {margins:.4g} |" in body
+    assert "](training_curves.png)" in body
+    png = (quickstart_run.out_dir / "model" / "training_curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    spec_yaml = body.split("```yaml\n", 1)[1].split("```", 1)[0]
+    written = yaml.safe_load((quickstart_run.out_dir.parent / "quickstart.yaml").read_text())
+    assert yaml.safe_load(spec_yaml) == DPOJob.model_validate(written).spec.model_dump(mode="json", by_alias=True)
+
+
+def test_pushed_files_download_identical(quickstart_run: CliRun, hub: LocalHub, tmp_path: Path) -> None:
+    from huggingface_hub import HfApi, snapshot_download
+
+    api = HfApi(endpoint=hub.url, token=HUB_TOKEN)
+    assert api.model_info(PUSH_REPO).private is True
+    head = api.list_repo_commits(PUSH_REPO, revision=PUSH_BRANCH)[0].commit_id
+    assert head == quickstart_run.summary()["model"]["commitSha"]
+    local = quickstart_run.out_dir / "model"
+    downloaded = Path(
+        snapshot_download(PUSH_REPO, revision=PUSH_BRANCH, endpoint=hub.url, token=HUB_TOKEN, cache_dir=tmp_path)
+    )
+    expected = {p.name: p.read_bytes() for p in local.iterdir() if p.is_file()}
+    got = {p.name: p.read_bytes() for p in downloaded.iterdir() if p.is_file() and p.name != ".gitattributes"}
+    assert got == expected
+    assert {"model.safetensors", "tokenizer.json", "README.md", "training_curves.png"} <= set(got)
+
+
+def test_token_never_leaks(quickstart_run: CliRun) -> None:
+    needle = HUB_TOKEN.encode()
+    assert needle not in quickstart_run.stdout.encode() + quickstart_run.stderr.encode()
+    assert needle not in quickstart_run.termination_path.read_bytes()
+    leaked = [p for p in quickstart_run.out_dir.rglob("*") if p.is_file() and needle in p.read_bytes()]
+    assert leaked == []
+
+
+def test_rerun_of_a_finished_run_skips_every_stage(quickstart_run: CliRun, hub: LocalHub, tmp_path: Path) -> None:
+    """Runs last in this module: it rewrites the shared run's summary (same metrics, skipped stages)."""
+    spec_file = quickstart_run.out_dir.parent / "quickstart.yaml"
+    job = yaml.safe_load(spec_file.read_text())
+    again = run_cli(job, quickstart_run.out_dir.parent, "quickstart", env=hub_env(hub))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert all(e["skipped"] for e in again.stage_ends().values())
+    assert not [e for e in again.events if e["event"] == "log"]
+    assert again.summary()["metrics"] == quickstart_run.events[-1]["summary"]["metrics"]
+
+
+def test_stage_plan_invalidates_only_what_changed() -> None:
+    spec = load_job(QUICKSTART).spec
+    before = {stage.name: fp for stage, fp in plan(spec)}
+    assert list(before) == [s.name for s in STAGES if s.name != "push"]
+    beta = spec.model_copy(deep=True)
+    beta.dpo.beta = 0.2
+    after = {stage.name: fp for stage, fp in plan(beta)}
+    assert [n for n in before if before[n] != after[n]] == ["dpo", "dpo_merge", "model_card"]
+    no_sft = spec.model_copy(deep=True)
+    no_sft.sft.enabled = False
+    assert [stage.name for stage, _ in plan(no_sft)] == ["data", "dpo", "dpo_merge", "model_card"]
+
+
+def test_resume_after_a_kill_during_dpo(tmp_path: Path) -> None:
+    """SIGKILL right after DPO step 6 (checkpoint-4 on disk); the rerun skips data/SFT and resumes DPO at 4."""
+    job = quickstart_job(
+        quantization={"mode": "none"},
+        sft={"maxSteps": 8, "loggingSteps": 2},
+        dpo={"maxSteps": 10, "loggingSteps": 2},
+        checkpointing={"saveSteps": 4},
+        output={"directory": str(tmp_path / "final-model")},
+    )
+    first = run_cli(job, tmp_path, "resume", env={"DPO_TRAINER_TEST_KILL_AT": "dpo:6"})
+    assert first.returncode == -9, first.stderr[-3000:]
+    assert [e["step"] for e in first.logs("dpo")] == [2, 4]
+    state = json.loads((first.out_dir / "state.json").read_text())["stages"]
+    assert {k: v["status"] for k, v in state.items()} == {
+        "data": "done",
+        "sft": "done",
+        "sft_merge": "done",
+        "dpo": "running",
+    }
+    assert (first.out_dir / "dpo" / "checkpoint-4" / "trainer_state.json").exists()
+
+    second = run_cli(job, tmp_path, "resume")
+    assert second.returncode == 0, second.stderr[-3000:]
+    ends = second.stage_ends()
+    assert [s for s, e in ends.items() if e["skipped"]] == ["data", "sft", "sft_merge"]
+    assert not second.logs("sft")
+    assert [e["step"] for e in second.logs("dpo")] == [6, 8, 10]
+    history = json.loads((second.out_dir / "dpo" / "log_history.json").read_text())
+    assert [e["step"] for e in history if "loss" in e] == [2, 4, 6, 8, 10]
+
+
+@pytest.fixture(scope="session")
+def stack_exchange_on_hub(hub: LocalHub, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The seed's dataset layout (data/finetune, data/rl, data/evaluation) as a private repo on the local Hub."""
+    from huggingface_hub import HfApi
+
+    repo_id = "lvwerra/stack-exchange-paired"
+    api = HfApi(endpoint=hub.url, token=HUB_TOKEN)
+    api.create_repo(repo_id, repo_type="dataset", private=True)
+    rows = TINY_DATA.read_text().splitlines(keepends=True)
+    folder = tmp_path_factory.mktemp("dataset")
+    for data_dir, part in (("finetune", rows), ("rl", rows[:200]), ("evaluation", rows[200:240])):
+        (folder / "data" / data_dir).mkdir(parents=True)
+        (folder / "data" / data_dir / "train.jsonl").write_text("".join(part))
+    api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=folder)
+    return repo_id
+
+
+def test_preset_dataset_loads_from_the_hub(hub: LocalHub, stack_exchange_on_hub: str, tmp_path: Path) -> None:
+    """data.preset stack-exchange-paired: every split comes from the (local) Hub via `resolve`, with a token."""
+    job = quickstart_job(
+        quantization={"mode": "none"},
+        sft={"maxSteps": 2, "loggingSteps": 1, "evalSteps": 2},
+        dpo={"maxSteps": 2, "loggingSteps": 1, "evalSteps": 2},
+        output={"directory": str(tmp_path / "final-model")},
+    )
+    job["spec"]["data"] = {"preset": "stack-exchange-paired", "sft": {"evalSize": 16}}
+    run = run_cli(job, tmp_path, "hubdata", env=hub_env(hub))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.summary()["data"] == {
+        "sft_train": 304,
+        "sft_eval": 16,
+        "dpo_train": 200,
+        "dpo_eval": 40,
+        "dpo_train_dropped_long_prompts": 0,
+    }
+    card = (tmp_path / "final-model" / "README.md").read_text()
+    assert yaml.safe_load(card.split("---\n")[1])["datasets"] == [stack_exchange_on_hub]
+
+
+@pytest.mark.usefixtures("stack_exchange_on_hub")
+@pytest.mark.parametrize("token", ["wrong-token-123456", ""])
+def test_hub_dataset_with_a_bad_token_is_an_auth_or_dataset_error(hub: LocalHub, tmp_path: Path, token: str) -> None:
+    job = quickstart_job(output={"directory": str(tmp_path / "final-model")})
+    job["spec"]["data"] = {"preset": "stack-exchange-paired"}
+    run = run_cli(job, tmp_path, "baddata", env=hub_env(hub, token))
+    expected = "HubAuthError" if token else "DatasetError"  # private repos look missing without a token
+    assert run.returncode == (5 if token else 3), run.stderr[-3000:]
+    assert run.termination["reason"] == expected
+    assert run.stderr.splitlines()[-1].startswith(f"dpo-trainer: {expected}: ")
