@@ -662,6 +662,7 @@ class NodeSimulator:
         max_grace_s: float = 10.0,
         heartbeat_s: float = 10.0,
         delete_nodes_on_stop: bool = True,
+        provision_volumes: bool = True,
     ) -> None:
         if mode not in ("process", "simulate"):
             raise ValueError(f"mode must be 'process' or 'simulate', not {mode!r}")
@@ -682,6 +683,7 @@ class NodeSimulator:
         self.max_grace_s = max_grace_s
         self.heartbeat_s = heartbeat_s
         self.delete_nodes_on_stop = delete_nodes_on_stop
+        self.provision_volumes = provision_volumes
         self._rules: list[Rule] = []
         self._runners: dict[str, _PodRunner] = {}  # by pod uid
         self._by_name: dict[tuple[str, str], _PodRunner] = {}
@@ -689,7 +691,7 @@ class NodeSimulator:
         self._lock = threading.Lock()
         self._stopping = threading.Event()
         self._threads: list[threading.Thread] = []
-        self._watch_response: Any = None
+        self._watch_responses: set[Any] = set()
         self._processes: list[subprocess.Popen] = []
         self._server: _TLSServer | None = None
         self.api: client.ApiClient | None = None
@@ -716,7 +718,9 @@ class NodeSimulator:
         for node in self.nodes.values():
             self._register(node)
         self._thread(self._heartbeat, "nodesim-heartbeat")
-        self._thread(self._watch_pods, "nodesim-watch")
+        self._thread(self._watch_pods, "nodesim-watch-pods")
+        if self.provision_volumes:
+            self._thread(self._watch_claims, "nodesim-watch-claims")
         self._wait_schedulable(timeout)
         return self
 
@@ -731,8 +735,7 @@ class NodeSimulator:
             runner.stopping.set()
         for runner in runners:
             runner.kill(0)
-        response = self._watch_response
-        if response is not None:
+        for response in list(self._watch_responses):  # unblock the watch threads' reads
             with contextlib.suppress(Exception):
                 response.connection.sock.shutdown(socket.SHUT_RDWR)
         if self._server is not None:
@@ -927,7 +930,7 @@ class NodeSimulator:
             name = volume["name"]
             local = pod_dir / "volumes" / name
             if "persistentVolumeClaim" in volume:
-                local = self.workdir / "pvcs" / namespace / volume["persistentVolumeClaim"]["claimName"]
+                local = self._claim_path(namespace, volume["persistentVolumeClaim"]["claimName"])
             elif "hostPath" in volume:
                 local = Path(volume["hostPath"]["path"])
             local.mkdir(parents=True, exist_ok=True)
@@ -946,6 +949,21 @@ class NodeSimulator:
                         target.chmod(item.get("mode", source.get("defaultMode", 0o644)))
             volumes[name] = local
         return volumes
+
+    def _claim_path(self, namespace: str, claim: str) -> Path:
+        """Where a claim's data lives here: its bound PV's hostPath/local path, else a dir per claim."""
+        try:
+            volume_name = self.core.read_namespaced_persistent_volume_claim(claim, namespace).spec.volume_name
+            if volume_name:
+                volume = self.core.read_persistent_volume(volume_name).spec
+                source = volume.host_path or volume.local
+                if source is not None:
+                    return Path(source.path)
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+            raise ContainerConfigError(f'persistentvolumeclaim "{claim}" not found') from exc
+        return self.workdir / "pvcs" / namespace / claim
 
     # --- threads
     def _thread(self, target: Callable[[], None], name: str) -> None:
@@ -1065,39 +1083,36 @@ class NodeSimulator:
                 raise TimeoutError(f"nodes {tainted} still carry the {NOT_READY_TAINT} taint after {timeout:.0f}s")
             time.sleep(0.2)
 
-    def _watch_pods(self) -> None:
-        """List+watch pods bound to any node (resourceVersion resume; relist on 410 Gone)."""
+    def _watch(self, list_call: Callable[..., Any], handle: Callable[[str, dict], None], **selectors: str) -> None:
+        """List+watch with resourceVersion resume; relist on 410 Gone (reporting vanished objects as DELETED)."""
         version: str | None = None
+        known: dict[str, dict] = {}
         while not self._stopping.is_set():
             try:
                 if version is None:
-                    listing = self.core.list_pod_for_all_namespaces(
-                        field_selector="spec.nodeName!=", _preload_content=False
-                    )
-                    body = json.loads(listing.data)
+                    body = json.loads(list_call(**selectors, _preload_content=False).data)
                     version = body["metadata"]["resourceVersion"]
-                    seen = set()
-                    for pod in body["items"]:
-                        seen.add(pod["metadata"]["uid"])
-                        self._on_pod("ADDED", pod)
-                    with self._lock:
-                        gone = [r for uid, r in self._runners.items() if uid not in seen]
-                    for runner in gone:
-                        self._on_pod("DELETED", runner.pod)
-                response = self.core.list_pod_for_all_namespaces(
-                    field_selector="spec.nodeName!=",
+                    listed = {o["metadata"]["uid"]: o for o in body["items"]}
+                    for uid, obj in known.items():
+                        if uid not in listed:
+                            handle("DELETED", obj)
+                    known = listed
+                    for obj in listed.values():
+                        handle("ADDED", obj)
+                response = list_call(
+                    **selectors,
                     watch=True,
                     resource_version=version,
                     allow_watch_bookmarks=True,
                     timeout_seconds=300,
                     _preload_content=False,
                 )
-                self._watch_response = response
+                self._watch_responses.add(response)
                 try:
                     for line in iter_resp_lines(response):
-                        if not line:
+                        event = json.loads(line) if line else None
+                        if event is None:
                             continue
-                        event = json.loads(line)
                         obj = event["object"]
                         if event["type"] == "ERROR":
                             if obj.get("code") == 410:
@@ -1105,22 +1120,65 @@ class NodeSimulator:
                                 break
                             raise ApiException(status=obj.get("code"), reason=obj.get("message"))
                         version = obj["metadata"]["resourceVersion"]
-                        if event["type"] != "BOOKMARK":
-                            self._on_pod(event["type"], obj)
+                        if event["type"] == "BOOKMARK":
+                            continue
+                        if event["type"] == "DELETED":
+                            known.pop(obj["metadata"]["uid"], None)
+                        else:
+                            known[obj["metadata"]["uid"]] = obj
+                        handle(event["type"], obj)
                 finally:
-                    self._watch_response = None
+                    self._watch_responses.discard(response)
                     response.release_conn()
             except ApiException as exc:
                 if exc.status == 410:
                     version = None
                 elif not self._stopping.is_set():
-                    log.warning("nodesim: pod watch failed: %s", exc)
+                    log.warning("nodesim: watch failed: %s", exc)
                     self._stopping.wait(1.0)
             except Exception as exc:
                 if self._stopping.is_set():
                     return
-                log.warning("nodesim: pod watch interrupted: %s", exc)
+                log.warning("nodesim: watch interrupted: %s", exc)
                 self._stopping.wait(1.0)
+
+    def _watch_pods(self) -> None:
+        self._watch(self.core.list_pod_for_all_namespaces, self._on_pod, field_selector="spec.nodeName!=")
+
+    def _watch_claims(self) -> None:
+        self._watch(self.core.list_persistent_volume_claim_for_all_namespaces, self._on_claim)
+
+    def _on_claim(self, kind: str, claim: dict) -> None:
+        """Provision a hostPath PV for each unbound claim without a StorageClass (the clusters we start have
+        no provisioner); the PV controller binds it, so the scheduler accepts pods that use the claim."""
+        meta, spec = claim["metadata"], claim["spec"]
+        name = f"nodesim-pv-{meta['uid']}"
+        if kind == "DELETED":
+            with contextlib.suppress(ApiException):
+                self.core.delete_persistent_volume(name)
+            shutil.rmtree(self.workdir / "pvcs" / meta["uid"], ignore_errors=True)
+            return
+        if spec.get("volumeName") or spec.get("storageClassName") or meta.get("deletionTimestamp"):
+            return
+        path = self.workdir / "pvcs" / meta["uid"]
+        path.mkdir(parents=True, exist_ok=True)
+        volume = {
+            "metadata": {"name": name, "labels": {f"{ANNOTATION_PREFIX}provisioned": "true"}},
+            "spec": {
+                "capacity": {"storage": (spec.get("resources") or {}).get("requests", {}).get("storage", "1Gi")},
+                "accessModes": spec.get("accessModes") or ["ReadWriteOnce"],
+                "hostPath": {"path": str(path), "type": "DirectoryOrCreate"},
+                "persistentVolumeReclaimPolicy": "Retain",
+                "storageClassName": "",
+                "claimRef": {"namespace": meta["namespace"], "name": meta["name"], "uid": meta["uid"]},
+                **({"volumeMode": spec["volumeMode"]} if spec.get("volumeMode") else {}),
+            },
+        }
+        try:
+            self.core.create_persistent_volume(volume)
+        except ApiException as exc:
+            if exc.status != 409:
+                log.warning("nodesim: cannot provision a volume for claim %s: %s", meta["name"], exc)
 
     def _on_pod(self, kind: str, pod: dict) -> None:
         meta, spec = pod["metadata"], pod["spec"]
