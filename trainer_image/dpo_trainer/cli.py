@@ -79,7 +79,8 @@ def fail(
     """One clear line on stderr, an error event, the termination message, the traceback in DIR/debug.log."""
     message = one_line(scrub(error.message, secrets))
     where = ""
-    if out_dir is not None and out_dir.is_dir() and not isinstance(exc, TrainerError | KeyboardInterrupt):
+    wraps_a_library_error = exc.__cause__ is not None or not isinstance(exc, TrainerError | KeyboardInterrupt)
+    if out_dir is not None and out_dir.is_dir() and wraps_a_library_error:
         log = out_dir / "debug.log"
         try:
             with log.open("a", encoding="utf-8") as f:

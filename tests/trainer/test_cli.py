@@ -1,0 +1,132 @@
+"""The CLI contract for bad input: the right reason code, one clear line, exit ≠ 0, a termination message."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dpo_operator.dev.hub import LocalHub
+from dpo_trainer.errors import ALL_ERRORS
+
+from .conftest import REPO, CliRun, hub_env, quickstart_job, run_cli
+
+
+def assert_failed(run: CliRun, reason: str, *fragments: str) -> str:
+    """The failure contract; returns the one stderr line for further checks."""
+    code = {e.reason: e.exit_code for e in ALL_ERRORS}[reason]
+    assert run.returncode == code, run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"dpo-trainer: {reason}: "), last
+    assert "Traceback" not in run.stderr
+    for fragment in fragments:
+        assert fragment in last
+    assert run.termination == {"reason": reason, "message": run.termination["message"]}
+    assert "\n" not in run.termination["message"]
+    events = run.events
+    assert events[-1]["event"] == "error" and events[-1]["reason"] == reason
+    return last
+
+
+def _with(path: list[str], value: Any) -> dict[str, Any]:
+    job = quickstart_job()
+    node = job["spec"]
+    for key in path[:-1]:
+        node = node[key]
+    node[path[-1]] = value
+    return job
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "fragment"),
+    [
+        (["dpo", "betaa"], 0.1, "spec.dpo.betaa: unknown field"),
+        (["dpo", "maxSteps"], "many", "spec.dpo.maxSteps"),
+        (["quantization", "mode"], "8bit", "spec.quantization.mode: must be one of '4bit' or 'none'"),
+        (["dpo", "maxPromptLength"], 4096, "maxPromptLength (4096) must be less than maxLength (128)"),
+    ],
+)
+def test_invalid_spec_fails_fast(tmp_path: Path, path: list[str], value: Any, fragment: str) -> None:
+    started = time.monotonic()
+    run = run_cli(_with(path, value), tmp_path)
+    assert_failed(run, "InvalidSpec", fragment)
+    assert time.monotonic() - started < 10  # no torch import before the spec validates
+    assert not run.out_dir.exists()
+
+
+def test_not_a_dpojob_and_not_yaml(tmp_path: Path) -> None:
+    pod = run_cli("apiVersion: v1\nkind: Pod\nmetadata: {name: x}\n", tmp_path, "pod")
+    assert_failed(pod, "InvalidSpec", "exactly one document of kind DPOJob", "['Pod']")
+    broken = run_cli("kind: DPOJob\nspec: [unclosed\n", tmp_path, "broken")
+    assert_failed(broken, "InvalidSpec", "is not valid YAML")
+
+
+def test_multi_document_file_uses_the_dpojob(tmp_path: Path) -> None:
+    """A manifest bundle (Secret + DPOJob) is accepted; the failure here proves the DPOJob was picked."""
+    import yaml
+
+    job = _with(["data", "dpo", "source", "files", "paths"], ["./missing.jsonl"])
+    secret = {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hf-token"}, "stringData": {"token": "x"}}
+    run = run_cli(yaml.safe_dump_all([secret, job]), tmp_path)
+    assert_failed(run, "DatasetError", "./missing.jsonl")
+
+
+def test_missing_local_paths(tmp_path: Path) -> None:
+    data = run_cli(_with(["data", "dpo", "source", "files", "paths"], ["./no/such.jsonl"]), tmp_path, "data")
+    assert_failed(data, "DatasetError", "data.dpo.source.files.paths", "'./no/such.jsonl'", str(REPO / "no/such.jsonl"))
+    model = run_cli(_with(["model", "name"], "./no-such-model"), tmp_path, "model")
+    assert_failed(model, "ModelLoadError", "model.name", str(REPO / "no-such-model"))
+
+
+def test_missing_dataset_column_names_it_and_the_columns_that_exist(tmp_path: Path) -> None:
+    run = run_cli(_with(["data", "dpo", "chosenTemplate"], "{answer}"), tmp_path)
+    line = assert_failed(run, "DatasetError", "data.dpo.chosenTemplate", "'answer'")
+    assert "columns: qid, question, date, metadata, response_j, response_k" in line
+    assert [e["stage"] for e in run.events if e["event"] == "stage_start"] == ["data"]
+
+
+def test_missing_model_on_the_hub_offline(tmp_path: Path) -> None:
+    run = run_cli(_with(["model", "name"], "no-such-org/no-such-model"), tmp_path)
+    assert_failed(run, "ModelLoadError", "no-such-org/no-such-model")
+    assert "Traceback" in (run.out_dir / "debug.log").read_text()
+
+
+@pytest.mark.parametrize(("token", "fragment"), [("bad-token-0123456789", "HTTP 401"), ("", "HF_TOKEN is empty")])
+def test_push_with_a_bad_or_no_token_fails_before_training(
+    hub: LocalHub, tmp_path: Path, token: str, fragment: str
+) -> None:
+    job = quickstart_job(output={"hub": {"repoId": "tester/never-pushed"}})
+    run = run_cli(job, tmp_path, env=hub_env(hub, token))
+    assert_failed(run, "HubAuthError", fragment)
+    assert not [e for e in run.events if e["event"] == "stage_start"]
+    if token:
+        assert token not in run.stdout + run.stderr + json.dumps(run.termination)
+
+
+def test_unwritable_termination_path_is_skipped(tmp_path: Path) -> None:
+    run = run_cli(
+        _with(["dpo", "betaa"], 1), tmp_path, env={"DPO_TERMINATION_MESSAGE_PATH": "/proc/no/such/termination-log"}
+    )
+    assert run.returncode == 2
+    assert run.stderr.strip().splitlines()[-1].startswith("dpo-trainer: InvalidSpec: ")
+
+
+def test_help_is_fast_and_documents_exit_codes() -> None:
+    script = Path(sys.executable).with_name("dpo-trainer")
+    command = [str(script)] if script.exists() else [sys.executable, "-m", "dpo_trainer.cli"]
+    result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60, check=True)
+    assert "run" in result.stdout
+    assert "InvalidSpec=2" in result.stdout and "Interrupted=143" in result.stdout
+    probe = "import sys, dpo_trainer.cli, dpo_trainer.pipeline; print(sorted({'torch', 'trl'} & set(sys.modules)))"
+    light = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
+    assert light.stdout.strip() == "[]"
+
+
+def test_exit_codes_are_distinct() -> None:
+    codes = [e.exit_code for e in ALL_ERRORS]
+    assert len(set(codes)) == len(codes) and 0 not in codes and 1 not in codes
