@@ -100,6 +100,11 @@ def build_rows(count: int = ROWS, seed: int = 0) -> list[dict]:
     return rows
 
 
+def tokenizer_corpus(rows: list[dict]) -> list[str]:
+    """The text the tokenizer learns from: prompts and both answers, as the trainer renders them."""
+    return [f"Question: {r['question']}\n\nAnswer: {r['response_j']}\n{r['response_k']}" for r in rows]
+
+
 def build_tokenizer(texts: list[str]):
     """A byte-level BPE tokenizer trained on the dataset text, wrapped for transformers."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -154,8 +159,7 @@ def generate(out_dir: Path) -> None:
     with (out_dir / DATASET_FILE).open("w", encoding="utf-8") as f:
         for row in rows:
             f.write(json.dumps(row, ensure_ascii=False) + "\n")
-    texts = [f"Question: {r['question']}\n\nAnswer: {r['response_j']}\n{r['response_k']}" for r in rows]
-    tokenizer = build_tokenizer(texts)
+    tokenizer = build_tokenizer(tokenizer_corpus(rows))
     model = build_model(tokenizer)
     model.save_pretrained(out_dir / MODEL_DIR)
     tokenizer.save_pretrained(out_dir / MODEL_DIR)

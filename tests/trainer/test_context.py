@@ -1,0 +1,28 @@
+"""Stage bookkeeping in state.json."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from dpo_trainer.context import RunState, fingerprint
+
+
+def test_fingerprints_chain() -> None:
+    a = fingerprint("", {"x": 1})
+    assert a == fingerprint("", {"x": 1}) and a != fingerprint("", {"x": 2})
+    assert fingerprint(a, []) != fingerprint(fingerprint("", {"x": 2}), [])  # earlier changes propagate
+
+
+def test_state_round_trip(tmp_path: Path) -> None:
+    path = tmp_path / "state.json"
+    state = RunState.load(path)
+    assert not state.is_done("data", "f1") and not state.is_resumable("data", "f1")
+    state.mark("data", "f1", "done", seconds=1.5)
+    state.mark("sft", "f2", "running")
+    again = RunState.load(path)
+    assert again.is_done("data", "f1") and not again.is_done("data", "other")
+    assert again.is_resumable("sft", "f2") and not again.is_done("sft", "f2")
+    assert not again.is_resumable("sft", "changed")
+    assert json.loads(path.read_text())["stages"]["data"]["seconds"] == 1.5
+    assert not path.with_suffix(".tmp").exists()

@@ -1,0 +1,58 @@
+"""Spec → Trainer/PEFT/bitsandbytes settings, and the 4-bit NF4 load on CPU."""
+
+from __future__ import annotations
+
+import pytest
+
+from dpo_operator.spec import DPOSpec
+from dpo_trainer.models import load_model, lora_config, trainer_arguments
+from dpo_trainer.specfile import load_job
+
+from .conftest import QUICKSTART, TINY_MODEL
+
+
+def test_trainer_arguments_follow_the_spec_on_cpu() -> None:
+    spec = load_job(QUICKSTART).spec
+    spec.reporting.report_to = ["none", "tensorboard"]
+    args = trainer_arguments(spec, spec.dpo, "/tmp/x", has_eval=True)
+    assert args["use_cpu"] is True and args["bf16"] is False and args["fp16"] is False
+    assert args["max_steps"] == 40 and args["learning_rate"] == 2e-3 and args["max_length"] == 128
+    assert args["per_device_train_batch_size"] == 4 and args["gradient_accumulation_steps"] == 1
+    assert args["optim"] == "adamw_torch" and args["lr_scheduler_type"] == "cosine" and args["warmup_steps"] == 4
+    assert args["activation_checkpointing"] is False
+    assert args["eval_strategy"] == "steps" and args["eval_steps"] == 20
+    assert args["save_steps"] == 20 and args["save_total_limit"] == 2
+    assert args["report_to"] == ["tensorboard"] and args["seed"] == 0
+    assert trainer_arguments(spec, spec.sft, "/tmp/x", has_eval=False)["eval_strategy"] == "no"
+    spec.reporting.report_to = ["none"]
+    assert trainer_arguments(spec, spec.sft, "/tmp/x", has_eval=False)["report_to"] == "none"
+
+
+def test_seed_defaults_map_to_the_seed_recipe() -> None:
+    from trl import DPOConfig
+
+    spec = load_job(QUICKSTART).spec
+    spec.dpo = DPOSpec()  # the seed's DPO hyperparameters
+    config = DPOConfig(**trainer_arguments(spec, spec.dpo, "/tmp/x", has_eval=True), beta=spec.dpo.beta)
+    assert config.activation_checkpointing is True and config.optim == "paged_adamw_32bit"
+    assert config.gradient_accumulation_steps == 4 and config.max_steps == 1000 and config.learning_rate == 5e-4
+    assert config.use_cpu is True and config.bf16 is False and config.beta == 0.1
+    lora = lora_config(spec.dpo.lora)
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.bias) == (8, 16, 0.05, "none")
+    assert set(lora.target_modules) == {"q_proj", "v_proj"}
+
+
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_four_bit_load_runs_on_cpu(quant_type: str) -> None:
+    """bitsandbytes' CPU backend: Linear4bit layers with the requested data type, QLoRA-prepared."""
+    import torch
+
+    spec = load_job(QUICKSTART).spec
+    spec.quantization.quant_type = quant_type
+    model = load_model(spec, str(TINY_MODEL), quantized=True)
+    assert model.is_loaded_in_4bit
+    q_proj = model.model.layers[0].self_attn.q_proj
+    assert type(q_proj).__name__ == "Linear4bit" and q_proj.weight.quant_type == quant_type
+    assert not any(p.requires_grad for p in model.parameters())  # frozen base, ready for an adapter
+    logits = model(torch.tensor([[0, 5, 9]])).logits
+    assert logits.shape == (1, 3, model.config.vocab_size) and torch.isfinite(logits).all()

@@ -1,0 +1,56 @@
+"""Reading the DPOJob manifest and resolving its local paths."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from dpo_trainer.errors import DatasetError, InvalidSpec, ModelLoadError
+from dpo_trainer.specfile import load_job, looks_like_path, resolve_local_paths
+
+from .conftest import QUICKSTART, REPO
+
+
+def test_quickstart_resolves_against_the_current_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(REPO)
+    job = load_job(QUICKSTART)
+    assert job.metadata["name"] == "quickstart"
+    spec = resolve_local_paths(job.spec)
+    assert spec.model.name == str(REPO / "examples/assets/tiny-llama")
+    assert spec.data.dpo is not None and spec.data.dpo.source.files is not None
+    assert spec.data.dpo.source.files.paths == [str(REPO / "examples/assets/tiny-stack-exchange.jsonl")]
+    assert job.spec.model.name == "./examples/assets/tiny-llama"  # the given spec is left untouched
+
+
+def test_paths_are_checked_from_elsewhere(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    spec = load_job(QUICKSTART).spec
+    with pytest.raises(ModelLoadError, match=r"model.name: local model directory .* does not exist"):
+        resolve_local_paths(spec)
+    spec.model.name = str(REPO / "examples/assets/tiny-llama")
+    with pytest.raises(DatasetError, match=r"data.sft.source.files.paths: no file matches"):
+        resolve_local_paths(spec)
+
+
+def test_hub_ids_are_not_paths(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    assert not looks_like_path("meta-llama/Llama-2-7b-hf")
+    assert not looks_like_path("gpt2")
+    assert looks_like_path("./model") and looks_like_path("/models/x") and looks_like_path("~/m")
+    (tmp_path / "local-model").mkdir()
+    assert looks_like_path("local-model")
+
+
+def test_document_selection_and_yaml_errors(tmp_path: Path) -> None:
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text("---\n---\n" + QUICKSTART.read_text())  # empty documents are ignored
+    assert load_job(spec_file).spec.dpo.max_steps == 40
+    spec_file.write_text(QUICKSTART.read_text() + "---\n" + QUICKSTART.read_text())
+    with pytest.raises(InvalidSpec, match=r"exactly one document of kind DPOJob, found kinds \['DPOJob', 'DPOJob'\]"):
+        load_job(spec_file)
+    spec_file.write_text("apiVersion: dpo-operator.io/v1alpha1\nkind: DPOJob\nmetadata: {name: x}\n")
+    with pytest.raises(InvalidSpec, match="has no spec"):
+        load_job(spec_file)
+    with pytest.raises(InvalidSpec, match="cannot read"):
+        load_job(tmp_path / "missing.yaml")
