@@ -384,3 +384,38 @@ def test_image_pull_failure_is_reported(node_simulator: NodeSimulator, api_clien
     wait_for(seen_backoff, what="ImagePullBackOff")
     assert "ErrImagePull" in reasons
     assert core.read_namespaced_pod("bad-image", namespace).status.phase == "Pending"
+
+
+# --- pure helpers --------------------------------------------------------------------------------------------
+
+
+def test_env_expansion_follows_kubernetes_rules() -> None:
+    from dpo_operator.dev.nodesim import _expand
+
+    env = {"A": "1", "B": "two"}
+    assert _expand("$(A)-$(B)", env) == "1-two"
+    assert _expand("$$(A) $(MISSING)", env) == "$(A) $(MISSING)"
+
+
+def test_path_rewriting_respects_path_boundaries(tmp_path: Path) -> None:
+    from dpo_operator.dev.nodesim import _path_rewriter
+
+    spec = {"volumeMounts": [{"name": "data", "mountPath": "/data"}, {"name": "cfg", "mountPath": "/data/cfg/"}]}
+    rewrite = _path_rewriter(spec, {"data": tmp_path / "d", "cfg": tmp_path / "c"}, tmp_path / "msg")
+    assert rewrite("--out=/data/x --cfg /data/cfg/a.yaml") == f"--out={tmp_path}/d/x --cfg {tmp_path}/c/a.yaml"
+    assert rewrite("/database /data") == f"/database {tmp_path}/d"
+    assert rewrite("/dev/termination-log") == str(tmp_path / "msg")
+
+
+def test_node_option_parsing() -> None:
+    from dpo_operator.dev.nodesim import parse_node
+
+    node = parse_node("gpu-0:gpus=2,cpu=4,memory=8Gi,label.pool=a,taint.nvidia.com/gpu=present:NoExecute,taint.x=y")
+    assert (node.name, node.gpus, node.cpu, node.memory, node.labels) == ("gpu-0", 2, "4", "8Gi", {"pool": "a"})
+    assert node.taints == [
+        {"key": "nvidia.com/gpu", "value": "present", "effect": "NoExecute"},
+        {"key": "x", "value": "y", "effect": "NoSchedule"},
+    ]
+    assert node.capacity()["nvidia.com/gpu"] == "2"
+    with pytest.raises(ValueError, match="unknown node option"):
+        parse_node("n:bogus=1")

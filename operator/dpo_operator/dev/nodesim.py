@@ -685,6 +685,7 @@ class NodeSimulator:
         self.delete_nodes_on_stop = delete_nodes_on_stop
         self.provision_volumes = provision_volumes
         self._rules: list[Rule] = []
+        self._registered_at: dict[str, str] = {}
         self._runners: dict[str, _PodRunner] = {}  # by pod uid
         self._by_name: dict[tuple[str, str], _PodRunner] = {}
         self._deleting: set[str] = set()
@@ -986,6 +987,7 @@ class NodeSimulator:
 
     def _node_status(self, node: NodeSpec, full: bool) -> dict:
         now = _now()
+        since = self._registered_at.setdefault(node.name, now)
         conditions = [
             {"type": kind, "status": "False", "reason": f"KubeletHas{ok}", "lastHeartbeatTime": now}
             for kind, ok in (
@@ -995,9 +997,8 @@ class NodeSimulator:
             )
         ]
         conditions.append({"type": "Ready", "status": "True", "reason": "KubeletReady", "lastHeartbeatTime": now})
-        if full:
-            for condition in conditions:
-                condition["lastTransitionTime"] = now
+        for condition in conditions:
+            condition["lastTransitionTime"] = since
         status: dict[str, Any] = {"conditions": conditions}
         if full:
             status.update(
