@@ -30,9 +30,10 @@ def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 
 
 def prune_none(value: Any) -> Any:
-    """Drop None values recursively: the API server does not store them, so comparing needs them gone."""
+    """Drop None and "" values recursively: absent means empty, and comparing with what the server returns
+    needs one spelling (the Kubernetes 1.20 apiserver built here even reads "" in a CR status back as null)."""
     if isinstance(value, dict):
-        return {k: prune_none(v) for k, v in value.items() if v is not None}
+        return {k: prune_none(v) for k, v in value.items() if v is not None and v != ""}
     if isinstance(value, list):
         return [prune_none(v) for v in value]
     return value

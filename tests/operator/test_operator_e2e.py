@@ -73,7 +73,12 @@ def test_schema_rejects_bad_fields_with_their_path(stack: LocalStack) -> None:
 
 
 def test_kubectl_explain_shows_the_spec_docs(stack: LocalStack) -> None:
-    explained = kubectl(stack.admin_kubeconfig, "explain", "dpojob.spec.dpo.beta")
+    deadline = time.monotonic() + 60  # the API server publishes a new CRD's OpenAPI a few seconds after it is served
+    while "KL penalty" not in (
+        explained := kubectl(stack.admin_kubeconfig, "explain", "dpojob.spec.dpo.beta", check=False)
+    ):
+        assert time.monotonic() < deadline, explained
+        time.sleep(2)
     assert "Strength of the KL penalty" in explained and "Default: 0.1" in explained
 
 
