@@ -104,6 +104,17 @@ def run_cli(
     timeout: float = 300,
 ) -> CliRun:
     """Write the job to tmp/<name>.yaml and run the CLI from the repository root (relative asset paths)."""
+    command, full_env, out_dir, termination = cli_command(job, tmp, name, env)
+    result = subprocess.run(
+        command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
+    )
+    return CliRun(result.returncode, result.stdout, result.stderr, out_dir, termination)
+
+
+def cli_command(
+    job: dict[str, Any] | str, tmp: Path, name: str, env: dict[str, str] | None
+) -> tuple[list[str], dict[str, str], Path, Path]:
+    """(argv, environment, output dir, termination-message path) of one CLI run."""
     tmp.mkdir(parents=True, exist_ok=True)
     spec_path = tmp / f"{name}.yaml"
     spec_path.write_text(job if isinstance(job, str) else yaml.safe_dump(job, sort_keys=False))
@@ -119,16 +130,8 @@ def run_cli(
             **(env or {}),
         }
     )
-    result = subprocess.run(
-        [sys.executable, "-m", "dpo_trainer.cli", "run", str(spec_path), "--output", str(out_dir)],
-        cwd=REPO,
-        env=full_env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
-    return CliRun(result.returncode, result.stdout, result.stderr, out_dir, termination)
+    command = [sys.executable, "-m", "dpo_trainer.cli", "run", str(spec_path), "--output", str(out_dir)]
+    return command, full_env, out_dir, termination
 
 
 def hub_env(hub: LocalHub, token: str = HUB_TOKEN) -> dict[str, str]:

@@ -16,6 +16,7 @@ from dpo_trainer.errors import (
     TrainingError,
     classify,
     one_line,
+    reraise,
     scrub,
 )
 
@@ -86,3 +87,16 @@ def test_classify_keeps_trainer_errors_and_prefixes_context() -> None:
     error = classify(ValueError("boom"), TrainingError, "dpo")
     assert error.message == "dpo: ValueError: boom"
     assert "not found" in classify(RepositoryNotFoundError(401), DatasetError, "x").message
+
+
+def test_reraise_chains_library_errors_but_not_trainer_errors() -> None:
+    with pytest.raises(ModelLoadError) as wrapped:
+        try:
+            raise ValueError("bad config")
+        except ValueError as exc:
+            reraise(exc, ModelLoadError, "loading model m")
+    assert isinstance(wrapped.value.__cause__, ValueError)
+    original = DatasetError("no rows")
+    with pytest.raises(DatasetError) as passed:
+        reraise(original, TrainingError)
+    assert passed.value is original and passed.value.__cause__ is None

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -12,15 +14,18 @@ from dpo_operator.dev.hub import LocalHub
 from dpo_operator.spec import DPOJob
 from dpo_trainer.pipeline import STAGES, plan
 from dpo_trainer.specfile import load_job
+from dpo_trainer.training import latest_checkpoint
 
 from .conftest import (
     HUB_TOKEN,
     PUSH_BRANCH,
     PUSH_REPO,
     QUICKSTART,
+    REPO,
     TINY_DATA,
     TINY_MODEL,
     CliRun,
+    cli_command,
     hub_env,
     quickstart_job,
     run_cli,
@@ -180,6 +185,34 @@ def test_stage_plan_invalidates_only_what_changed() -> None:
     no_sft = spec.model_copy(deep=True)
     no_sft.sft.enabled = False
     assert [stage.name for stage, _ in plan(no_sft)] == ["data", "dpo", "dpo_merge", "model_card"]
+
+
+def test_sigterm_during_dpo_saves_a_checkpoint_and_exits_interrupted(tmp_path: Path) -> None:
+    """Kubernetes stops a pod with SIGTERM (suspend, preemption): the Trainer's just-in-time checkpoint runs."""
+    job = quickstart_job(
+        quantization={"mode": "none"},
+        sft={"maxSteps": 2},
+        dpo={"maxSteps": 5000, "loggingSteps": 5},
+        checkpointing={"saveSteps": 5000},
+        output={"directory": str(tmp_path / "final-model")},
+    )
+    command, env, out_dir, termination = cli_command(job, tmp_path, "sigterm", None)
+    process = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # wait until DPO is really training
+            if '"event": "log", ' in line and json.loads(line)["stage"] == "dpo":
+                process.send_signal(signal.SIGTERM)
+                break
+        stdout, stderr = process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 143, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1].startswith("dpo-trainer: Interrupted: dpo stopped at step ")
+    assert json.loads(termination.read_text())["reason"] == "Interrupted"
+    assert json.loads(stdout.splitlines()[-1])["event"] == "error"
+    assert latest_checkpoint(out_dir / "dpo") is not None  # saveSteps alone would not have saved any yet
+    assert json.loads((out_dir / "state.json").read_text())["stages"]["dpo"]["status"] == "running"
 
 
 def test_resume_after_a_kill_during_dpo(tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import yaml
 
-from dpo_trainer.context import RunContext, is_main_process
+from dpo_trainer.context import RunContext
 from dpo_trainer.errors import scrub
 from dpo_trainer.specfile import looks_like_path
 from dpo_trainer.training import LOG_HISTORY, stage_metrics
@@ -103,8 +103,6 @@ def render_card(ctx: RunContext, dpo_metrics: dict[str, float], sft_metrics: dic
 
 def run(ctx: RunContext) -> None:
     out = ctx.stage_dir("model_card")
-    if not is_main_process():
-        return
     history = ctx.read_json("dpo", LOG_HISTORY) or []
     plot_training_curves(history, str(out / PLOT))
     sft_metrics = stage_metrics(ctx, "sft") if ctx.spec.sft.enabled else {}

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dpo_operator.spec import DatasetSource, template_fields
 from dpo_trainer.context import RunContext
-from dpo_trainer.errors import DatasetError, classify
+from dpo_trainer.errors import DatasetError, reraise
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -49,7 +49,7 @@ def load_source(source: DatasetSource, field_path: str, token: str | None) -> Da
             builder = "parquet" if source.files.format == "parquet" else "json"
             dataset = load_dataset(builder, data_files=files, split="train")
     except Exception as exc:
-        raise classify(exc, DatasetError, f"loading {where}") from exc
+        reraise(exc, DatasetError, f"loading {where}")
     if len(dataset) == 0:
         raise DatasetError(f"{where} has no rows")
     return dataset

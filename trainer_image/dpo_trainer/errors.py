@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
-from typing import ClassVar
+from typing import ClassVar, NoReturn
 
 MAX_MESSAGE_CHARS = 1000
 _HF_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}")
@@ -157,3 +157,11 @@ def classify(exc: BaseException, default: type[TrainerError] = TrainingError, co
     if default is TrainingError and any(_is_hub_error(e) for e in chain):
         return HubError(f"{prefix}{detail}")
     return default(f"{prefix}{detail}")
+
+
+def reraise(exc: BaseException, default: type[TrainerError] = TrainingError, context: str = "") -> NoReturn:
+    """Raise classify(...) chained to the library error (kept for DIR/debug.log); TrainerErrors pass through."""
+    error = classify(exc, default, context)
+    if error is exc:
+        raise error
+    raise error from exc

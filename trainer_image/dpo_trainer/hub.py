@@ -8,8 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from dpo_trainer.context import RunContext, is_main_process
-from dpo_trainer.errors import HubAuthError, HubError, classify
+from dpo_trainer.context import RunContext
+from dpo_trainer.errors import HubAuthError, HubError, classify, reraise
 
 RESULT = "result.json"
 
@@ -38,8 +38,6 @@ def run(ctx: RunContext) -> None:
     """create_repo(exist_ok) → create_branch (when a revision is set) → upload_folder(DIR/model)."""
     hub = ctx.spec.output.hub
     assert hub is not None
-    if not is_main_process():
-        return
     from huggingface_hub import HfApi
 
     api = HfApi(token=ctx.token)
@@ -55,7 +53,7 @@ def run(ctx: RunContext) -> None:
             repo_type="model",
         )
     except Exception as exc:
-        raise classify(exc, HubError, f"pushing to {hub.repo_id}") from exc
+        reraise(exc, HubError, f"pushing to {hub.repo_id}")
     result: dict[str, Any] = {
         "repoId": hub.repo_id,
         "revision": hub.revision or "main",

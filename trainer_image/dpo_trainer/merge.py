@@ -3,7 +3,7 @@
 This is the fix for the seed's defect (TRL issue #926): the SFT adapter is merged into the base loaded
 in model.dtype before DPO, and the DPO adapter is merged into that merged-SFT model, never into the
 plain base. Merging into 4-bit weights would re-quantize, so both merges load in model.dtype.
-Only the main process merges and writes; other ranks wait.
+Only the main process runs these stages (see pipeline.Stage.main_only).
 """
 
 from __future__ import annotations
@@ -11,26 +11,24 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
-from dpo_trainer.context import RunContext, is_main_process, wait_for_everyone
-from dpo_trainer.errors import TrainingError, classify
+from dpo_trainer.context import RunContext
+from dpo_trainer.errors import TrainingError, reraise
 from dpo_trainer.models import load_model, load_tokenizer
 from dpo_trainer.training import ADAPTER_DIR, dpo_input
 
 
 def merge_adapter(ctx: RunContext, base: str, revision: str | None, adapter: Path, out: Path) -> None:
     """Load base in model.dtype, apply the adapter, merge_and_unload, save model + tokenizer to out."""
-    if is_main_process():
-        from peft import PeftModel
+    from peft import PeftModel
 
-        tokenizer = load_tokenizer(ctx.spec, base, revision, ctx.token)
-        model = load_model(ctx.spec, base, revision=revision, token=ctx.token)
-        try:
-            merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload(safe_merge=True)
-            merged.save_pretrained(str(out))
-            tokenizer.save_pretrained(str(out))
-        except Exception as exc:
-            raise classify(exc, TrainingError, f"merging {adapter} into {base}") from exc
-    wait_for_everyone()
+    tokenizer = load_tokenizer(ctx.spec, base, revision, ctx.token)
+    model = load_model(ctx.spec, base, revision=revision, token=ctx.token)
+    try:
+        merged = PeftModel.from_pretrained(model, str(adapter)).merge_and_unload(safe_merge=True)
+        merged.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+    except Exception as exc:
+        reraise(exc, TrainingError, f"merging {adapter} into {base}")
 
 
 def run_sft_merge(ctx: RunContext) -> None:
@@ -46,9 +44,8 @@ def run_dpo_merge(ctx: RunContext) -> None:
     out = ctx.stage_dir("model")
     merge_adapter(ctx, base, revision, ctx.out_dir / "dpo" / ADAPTER_DIR, out)
     target = ctx.spec.output.directory
-    if target and is_main_process():
+    if target:
         try:
             shutil.copytree(out, target, dirs_exist_ok=True)
         except OSError as exc:
             raise TrainingError(f"output.directory: cannot copy the model to {target}: {exc}") from exc
-    wait_for_everyone()

@@ -11,7 +11,7 @@ from functools import cache
 from typing import TYPE_CHECKING, Any
 
 from dpo_operator.spec import DPOJobSpec, LoRASpec, TrainingSpec
-from dpo_trainer.errors import ModelLoadError, classify
+from dpo_trainer.errors import ModelLoadError, reraise
 
 if TYPE_CHECKING:
     import torch
@@ -64,7 +64,7 @@ def load_tokenizer(spec: DPOJobSpec, path: str, revision: str | None, token: str
             path, revision=revision, trust_remote_code=spec.model.trust_remote_code, token=token
         )
     except Exception as exc:
-        raise classify(exc, ModelLoadError, f"loading the tokenizer of {path}") from exc
+        reraise(exc, ModelLoadError, f"loading the tokenizer of {path}")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -93,7 +93,7 @@ def load_model(
             token=token,
         )
     except Exception as exc:
-        raise classify(exc, ModelLoadError, f"loading model {path}") from exc
+        reraise(exc, ModelLoadError, f"loading model {path}")
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 

@@ -42,6 +42,10 @@ from dpo_trainer.specfile import spec_as_yaml_dict
 KEY_METRICS_PREFIXES = ("rewards/", "eval_")
 
 
+def _always(spec: DPOJobSpec) -> bool:
+    return True
+
+
 @dataclass(frozen=True)
 class Stage:
     """One unit of work. `inputs` picks the spec parts whose change invalidates this stage (and later ones)."""
@@ -50,37 +54,60 @@ class Stage:
     directory: str
     target: str  # "module:function", imported only when the stage actually runs
     inputs: Callable[[dict[str, Any]], Any]
-    enabled: Callable[[DPOJobSpec], bool] = lambda spec: True
+    enabled: Callable[[DPOJobSpec], bool] = _always
+    main_only: bool = True  # data prep, merges and writes happen once; other ranks wait at the barrier
 
     def run(self, ctx: RunContext) -> None:
         module, _, function = self.target.partition(":")
         getattr(importlib.import_module(module), function)(ctx)
 
 
+def _sft_enabled(spec: DPOJobSpec) -> bool:
+    return spec.sft.enabled
+
+
 STAGES: tuple[Stage, ...] = (
     Stage(
-        "data",
-        "data",
-        "dpo_trainer.data:run",
-        lambda s: [s["model"], s["data"], s["sft"]["enabled"], s["dpo"]["maxPromptLength"]],
+        name="data",
+        directory="data",
+        target="dpo_trainer.data:run",
+        inputs=lambda s: [s["model"], s["data"], s["sft"]["enabled"], s["dpo"]["maxPromptLength"]],
     ),
     Stage(
-        "sft",
-        "sft",
-        "dpo_trainer.training:run_sft",
-        lambda s: [s["sft"], s["quantization"], s["seed"]],
-        lambda spec: spec.sft.enabled,
+        name="sft",
+        directory="sft",
+        target="dpo_trainer.training:run_sft",
+        inputs=lambda s: [s["sft"], s["quantization"], s["seed"]],
+        enabled=_sft_enabled,
+        main_only=False,
     ),
-    Stage("sft_merge", "sft_merge", "dpo_trainer.merge:run_sft_merge", lambda s: [], lambda spec: spec.sft.enabled),
-    Stage("dpo", "dpo", "dpo_trainer.training:run_dpo", lambda s: [s["dpo"], s["quantization"], s["seed"]]),
-    Stage("dpo_merge", "model", "dpo_trainer.merge:run_dpo_merge", lambda s: [s["output"]["directory"]]),
-    Stage("model_card", "model_card", "dpo_trainer.card:run", lambda s: s),
     Stage(
-        "push",
-        "push",
-        "dpo_trainer.hub:run",
-        lambda s: [s["output"]["hub"]],
-        lambda spec: spec.output.hub is not None,
+        name="sft_merge",
+        directory="sft_merge",
+        target="dpo_trainer.merge:run_sft_merge",
+        inputs=lambda s: [],
+        enabled=_sft_enabled,
+    ),
+    Stage(
+        name="dpo",
+        directory="dpo",
+        target="dpo_trainer.training:run_dpo",
+        inputs=lambda s: [s["dpo"], s["quantization"], s["seed"]],
+        main_only=False,
+    ),
+    Stage(
+        name="dpo_merge",
+        directory="model",
+        target="dpo_trainer.merge:run_dpo_merge",
+        inputs=lambda s: [s["output"]["directory"]],
+    ),
+    Stage(name="model_card", directory="model_card", target="dpo_trainer.card:run", inputs=lambda s: s),
+    Stage(
+        name="push",
+        directory="push",
+        target="dpo_trainer.hub:run",
+        inputs=lambda s: [s["output"]["hub"]],
+        enabled=lambda spec: spec.output.hub is not None,
     ),
 )
 
@@ -139,14 +166,15 @@ def run(
     for stage, chain in plan(spec):
         reporter.emit("stage_start", stage=stage.name)
         if ctx.state.is_done(stage.name, chain):
-            ctx.timings[stage.name] = {"seconds": 0.0, "skipped": True}
+            ctx.timings[stage.name] = {"seconds": ctx.state.stages[stage.name].get("seconds", 0.0), "skipped": True}
             reporter.emit("stage_end", stage=stage.name, seconds=0.0, skipped=True)
             continue
         if not ctx.state.is_resumable(stage.name, chain):
             ctx.reset_stage_dir(stage.directory)
         ctx.state.mark(stage.name, chain, "running")
         started = time.monotonic()
-        stage.run(ctx)
+        if is_main_process() or not stage.main_only:
+            stage.run(ctx)
         wait_for_everyone()
         seconds = round(time.monotonic() - started, 3)
         ctx.state.mark(stage.name, chain, "done", seconds=seconds)

@@ -17,7 +17,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 
 from dpo_trainer.context import RunContext
 from dpo_trainer.data import load_split
-from dpo_trainer.errors import DatasetError, Interrupted, TrainingError, classify
+from dpo_trainer.errors import DatasetError, Interrupted, TrainingError, reraise
 from dpo_trainer.models import lora_config, trainer_arguments
 from dpo_trainer.progress import Reporter
 
@@ -154,7 +154,7 @@ def run_sft(ctx: RunContext) -> None:
         )
         train_and_save(ctx, "sft", trainer)
     except Exception as exc:
-        raise classify(exc, TrainingError, "sft") from exc
+        reraise(exc, TrainingError, "sft")
 
 
 def dpo_input(ctx: RunContext) -> tuple[str, str | None]:
@@ -198,7 +198,7 @@ def run_dpo(ctx: RunContext) -> None:
         )
         train_and_save(ctx, "dpo", trainer)
     except Exception as exc:
-        raise classify(exc, TrainingError, "dpo") from exc
+        reraise(exc, TrainingError, "dpo")
 
 
 def stage_metrics(ctx: RunContext, stage: str) -> dict[str, float]:
