@@ -164,36 +164,39 @@ PRESETS: dict[str, dict[str, Any]] = {"stack-exchange-paired": STACK_EXCHANGE_PA
 class DataSpec(SpecModel):
     """Training data. A preset fills whatever sft/dpo leave unset."""
 
-    preset: Literal["stack-exchange-paired"] | None = "stack-exchange-paired"
-    """Built-in mapping; stack-exchange-paired reproduces the seed recipe exactly. Set null to map yourself."""
+    preset: Literal["stack-exchange-paired", "none"] = "stack-exchange-paired"
+    """Built-in mapping; stack-exchange-paired reproduces the seed recipe exactly; none: map the columns yourself."""
     sft: SFTData | None = None
-    """SFT rows (required when the preset is null and SFT is enabled)."""
+    """SFT rows (required when preset is none and SFT is enabled)."""
     dpo: DPOData | None = None
-    """Preference pairs (required when the preset is null)."""
+    """Preference pairs (required when preset is none)."""
     max_samples: int | None = Field(default=None, ge=1)
     """Use at most this many training rows per stage (after eval hold-out). Default: all."""
 
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
+        """Fill the stages from the preset: keys a stage leaves out are the preset's, except that a stage
+        which names its own source does not inherit the preset's separate evaluation source."""
         if not isinstance(data, dict):
             return data
-        preset = data.get("preset", "stack-exchange-paired")
-        if preset not in PRESETS:
+        preset = PRESETS.get(data.get("preset", "stack-exchange-paired"))
+        if preset is None:
             return data
         merged = dict(data)
-        for stage, defaults in PRESETS[preset].items():
+        for stage, defaults in preset.items():
             given = data.get(stage)
             if given is None:
                 merged[stage] = defaults
             elif isinstance(given, dict):
-                merged[stage] = {**defaults, **given}
+                inherited = {k: v for k, v in defaults.items() if not (k == "evalSource" and "source" in given)}
+                merged[stage] = {**inherited, **given}
         return merged
 
     @model_validator(mode="after")
     def _dpo_required(self) -> DataSpec:
         if self.dpo is None:
-            raise ValueError("dpo is required when preset is null")
+            raise ValueError("dpo is required when preset is none")
         return self
 
 
@@ -444,7 +447,7 @@ class DPOJobSpec(SpecModel):
         if self.output.hub is None and self.output.directory is None:
             raise ValueError("output needs hub or directory (or both): the merged model has to go somewhere")
         if self.sft.enabled and self.data.sft is None:
-            raise ValueError("data.sft is required when sft.enabled is true and data.preset is null")
+            raise ValueError("data.sft is required when sft.enabled is true and data.preset is none")
         return self
 
 

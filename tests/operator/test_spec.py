@@ -75,12 +75,18 @@ def test_dataset_source_needs_exactly_one_kind() -> None:
     raw = {
         **OUT,
         "data": {
-            "preset": None,
+            "preset": "none",
             "dpo": {"source": {}, "promptTemplate": "{q}", "chosenTemplate": "{a}", "rejectedTemplate": "{b}"},
         },
         "sft": {"enabled": False},
     }
     assert "spec.data.dpo.source: set exactly one of hub or files" in errors_of(raw)
+
+
+def test_a_stage_with_its_own_source_does_not_inherit_the_preset_eval_source() -> None:
+    own = {"source": {"files": {"paths": ["/data/p.jsonl"]}}}
+    data = DPOJobSpec.model_validate({**OUT, "data": {"dpo": own}}).data
+    assert data.dpo.eval_source is None and data.dpo.prompt_template.startswith("Question: ")
 
 
 def test_whole_document_is_read() -> None:
