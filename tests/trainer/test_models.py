@@ -56,3 +56,24 @@ def test_four_bit_load_runs_on_cpu(quant_type: str) -> None:
     assert not any(p.requires_grad for p in model.parameters())  # frozen base, ready for an adapter
     logits = model(torch.tensor([[0, 5, 9]])).logits
     assert logits.shape == (1, 3, model.config.vocab_size) and torch.isfinite(logits).all()
+
+
+def test_qlora_gradients_survive_an_evaluation_on_cpu() -> None:
+    """Regression: bitsandbytes' CPU eval repacking used to cut every gradient through the 4-bit layers."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    spec = load_job(QUICKSTART).spec
+    lora = LoraConfig(target_modules=["q_proj"], init_lora_weights=False)
+    model = get_peft_model(load_model(spec, str(TINY_MODEL), quantized=True), lora)
+    tokens = torch.tensor([[0, 5, 9, 33, 44, 55]])
+    grads = []
+    for _ in range(2):
+        model.train()
+        model.zero_grad()
+        model(tokens, labels=tokens).loss.backward()
+        grads.append(next(p.grad for n, p in model.named_parameters() if "layers.0." in n and "lora_A" in n))
+        model.eval()
+        with torch.no_grad():
+            model(tokens)
+    assert grads[1] is not None and torch.allclose(grads[0], grads[1])

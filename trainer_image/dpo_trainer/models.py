@@ -97,8 +97,21 @@ def load_model(
     if quant is not None:
         from peft import prepare_model_for_kbit_training
 
+        keep_4bit_weights_trainable_on_cpu(model)
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
+
+
+def keep_4bit_weights_trainable_on_cpu(model: torch.nn.Module) -> None:
+    """Stop bitsandbytes 0.50 from repacking 4-bit weights for its CPU inference kernel during evaluation.
+
+    On CPUs with AVX512-BF16, the first eval-mode forward converts every Linear4bit to a layout served by
+    `gemv_4bit`, which has no backward: all later training steps silently get no gradient through the
+    frozen layers, so most LoRA adapters stop learning. The flag below is what gates that conversion.
+    """
+    for module in model.modules():
+        if hasattr(module, "support_avx512bf16_for_cpu"):
+            module.support_avx512bf16_for_cpu = False
 
 
 def lora_config(lora: LoRASpec) -> LoraConfig:
