@@ -88,8 +88,7 @@ def render_card(ctx: RunContext, dpo_metrics: dict[str, float], sft_metrics: dic
     sections = [
         f"---\n{yaml.safe_dump(front, sort_keys=False).strip()}\n---",
         f"# {name}",
-        f"`{model_name}` aligned with Direct Preference Optimization by "
-        f"[dpo-operator](https://github.com/dpo-operator/dpo-operator): {chain}.",
+        f"`{model_name}` aligned with Direct Preference Optimization by dpo-operator: {chain}.",
         "## DPO results (final)",
         metrics_table(dpo_metrics) if dpo_metrics else "No metrics were logged.",
         f"![Reward margins and accuracies over training steps]({PLOT})",

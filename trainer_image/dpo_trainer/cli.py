@@ -1,8 +1,8 @@
 """`dpo-trainer run SPEC.yaml [--output DIR]`: the trainer pod's entrypoint, also runnable on a laptop.
 
 SPEC.yaml is the very DPOJob a user applies with kubectl (multi-document files are fine; the DPOJob
-document is used). Heavy libraries are imported only after the spec validates, so `--help` and spec
-errors answer in well under a second.
+document is used). Heavy libraries (torch, transformers, TRL) are imported by the stages that need them,
+so `--help` and spec errors answer in well under a second.
 
 Environment:
     HF_TOKEN                      Hub token (gated models, private datasets, pushes); never printed
@@ -25,8 +25,11 @@ from pathlib import Path
 from types import FrameType
 from typing import TextIO
 
+from dpo_trainer import pipeline
+from dpo_trainer.context import is_main_process
 from dpo_trainer.errors import ALL_ERRORS, Interrupted, TrainerError, classify, one_line, scrub
 from dpo_trainer.progress import Reporter, write_termination_message
+from dpo_trainer.specfile import load_job, resolve_local_paths, spec_as_yaml_dict
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -99,18 +102,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     token = os.environ.get("HF_TOKEN") or None
     secrets = (token,) if token else ()
-    reporter = Reporter(claim_stdout(), enabled=int(os.environ.get("RANK", "0")) == 0, secrets=secrets)
+    reporter = Reporter(claim_stdout(), enabled=is_main_process(), secrets=secrets)
     signal.signal(signal.SIGTERM, _raise_interrupted)
     out_dir: Path | None = None
     started = time.monotonic()
     try:
-        from dpo_trainer.specfile import load_job, resolve_local_paths, spec_as_yaml_dict
-
         job = load_job(args.spec)
         spec = resolve_local_paths(job.spec)
         out_dir = (args.output or Path(spec.checkpointing.directory)).expanduser().absolute()
-        from dpo_trainer import pipeline
-
         metadata = {"name": job.metadata.get("name", "model"), "given_spec": spec_as_yaml_dict(job.spec)}
         summary = pipeline.run(spec, out_dir, reporter, token, metadata)
     except (Exception, KeyboardInterrupt) as exc:

@@ -21,8 +21,6 @@ from dpo_trainer.errors import DatasetError, reraise
 if TYPE_CHECKING:
     from datasets import Dataset
 
-SPLITS = ("sft_train", "sft_eval", "dpo_train", "dpo_eval")
-
 
 def load_source(source: DatasetSource, field_path: str, token: str | None) -> Dataset:
     """Load one split from the Hub or from local files; every failure names the spec field."""

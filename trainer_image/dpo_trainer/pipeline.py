@@ -14,6 +14,9 @@ Where each stage writes, under the work directory DIR:
 
 plus DIR/state.json (stage bookkeeping), DIR/summary.json and, after a failure, DIR/debug.log.
 sft.enabled=false skips sft and sft_merge; push runs only when output.hub is set.
+
+summary.json "stages" maps each stage to {"seconds", "skipped"}; for a stage skipped because an earlier
+run finished it, "seconds" is what it took then (its stage_end event reports 0 for this run).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from dpo_trainer.context import (
 )
 from dpo_trainer.progress import Reporter
 from dpo_trainer.specfile import spec_as_yaml_dict
+from dpo_trainer.training import stage_metrics
 
 KEY_METRICS_PREFIXES = ("rewards/", "eval_")
 
@@ -130,6 +134,7 @@ def key_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
 
 
 def model_location(ctx: RunContext) -> dict[str, Any]:
+    """Where the model ended up: directory (output.directory, else DIR/model) and, once pushed, the commit."""
     location: dict[str, Any] = {"directory": ctx.spec.output.directory or str(ctx.out_dir / "model")}
     if ctx.spec.output.hub is not None:
         location.update(ctx.read_json("push", "result.json") or {})
@@ -137,16 +142,14 @@ def model_location(ctx: RunContext) -> dict[str, Any]:
 
 
 def build_summary(ctx: RunContext) -> dict[str, Any]:
-    from dpo_trainer.training import stage_metrics
-
-    summary: dict[str, Any] = {
+    """DIR/summary.json and the `done` event: final metrics, stage timings, row counts, model location."""
+    return {
         "metrics": stage_metrics(ctx, "dpo"),
         "sftMetrics": stage_metrics(ctx, "sft") if ctx.spec.sft.enabled else {},
         "stages": ctx.timings,
         "data": ctx.read_json("data", "stats.json") or {},
         "model": model_location(ctx),
     }
-    return summary
 
 
 def run(

@@ -8,68 +8,18 @@ log history to DIR/<stage>/log_history.json (the model card plots it).
 
 from __future__ import annotations
 
-import os
-import signal
 from pathlib import Path
-from typing import Any
-
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from typing import TYPE_CHECKING, Any
 
 from dpo_trainer.context import RunContext
 from dpo_trainer.data import load_split
 from dpo_trainer.errors import DatasetError, Interrupted, TrainingError, reraise
-from dpo_trainer.models import lora_config, trainer_arguments
-from dpo_trainer.progress import Reporter
+
+if TYPE_CHECKING:
+    from transformers import Trainer
 
 ADAPTER_DIR = "adapter"
 LOG_HISTORY = "log_history.json"
-TEST_KILL_ENV = "DPO_TRAINER_TEST_KILL_AT"
-"""Test hook, `<stage>:<step>`: SIGKILL the process right after that optimizer step (simulates preemption)."""
-
-
-class ProgressCallback(TrainerCallback):
-    """Turns every Trainer log (train, eval, final summary) into one `log` progress event."""
-
-    def __init__(self, reporter: Reporter, stage: str) -> None:
-        self.reporter = reporter
-        self.stage = stage
-
-    def on_log(
-        self,
-        args: TrainingArguments,
-        state: TrainerState,
-        control: TrainerControl,
-        logs: dict[str, Any] | None = None,
-        **kwargs: Any,
-    ) -> None:
-        if state.is_world_process_zero and logs:
-            self.reporter.emit(
-                "log",
-                stage=self.stage,
-                step=state.global_step,
-                totalSteps=state.max_steps,
-                epoch=state.epoch,
-                metrics=dict(logs),
-            )
-
-
-class KillAtStep(TrainerCallback):
-    """See TEST_KILL_ENV: dies without any cleanup, like a node loss, to prove resume works."""
-
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl, **kwargs: Any) -> None:
-        if state.global_step == self.step:
-            os.kill(os.getpid(), signal.SIGKILL)
-
-
-def callbacks(ctx: RunContext, stage: str) -> list[TrainerCallback]:
-    result: list[TrainerCallback] = [ProgressCallback(ctx.reporter, stage)]
-    target, _, step = os.environ.get(TEST_KILL_ENV, "").partition(":")
-    if target == stage and step.isdigit():
-        result.append(KillAtStep(int(step)))
-    return result
 
 
 def latest_checkpoint(stage_dir: Path) -> str | None:
@@ -120,7 +70,8 @@ def run_sft(ctx: RunContext) -> None:
     """QLoRA SFT of the base model on the rendered `text` column."""
     from trl import SFTConfig, SFTTrainer
 
-    from dpo_trainer.models import load_model, load_tokenizer
+    from dpo_trainer.callbacks import callbacks
+    from dpo_trainer.models import load_model, load_tokenizer, lora_config, trainer_arguments
 
     spec = ctx.spec
     train = load_split(ctx, "sft_train")
@@ -168,7 +119,8 @@ def run_dpo(ctx: RunContext) -> None:
     """DPO with a fresh LoRA; the reference is the same model with the adapter disabled (no second copy)."""
     from trl import DPOConfig, DPOTrainer
 
-    from dpo_trainer.models import load_model, load_tokenizer
+    from dpo_trainer.callbacks import callbacks
+    from dpo_trainer.models import load_model, load_tokenizer, lora_config, trainer_arguments
 
     spec = ctx.spec
     train = load_split(ctx, "dpo_train")
