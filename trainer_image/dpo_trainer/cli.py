@@ -115,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     except (Exception, KeyboardInterrupt) as exc:
         return fail(classify(exc), exc, reporter, out_dir, secrets)
     reporter.emit("done", summary=summary)
+    if not is_main_process():
+        return 0
     metrics = summary["metrics"]
     write_termination_message(
         {"reason": "Succeeded", "metrics": pipeline.key_metrics(metrics), "model": summary["model"]}, secrets
