@@ -263,26 +263,33 @@ def stack_exchange_on_hub(hub: LocalHub, tmp_path_factory: pytest.TempPathFactor
     return repo_id
 
 
-def test_preset_dataset_loads_from_the_hub(hub: LocalHub, stack_exchange_on_hub: str, tmp_path: Path) -> None:
-    """data.preset stack-exchange-paired: every split comes from the (local) Hub via `resolve`, with a token."""
+def test_preset_dataset_from_the_hub_without_sft(hub: LocalHub, stack_exchange_on_hub: str, tmp_path: Path) -> None:
+    """data.preset stack-exchange-paired read from the (local) Hub with a token; sft.enabled=false starts DPO from
+    the base; a combined loss (RPO-style sigmoid + sft) with precomputed reference log-probs."""
     job = quickstart_job(
         quantization={"mode": "none"},
-        sft={"maxSteps": 2, "loggingSteps": 1, "evalSteps": 2},
-        dpo={"maxSteps": 2, "loggingSteps": 1, "evalSteps": 2},
+        sft={"enabled": False},
+        dpo={
+            "maxSteps": 4,
+            "loggingSteps": 2,
+            "evalSteps": 4,
+            "lossType": ["sigmoid", "sft"],
+            "lossWeights": [1.0, 0.5],
+            "precomputeRefLogProbs": True,
+        },
         output={"directory": str(tmp_path / "final-model")},
     )
-    job["spec"]["data"] = {"preset": "stack-exchange-paired", "sft": {"evalSize": 16}}
+    job["spec"]["data"] = {"preset": "stack-exchange-paired"}
     run = run_cli(job, tmp_path, "hubdata", env=hub_env(hub))
     assert run.returncode == 0, run.stderr[-3000:]
-    assert run.summary()["data"] == {
-        "sft_train": 304,
-        "sft_eval": 16,
-        "dpo_train": 200,
-        "dpo_eval": 40,
-        "dpo_train_dropped_long_prompts": 0,
-    }
+    assert list(run.stage_ends()) == ["data", "dpo", "dpo_merge", "model_card"]
+    summary = run.summary()
+    assert summary["data"] == {"dpo_train": 200, "dpo_eval": 40, "dpo_train_dropped_long_prompts": 0}
+    assert summary["sftMetrics"] == {} and "eval_rewards/margins" in summary["metrics"]
     card = (tmp_path / "final-model" / "README.md").read_text()
-    assert yaml.safe_load(card.split("---\n")[1])["datasets"] == [stack_exchange_on_hub]
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["datasets"] == [stack_exchange_on_hub] and "sft" not in front["tags"]
+    assert "## SFT results" not in card
 
 
 @pytest.mark.usefixtures("stack_exchange_on_hub")
