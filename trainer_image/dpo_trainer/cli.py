@@ -27,7 +27,7 @@ from typing import TextIO
 
 from dpo_trainer import pipeline
 from dpo_trainer.context import is_main_process
-from dpo_trainer.errors import ALL_ERRORS, Interrupted, TrainerError, classify, one_line, scrub
+from dpo_trainer.errors import ALL_ERRORS, TrainerError, classify, one_line, scrub
 from dpo_trainer.progress import Reporter, write_termination_message
 from dpo_trainer.specfile import load_job, resolve_local_paths, spec_as_yaml_dict
 
@@ -73,7 +73,11 @@ def claim_stdout() -> TextIO:
 
 
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    raise Interrupted(f"received {signal.Signals(signum).name}; rerun with the same output directory to resume")
+    """SIGTERM outside training (the Trainer installs its own, checkpointing handler while it trains).
+
+    A KeyboardInterrupt, not an Exception, so no library's `except Exception` swallows it on the way up.
+    """
+    raise KeyboardInterrupt(f"received {signal.Signals(signum).name}; rerun with the same output directory to resume")
 
 
 def fail(

@@ -140,7 +140,7 @@ def classify(exc: BaseException, default: type[TrainerError] = TrainingError, co
     if isinstance(exc, TrainerError):
         return exc
     if isinstance(exc, KeyboardInterrupt):
-        return Interrupted("interrupted; rerun with the same output directory to resume")
+        return Interrupted(str(exc) or "interrupted; rerun with the same output directory to resume")
     chain = list(_chain(exc))
     prefix = f"{context}: " if context else ""
     detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
