@@ -1,7 +1,7 @@
 """Fixtures for the trainer tests: the CLI run as a subprocess on the tiny assets, offline, one thread.
 
 End-to-end runs are expensive (imports alone cost seconds), so one full quickstart run with a push to a
-local Hub is shared by every test of tests/trainer/test_pipeline.py through the session fixture
+local Hub is shared by the tests of every module that checks its results, through the session fixture
 `quickstart_run`.
 """
 
@@ -21,6 +21,7 @@ import pytest
 import yaml
 
 from dpo_operator.dev.hub import LocalHub
+from dpo_trainer.errors import ALL_ERRORS
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "examples" / "assets"
@@ -168,3 +169,52 @@ def quickstart_run(tmp_path_factory: pytest.TempPathFactory, hub: LocalHub) -> C
     run = run_cli(job, tmp, "quickstart", env=hub_env(hub))
     assert run.returncode == 0, run.stderr[-4000:]
     return run
+
+
+# What DPOTrainer logs at every logging step (eval_* versions at evaluation).
+DPO_KEYS = {
+    "loss",
+    "grad_norm",
+    "learning_rate",
+    "rewards/chosen",
+    "rewards/rejected",
+    "rewards/accuracies",
+    "rewards/margins",
+    "logps/chosen",
+    "logps/rejected",
+    "logits/chosen",
+    "logits/rejected",
+}
+
+
+@pytest.fixture(scope="session")
+def stack_exchange_on_hub(hub: LocalHub, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """The seed's dataset layout (data/finetune, data/rl, data/evaluation) as a private repo on the local Hub."""
+    from huggingface_hub import HfApi
+
+    repo_id = "lvwerra/stack-exchange-paired"
+    api = HfApi(endpoint=hub.url, token=HUB_TOKEN)
+    api.create_repo(repo_id, repo_type="dataset", private=True)
+    rows = TINY_DATA.read_text().splitlines(keepends=True)
+    folder = tmp_path_factory.mktemp("dataset")
+    for data_dir, part in (("finetune", rows), ("rl", rows[:200]), ("evaluation", rows[200:240])):
+        (folder / "data" / data_dir).mkdir(parents=True)
+        (folder / "data" / data_dir / "train.jsonl").write_text("".join(part))
+    api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=folder)
+    return repo_id
+
+
+def assert_failed(run: CliRun, reason: str, *fragments: str) -> str:
+    """The failure contract; returns the one stderr line for further checks."""
+    code = {e.reason: e.exit_code for e in ALL_ERRORS}[reason]
+    assert run.returncode == code, run.stderr[-3000:]
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"dpo-trainer: {reason}: "), last
+    assert "Traceback" not in run.stderr
+    for fragment in fragments:
+        assert fragment in last
+    assert run.termination == {"reason": reason, "message": run.termination["message"]}
+    assert "\n" not in run.termination["message"]
+    events = run.events
+    assert events[-1]["event"] == "error" and events[-1]["reason"] == reason
+    return last

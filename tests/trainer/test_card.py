@@ -7,10 +7,12 @@ from pathlib import Path
 
 import yaml
 
-from dpo_operator.spec import DPOJobSpec
+from dpo_operator.spec import DPOJob, DPOJobSpec
 from dpo_trainer.card import metrics_table, plot_training_curves, render_card
 from dpo_trainer.context import RunContext, RunState
 from dpo_trainer.progress import Reporter
+
+from .conftest import CliRun
 
 
 def _context(tmp_path: Path, spec: DPOJobSpec, token: str | None = None) -> RunContext:
@@ -63,3 +65,19 @@ def test_plot_is_a_png_even_without_eval(tmp_path: Path) -> None:
     history = [{"step": s, "rewards/margins": s / 10, "rewards/accuracies": 0.5 + s / 20} for s in (1, 2, 3)]
     plot_training_curves(history, str(tmp_path / "curves.png"))
     assert (tmp_path / "curves.png").read_bytes().startswith(b"\x89PNG")
+
+
+def test_model_card_holds_front_matter_metrics_plot_and_spec(quickstart_run: CliRun) -> None:
+    card = (quickstart_run.out_dir / "model" / "README.md").read_text()
+    _, front_text, body = card.split("---\n", 2)
+    front = yaml.safe_load(front_text)
+    assert front["library_name"] == "transformers"
+    assert {"trl", "dpo"} <= set(front["tags"])
+    margins = quickstart_run.summary()["metrics"]["rewards/margins"]
+    assert f"| rewards/margins | {margins:.4g} |" in body
+    assert "](training_curves.png)" in body
+    png = (quickstart_run.out_dir / "model" / "training_curves.png").read_bytes()
+    assert png.startswith(b"\x89PNG") and len(png) > 10_000
+    spec_yaml = body.split("```yaml\n", 1)[1].split("```", 1)[0]
+    written = yaml.safe_load((quickstart_run.out_dir.parent / "quickstart.yaml").read_text())
+    assert yaml.safe_load(spec_yaml) == DPOJob.model_validate(written).spec.model_dump(mode="json", by_alias=True)

@@ -5,15 +5,17 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from datasets import Dataset
 
+from dpo_operator.dev.hub import LocalHub
 from dpo_operator.spec import DatasetSource
 from dpo_trainer.data import Template, drop_long_prompts, hold_out, limit, load_source, render
 from dpo_trainer.errors import DatasetError
 from dpo_trainer.models import load_tokenizer
 from dpo_trainer.specfile import load_job
 
-from .conftest import QUICKSTART, TINY_DATA, TINY_MODEL
+from .conftest import QUICKSTART, TINY_DATA, TINY_MODEL, hub_env, quickstart_job, run_cli
 
 SEED_TEMPLATES = [
     Template("prompt", "promptTemplate", "Question: {question}\n\nAnswer: "),
@@ -69,3 +71,44 @@ def test_load_local_files_and_report_missing_ones(tmp_path: Path) -> None:
     empty = DatasetSource.model_validate({"files": {"paths": [str(tmp_path / "empty.jsonl")]}})
     with pytest.raises(DatasetError):
         load_source(empty, "data.dpo.source", None)
+
+
+def test_preset_dataset_from_the_hub_without_sft(hub: LocalHub, stack_exchange_on_hub: str, tmp_path: Path) -> None:
+    """data.preset stack-exchange-paired read from the (local) Hub with a token; sft.enabled=false starts DPO from
+    the base; a combined loss (RPO-style sigmoid + sft) with precomputed reference log-probs."""
+    job = quickstart_job(
+        quantization={"mode": "none"},
+        sft={"enabled": False},
+        dpo={
+            "maxSteps": 4,
+            "loggingSteps": 2,
+            "evalSteps": 4,
+            "lossType": ["sigmoid", "sft"],
+            "lossWeights": [1.0, 0.5],
+            "precomputeRefLogProbs": True,
+        },
+        output={"directory": str(tmp_path / "final-model")},
+    )
+    job["spec"]["data"] = {"preset": "stack-exchange-paired"}
+    run = run_cli(job, tmp_path, "hubdata", env=hub_env(hub))
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert list(run.stage_ends()) == ["data", "dpo", "dpo_merge", "model_card"]
+    summary = run.summary()
+    assert summary["data"] == {"dpo_train": 200, "dpo_eval": 40, "dpo_train_dropped_long_prompts": 0}
+    assert summary["sftMetrics"] == {} and "eval_rewards/margins" in summary["metrics"]
+    card = (tmp_path / "final-model" / "README.md").read_text()
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["datasets"] == [stack_exchange_on_hub] and "sft" not in front["tags"]
+    assert "## SFT results" not in card
+
+
+@pytest.mark.usefixtures("stack_exchange_on_hub")
+@pytest.mark.parametrize("token", ["wrong-token-123456", ""])
+def test_hub_dataset_with_a_bad_token_is_an_auth_or_dataset_error(hub: LocalHub, tmp_path: Path, token: str) -> None:
+    job = quickstart_job(output={"directory": str(tmp_path / "final-model")})
+    job["spec"]["data"] = {"preset": "stack-exchange-paired"}
+    run = run_cli(job, tmp_path, "baddata", env=hub_env(hub, token))
+    expected = "HubAuthError" if token else "DatasetError"  # private repos look missing without a token
+    assert run.returncode == (5 if token else 3), run.stderr[-3000:]
+    assert run.termination["reason"] == expected
+    assert run.stderr.splitlines()[-1].startswith(f"dpo-trainer: {expected}: ")

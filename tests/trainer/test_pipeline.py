@@ -1,4 +1,4 @@
-"""End to end through the CLI: the quickstart with a push, resume after a kill, and the Hub-dataset path."""
+"""End to end through the CLI: stage order, learning, summary and termination message, reruns, resume."""
 
 from __future__ import annotations
 
@@ -7,23 +7,20 @@ import signal
 import subprocess
 from pathlib import Path
 
-import pytest
 import yaml
 
 from dpo_operator.dev.hub import LocalHub
-from dpo_operator.spec import DPOJob
 from dpo_trainer.pipeline import STAGES, plan
 from dpo_trainer.specfile import load_job
 from dpo_trainer.training import latest_checkpoint
 
 from .conftest import (
+    DPO_KEYS,
     HUB_TOKEN,
     PUSH_BRANCH,
     PUSH_REPO,
     QUICKSTART,
     REPO,
-    TINY_DATA,
-    TINY_MODEL,
     CliRun,
     cli_command,
     hub_env,
@@ -32,19 +29,6 @@ from .conftest import (
 )
 
 ALL_STAGES = ["data", "sft", "sft_merge", "dpo", "dpo_merge", "model_card", "push"]
-DPO_KEYS = {
-    "loss",
-    "grad_norm",
-    "learning_rate",
-    "rewards/chosen",
-    "rewards/rejected",
-    "rewards/accuracies",
-    "rewards/margins",
-    "logps/chosen",
-    "logps/rejected",
-    "logits/chosen",
-    "logits/rejected",
-}
 
 
 def test_stdout_holds_only_progress_events_in_stage_order(quickstart_run: CliRun) -> None:
@@ -57,17 +41,6 @@ def test_stdout_holds_only_progress_events_in_stage_order(quickstart_run: CliRun
     assert all(e["skipped"] is False and e["seconds"] >= 0 for e in ends.values())
     assert events[-1]["event"] == "done"
     assert not [e for e in events if e["event"] == "error"]
-
-
-def test_log_events_carry_step_totals_and_every_metric(quickstart_run: CliRun) -> None:
-    logs = quickstart_run.logs("dpo")
-    assert [e["step"] for e in logs] == [5, 10, 15, 20, 25, 30, 35, 40]
-    assert all(e["totalSteps"] == 40 and e["epoch"] > 0 for e in logs)
-    assert all(set(e["metrics"]) >= DPO_KEYS for e in logs)
-    evals = [e for e in quickstart_run.events if e["event"] == "log" and "eval_loss" in e["metrics"]]
-    assert {e["stage"] for e in evals} == {"sft", "dpo"}
-    assert {f"eval_{k}" for k in DPO_KEYS - {"grad_norm", "learning_rate"}} <= set(evals[-1]["metrics"])
-    assert [e["step"] for e in quickstart_run.logs("sft")] == [5, 10, 15, 20, 25, 30]
 
 
 def test_sft_and_dpo_learn(quickstart_run: CliRun) -> None:
@@ -101,58 +74,6 @@ def test_summary_and_termination_message(quickstart_run: CliRun) -> None:
     assert message["metrics"]["rewards/margins"] == metrics["rewards/margins"]
     assert all(k == "loss" or k.startswith(("rewards/", "eval_")) for k in message["metrics"])
     assert "rewards/accuracies" in quickstart_run.stderr.splitlines()[-1]
-
-
-def test_merged_model_reloads_and_differs_from_base(quickstart_run: CliRun) -> None:
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    final = Path(quickstart_run.summary()["model"]["directory"])
-    work_copy = quickstart_run.out_dir / "model"
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "training_curves.png"):
-        assert (final / name).read_bytes() == (work_copy / name).read_bytes(), name
-    base = AutoModelForCausalLM.from_pretrained(TINY_MODEL).state_dict()
-    merged_model = AutoModelForCausalLM.from_pretrained(final)
-    merged = merged_model.state_dict()
-    assert set(merged) == set(base)  # adapters were merged away: plain Llama weights only
-    changed = [k for k in base if not torch.equal(base[k], merged[k])]
-    assert any("q_proj" in k for k in changed) and any("down_proj" in k for k in changed)
-    tokenizer = AutoTokenizer.from_pretrained(final)
-    inputs = tokenizer("Question: How do I reverse a list in Python?\n\nAnswer: ", return_tensors="pt")
-    assert merged_model.generate(**inputs, max_new_tokens=3, do_sample=False).shape[1] > inputs["input_ids"].shape[1]
-
-
-def test_model_card_holds_front_matter_metrics_plot_and_spec(quickstart_run: CliRun) -> None:
-    card = (quickstart_run.out_dir / "model" / "README.md").read_text()
-    _, front_text, body = card.split("---\n", 2)
-    front = yaml.safe_load(front_text)
-    assert front["library_name"] == "transformers"
-    assert {"trl", "dpo"} <= set(front["tags"])
-    margins = quickstart_run.summary()["metrics"]["rewards/margins"]
-    assert f"| rewards/margins | {margins:.4g} |" in body
-    assert "](training_curves.png)" in body
-    png = (quickstart_run.out_dir / "model" / "training_curves.png").read_bytes()
-    assert png.startswith(b"\x89PNG") and len(png) > 10_000
-    spec_yaml = body.split("```yaml\n", 1)[1].split("```", 1)[0]
-    written = yaml.safe_load((quickstart_run.out_dir.parent / "quickstart.yaml").read_text())
-    assert yaml.safe_load(spec_yaml) == DPOJob.model_validate(written).spec.model_dump(mode="json", by_alias=True)
-
-
-def test_pushed_files_download_identical(quickstart_run: CliRun, hub: LocalHub, tmp_path: Path) -> None:
-    from huggingface_hub import HfApi, snapshot_download
-
-    api = HfApi(endpoint=hub.url, token=HUB_TOKEN)
-    assert api.model_info(PUSH_REPO).private is True
-    head = api.list_repo_commits(PUSH_REPO, revision=PUSH_BRANCH)[0].commit_id
-    assert head == quickstart_run.summary()["model"]["commitSha"]
-    local = quickstart_run.out_dir / "model"
-    downloaded = Path(
-        snapshot_download(PUSH_REPO, revision=PUSH_BRANCH, endpoint=hub.url, token=HUB_TOKEN, cache_dir=tmp_path)
-    )
-    expected = {p.name: p.read_bytes() for p in local.iterdir() if p.is_file()}
-    got = {p.name: p.read_bytes() for p in downloaded.iterdir() if p.is_file() and p.name != ".gitattributes"}
-    assert got == expected
-    assert {"model.safetensors", "tokenizer.json", "README.md", "training_curves.png"} <= set(got)
 
 
 def test_token_never_leaks(quickstart_run: CliRun) -> None:
@@ -244,61 +165,3 @@ def test_resume_after_a_kill_during_dpo(tmp_path: Path) -> None:
     assert [e["step"] for e in second.logs("dpo")] == [6, 8, 10]
     history = json.loads((second.out_dir / "dpo" / "log_history.json").read_text())
     assert [e["step"] for e in history if "loss" in e] == [2, 4, 6, 8, 10]
-
-
-@pytest.fixture(scope="session")
-def stack_exchange_on_hub(hub: LocalHub, tmp_path_factory: pytest.TempPathFactory) -> str:
-    """The seed's dataset layout (data/finetune, data/rl, data/evaluation) as a private repo on the local Hub."""
-    from huggingface_hub import HfApi
-
-    repo_id = "lvwerra/stack-exchange-paired"
-    api = HfApi(endpoint=hub.url, token=HUB_TOKEN)
-    api.create_repo(repo_id, repo_type="dataset", private=True)
-    rows = TINY_DATA.read_text().splitlines(keepends=True)
-    folder = tmp_path_factory.mktemp("dataset")
-    for data_dir, part in (("finetune", rows), ("rl", rows[:200]), ("evaluation", rows[200:240])):
-        (folder / "data" / data_dir).mkdir(parents=True)
-        (folder / "data" / data_dir / "train.jsonl").write_text("".join(part))
-    api.upload_folder(repo_id=repo_id, repo_type="dataset", folder_path=folder)
-    return repo_id
-
-
-def test_preset_dataset_from_the_hub_without_sft(hub: LocalHub, stack_exchange_on_hub: str, tmp_path: Path) -> None:
-    """data.preset stack-exchange-paired read from the (local) Hub with a token; sft.enabled=false starts DPO from
-    the base; a combined loss (RPO-style sigmoid + sft) with precomputed reference log-probs."""
-    job = quickstart_job(
-        quantization={"mode": "none"},
-        sft={"enabled": False},
-        dpo={
-            "maxSteps": 4,
-            "loggingSteps": 2,
-            "evalSteps": 4,
-            "lossType": ["sigmoid", "sft"],
-            "lossWeights": [1.0, 0.5],
-            "precomputeRefLogProbs": True,
-        },
-        output={"directory": str(tmp_path / "final-model")},
-    )
-    job["spec"]["data"] = {"preset": "stack-exchange-paired"}
-    run = run_cli(job, tmp_path, "hubdata", env=hub_env(hub))
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert list(run.stage_ends()) == ["data", "dpo", "dpo_merge", "model_card"]
-    summary = run.summary()
-    assert summary["data"] == {"dpo_train": 200, "dpo_eval": 40, "dpo_train_dropped_long_prompts": 0}
-    assert summary["sftMetrics"] == {} and "eval_rewards/margins" in summary["metrics"]
-    card = (tmp_path / "final-model" / "README.md").read_text()
-    front = yaml.safe_load(card.split("---\n")[1])
-    assert front["datasets"] == [stack_exchange_on_hub] and "sft" not in front["tags"]
-    assert "## SFT results" not in card
-
-
-@pytest.mark.usefixtures("stack_exchange_on_hub")
-@pytest.mark.parametrize("token", ["wrong-token-123456", ""])
-def test_hub_dataset_with_a_bad_token_is_an_auth_or_dataset_error(hub: LocalHub, tmp_path: Path, token: str) -> None:
-    job = quickstart_job(output={"directory": str(tmp_path / "final-model")})
-    job["spec"]["data"] = {"preset": "stack-exchange-paired"}
-    run = run_cli(job, tmp_path, "baddata", env=hub_env(hub, token))
-    expected = "HubAuthError" if token else "DatasetError"  # private repos look missing without a token
-    assert run.returncode == (5 if token else 3), run.stderr[-3000:]
-    assert run.termination["reason"] == expected
-    assert run.stderr.splitlines()[-1].startswith(f"dpo-trainer: {expected}: ")
