@@ -17,7 +17,7 @@ from kubernetes.client.exceptions import ApiException
 from urllib3.exceptions import HTTPError, ProtocolError, ReadTimeoutError
 
 from .manifests import CONTAINER
-from .progress import TrainerProgress
+from .progress import TrainerProgress, parse_line
 
 log = logging.getLogger(__name__)
 _READ_TIMEOUT = 120.0
@@ -67,21 +67,22 @@ class _Follower(threading.Thread):
         already, seen = self.progress.events_seen, 0
         buffer = b""
         try:
-            for chunk in response.stream(4096):
+            # read1 returns whatever arrived; stream(n) would wait for n bytes and delay progress by minutes.
+            while chunk := response.read1(65536):
                 if self.stopping.is_set():
                     return True
                 buffer += chunk
                 *lines, buffer = buffer.split(b"\n")
                 for raw in lines:
-                    line = raw.decode("utf-8", "replace")
-                    if line.lstrip().startswith("{") and '"dpo-trainer/progress"' in line:
-                        seen += 1
-                        if seen <= already:
-                            continue
+                    event = parse_line(raw.decode("utf-8", "replace"))
+                    if event is None:
+                        continue
+                    seen += 1
+                    if seen <= already:
+                        continue  # folded before this stream was (re)opened
                     with self.progress_lock:
-                        fed = self.progress.feed(line)
-                    if fed:
-                        self.notify()
+                        self.progress.apply(event)
+                    self.notify()
         finally:
             response.release_conn()
         pod = self.core.read_namespaced_pod(self.pod, self.namespace)

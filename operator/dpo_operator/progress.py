@@ -35,13 +35,20 @@ REWARD_KEYS = {
 }
 
 
+_MARKER = '{"kind": "' + PROGRESS_KIND + '"'
+
+
 def parse_line(line: str) -> dict[str, Any] | None:
-    """The progress event in one log line, or None for any other line."""
-    line = line.strip()
-    if not line.startswith("{"):
+    """The progress event in one log line, or None for any other line.
+
+    The event may follow other output on the same line: a progress bar redrawn with carriage returns has no
+    newline of its own, and a container with a TTY (or a runtime merging stderr into stdout) glues them.
+    """
+    start = line.rfind(_MARKER)
+    if start < 0:
         return None
     try:
-        event = json.loads(line)
+        event = json.loads(line[start:])
     except ValueError:
         return None
     if not isinstance(event, dict) or event.get("kind") != PROGRESS_KIND:
@@ -76,6 +83,11 @@ class TrainerProgress:
         event = parse_line(line)
         if event is None:
             return False
+        self.apply(event)
+        return True
+
+    def apply(self, event: dict[str, Any]) -> None:
+        """Fold one progress event (in log order)."""
         self.events_seen += 1
         kind, stage, when = event.get("event"), event.get("stage"), event.get("time")
         if _finite(when):
@@ -98,7 +110,6 @@ class TrainerProgress:
             self.stage = "push"
             final = (event.get("summary") or {}).get("metrics") or {}
             self.metrics.update({k: float(v) for k, v in final.items() if _finite(v)})
-        return True
 
     @property
     def ordinal(self) -> tuple[int, int]:

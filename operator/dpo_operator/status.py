@@ -335,9 +335,10 @@ def _phase_event(status: dict[str, Any], old_phase: str | None) -> Event:
         return Event("Warning", failed.get("reason") or "Failed", failed.get("message") or "training failed")
     if phase == "Suspended":
         return Event("Normal", "Suspended", "suspended: trainer Job deleted; it resumes from its checkpoint")
+    if old_phase == "Suspended":
+        return Event("Normal", "Resumed", "resumed: the trainer continues from its newest checkpoint")
     if phase == "Running":
-        reason = "Resumed" if old_phase == "Suspended" else "Running"
-        return Event("Normal", reason, ready.get("message") or "trainer running")
+        return Event("Normal", "Running", ready.get("message") or "trainer running")
     kind = "Warning" if ready.get("reason") in _PENDING_WARNINGS else "Normal"
     return Event(kind, ready.get("reason") or "Pending", ready.get("message") or "waiting for the trainer")
 

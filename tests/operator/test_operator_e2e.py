@@ -18,6 +18,7 @@ import yaml
 
 from dpo_operator.dev.nodesim import Outcome
 from dpo_operator.dev.stack import LocalStack, kubectl, quickstart_for_cluster
+from dpo_operator.progress import parse_line
 
 NS = "e2e"
 pytestmark = pytest.mark.timeout(600)
@@ -28,6 +29,17 @@ def stack(admin_kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     with LocalStack(admin_kubeconfig, tmp_path_factory.mktemp("stack"), resync_seconds=3) as stack:
         stack.create_token_secret(NS)
         yield stack
+
+
+@pytest.fixture(scope="module")
+def hub_api(stack: LocalStack) -> Iterator[object]:
+    """A huggingface_hub client for the stack's local Hub (the test session is otherwise offline)."""
+    from huggingface_hub import HfApi, constants
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "HF_HUB_OFFLINE", False)
+        patch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        yield HfApi(endpoint=stack.hub.url, token=stack.hub_token)
 
 
 def apply(stack: LocalStack, document: dict, check: bool = True) -> str:
@@ -48,7 +60,7 @@ def phase(obj: dict) -> str | None:
 
 
 def condition(obj: dict, kind: str) -> dict:
-    return next(c for c in obj["status"]["conditions"] if c["type"] == kind)
+    return next((c for c in (obj.get("status") or {}).get("conditions", []) if c["type"] == kind), {})
 
 
 def events(stack: LocalStack, name: str) -> list[dict]:
@@ -101,10 +113,10 @@ def test_deep_invalid_spec_fails_and_a_spec_change_starts_a_new_run(stack: Local
 def test_unschedulable_and_image_pull_problems_are_surfaced(stack: LocalStack) -> None:
     common = {"output": {"hub": {"repoId": "demo/x"}}}
     apply(stack, dpojob("too-many-gpus", runtime={"gpus": 8}, **common))
-    obj = stack.wait_for(NS, "too-many-gpus", lambda o: condition(o, "Ready")["reason"] == "Unschedulable", 60)
+    obj = stack.wait_for(NS, "too-many-gpus", lambda o: condition(o, "Ready").get("reason") == "Unschedulable", 60)
     assert phase(obj) == "Pending" and "nvidia.com/gpu" in condition(obj, "Ready")["message"]
     apply(stack, dpojob("bad-image", runtime={"image": "registry.example/does-not-exist:1"}, **common))
-    obj = stack.wait_for(NS, "bad-image", lambda o: condition(o, "Ready")["reason"] == "ImagePullBackOff", 60)
+    obj = stack.wait_for(NS, "bad-image", lambda o: condition(o, "Ready").get("reason") == "ImagePullBackOff", 60)
     assert any(e["reason"] == "ImagePullBackOff" and e["type"] == "Warning" for e in events(stack, "bad-image"))
     for name in ("too-many-gpus", "bad-image"):
         kubectl(stack.admin_kubeconfig, "-n", NS, "delete", "dpojob", name, "--wait=false")
@@ -174,9 +186,12 @@ def test_deletion_cleans_up_children(stack: LocalStack) -> None:
 @pytest.fixture(scope="module")
 def quickstart_run(stack: LocalStack) -> dict:
     """Run the quickstart: kill -9 the operator during SFT, suspend during DPO, resume; record what was seen."""
-    kubectl(stack.admin_kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump(_checkpoint_volume()))
+    volume = _checkpoint_volume(stack.workdir / "checkpoints")
+    kubectl(stack.admin_kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump(volume))
     document = quickstart_for_cluster(NS)
     document["spec"]["runtime"]["checkpointVolume"] = {"claimName": "checkpoints"}
+    document["spec"]["dpo"].update(maxSteps=400, loggingSteps=5)  # long enough (~30 s) to suspend DPO midway
+    document["spec"]["checkpointing"]["saveSteps"] = 20
     apply(stack, document)
     seen: dict = {"statuses": [], "job_counts": set(), "restarted": False, "suspended": False, "resumed": False}
     deadline = time.monotonic() + 480
@@ -190,7 +205,11 @@ def quickstart_run(stack: LocalStack) -> dict:
             time.sleep(2)
             stack.operator.start()
             seen["restarted"] = True
-        if status.get("stage") == "dpo" and (status.get("progress") or {}).get("step", 0) > 0 and not seen["suspended"]:
+        if (
+            status.get("stage") == "dpo"
+            and (status.get("progress") or {}).get("step", 0) >= 40
+            and not seen["suspended"]
+        ):
             kubectl(stack.admin_kubeconfig, "-n", NS, "patch", "dpojob", "quickstart", "--type=merge",
                     "-p", '{"spec": {"suspend": true}}')  # fmt: skip
             seen["suspended_status"] = stack.wait_for(NS, "quickstart", lambda o: phase(o) == "Suspended", 60)["status"]
@@ -205,7 +224,7 @@ def quickstart_run(stack: LocalStack) -> dict:
     return seen
 
 
-def _checkpoint_volume() -> dict:
+def _checkpoint_volume(host_path: Path) -> dict:
     return {
         "apiVersion": "v1",
         "kind": "List",
@@ -217,7 +236,7 @@ def _checkpoint_volume() -> dict:
                 "spec": {
                     "capacity": {"storage": "1Gi"},
                     "accessModes": ["ReadWriteOnce"],
-                    "hostPath": {"path": "/tmp/e2e-checkpoints"},
+                    "hostPath": {"path": str(host_path)},
                     "storageClassName": "manual",
                 },
             },
@@ -243,14 +262,12 @@ def _pods(stack: LocalStack) -> list[str]:
     return [p["metadata"]["name"] for p in json.loads(raw)["items"] if not p["metadata"].get("deletionTimestamp")]
 
 
-def test_quickstart_succeeds_and_the_hub_holds_the_model(stack: LocalStack, quickstart_run: dict) -> None:
+def test_quickstart_succeeds_and_the_hub_holds_the_model(stack: LocalStack, quickstart_run: dict, hub_api) -> None:
     final = quickstart_run["final"]
     assert phase(final) == "Succeeded", final.get("status")
     model = final["status"]["model"]
     assert model["repoId"] == "demo/tiny-dpo" and model["commitUrl"].startswith(stack.hub.url)
-    from huggingface_hub import HfApi
-
-    files = HfApi(endpoint=stack.hub.url, token=stack.hub_token).list_repo_files("demo/tiny-dpo")
+    files = hub_api.list_repo_files("demo/tiny-dpo")
     assert {"model.safetensors", "config.json", "README.md"} <= set(files)
     assert condition(final, "Ready")["status"] == "True"
     assert final["status"]["observedGeneration"] == final["metadata"]["generation"]
@@ -282,11 +299,11 @@ def test_suspend_deletes_the_pod_and_resume_continues_from_the_checkpoint(
     trainer_log = kubectl(
         stack.admin_kubeconfig, "-n", NS, "logs", "job/" + quickstart_run["final"]["status"]["trainer"]["jobName"]
     )
-    events_after_resume = [json.loads(line) for line in trainer_log.splitlines() if '"dpo-trainer/progress"' in line]
+    events_after_resume = [e for line in trainer_log.splitlines() if (e := parse_line(line))]
     skipped = {e["stage"] for e in events_after_resume if e["event"] == "stage_end" and e.get("skipped")}
     assert {"data", "sft", "sft_merge"} <= skipped, "the resumed pod must not redo finished stages"
     first_dpo_log = next(e for e in events_after_resume if e["event"] == "log" and e["stage"] == "dpo")
-    assert first_dpo_log["step"] > 1, "DPO must continue from its checkpoint, not from step 1"
+    assert first_dpo_log["step"] > 20, "DPO must continue from its checkpoint (every 20 steps), not from step 1"
 
 
 def test_printer_columns(stack: LocalStack, quickstart_run: dict) -> None:
@@ -296,7 +313,7 @@ def test_printer_columns(stack: LocalStack, quickstart_run: dict) -> None:
     assert row.split()[1:4] == ["Succeeded", "push", "100"]
 
 
-def test_canary_token_never_leaks(stack: LocalStack, quickstart_run: dict) -> None:
+def test_canary_token_never_leaks(stack: LocalStack, quickstart_run: dict, hub_api) -> None:
     token = stack.hub_token
     places = {
         "status": json.dumps(quickstart_run["final"]["status"]),

@@ -15,6 +15,8 @@ def test_other_lines_are_ignored() -> None:
         assert not progress.feed(text)
     assert progress.status_fields() == {}
     assert parse_line(line("log", step=1)) is not None
+    glued = "\r 10%|#         | 3/30 [00:00<00:01]" + line("log", stage="sft", step=5, totalSteps=30)
+    assert parse_line(glued)["step"] == 5, "a progress bar without a newline may precede the event"
 
 
 def test_log_events_become_progress_metrics_and_rewards() -> None:

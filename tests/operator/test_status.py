@@ -143,3 +143,9 @@ def test_events_for_stage_retry_and_finish() -> None:
     assert events[-1].type == "Warning" and events[-1].reason == "DatasetError"
     assert "response_j" in events[-1].message
     assert transition_events(failed, failed) == []
+
+
+def test_leaving_suspend_is_a_resume() -> None:
+    suspended = observe(suspended=True)
+    pending = observe(suspended, job=None)
+    assert [e.reason for e in transition_events(suspended, pending)] == ["Resumed"]
