@@ -224,6 +224,10 @@ def test_second_cluster_runs_beside_and_stops_without_leftovers(local_only: None
         with second.api_client() as api:
             names = {n.metadata.name for n in client.CoreV1Api(api).list_namespace().items}
         assert "default" in names
+        probe = second.sa_kubeconfig("default", "probe")
+        with config.new_client_from_config(config_file=str(probe)) as api, pytest.raises(ApiException) as denied:
+            client.CoreV1Api(api).list_namespace()
+        assert denied.value.status == 403
     finally:
         second.stop()
     assert not processes_in_groups(pids)

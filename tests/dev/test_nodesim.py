@@ -278,6 +278,24 @@ def test_logs_stream_while_running_and_end_with_the_process(
     assert kubectl(namespace, "logs", "talker", "--since=1h").count("step") == 5
 
 
+def test_stdout_lines_do_not_mix_with_stderr_progress_bars(
+    node_simulator: NodeSimulator, api_client: Any, namespace: str
+) -> None:
+    core = client.CoreV1Api(api_client)
+    script = (
+        "import sys, time\n"
+        "sys.stderr.write('\\r 10%'); sys.stderr.flush(); time.sleep(0.2)\n"
+        "print('{\"step\": 1}', flush=True); time.sleep(0.2)\n"
+        "sys.stderr.write('\\r100%\\n')"
+    )
+    create_pod(core, namespace, "progress", template(["python", "-c", script]))
+    pod_phase(core, namespace, "progress", ("Succeeded",))
+    raw = subprocess.run(["kubectl", "-n", namespace, "logs", "progress"], check=True, capture_output=True).stdout
+    lines = raw.split(b"\n")  # bytes: text mode and splitlines() would both break lines at \r
+    assert b'{"step": 1}' in lines
+    assert b"\r 10%\r100%" in lines
+
+
 def test_fallback_to_logs_on_error(node_simulator: NodeSimulator, api_client: Any, namespace: str) -> None:
     core = client.CoreV1Api(api_client)
     script = "print('loading'); print('boom: out of patience'); raise SystemExit(3)"

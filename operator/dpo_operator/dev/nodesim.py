@@ -40,7 +40,7 @@ from dataclasses import dataclass, field
 from decimal import ROUND_CEILING
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 from urllib.parse import parse_qs, unquote, urlparse
 
 from kubernetes import client, config
@@ -58,6 +58,7 @@ GPU_RESOURCE = "nvidia.com/gpu"
 KUBELET_VERSION = "v1.20.2-nodesim"
 TERMINATION_MESSAGE_MAX = 4096  # kubelet's per-container cap
 FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES = 80, 2048  # kubelet's FallbackToLogsOnError tail
+LOG_LINE_MAX = 16 * 1024  # containerd's maximum log line: longer ones become partial records
 DEFAULT_PULL_ERROR_MARKERS = ("does-not-exist",)
 
 
@@ -146,17 +147,30 @@ class LogFile:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.touch()
 
-    def write(self, content: bytes) -> None:
-        """Append one line (``content`` without or with its trailing newline)."""
+    def write(self, content: bytes, stream: str = "stdout") -> None:
+        """Append one record: a line with its newline (F), or a partial line without (P)."""
         full = content.endswith(b"\n")
-        record = f"{_now_micro()} stdout {'F' if full else 'P'} ".encode() + content.rstrip(b"\n") + b"\n"
+        record = f"{_now_micro()} {stream} {'F' if full else 'P'} ".encode() + content.rstrip(b"\n") + b"\n"
         with self._lock, self.path.open("ab") as out:
             out.write(record)
 
+    def pump(self, pipe: IO[bytes], stream: str) -> None:
+        """Copy a process's output stream line by line, as the container runtime does (lines over 16 KiB are
+        split into partial records), so stdout lines never mix with, e.g., stderr progress bars."""
+        for line in iter(lambda: pipe.readline(LOG_LINE_MAX), b""):
+            self.write(line, stream)
+
     def read_tail(self, max_lines: int, max_bytes: int) -> str:
-        lines = [_parse_record(r)[1] for r in self.path.read_bytes().splitlines(keepends=True)]
+        lines = [_parse_record(r)[1] for r in _split_records(self.path.read_bytes())[0]]
         text = b"".join(lines[-max_lines:])[-max_bytes:]
         return text.decode(errors="replace")
+
+
+def _split_records(data: bytes) -> tuple[list[bytes], bytes]:
+    """Complete records (newline-terminated) and the unfinished rest. Only \\n ends a record: a \\r inside
+    a line (progress bars) must not split it, so bytes.splitlines() is not usable here."""
+    *records, rest = data.split(b"\n")
+    return [r + b"\n" for r in records], rest
 
 
 def _parse_record(record: bytes) -> tuple[str, bytes]:
@@ -397,7 +411,8 @@ class _PodRunner:
             return 128, "CreateContainerConfigError", str(exc)
 
     def _simulate(self, outcome: Outcome, logfile: LogFile) -> tuple[int, str | None, str]:
-        for line in outcome.logs.splitlines():
+        lines = outcome.logs.split("\n") if outcome.logs else []
+        for line in lines[:-1] if outcome.logs.endswith("\n") else lines:
             logfile.write(line.encode() + b"\n")
         if self.stopping.wait(outcome.duration_s if math.isfinite(outcome.duration_s) else None):
             return 137, None, ""
@@ -422,7 +437,7 @@ class _PodRunner:
                 [*command, *args],
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
-                stderr=subprocess.STDOUT,
+                stderr=subprocess.PIPE,
                 env=self.sim.base_env(self.name) | env,
                 cwd=self.sim.cwd,
                 start_new_session=True,
@@ -436,9 +451,11 @@ class _PodRunner:
         self.processes.append(proc)
         if self.stopping.is_set():  # deletion raced the start
             self.sim.kill_group(proc, 0)
-        assert proc.stdout is not None
-        for line in iter(proc.stdout.readline, b""):
-            logfile.write(line)
+        assert proc.stdout is not None and proc.stderr is not None
+        stderr = threading.Thread(target=logfile.pump, args=(proc.stderr, "stderr"), daemon=True)
+        stderr.start()
+        logfile.pump(proc.stdout, "stdout")
+        stderr.join()
         code = proc.wait()
         exit_code = 128 - code if code < 0 else code
         message = termination_path.read_bytes()[:TERMINATION_MESSAGE_MAX].decode(errors="replace")
@@ -587,8 +604,7 @@ class _KubeletHandler(BaseHTTPRequestHandler):
 
         try:
             with logfile.path.open("rb") as handle:
-                records = handle.read().splitlines(keepends=True)
-                partial = records.pop() if records and not records[-1].endswith(b"\n") else b""
+                records, partial = _split_records(handle.read())
                 if tail_lines is not None:
                     records = records[-tail_lines:] if tail_lines > 0 else []
                 if not emit(records) or not follow:
@@ -597,9 +613,7 @@ class _KubeletHandler(BaseHTTPRequestHandler):
                     finished = logfile.finished.is_set()  # read after the flag: nothing is lost at the end
                     chunk = handle.read()
                     if chunk:
-                        data = partial + chunk
-                        records = data.splitlines(keepends=True)
-                        partial = records.pop() if not records[-1].endswith(b"\n") else b""
+                        records, partial = _split_records(partial + chunk)
                         if not emit(records):
                             return
                     elif finished:
