@@ -199,6 +199,7 @@ def quickstart_run(stack: LocalStack) -> dict:
         obj = stack.get_dpojob(NS, "quickstart")
         status = obj.get("status") or {}
         seen["statuses"].append(status)
+        seen.setdefault("observed_at", []).append(time.time())
         seen["job_counts"].add(len(jobs_of(stack, "quickstart")))
         if status.get("stage") == "sft" and not seen["restarted"]:
             stack.operator.stop(signal.SIGKILL)
@@ -284,6 +285,20 @@ def test_stage_and_reward_metrics_appear_during_the_run(quickstart_run: dict) ->
     assert with_rewards, "rewards/* must reach status while DPO runs"
     assert {"chosen", "rejected", "accuracies", "margins"} <= set(with_rewards[-1]["rewards"])
     assert with_rewards[-1]["progress"]["totalSteps"] > 0
+
+
+def test_metrics_reach_status_within_10_seconds(quickstart_run: dict) -> None:
+    """From the trainer logging a step (progress.updatedAt, its own clock) to the status showing it."""
+    from dpo_operator.status import utc_from_rfc3339
+
+    first_seen: dict[str, float] = {}
+    for status, observed in zip(quickstart_run["statuses"], quickstart_run["observed_at"], strict=True):
+        updated = (status.get("progress") or {}).get("updatedAt")
+        if updated and status.get("phase") == "Running":
+            first_seen.setdefault(updated, observed)
+    lags = [observed - utc_from_rfc3339(updated).timestamp() for updated, observed in first_seen.items()]
+    assert len(lags) >= 5, "too few progress updates observed"
+    assert max(lags) < 10, f"status lagged the trainer by up to {max(lags):.1f}s"
 
 
 def test_operator_restart_mid_run_never_duplicates_the_job(quickstart_run: dict) -> None:
