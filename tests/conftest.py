@@ -30,6 +30,26 @@ FIXTURE_TAINT = {"key": "nodesim.dpo.dev/fixture", "value": "true", "effect": "N
 GPU_TAINT = {"key": "nvidia.com/gpu", "value": "present", "effect": "NoSchedule"}
 
 
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Fetch/build the control plane (and helm) before the first test when any collected test needs them, so
+    a cold build (minutes, once per machine) does not count against a test's timeout."""
+    needed = {name for item in session.items for name in getattr(item, "fixturenames", ())}
+    if session.config.option.collectonly or not needed & {"cluster", "helm"}:
+        return
+    from dpo_operator.dev.cluster import ensure_binaries, ensure_helm
+
+    reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+
+    def say(message: str) -> None:  # straight to the terminal: output capture would hide a long build
+        if reporter is not None:
+            reporter.write_line(f"[local cluster] {message}")
+
+    if "cluster" in needed and os.environ.get("USE_EXISTING_CLUSTER") != "1":
+        ensure_binaries(progress=say)
+    if "helm" in needed:
+        ensure_helm(progress=say)
+
+
 @dataclass(frozen=True)
 class ClusterHandle:
     """The session's cluster: its admin kubeconfig, and the LocalCluster when we started one."""
