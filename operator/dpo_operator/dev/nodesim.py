@@ -730,13 +730,17 @@ class NodeSimulator:
         context.load_cert_chain(cert, key)
         self._server = _TLSServer((self.address, 0), _KubeletHandler, context, self)
         self._thread(self._server.serve_forever, "nodesim-kubelet")
-        for node in self.nodes.values():
-            self._register(node)
-        self._thread(self._heartbeat, "nodesim-heartbeat")
-        self._thread(self._watch_pods, "nodesim-watch-pods")
-        if self.provision_volumes:
-            self._thread(self._watch_claims, "nodesim-watch-claims")
-        self._wait_schedulable(timeout)
+        try:
+            for node in self.nodes.values():
+                self._register(node)
+            self._thread(self._heartbeat, "nodesim-heartbeat")
+            self._thread(self._watch_pods, "nodesim-watch-pods")
+            if self.provision_volumes:
+                self._thread(self._watch_claims, "nodesim-watch-claims")
+            self._wait_schedulable(timeout)
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
