@@ -1,0 +1,86 @@
+"""operator/Dockerfile, checked statically (no Docker on the build machines): non-root, the dpo-operator
+entrypoint, and only the `operator` extra installed, pinned within pyproject.toml's ranges (no ML stack)."""
+
+from __future__ import annotations
+
+import re
+
+from dockerfile_checks import (
+    PYPROJECT,
+    ROOT,
+    check_pins,
+    constraint_files,
+    copy_sources,
+    dockerignore_patterns,
+    hadolint,
+    instructions,
+    is_ignored,
+    parse,
+    pip_installs,
+    project_extras,
+    read_pins,
+    requirements,
+    run_pins,
+    secret_problems,
+)
+from packaging.specifiers import SpecifierSet
+
+DOCKERFILE = ROOT / "operator" / "Dockerfile"
+CONSTRAINTS = ROOT / "operator" / "constraints.txt"
+COMMANDS = parse(DOCKERFILE)
+
+
+def test_base_is_a_pinned_python_matching_requires_python() -> None:
+    (base,) = instructions(COMMANDS, "FROM")
+    match = re.fullmatch(r"python:(3\.\d+)-slim-\w+(?:@sha256:[0-9a-f]{64})?", base.value[0])
+    assert match, f"{base.value[0]}: expected python:<3.x>-slim-<debian release>"
+    assert SpecifierSet(PYPROJECT["project"]["requires-python"]).contains(match.group(1) + ".0")
+
+
+def test_runs_as_a_numeric_non_root_user() -> None:
+    users = instructions(COMMANDS, "USER")
+    assert users and COMMANDS.index(users[-1]) > max(COMMANDS.index(c) for c in instructions(COMMANDS, "RUN"))
+    uid = users[-1].value[0].split(":")[0]
+    assert uid.isdigit() and uid != "0"
+
+
+def test_entrypoint_is_the_operator_with_its_liveness_probe() -> None:
+    (entrypoint,) = instructions(COMMANDS, "ENTRYPOINT")
+    assert entrypoint.json and entrypoint.value[0] == "dpo-operator"
+    assert "dpo-operator" in PYPROJECT["project"]["scripts"]
+    liveness = entrypoint.value[entrypoint.value.index("--liveness") + 1]
+    assert liveness.endswith(":8080/healthz") and instructions(COMMANDS, "EXPOSE")[0].value == ("8080",)
+
+
+def test_installs_only_the_operator_extra_pinned_within_pyproject() -> None:
+    installs = pip_installs(COMMANDS)
+    assert project_extras(installs) == {"operator"}
+    assert constraint_files(installs) == {"operator/constraints.txt"}
+    required = requirements(("operator",))
+    pins = read_pins(CONSTRAINTS)
+    assert not check_pins(pins, required)
+    assert set(pins) == set(required), "constraints.txt pins exactly pyproject's base + operator dependencies"
+    assert not run_pins(COMMANDS)
+
+
+def test_no_ml_stack_in_the_image() -> None:
+    trainer_only = set(requirements(("trainer",))) - set(requirements(("operator",)))
+    text = DOCKERFILE.read_text().lower() + CONSTRAINTS.read_text().lower()
+    assert not [name for name in trainer_only if re.search(rf"\b{re.escape(name)}\b", text)]
+    # setuptools' package discovery needs the trainer package to exist; its code stays out.
+    trainer_sources = [s for s in copy_sources(COMMANDS) if s.startswith("trainer_image")]
+    assert trainer_sources == ["trainer_image/dpo_trainer/__init__.py"]
+
+
+def test_no_secrets_and_a_clean_build_context() -> None:
+    assert not secret_problems(DOCKERFILE, COMMANDS)
+    assert not instructions(COMMANDS, "ARG")
+    patterns = dockerignore_patterns()
+    for source in copy_sources(COMMANDS):
+        assert (ROOT / source).exists(), source
+        assert not is_ignored(source, patterns), f"{source} is excluded by .dockerignore"
+
+
+def test_hadolint_is_clean() -> None:
+    result = hadolint(DOCKERFILE)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,161 @@
+"""trainer_image/Dockerfile, checked statically (no Docker on the build machines): base image, user,
+entrypoint, pins against pyproject.toml, no secrets, writable paths under /tmp, and agreement with the pod
+the operator builds for it."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import pytest
+import yaml
+from dockerfile_checks import (
+    PYPROJECT,
+    ROOT,
+    check_pins,
+    constraint_files,
+    copy_sources,
+    dockerignore_patterns,
+    env_vars,
+    hadolint,
+    instructions,
+    is_ignored,
+    parse,
+    pip_installs,
+    project_extras,
+    read_pins,
+    requirements,
+    run_pins,
+    secret_problems,
+)
+from packaging.specifiers import SpecifierSet
+from packaging.utils import canonicalize_name
+from packaging.version import Version
+
+from dpo_operator import manifests
+from dpo_operator.spec import DPOJobSpec
+
+DOCKERFILE = ROOT / "trainer_image" / "Dockerfile"
+CONSTRAINTS = ROOT / "trainer_image" / "constraints.txt"
+QUICKSTART = ROOT / "examples" / "quickstart.yaml"
+COMMANDS = parse(DOCKERFILE)
+# CUDA release of PyPI's Linux torch wheel, per torch minor (its metadata requires cuda-toolkit 13.0.x).
+# A torch bump fails this test until the base image is checked against the new wheel and this table updated.
+TORCH_CUDA = {"2.13": "13.0"}
+# Packages pinned in RUN lines that are build tooling, not dependencies of the project.
+BUILD_TOOLS = {"pip"}
+BASE_IMAGE = re.compile(
+    r"nvidia/cuda:(?P<cuda>\d+\.\d+)\.\d+-(?:cudnn\d*-)?runtime-ubuntu(?P<ubuntu>\d+\.\d+)(?:@sha256:[0-9a-f]{64})?"
+)
+
+
+def operator_pod() -> tuple[dict[str, Any], dict[str, Any]]:
+    """Pod spec and trainer container of the Job the operator would create for the quickstart DPOJob."""
+    document = yaml.safe_load(QUICKSTART.read_text())
+    document["metadata"].update(namespace="default", uid="u-1")
+    pod = manifests.build_job(document, DPOJobSpec.model_validate(document["spec"]), 1)["spec"]["template"]["spec"]
+    return pod, pod["containers"][0]
+
+
+def test_base_is_a_pinned_cuda_runtime_matching_torch() -> None:
+    froms = instructions(COMMANDS, "FROM")
+    assert len(froms) == 1, "one stage expected"
+    image = froms[0].value[0]
+    match = BASE_IMAGE.fullmatch(image)
+    assert match, f"{image}: expected nvidia/cuda:<major.minor.patch>-[cudnn-]runtime-ubuntu<version>"
+    torch = read_pins(CONSTRAINTS)[canonicalize_name("torch")]
+    assert match["cuda"] == TORCH_CUDA[f"{torch.major}.{torch.minor}"], f"torch {torch} is not built for {image}"
+
+
+def test_python_matches_requires_python() -> None:
+    versions = set(re.findall(r"python(3\.\d+)\b", " ".join(" ".join(c.value) for c in instructions(COMMANDS, "RUN"))))
+    assert len(versions) == 1, versions
+    assert SpecifierSet(PYPROJECT["project"]["requires-python"]).contains(versions.pop() + ".0")
+
+
+def test_runs_as_uid_1000_like_the_pod() -> None:
+    users = instructions(COMMANDS, "USER")
+    assert users and COMMANDS.index(users[-1]) > max(COMMANDS.index(c) for c in instructions(COMMANDS, "RUN"))
+    uid = users[-1].value[0].split(":")[0]
+    assert uid.isdigit() and uid != "0", "USER must be numeric (runAsNonRoot can only verify numeric users)"
+    pod, _ = operator_pod()
+    assert int(uid) == pod["securityContext"]["runAsUser"]
+
+
+def test_entrypoint_is_the_cli_and_the_default_runs_the_quickstart() -> None:
+    (entrypoint,) = instructions(COMMANDS, "ENTRYPOINT")
+    (cmd,) = instructions(COMMANDS, "CMD")
+    assert entrypoint.json and list(entrypoint.value) == ["dpo-trainer"]
+    assert list(entrypoint.value) == operator_pod()[1]["command"]
+    assert cmd.json and list(cmd.value) == ["run", "examples/quickstart.yaml"]
+    assert "dpo-trainer" in PYPROJECT["project"]["scripts"]
+
+
+def test_quickstart_assets_are_in_the_working_directory() -> None:
+    workdir = instructions(COMMANDS, "WORKDIR")[-1].value[0]
+    assert workdir == "/app"
+    assert any(c.value == ("examples", "examples") for c in instructions(COMMANDS, "COPY"))
+    spec = yaml.safe_load(QUICKSTART.read_text())["spec"]
+    assert spec["model"]["name"].startswith("./examples/")
+    # The root filesystem is read-only in the pod: everything the quickstart writes is under /tmp.
+    assert spec["output"]["directory"].startswith("/tmp/")
+    assert spec["checkpointing"]["directory"].startswith("/tmp/")
+
+
+def test_pins_are_exactly_the_trainer_extra_within_pyproject_ranges() -> None:
+    installs = pip_installs(COMMANDS)
+    assert project_extras(installs) == {"trainer"}
+    assert constraint_files(installs) == {"trainer_image/constraints.txt"}
+    required = requirements(("trainer",))
+    pins = read_pins(CONSTRAINTS)
+    assert not check_pins(pins, required)
+    assert set(pins) == set(required), "constraints.txt pins exactly pyproject's base + trainer dependencies"
+    for name, version in run_pins(COMMANDS).items():
+        assert name in BUILD_TOOLS or not check_pins({name: version}, required), f"{name}=={version}"
+    for args in installs:
+        assert not {"--index-url", "-i", "--extra-index-url", "--pre"} & set(args), args
+
+
+@pytest.mark.parametrize(
+    ("pins", "problem"),
+    [
+        ({"torch": "2.14.1"}, "outside pyproject's range"),
+        ({}, "not pinned"),
+    ],
+)
+def test_pin_check_catches_drift(pins: dict[str, str], problem: str) -> None:
+    """The checker itself: a pin outside the range and a missing pin are both reported."""
+    required = {canonicalize_name("torch"): requirements(("trainer",))[canonicalize_name("torch")]}
+    found = check_pins({canonicalize_name(k): Version(v) for k, v in pins.items()}, required)
+    assert len(found) == 1 and problem in found[0]
+
+
+def test_no_secrets_in_the_image() -> None:
+    assert not secret_problems(DOCKERFILE, COMMANDS)
+    assert not instructions(COMMANDS, "ARG"), "build args end up in the image history"
+    assert not any("HF_TOKEN" in c.original for c in COMMANDS)
+
+
+def test_caches_and_hf_home_are_under_tmp_like_the_pod() -> None:
+    env = env_vars(COMMANDS)
+    for name in ("HOME", "HF_HOME", "XDG_CACHE_HOME", "MPLCONFIGDIR", "TRITON_CACHE_DIR"):
+        assert env.get(name, "").startswith("/tmp/") or env.get(name) == "/tmp", name
+    _, container = operator_pod()
+    assert env["HF_HOME"] == {e["name"]: e.get("value") for e in container["env"]}["HF_HOME"]
+    assert container["securityContext"]["readOnlyRootFilesystem"]
+    assert {"mountPath": "/tmp", "name": "tmp"} in container["volumeMounts"]
+
+
+def test_build_context_holds_what_the_dockerfile_copies_and_nothing_else() -> None:
+    patterns = dockerignore_patterns()
+    assert str(CONSTRAINTS.relative_to(ROOT)) in copy_sources(COMMANDS)
+    for source in copy_sources(COMMANDS):
+        assert (ROOT / source).exists(), source
+        assert not is_ignored(source, patterns), f"{source} is excluded by .dockerignore"
+    for kept_out in (".venv", ".git", "tests", ".pytest_cache", ".ruff_cache", "operator/dpo_operator/__pycache__"):
+        assert is_ignored(kept_out, patterns), kept_out
+
+
+def test_hadolint_is_clean() -> None:
+    result = hadolint(DOCKERFILE)
+    assert result.returncode == 0, result.stdout + result.stderr
