@@ -33,6 +33,7 @@ _KEPT_KEYWORDS = (
     "maxItems",
     "required",
     "format",
+    "x-kubernetes-validations",
 )
 
 

@@ -258,6 +258,25 @@ class SFTSpec(TrainingSpec):
 class DPOSpec(TrainingSpec):
     """Direct Preference Optimization on the merged SFT model."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            # Enforced at apply time on Kubernetes >= 1.25 (CEL); older servers ignore it and the operator's
+            # validation (the model validator below) reports the same problem as InvalidSpec.
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.lossWeights) || size(self.lossWeights) == "
+                    "(has(self.lossType) ? size(self.lossType) : 1)",
+                    "message": "lossWeights needs one weight per lossType entry",
+                },
+                {
+                    "rule": "(has(self.maxPromptLength) ? self.maxPromptLength : 512) < "
+                    "(has(self.maxLength) ? self.maxLength : 1024)",
+                    "message": "maxPromptLength must be less than maxLength",
+                },
+            ]
+        }
+    )
+
     beta: float = Field(default=0.1, gt=0)
     """Strength of the KL penalty towards the reference model."""
     loss_type: list[LossType] = Field(default_factory=lambda: ["sigmoid"], min_length=1)
@@ -416,6 +435,17 @@ class RuntimeSpec(SpecModel):
 
 class DPOJobSpec(SpecModel):
     """Desired state of a DPOJob: align a model with preference data (QLoRA SFT, then DPO)."""
+
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "has(self.output) && (has(self.output.hub) || has(self.output.directory))",
+                    "message": "output needs hub or directory (or both): the merged model has to go somewhere",
+                }
+            ]
+        }
+    )
 
     model: ModelSpec = Field(default_factory=ModelSpec)
     """Base model."""

@@ -67,3 +67,23 @@ def test_printer_columns_and_names() -> None:
     ]
     assert version["subresources"] == {"status": {}}
     assert crd.build_crd()["spec"]["names"]["shortNames"] == ["dpo"]
+
+
+def test_cel_rules_match_the_model_validators() -> None:
+    """The CEL rules (apply-time on >= 1.25) mirror the pydantic validators, so both reject the same specs."""
+    from pydantic import ValidationError
+
+    spec = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+    rules = [r["message"] for r in spec["x-kubernetes-validations"]]
+    rules += [r["message"] for r in spec["properties"]["dpo"]["x-kubernetes-validations"]]
+    assert len(rules) == 3
+    for bad in (
+        {},
+        {"output": {"directory": "/o"}, "dpo": {"lossWeights": [1, 2]}},
+        {"output": {"directory": "/o"}, "dpo": {"maxPromptLength": 1024}},
+    ):
+        try:
+            DPOJobSpec.model_validate(bad)
+        except ValidationError:
+            continue
+        raise AssertionError(f"pydantic accepted {bad} although a CEL rule rejects it")

@@ -149,3 +149,10 @@ def test_leaving_suspend_is_a_resume() -> None:
     suspended = observe(suspended=True)
     pending = observe(suspended, job=None)
     assert [e.reason for e in transition_events(suspended, pending)] == ["Resumed"]
+
+
+def test_deadline_exceeded_is_the_failure_reason() -> None:
+    deadline = {"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "Job was active longer"}
+    running_pod = pod("p1", "Failed", terminated={"exitCode": 143, "message": '{"reason": "Interrupted"}'})
+    status = observe(job=job(failed=1, conditions=[deadline]), pods=[running_pod])
+    assert status["phase"] == "Failed" and condition(status, "Failed")["reason"] == "DeadlineExceeded"
