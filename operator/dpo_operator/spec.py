@@ -373,16 +373,22 @@ class Toleration(SpecModel):
     """A Kubernetes pod toleration."""
 
     key: str | None = None
+    """Taint key to match; unset with operator Exists matches every taint."""
     operator: Literal["Exists", "Equal"] | None = None
+    """Exists matches any value; Equal (the Kubernetes default) needs value to match."""
     value: str | None = None
+    """Taint value to match with operator Equal."""
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    """Taint effect to match; unset matches every effect."""
     toleration_seconds: int | None = None
+    """With effect NoExecute: seconds the pod stays on the node once tainted (unset: for ever)."""
 
 
 class LocalObjectReference(SpecModel):
     """A reference to an object by name in the same namespace."""
 
     name: K8sName
+    """Object name."""
 
 
 class VolumeClaim(SpecModel):
