@@ -151,7 +151,7 @@ class TrainerProgress:
             fields["stage"] = DISPLAY_STAGE[self.stage]
         if self.metrics:
             fields["metrics"] = dict(sorted(self.metrics.items()))
-            rewards = {short: self.metrics[key] for key, short in REWARD_KEYS.items() if key in self.metrics}
+            rewards = {short: round(self.metrics[key], 4) for key, short in REWARD_KEYS.items() if key in self.metrics}
             if rewards:
                 fields["rewards"] = rewards
         return fields

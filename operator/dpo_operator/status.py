@@ -262,7 +262,7 @@ def _apply_final(status: dict[str, Any], details: dict[str, Any]) -> None:
     metrics = {k: float(v) for k, v in (details.get("metrics") or {}).items() if isinstance(v, int | float)}
     if metrics:
         status["metrics"] = {**(status.get("metrics") or {}), **metrics}
-        rewards = {short: metrics[key] for key, short in REWARD_KEYS.items() if key in metrics}
+        rewards = {short: round(metrics[key], 4) for key, short in REWARD_KEYS.items() if key in metrics}
         if rewards:
             status["rewards"] = {**(status.get("rewards") or {}), **rewards}
     if location := _model_location(details):
@@ -307,12 +307,14 @@ def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
         )
     old_phase = old.get("phase") if same_run else None
     phase = new.get("phase")
-    if phase != old_phase:
-        events.append(_phase_event(new, old_phase))
-    elif phase == "Pending":
-        old_ready, new_ready = _condition(old, "Ready") or {}, _condition(new, "Ready") or {}
-        if old_ready.get("reason") != new_ready.get("reason"):
+    reason = (_condition(new, "Ready") or {}).get("reason")
+    if phase == "Pending" and old_phase != "Suspended":
+        # Waiting for a pod is routine; only problems (unschedulable, image pull, config) deserve an Event.
+        old_reason = (_condition(old, "Ready") or {}).get("reason") if same_run else None
+        if reason in _PENDING_WARNINGS and reason != old_reason:
             events.append(_phase_event(new, old_phase))
+    elif phase != old_phase:
+        events.append(_phase_event(new, old_phase))
     return events
 
 
@@ -339,8 +341,7 @@ def _phase_event(status: dict[str, Any], old_phase: str | None) -> Event:
         return Event("Normal", "Resumed", "resumed: the trainer continues from its newest checkpoint")
     if phase == "Running":
         return Event("Normal", "Running", ready.get("message") or "trainer running")
-    kind = "Warning" if ready.get("reason") in _PENDING_WARNINGS else "Normal"
-    return Event(kind, ready.get("reason") or "Pending", ready.get("message") or "waiting for the trainer")
+    return Event("Warning", ready.get("reason") or "Pending", ready.get("message") or "waiting for the trainer")
 
 
 def utc_from_rfc3339(value: str) -> datetime:

@@ -120,7 +120,7 @@ def test_a_new_run_archives_the_previous_one() -> None:
     assert status["runs"][0]["phase"] == "Succeeded" and status["runs"][0]["model"] == {"repoId": "o/m"}
     assert status["runs"][0]["generation"] == 1
     reasons = [e.reason for e in transition_events(finished, status)]
-    assert reasons == ["NewRun", "Creating"]
+    assert reasons == ["NewRun"], "waiting for the new Job is routine: no Pending event"
 
 
 def test_events_for_stage_retry_and_finish() -> None:
