@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -273,3 +274,5 @@ def test_cli_up_detach_status_down(local_only: None, tmp_path: Path) -> None:
     assert down.returncode == 0, down.stderr
     assert not processes_in_groups(pids)
     assert subprocess.run([*cli, "status"], capture_output=True, env=env).returncode == 1
+    assert not (cache_dir() / "run" / name / "cluster" / "etcd").exists()
+    shutil.rmtree(cache_dir() / "run" / name)

@@ -821,6 +821,8 @@ class LocalCluster:
             _live_clusters.discard(self)
         if remove_workdir and self._own_workdir:
             shutil.rmtree(self.workdir, ignore_errors=True)
+        elif remove_workdir:  # a kept workdir keeps its logs, not the 60 MB of throwaway etcd data
+            shutil.rmtree(self.workdir / "etcd", ignore_errors=True)
 
 
 def stop_state(state: dict[str, Any]) -> None:
