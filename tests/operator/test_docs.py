@@ -61,3 +61,17 @@ def test_rows_show_defaults_types_and_bounds() -> None:
     assert rows["runtime.tolerations[].effect"].allowed.startswith("one of `NoSchedule`")
     assert rows["data.dpo.source"].allowed == "exactly one of `hub`, `files`"
     assert rows["runtime.nodeSelector"].type == "map of string to string"
+
+
+def test_trainer_doc_links_the_reference_and_matches_the_trainer() -> None:
+    """docs/trainer.md is hand-written: its exit-code table and stage list must follow the code."""
+    from dpo_trainer.errors import ALL_ERRORS
+    from dpo_trainer.pipeline import STAGES
+
+    text = (ROOT / "docs" / "trainer.md").read_text()
+    assert "(spec-reference.md)" in text
+    for error in ALL_ERRORS:
+        assert f"| `{error.reason}` | {error.exit_code} |" in text, error.reason
+    assert " → ".join(stage.name for stage in STAGES) in text
+    for stage in STAGES:
+        assert f"| `{stage.name}` |" in text, stage.name
