@@ -109,6 +109,21 @@ def constraint_files(installs: list[list[str]]) -> set[str]:
     return files
 
 
+def unpinned(installs: list[list[str]]) -> list[str]:
+    """Requirements named on a pip command line without `==` (the project itself, `.[extra]`, excepted)."""
+    loose = []
+    for args in installs:
+        takes_value = False
+        for arg in args:
+            if takes_value:
+                takes_value = False
+            elif arg.startswith("-"):
+                takes_value = arg in ("-r", "-c", "--requirement", "--constraint", "-i", "--index-url")
+            elif not re.fullmatch(r"\.(\[[\w,-]+\])?", arg) and not PIN.fullmatch(arg):
+                loose.append(arg)
+    return loose
+
+
 def check_pins(pins: dict[NormalizedName, Version], required: dict[NormalizedName, Requirement]) -> list[str]:
     """Problems: a pyproject dependency left unpinned, or a pin outside pyproject's range."""
     problems = [f"{name} is a dependency in pyproject.toml but not pinned" for name in required if name not in pins]

@@ -22,6 +22,7 @@ from dockerfile_checks import (
     requirements,
     run_pins,
     secret_problems,
+    unpinned,
 )
 from packaging.specifiers import SpecifierSet
 
@@ -55,6 +56,7 @@ def test_entrypoint_is_the_operator_with_its_liveness_probe() -> None:
 def test_installs_only_the_operator_extra_pinned_within_pyproject() -> None:
     installs = pip_installs(COMMANDS)
     assert project_extras(installs) == {"operator"}
+    assert not unpinned(installs)
     assert constraint_files(installs) == {"operator/constraints.txt"}
     required = requirements(("operator",))
     pins = read_pins(CONSTRAINTS)

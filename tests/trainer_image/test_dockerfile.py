@@ -27,6 +27,7 @@ from dockerfile_checks import (
     requirements,
     run_pins,
     secret_problems,
+    unpinned,
 )
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
@@ -105,6 +106,7 @@ def test_quickstart_assets_are_in_the_working_directory() -> None:
 def test_pins_are_exactly_the_trainer_extra_within_pyproject_ranges() -> None:
     installs = pip_installs(COMMANDS)
     assert project_extras(installs) == {"trainer"}
+    assert not unpinned(installs)
     assert constraint_files(installs) == {"trainer_image/constraints.txt"}
     required = requirements(("trainer",))
     pins = read_pins(CONSTRAINTS)
