@@ -12,7 +12,7 @@ import json
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -102,10 +102,11 @@ def run_cli(
     name: str = "run",
     *,
     env: dict[str, str] | None = None,
+    args: Sequence[str] = (),
     timeout: float = 300,
 ) -> CliRun:
     """Write the job to tmp/<name>.yaml and run the CLI from the repository root (relative asset paths)."""
-    command, full_env, out_dir, termination = cli_command(job, tmp, name, env)
+    command, full_env, out_dir, termination = cli_command(job, tmp, name, env, args)
     result = subprocess.run(
         command, cwd=REPO, env=full_env, capture_output=True, text=True, timeout=timeout, check=False
     )
@@ -113,9 +114,9 @@ def run_cli(
 
 
 def cli_command(
-    job: dict[str, Any] | str, tmp: Path, name: str, env: dict[str, str] | None
+    job: dict[str, Any] | str, tmp: Path, name: str, env: dict[str, str] | None, args: Sequence[str] = ()
 ) -> tuple[list[str], dict[str, str], Path, Path]:
-    """(argv, environment, output dir, termination-message path) of one CLI run."""
+    """(argv, environment, output dir, termination-message path) of one CLI run; args go after `--output`."""
     tmp.mkdir(parents=True, exist_ok=True)
     spec_path = tmp / f"{name}.yaml"
     spec_path.write_text(job if isinstance(job, str) else yaml.safe_dump(job, sort_keys=False))
@@ -131,7 +132,7 @@ def cli_command(
             **(env or {}),
         }
     )
-    command = [sys.executable, "-m", "dpo_trainer.cli", "run", str(spec_path), "--output", str(out_dir)]
+    command = [sys.executable, "-m", "dpo_trainer.cli", "run", str(spec_path), "--output", str(out_dir), *args]
     return command, full_env, out_dir, termination
 
 

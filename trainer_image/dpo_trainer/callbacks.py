@@ -12,7 +12,8 @@ from dpo_trainer.context import RunContext
 from dpo_trainer.progress import Reporter
 
 TEST_KILL_ENV = "DPO_TRAINER_TEST_KILL_AT"
-"""Test hook, `<stage>:<step>`: SIGKILL the process right after that optimizer step (simulates preemption)."""
+"""Test hook, `<stage>:<step>[:<rank>]`: SIGKILL the process (only that rank's, when given) right after that
+optimizer step: simulates preemption, or one worker of several dying."""
 
 
 class ProgressCallback(TrainerCallback):
@@ -54,7 +55,8 @@ class KillAtStep(TrainerCallback):
 
 def callbacks(ctx: RunContext, stage: str) -> list[TrainerCallback]:
     result: list[TrainerCallback] = [ProgressCallback(ctx.reporter, stage)]
-    target, _, step = os.environ.get(TEST_KILL_ENV, "").partition(":")
-    if target == stage and step.isdigit():
+    target, _, at = os.environ.get(TEST_KILL_ENV, "").partition(":")
+    step, _, rank = at.partition(":")
+    if target == stage and step.isdigit() and rank in ("", os.environ.get("RANK", "0")):
         result.append(KillAtStep(int(step)))
     return result

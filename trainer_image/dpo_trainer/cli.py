@@ -1,13 +1,27 @@
-"""`dpo-trainer run SPEC.yaml [--output DIR]`: the trainer pod's entrypoint, also runnable on a laptop.
+"""`dpo-trainer run SPEC.yaml [--output DIR] [--nproc N]`: the trainer pod's entrypoint, also runnable on a laptop.
 
 SPEC.yaml is the very DPOJob a user applies with kubectl (multi-document files are fine; the DPOJob
 document is used). Heavy libraries (torch, transformers, TRL) are imported by the stages that need them,
 so `--help` and spec errors answer in well under a second.
 
+Several GPUs: when the machine (pod) shows more than one CUDA device, the same command trains
+data-parallel on all of them: once the spec has validated, it re-runs itself under torchrun with one
+process per GPU (standalone rendezvous on localhost; NCCL between GPUs; see dpo_trainer.launch). Every
+process loads its own 4-bit model on its own GPU and trains on its shard of each batch, so one optimizer
+step consumes batchSize x gradientAccumulationSteps x GPUs examples (summary.json "parallelism" says how
+many processes trained). Rank 0 alone prepares the data, merges, writes the card and pushes, and only
+rank 0's progress events reach stdout; whichever rank fails, the command still ends with that failure's
+reason code, one line and the termination message. `--nproc N` (or DPO_TRAINER_NPROC=N) overrides the
+GPU count: `--nproc 1` trains on one GPU only, and on CPU `--nproc 2` runs two gloo processes of one
+thread each (how the tests exercise this path). Under an existing torchrun or accelerate launch the CLI
+launches nothing and trains as the rank it was given.
+
 Environment:
     HF_TOKEN                      Hub token (gated models, private datasets, pushes); never printed
     HF_ENDPOINT                   Hub URL, honoured by huggingface_hub (default https://huggingface.co)
     DPO_TERMINATION_MESSAGE_PATH  where the final JSON goes (default /dev/termination-log; skipped if unwritable)
+    DPO_TRAINER_NPROC             processes to train with, as --nproc (default: one per visible CUDA device)
+    OMP_NUM_THREADS               CPU threads per process (default 1 when several processes train)
 
 stdout carries only JSON progress events (see dpo_trainer.progress); everything human-readable,
 including progress bars and library output, goes to stderr. Exit codes: see dpo_trainer.errors.
@@ -23,10 +37,10 @@ import time
 import traceback
 from pathlib import Path
 from types import FrameType
-from typing import TextIO
+from typing import Any, TextIO
 
-from dpo_trainer import pipeline
-from dpo_trainer.context import is_main_process
+from dpo_trainer import launch, pipeline
+from dpo_trainer.context import is_main_process, world_size
 from dpo_trainer.errors import ALL_ERRORS, TrainerError, classify, one_line, scrub
 from dpo_trainer.progress import Reporter, write_termination_message
 from dpo_trainer.specfile import load_job, resolve_local_paths, spec_as_yaml_dict
@@ -53,7 +67,20 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="DIR",
         help="work directory for stages, checkpoints and summary.json (default: spec.checkpointing.directory)",
     )
+    run.add_argument(
+        "--nproc",
+        type=_positive_int,
+        metavar="N",
+        help=f"train data-parallel in N processes, one per GPU (default: ${launch.NPROC_ENV}, "
+        "else one per visible CUDA device); on CPU they use gloo",
+    )
     return parser
+
+
+def _positive_int(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, not {text!r}")
+    return int(text)
 
 
 def claim_stdout() -> TextIO:
@@ -80,25 +107,36 @@ def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"received {signal.Signals(signum).name}; rerun with the same output directory to resume")
 
 
+def report_outcome(payload: dict[str, Any], secrets: tuple[str, ...]) -> None:
+    """The termination message; a worker of our own launch hands it to the launcher, which picks the root cause."""
+    path = launch.outcome_path()
+    if path is None:
+        write_termination_message(payload, secrets)
+    else:
+        launch.write_outcome(path, payload, secrets)
+
+
 def fail(
     error: TrainerError, exc: BaseException, reporter: Reporter, out_dir: Path | None, secrets: tuple[str, ...]
 ) -> int:
     """One clear line on stderr, an error event, the termination message, the traceback in DIR/debug.log."""
     message = one_line(scrub(error.message, secrets))
     where = ""
+    prog = f"dpo-trainer[rank {os.environ.get('RANK', '0')}]" if world_size() > 1 else "dpo-trainer"
     wraps_a_library_error = exc.__cause__ is not None or not isinstance(exc, TrainerError | KeyboardInterrupt)
     if out_dir is not None and out_dir.is_dir() and wraps_a_library_error:
         log = out_dir / "debug.log"
         try:
             with log.open("a", encoding="utf-8") as f:
-                f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {error.reason}\n")
+                f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {prog} {error.reason}\n")
                 f.write(scrub("".join(traceback.format_exception(exc)), secrets))
             where = f" (traceback in {log})"
         except OSError:
             pass
-    print(f"dpo-trainer: {error.reason}: {message}{where}", file=sys.stderr, flush=True)
-    reporter.emit("error", reason=error.reason, message=message)
-    write_termination_message({"reason": error.reason, "message": message}, secrets)
+    print(f"{prog}: {error.reason}: {message}{where}", file=sys.stderr, flush=True)
+    if launch.outcome_path() is None:  # else the launcher emits the launch's one error event
+        reporter.emit("error", reason=error.reason, message=message)
+    report_outcome({"reason": error.reason, "message": message}, secrets)
     return error.exit_code
 
 
@@ -106,7 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     token = os.environ.get("HF_TOKEN") or None
     secrets = (token,) if token else ()
-    reporter = Reporter(claim_stdout(), enabled=is_main_process(), secrets=secrets)
+    # stdout is claimed only where the pipeline runs: a launcher's workers must inherit the real one.
+    reporter = Reporter(sys.stdout, enabled=is_main_process(), secrets=secrets)
     signal.signal(signal.SIGTERM, _raise_interrupted)
     out_dir: Path | None = None
     started = time.monotonic()
@@ -114,6 +153,13 @@ def main(argv: list[str] | None = None) -> int:
         job = load_job(args.spec)
         spec = resolve_local_paths(job.spec)
         out_dir = (args.output or Path(spec.checkpointing.directory)).expanduser().absolute()
+        nproc = launch.processes(args.nproc)
+        if nproc > 1:
+            write_termination_message(
+                launch.run_workers(nproc, ["run", str(args.spec), "--output", str(out_dir)]), secrets
+            )
+            return 0
+        reporter.stream = claim_stdout()
         metadata = {"name": job.metadata.get("name", "model"), "given_spec": spec_as_yaml_dict(job.spec)}
         summary = pipeline.run(spec, out_dir, reporter, token, metadata)
     except (Exception, KeyboardInterrupt) as exc:
@@ -122,7 +168,7 @@ def main(argv: list[str] | None = None) -> int:
     if not is_main_process():
         return 0
     metrics = summary["metrics"]
-    write_termination_message(
+    report_outcome(
         {"reason": "Succeeded", "metrics": pipeline.key_metrics(metrics), "model": summary["model"]}, secrets
     )
     shown = ", ".join(

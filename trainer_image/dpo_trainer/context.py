@@ -14,15 +14,27 @@ import os
 import shutil
 import time
 from dataclasses import dataclass, field
+from datetime import timedelta
+from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dpo_operator.spec import DPOJobSpec
 from dpo_trainer.progress import Reporter
 
+if TYPE_CHECKING:
+    from torch.distributed import ProcessGroup
+
 STATE_FILE = "state.json"
 SUMMARY_FILE = "summary.json"
 DEBUG_LOG = "debug.log"
+
+
+STAGE_BARRIER_TIMEOUT = timedelta(hours=24)
+"""How long ranks wait for rank 0 between stages: preparing a large dataset, merging or pushing a big model
+takes far longer than a collective's usual timeout. Kubernetes' activeDeadlineSeconds bounds a stuck job."""
+DEFAULT_GROUP_TIMEOUT = timedelta(minutes=30)
+"""Timeout of the training collectives: what TrainingArguments.ddp_timeout would have given."""
 
 
 def is_main_process() -> bool:
@@ -30,12 +42,37 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def world_size() -> int:
+    """Processes in this launch (WORLD_SIZE, set by torchrun and accelerate launch); 1 when alone."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+@cache
+def _stage_barrier_group() -> ProcessGroup:
+    """A gloo group for the waits between stages, on top of the default group the Trainer trains with.
+
+    accelerate's own barrier is not usable here: before the Trainer exists, PartialState() on CPU sets up no
+    distributed state and its barrier silently does nothing. A CPU barrier with its own long timeout also
+    keeps the idle GPUs idle and clear of NCCL's watchdog while rank 0 works alone.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():  # accelerate (and so the Trainer) reuses an initialized default group
+        backend = "gloo"
+        if torch.cuda.is_available():
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            backend = "nccl"
+        dist.init_process_group(backend, timeout=DEFAULT_GROUP_TIMEOUT)
+    return dist.new_group(backend="gloo", timeout=STAGE_BARRIER_TIMEOUT)
+
+
 def wait_for_everyone() -> None:
     """Barrier between ranks; a no-op for a single process (and cheap: no torch import when alone)."""
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from accelerate import PartialState
+    if world_size() > 1:
+        import torch.distributed as dist
 
-        PartialState().wait_for_everyone()
+        dist.barrier(group=_stage_barrier_group())
 
 
 def fingerprint(previous: str, part: Any) -> str:

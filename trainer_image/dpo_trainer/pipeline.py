@@ -17,6 +17,9 @@ sft.enabled=false skips sft and sft_merge; push runs only when output.hub is set
 
 summary.json "stages" maps each stage to {"seconds", "skipped"}; for a stage skipped because an earlier
 run finished it, "seconds" is what it took then (its stage_end event reports 0 for this run).
+"parallelism" maps sft/dpo to {"worldSize", "backend", "globalBatchSize"}: processes that trained (one
+per GPU), their collective backend (null for one process), and batchSize x gradientAccumulationSteps x
+worldSize examples per optimizer step.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from dpo_trainer.context import (
 )
 from dpo_trainer.progress import Reporter
 from dpo_trainer.specfile import spec_as_yaml_dict
-from dpo_trainer.training import stage_metrics
+from dpo_trainer.training import PARALLELISM, stage_metrics
 
 KEY_METRICS_PREFIXES = ("rewards/", "eval_")
 
@@ -142,10 +145,12 @@ def model_location(ctx: RunContext) -> dict[str, Any]:
 
 
 def build_summary(ctx: RunContext) -> dict[str, Any]:
-    """DIR/summary.json and the `done` event: final metrics, stage timings, row counts, model location."""
+    """DIR/summary.json and the `done` event: final metrics, stage timings, row counts, parallelism, model location."""
+    trained = ["sft", "dpo"] if ctx.spec.sft.enabled else ["dpo"]
     return {
         "metrics": stage_metrics(ctx, "dpo"),
         "sftMetrics": stage_metrics(ctx, "sft") if ctx.spec.sft.enabled else {},
+        "parallelism": {stage: ctx.read_json(stage, PARALLELISM) or {} for stage in trained},
         "stages": ctx.timings,
         "data": ctx.read_json("data", "stats.json") or {},
         "model": model_location(ctx),

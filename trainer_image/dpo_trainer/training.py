@@ -3,7 +3,8 @@
 Both write Trainer checkpoints under their stage directory and resume from the newest complete one,
 so a restarted pod loses at most `checkpointing.saveSteps` steps (or nothing, when SIGTERM leaves time
 for the just-in-time checkpoint). The final adapter goes to DIR/<stage>/adapter and the Trainer's
-log history to DIR/<stage>/log_history.json (the model card plots it).
+log history to DIR/<stage>/log_history.json (the model card plots it). DIR/<stage>/parallelism.json
+records how many processes trained and the resulting global batch (summary.json repeats it).
 """
 
 from __future__ import annotations
@@ -16,10 +17,11 @@ from dpo_trainer.data import load_split
 from dpo_trainer.errors import DatasetError, Interrupted, TrainingError, reraise
 
 if TYPE_CHECKING:
-    from transformers import Trainer
+    from transformers import Trainer, TrainingArguments
 
 ADAPTER_DIR = "adapter"
 LOG_HISTORY = "log_history.json"
+PARALLELISM = "parallelism.json"
 
 
 def latest_checkpoint(stage_dir: Path) -> str | None:
@@ -48,6 +50,17 @@ def final_metrics(log_history: list[dict[str, Any]]) -> dict[str, float]:
     return metrics
 
 
+def parallelism(args: TrainingArguments) -> dict[str, Any]:
+    """How a stage trained: processes (one per GPU), collective backend, examples per optimizer step in all."""
+    import torch.distributed as dist
+
+    return {
+        "worldSize": args.world_size,
+        "backend": dist.get_backend() if dist.is_initialized() else None,
+        "globalBatchSize": args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size,
+    }
+
+
 def train_and_save(ctx: RunContext, stage: str, trainer: Trainer) -> None:
     """Train (resuming when a checkpoint exists), evaluate once more if the last step missed an eval, save."""
     out = ctx.stage_dir(stage)
@@ -64,6 +77,7 @@ def train_and_save(ctx: RunContext, stage: str, trainer: Trainer) -> None:
         trainer.evaluate()
     trainer.save_model(str(out / ADAPTER_DIR))
     ctx.write_json(stage, LOG_HISTORY, state.log_history)
+    ctx.write_json(stage, PARALLELISM, parallelism(trainer.args))
 
 
 def run_sft(ctx: RunContext) -> None:
