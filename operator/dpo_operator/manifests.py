@@ -24,6 +24,9 @@ CONTAINER = "trainer"
 LABEL_DPOJOB = f"{API_GROUP}/dpojob"
 LABEL_RUN = f"{API_GROUP}/run-generation"
 MANAGED_BY = "dpo-operator"
+# On SIGTERM (suspend, preemption, deletion) the trainer saves a checkpoint before exiting; torchrun alone waits
+# 30 s for its workers. Give the save time before the kubelet's SIGKILL.
+TERMINATION_GRACE_SECONDS = 120
 _NAME_LIMIT = 52  # Job names feed pod names and the job-name label (63) plus the Job's 5-char pod suffix.
 
 
@@ -174,6 +177,7 @@ def build_job(
     }
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        "terminationGracePeriodSeconds": TERMINATION_GRACE_SECONDS,
         "automountServiceAccountToken": False,
         "enableServiceLinks": False,
         "securityContext": {

@@ -67,6 +67,7 @@ def test_pod_placement_resources_and_security() -> None:
     }
     assert job["spec"]["backoffLimit"] == 4 and job["spec"]["activeDeadlineSeconds"] == 3600
     assert pod["restartPolicy"] == "Never"
+    assert pod["terminationGracePeriodSeconds"] >= 90, "the trainer checkpoints on SIGTERM before exiting"
 
 
 def test_token_comes_from_the_secret_never_inline() -> None:
