@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -45,3 +47,14 @@ def local_hub(tmp_path: Path, hub_client_env: None) -> Iterator[LocalHub]:
     """A fresh LocalHub accepting HUB_TOKEN (user HUB_USER) on a free port; the client is set up to reach it."""
     with LocalHub(tmp_path / "hub-root", {HUB_TOKEN: HUB_USER}) as hub:
         yield hub
+
+
+def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
+    """Poll until predicate() is truthy; return its value."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
+        time.sleep(0.2)

@@ -26,18 +26,9 @@ from dpo_operator.dev.cluster import (
     processes_in_groups,
 )
 
+from .conftest import wait_for
+
 pytestmark = pytest.mark.timeout(300)
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    """Poll until predicate() is truthy; return its value."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.2)
 
 
 def test_crd_structural_schema_served_and_invalid_object_rejected_with_field_path(api_client: Any) -> None:

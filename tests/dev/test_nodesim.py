@@ -7,7 +7,6 @@ import datetime as dt
 import json
 import subprocess
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -17,22 +16,14 @@ from kubernetes import client, watch
 from dpo_operator.dev.cluster import processes_in_groups
 from dpo_operator.dev.nodesim import NodeSimulator, Outcome
 
+from .conftest import wait_for
+
 pytestmark = pytest.mark.timeout(180)
 
 POOL = {"nodesim.dpo.dev/pool": "fixture"}
 TOLERATE_FIXTURE = {"key": "nodesim.dpo.dev/fixture", "operator": "Exists", "effect": "NoSchedule"}
 TOLERATE_GPU = {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}
 SIMULATE = {"nodesim.dpo.dev/mode": "simulate"}
-
-
-def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
-        time.sleep(0.2)
 
 
 def template(

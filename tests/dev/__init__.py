@@ -1,0 +1,1 @@
+"""Tests of the local development stack: control plane, node simulator, Hub."""
