@@ -9,24 +9,22 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
-from urllib3.exceptions import HTTPError, ProtocolError, ReadTimeoutError
+from urllib3.exceptions import HTTPError
 
 from .manifests import CONTAINER
 from .progress import TrainerProgress, parse_line
+from .status import container_state
 
 log = logging.getLogger(__name__)
 _READ_TIMEOUT = 120.0
-
-
-def _container_started(pod: dict[str, Any]) -> bool:
-    statuses = pod.get("status", {}).get("containerStatuses") or []
-    state = statuses[0].get("state", {}) if statuses else {}
-    return bool(state.get("running") or state.get("terminated"))
+_REPLAY_MARGIN = 60  # seconds of log re-read on reconnect, against clock skew between node and operator
+_GIVE_UP_AFTER = 30  # consecutive failed attempts (~1 min) before a follower stops
 
 
 class _Follower(threading.Thread):
@@ -40,31 +38,35 @@ class _Follower(threading.Thread):
         self.stopping = threading.Event()
 
     def run(self) -> None:
-        while not self.stopping.is_set():
+        failures = 0
+        while not self.stopping.is_set() and failures < _GIVE_UP_AFTER:
             try:
-                ended = self._stream_once()
+                if self._stream_once():
+                    return
+                failures = 0
             except ApiException as exc:
                 if exc.status == 404:
                     return
-                ended = False
+                failures += 1
                 log.debug("log stream of %s/%s: %s", self.namespace, self.pod, exc.reason)
-            except (ReadTimeoutError, ProtocolError, HTTPError, OSError):
-                ended = False
-            if ended:
-                return
+            except (HTTPError, OSError):
+                failures += 1
             self.stopping.wait(2.0)
 
     def _stream_once(self) -> bool:
-        """Read the log from the start, skipping events already folded. True when the container has ended."""
+        """Fold the log's new progress events. True when the container has ended (nothing more will come)."""
+        since = None
+        if self.progress.updated is not None:
+            since = max(1, int(time.time() - self.progress.updated) + _REPLAY_MARGIN)
         response = self.core.read_namespaced_pod_log(
             self.pod,
             self.namespace,
             container=CONTAINER,
             follow=True,
+            since_seconds=since,
             _preload_content=False,
             _request_timeout=(10, _READ_TIMEOUT),
         )
-        already, seen = self.progress.events_seen, 0
         buffer = b""
         try:
             # read1 returns whatever arrived; stream(n) would wait for n bytes and delay progress by minutes.
@@ -75,11 +77,8 @@ class _Follower(threading.Thread):
                 *lines, buffer = buffer.split(b"\n")
                 for raw in lines:
                     event = parse_line(raw.decode("utf-8", "replace"))
-                    if event is None:
+                    if event is None or self._already_folded(event):
                         continue
-                    seen += 1
-                    if seen <= already:
-                        continue  # folded before this stream was (re)opened
                     with self.progress_lock:
                         self.progress.apply(event)
                     self.notify()
@@ -87,6 +86,11 @@ class _Follower(threading.Thread):
             response.release_conn()
         pod = self.core.read_namespaced_pod(self.pod, self.namespace)
         return pod.status.phase in ("Succeeded", "Failed")
+
+    def _already_folded(self, event: dict[str, Any]) -> bool:
+        """Events of one container come in time order, so a re-read skips everything up to the last one folded."""
+        last, when = self.progress.updated, event.get("time")
+        return last is not None and isinstance(when, int | float) and when <= last
 
 
 class LogFollowers:
@@ -109,13 +113,14 @@ class LogFollowers:
                     del self._owner[key]
             for pod in pods:
                 key = (namespace, pod["metadata"]["name"])
-                if key in self._followers or not _container_started(pod):
+                state = container_state(pod)
+                if key in self._followers or not (state.get("running") or state.get("terminated")):
                     continue
                 follower = _Follower(self.core, namespace, key[1], lambda: self.mark_dirty(namespace, dpojob))
                 self._followers[key], self._owner[key] = follower, dpojob
                 follower.start()
 
-    def latest_progress(self, namespace: str, dpojob: str, pods: list[dict[str, Any]]) -> dict[str, Any] | None:
+    def latest_progress(self, namespace: str, pods: list[dict[str, Any]]) -> dict[str, Any] | None:
         """Status fields from the newest pod that reported anything."""
         newest_first = sorted(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", reverse=True)
         with self._lock:

@@ -11,36 +11,42 @@ import kopf
 from kubernetes import client, config
 
 from .kube import Kube
+from .manifests import LABEL_DPOJOB, MANAGED_BY
 from .reconciler import OperatorConfig, Reconciler
-from .spec import API_GROUP
 
 log = logging.getLogger(__name__)
 
 
-def config_from_env() -> OperatorConfig:
+def config_from_env(namespaces: list[str]) -> OperatorConfig:
     """Operator settings from the environment (the Helm chart sets these)."""
     trainer_env = json.loads(os.environ.get("DPO_OPERATOR_TRAINER_ENV") or "{}")
     if not isinstance(trainer_env, dict) or not all(isinstance(v, str) for v in trainer_env.values()):
         raise ValueError("DPO_OPERATOR_TRAINER_ENV must be a JSON object of strings")
     return OperatorConfig(
-        trainer_env=trainer_env, resync_seconds=float(os.environ.get("DPO_OPERATOR_RESYNC_SECONDS", "30"))
+        trainer_env=trainer_env,
+        resync_seconds=float(os.environ.get("DPO_OPERATOR_RESYNC_SECONDS", "30")),
+        namespaces=namespaces,
     )
 
 
 def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
-    """Own annotation prefix, no Kopf finalizer (nothing needs one), our own Events; start the reconciler."""
-    settings.persistence.finalizer = f"{API_GROUP}/finalizer"
-    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
-    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=API_GROUP, key="last-handled-configuration"
-    )
+    """Only our own Events; watch only our children server-side; start the reconciler.
+
+    Handlers are on.event only, so Kopf writes nothing to the objects: no finalizer, no annotations.
+    """
     settings.posting.enabled = False
     settings.execution.max_workers = int(os.environ.get("DPO_OPERATOR_WORKERS", "8"))
+    for resource in ("jobs", "pods"):
+        settings.watching.label_selectors[resource] = f"app.kubernetes.io/managed-by={MANAGED_BY}"
     try:
         config.load_incluster_config()
     except config.ConfigException:
         config.load_kube_config()
-    memo.reconciler = Reconciler(Kube(client.ApiClient()), config_from_env())
+    kube = Kube(client.ApiClient())
+    namespaces = memo.get("namespaces") or [n for n in os.environ.get("DPO_OPERATOR_NAMESPACES", "").split(",") if n]
+    operator_config = config_from_env(namespaces)
+    operator_config.ignore_disruptions = kube.supports_pod_failure_policy()
+    memo.reconciler = Reconciler(kube, operator_config)
     memo.reconciler.start()
 
 
@@ -50,11 +56,11 @@ def cleanup(memo: kopf.Memo) -> None:
 
 def on_dpojob(event: dict[str, Any], namespace: str, name: str, memo: kopf.Memo) -> None:
     if event.get("type") == "DELETED":
-        memo.reconciler.followers.forget(namespace, name)
+        memo.reconciler.forget(namespace, name)
         return
     memo.reconciler.reconcile_safely(namespace, name)
 
 
 def on_child(namespace: str, labels: dict[str, str], memo: kopf.Memo) -> None:
     """A trainer Job or pod changed: reconcile the DPOJob it belongs to."""
-    memo.reconciler.reconcile_safely(namespace, labels["dpo-operator.io/dpojob"])
+    memo.reconciler.reconcile_safely(namespace, labels[LABEL_DPOJOB])

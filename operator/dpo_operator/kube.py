@@ -16,6 +16,10 @@ from .spec import API_GROUP, API_VERSION, KIND, PLURAL
 log = logging.getLogger(__name__)
 
 
+class NotOwnedError(RuntimeError):
+    """An object with the name we need exists but belongs to something else (e.g. a deleted DPOJob)."""
+
+
 def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """RFC 7386 merge patch turning old into new (removed keys become null); {} when equal."""
     patch: dict[str, Any] = {key: None for key in old.keys() - new.keys()}
@@ -59,8 +63,21 @@ class Kube:
                 return None
             raise
 
-    def list_dpojobs(self) -> list[dict[str, Any]]:
-        return self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)["items"]
+    def list_dpojobs(self, namespaces: list[str]) -> list[dict[str, Any]]:
+        """DPOJobs of the given namespaces (all when empty): a namespaced operator may not list cluster-wide."""
+        if not namespaces:
+            return self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)["items"]
+        return [
+            item
+            for namespace in namespaces
+            for item in self.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL)["items"]
+        ]
+
+    def supports_pod_failure_policy(self) -> bool:
+        """Job podFailurePolicy is on by default from Kubernetes 1.26."""
+        version = client.VersionApi(self.api_client).get_code()
+        minor = int("".join(ch for ch in version.minor if ch.isdigit()) or 0)
+        return (int(version.major), minor) >= (1, 26)
 
     def patch_status(self, dpojob: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
         """Merge-patch the status subresource, conditional on the resourceVersion we computed from (409 if stale)."""
@@ -103,7 +120,10 @@ class Kube:
         existing = self.api_client.sanitize_for_serialization(read(name, namespace))
         owners = existing["metadata"].get("ownerReferences") or []
         if not any(ref.get("uid") == owner_uid for ref in owners):
-            raise RuntimeError(f"{kind} {namespace}/{name} exists but is not owned by this DPOJob; delete or rename it")
+            raise NotOwnedError(
+                f"{kind} {name} exists but is not owned by this DPOJob (left by a deleted DPOJob of the same name?); "
+                "waiting until it is gone"
+            )
         return existing, False
 
     def delete(self, kind: str, namespace: str, name: str) -> bool:

@@ -54,4 +54,5 @@ def cli() -> None:
         clusterwide=not args.namespace,
         namespaces=args.namespace,
         liveness_endpoint=args.liveness,
+        memo=kopf.Memo(namespaces=args.namespace),
     )

@@ -146,9 +146,18 @@ def _resources(spec: DPOJobSpec) -> dict[str, Any]:
 
 
 def build_job(
-    dpojob: dict[str, Any], spec: DPOJobSpec, generation: int, extra_env: dict[str, str] | None = None
+    dpojob: dict[str, Any],
+    spec: DPOJobSpec,
+    generation: int,
+    extra_env: dict[str, str] | None = None,
+    *,
+    ignore_disruptions: bool = False,
 ) -> dict[str, Any]:
-    """The batch/v1 Job that runs `dpo-trainer` for one run of the DPOJob."""
+    """The batch/v1 Job that runs `dpo-trainer` for one run of the DPOJob.
+
+    ignore_disruptions (servers with podFailurePolicy, >= 1.26): a pod evicted or preempted is replaced
+    without spending a retry; the trainer resumes from its checkpoint.
+    """
     meta = dpojob["metadata"]
     name = run_name(meta["name"], generation)
     runtime = spec.runtime
@@ -207,6 +216,10 @@ def build_job(
     }
     if runtime.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = runtime.active_deadline_seconds
+    if ignore_disruptions:
+        job_spec["podFailurePolicy"] = {
+            "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
+        }
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

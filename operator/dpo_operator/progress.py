@@ -57,7 +57,8 @@ def parse_line(line: str) -> dict[str, Any] | None:
 
 
 def _rfc3339(timestamp: float) -> str:
-    return datetime.fromtimestamp(timestamp, UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    """Millisecond precision: status compares report times to refuse going backwards on a log replay."""
+    return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def _finite(value: Any) -> bool:
@@ -74,17 +75,8 @@ class TrainerProgress:
     total_steps: int = 0
     updated: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
-    skip_sft: bool = False
     done: bool = False
     events_seen: int = 0
-
-    def feed(self, line: str) -> bool:
-        """Apply one log line; True when it was a progress event."""
-        event = parse_line(line)
-        if event is None:
-            return False
-        self.apply(event)
-        return True
 
     def apply(self, event: dict[str, Any]) -> None:
         """Fold one progress event (in log order)."""
@@ -96,8 +88,6 @@ class TrainerProgress:
             self.stage, self.stage_started, self.step, self.total_steps = stage, self.updated, 0, 0
             if stage in ("sft", "dpo"):
                 self.metrics = {}  # each training stage reports its own loss; don't mix SFT's into DPO's
-        elif kind == "stage_end" and stage == "sft" and event.get("skipped") and self.step == 0:
-            self.skip_sft = True
         elif kind == "log":
             if stage in _STAGE_WEIGHTS:
                 self.stage = stage
@@ -110,12 +100,6 @@ class TrainerProgress:
             self.stage = "push"
             final = (event.get("summary") or {}).get("metrics") or {}
             self.metrics.update({k: float(v) for k, v in final.items() if _finite(v)})
-
-    @property
-    def ordinal(self) -> tuple[int, int]:
-        """Position in the run, to refuse going backwards when a log is replayed."""
-        index = _STAGE_ORDER.index(self.stage) if self.stage in _STAGE_ORDER else -1
-        return (len(_STAGE_ORDER) if self.done else index, self.step)
 
     def percent(self) -> int:
         """Share of the whole run done, weighting stages by how long they usually take."""

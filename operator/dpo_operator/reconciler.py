@@ -18,21 +18,25 @@ from pydantic import ValidationError
 
 from . import manifests
 from .followers import LogFollowers
-from .kube import Kube, merge_patch, prune_none
+from .kube import Kube, NotOwnedError, merge_patch, prune_none
 from .spec import DPOJobSpec, describe_validation_error
-from .status import TERMINAL, Observed, compute_status, transition_events, utc_from_rfc3339
+from .status import Observed, compute_status, run_finished, transition_events, utc_from_rfc3339
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class OperatorConfig:
-    """Operator-wide settings (from the environment / Helm values)."""
+    """Operator-wide settings (from the command line, the environment and the API server)."""
 
     trainer_env: dict[str, str] = field(default_factory=dict)
     """Extra env for every trainer pod (e.g. HF_ENDPOINT for a Hub mirror, proxies)."""
     resync_seconds: float = 30.0
     """How often every DPOJob is re-examined (TTL expiry, missed events)."""
+    namespaces: list[str] = field(default_factory=list)
+    """Namespaces to manage; empty: all."""
+    ignore_disruptions: bool = False
+    """The server supports Job podFailurePolicy (Kubernetes >= 1.26): preemptions then cost no retry."""
 
 
 def validate_spec(raw: dict[str, Any]) -> tuple[DPOJobSpec | None, str | None]:
@@ -64,6 +68,15 @@ def current_run(dpojob: dict[str, Any]) -> dict[str, Any]:
     return {"generation": dpojob["metadata"]["generation"], "specHash": digest}
 
 
+def owned_by(obj: dict[str, Any], uid: str) -> bool:
+    """obj has a controller ownerReference to uid (a same-named object of a deleted owner does not count)."""
+    return any(ref.get("uid") == uid and ref.get("controller") for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+def _still_running(pod: dict[str, Any]) -> bool:
+    return pod.get("status", {}).get("phase") not in ("Succeeded", "Failed")
+
+
 class Reconciler:
     """Owns the per-DPOJob locks, the trainer log followers and the background loops."""
 
@@ -91,6 +104,11 @@ class Reconciler:
             self._dirty_lock.notify_all()
         self.followers.stop_all()
 
+    def forget(self, namespace: str, name: str) -> None:
+        """A DPOJob was deleted: stop following its pods and drop its lock."""
+        self.followers.forget(namespace, name)
+        self._locks.pop((namespace, name), None)
+
     def mark_dirty(self, namespace: str, name: str) -> None:
         """Ask for a reconcile soon (coalesced): called by log followers on every progress event."""
         with self._dirty_lock:
@@ -110,7 +128,7 @@ class Reconciler:
     def _resync_loop(self) -> None:
         while not self._stopped.wait(self.config.resync_seconds):
             try:
-                items = self.kube.list_dpojobs()
+                items = self.kube.list_dpojobs(self.config.namespaces)
             except ApiException as exc:
                 log.warning("resync list failed: %s", exc.reason)
                 continue
@@ -126,7 +144,7 @@ class Reconciler:
 
     # --- the loop -----------------------------------------------------------------------------------------
     def reconcile(self, namespace: str, name: str) -> None:
-        """Converge one DPOJob. Retries once on a status write conflict."""
+        """Converge one DPOJob; a status write conflict (someone changed it meanwhile) re-reads and retries."""
         with self._locks[(namespace, name)]:
             for attempt in range(3):
                 try:
@@ -141,60 +159,77 @@ class Reconciler:
         if dpojob is None or dpojob["metadata"].get("deletionTimestamp"):
             self.followers.forget(namespace, name)
             return  # children go with it through ownerReferences
+        uid = dpojob["metadata"]["uid"]
         old = dpojob.get("status") or {}
         spec, error = validate_spec(dpojob["spec"])
         run = current_run(dpojob)
         generation = run["generation"]
-        job_name = manifests.run_name(name, generation)
-        same_run = old.get("run") == run
-        finished = same_run and old.get("phase") in TERMINAL and error is None
-        suspended = bool(spec and spec.suspend) and not finished
-
-        self._delete_superseded(namespace, name, generation)
-        job = self.kube.get_job(namespace, job_name)
-        if error is None and spec is not None and not finished:
-            if suspended and job is not None:
-                self.kube.delete("Job", namespace, job_name)
-                job = None
-            elif not suspended and job is None:
-                job = self._create_run(dpojob, spec, generation)
-        pods = self.kube.list_pods(namespace, f"{manifests.LABEL_DPOJOB}={name},{manifests.LABEL_RUN}={generation}")
-        self.followers.ensure(namespace, name, pods)
+        finished = run_finished(old, run) and error is None
         observed = Observed(
             generation=dpojob["metadata"]["generation"],
             run=run,
             spec_error=error,
-            suspended=suspended,
-            job=job,
-            pods=pods,
-            progress=self.followers.latest_progress(namespace, name, pods),
+            suspended=bool(spec and spec.suspend) and not finished,
         )
+        if old.get("run") != run:
+            # Record a new run before creating anything for it: its Job is named after run.generation, which
+            # must not drift if the spec changes again (or the operator dies) before the Job exists.
+            self._write_status(dpojob, old, observed)
+            return  # the status write brings this DPOJob back through its watch event
+
+        self._delete_superseded(namespace, name, uid, generation)
+        job = self.kube.get_job(namespace, manifests.run_name(name, generation))
+        if job is not None and not owned_by(job, uid):
+            job = None  # left by a deleted DPOJob of the same name: never adopted (creating it reports why we wait)
+        pods = self.kube.list_pods(namespace, f"{manifests.LABEL_DPOJOB}={name},{manifests.LABEL_RUN}={generation}")
+        if error is None and spec is not None and not finished:
+            if observed.suspended and job is not None:
+                self.kube.delete("Job", namespace, job["metadata"]["name"])
+                job = None
+            elif not observed.suspended and job is None:
+                stopping = next((p for p in pods if _still_running(p)), None)
+                if stopping is not None:
+                    observed.waiting = f"previous trainer pod {stopping['metadata']['name']} is still stopping"
+                else:
+                    try:
+                        job = self._create_run(dpojob, spec, generation)
+                    except NotOwnedError as exc:
+                        observed.waiting = str(exc)
+        observed.job = job
+        observed.pods = [p for p in pods if job is not None and owned_by(p, job["metadata"]["uid"])]
+        self.followers.ensure(namespace, name, observed.pods)
+        observed.progress = self.followers.latest_progress(namespace, observed.pods)
+        self._write_status(dpojob, old, observed)
+        if finished and spec is not None:
+            self._expire(dpojob, spec, job)
+
+    def _write_status(self, dpojob: dict[str, Any], old: dict[str, Any], observed: Observed) -> None:
+        """Patch the status if it changed, then post the Events its transitions deserve."""
         new = prune_none(compute_status(old, observed))
         if patch := merge_patch(old, new):
             self.kube.patch_status(dpojob, patch)
             for event in transition_events(old, new):
                 self.kube.post_event(dpojob, event.type, event.reason, event.message)
-        if finished and spec is not None:
-            self._expire(dpojob, spec, job)
 
     def _create_run(self, dpojob: dict[str, Any], spec: DPOJobSpec, generation: int) -> dict[str, Any]:
         """ConfigMap then Job for this run; an existing one (operator restart, race) is adopted, never duplicated."""
         uid = dpojob["metadata"]["uid"]
         self.kube.create_or_adopt(manifests.build_config_map(dpojob, generation), uid)
-        job, created = self.kube.create_or_adopt(
-            manifests.build_job(dpojob, spec, generation, self.config.trainer_env), uid
+        job_manifest = manifests.build_job(
+            dpojob, spec, generation, self.config.trainer_env, ignore_disruptions=self.config.ignore_disruptions
         )
+        job, created = self.kube.create_or_adopt(job_manifest, uid)
         if created:
             self.kube.post_event(
                 dpojob, "Normal", "JobCreated", f"created trainer Job {job['metadata']['name']} (run {generation})"
             )
         return job
 
-    def _delete_superseded(self, namespace: str, name: str, generation: int) -> None:
+    def _delete_superseded(self, namespace: str, name: str, uid: str, generation: int) -> None:
         """Stop runs of an older training spec: a changed spec means a new run (GitOps retraining)."""
         for job in self.kube.list_jobs(namespace, f"{manifests.LABEL_DPOJOB}={name}"):
             labels = job["metadata"].get("labels") or {}
-            if labels.get(manifests.LABEL_RUN) != str(generation):
+            if labels.get(manifests.LABEL_RUN) != str(generation) and owned_by(job, uid):
                 self.kube.delete("Job", namespace, job["metadata"]["name"])
                 self.kube.delete("ConfigMap", namespace, job["metadata"]["name"])
 

@@ -45,6 +45,8 @@ class Observed:
     pods: list[dict[str, Any]] = field(default_factory=list)
     progress: dict[str, Any] | None = None
     """Status fields from the trainer's log (TrainerProgress.status_fields), if any were read."""
+    waiting: str | None = None
+    """Why the run's Job cannot be created yet (a previous Job or pod of the same name still going away)."""
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -64,14 +66,15 @@ def _latest(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
     return max(pods, key=lambda p: p["metadata"].get("creationTimestamp") or "", default=None)
 
 
-def _container_status(pod: dict[str, Any]) -> dict[str, Any]:
+def container_state(pod: dict[str, Any]) -> dict[str, Any]:
+    """The trainer container's state: {"waiting"|"running"|"terminated": {...}} or {}."""
     statuses = pod.get("status", {}).get("containerStatuses") or []
-    return statuses[0] if statuses else {}
+    return (statuses[0].get("state") or {}) if statuses else {}
 
 
 def termination_details(pod: dict[str, Any]) -> dict[str, Any]:
     """The trainer's JSON termination message of a finished pod ({} when absent or not JSON)."""
-    terminated = _container_status(pod).get("state", {}).get("terminated") or {}
+    terminated = container_state(pod).get("terminated") or {}
     try:
         details = json.loads(terminated.get("message") or "")
     except ValueError:
@@ -81,7 +84,7 @@ def termination_details(pod: dict[str, Any]) -> dict[str, Any]:
 
 def pod_failure(pod: dict[str, Any]) -> tuple[str, str]:
     """Reason code and one-line message for a failed trainer pod."""
-    terminated = _container_status(pod).get("state", {}).get("terminated") or {}
+    terminated = container_state(pod).get("terminated") or {}
     details = termination_details(pod)
     if terminated.get("reason") == "OOMKilled":
         return "OutOfMemory", "the trainer container was OOMKilled: raise spec.runtime.memory or lower batch sizes"
@@ -99,7 +102,7 @@ def pending_problem(pod: dict[str, Any]) -> tuple[str, str] | None:
     for condition in pod.get("status", {}).get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
             return condition.get("reason") or "Unschedulable", condition.get("message", "")
-    waiting = _container_status(pod).get("state", {}).get("waiting") or {}
+    waiting = container_state(pod).get("waiting") or {}
     if waiting.get("reason") in _WAITING_PROBLEMS:
         return _WAITING_PROBLEMS[waiting["reason"]], waiting.get("message") or waiting["reason"]
     return None
@@ -119,6 +122,8 @@ def observe_outcome(obs: Observed) -> Outcome:
     if obs.suspended:
         return Outcome("Suspended", "Suspended", "spec.suspend is true: the trainer is stopped")
     if obs.job is None:
+        if obs.waiting:
+            return Outcome("Pending", "WaitingForCleanup", obs.waiting)
         return Outcome("Pending", "Creating", "creating the trainer Job")
     pods = obs.pods
     latest = _latest(pods)
@@ -212,6 +217,21 @@ def _model_location(details: dict[str, Any]) -> dict[str, Any] | None:
     return location or None
 
 
+def run_finished(old: dict[str, Any], run: dict[str, Any]) -> bool:
+    """The status already holds this run's final outcome, so nothing may change it any more.
+
+    InvalidSpec is not final: the spec can be fixed through fields (runtime) that do not start a new run.
+    """
+    return old.get("run") == run and old.get("phase") in TERMINAL and _reason(old) != "InvalidSpec"
+
+
+def _is_newer(progress: dict[str, Any], old: dict[str, Any]) -> bool:
+    """A replayed log (operator restart) must not move the status back to an earlier report."""
+    new_at = (progress.get("progress") or {}).get("updatedAt")
+    old_at = (old.get("progress") or {}).get("updatedAt")
+    return not (new_at and old_at) or utc_from_rfc3339(new_at) >= utc_from_rfc3339(old_at)
+
+
 def compute_status(old: dict[str, Any], obs: Observed) -> dict[str, Any]:
     """The new status. Progress and history are carried over; the run's outcome is recomputed."""
     now = now_rfc3339(obs.now)
@@ -222,10 +242,8 @@ def compute_status(old: dict[str, Any], obs: Observed) -> dict[str, Any]:
         runs = [*runs, archived_run(old)][-MAX_RUN_HISTORY:]
     status.update(observedGeneration=obs.generation, run=obs.run, runs=runs)
 
-    if same_run and old.get("phase") in TERMINAL and obs.spec_error is None:
-        outcome = Outcome(old["phase"], _reason(old) or old["phase"], _message(old))
-    else:
-        outcome = observe_outcome(obs)
+    frozen = run_finished(old, obs.run) and obs.spec_error is None
+    outcome = Outcome(old["phase"], _reason(old) or old["phase"], _message(old)) if frozen else observe_outcome(obs)
     status["phase"] = outcome.phase
     status["conditions"] = _conditions(old.get("conditions") or [] if same_run else [], outcome, obs.generation, now)
 
@@ -234,16 +252,19 @@ def compute_status(old: dict[str, Any], obs: Observed) -> dict[str, Any]:
         pod_name = outcome.pod_name or (latest["metadata"]["name"] if latest else None)
         name = obs.job["metadata"]["name"]
         status["trainer"] = {"jobName": name, "configMapName": name, **({"podName": pod_name} if pod_name else {})}
-        status["retries"] = int(obs.job.get("status", {}).get("failed") or 0)
+        # A Job recreated on resume starts counting again; the run's count never goes down.
+        status["retries"] = max(int(obs.job.get("status", {}).get("failed") or 0), status.get("retries", 0))
     elif same_run and old.get("trainer"):
         status["trainer"] = old["trainer"]
 
     if outcome.phase in ("Running", "Succeeded", "Failed") and obs.spec_error is None:
         started = (obs.job or {}).get("status", {}).get("startTime")
         status.setdefault("startTime", started or now)
-    if obs.progress:
+    if obs.progress and not frozen and (not same_run or _is_newer(obs.progress, old)):
         status.update(obs.progress)
-    if outcome.phase in TERMINAL:
+    if outcome.phase not in TERMINAL:
+        status.pop("completionTime", None)  # e.g. an InvalidSpec fixed through runtime: the run goes on
+    else:
         status.setdefault("completionTime", now)
         if outcome.details:
             _apply_final(status, outcome.details)
@@ -298,13 +319,8 @@ def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
     if new.get("stage") and (not same_run or old.get("stage") != new.get("stage")):
         events.append(Event("Normal", "StageStarted", f"stage {new['stage']} started"))
     retries_before = old.get("retries", 0) if same_run else 0
-    if new.get("retries", 0) > retries_before:
-        reason = _condition(new, "Failed") or {}
-        events.append(
-            Event("Warning", "Retrying", f"trainer pod failed ({new['retries']} so far); the Job retries it")
-            if new.get("phase") != "Failed"
-            else Event("Warning", "PodFailed", reason.get("message") or "trainer pod failed")
-        )
+    if new.get("retries", 0) > retries_before and new.get("phase") != "Failed":
+        events.append(Event("Warning", "Retrying", f"trainer pod failed ({new['retries']} so far); the Job retries it"))
     old_phase = old.get("phase") if same_run else None
     phase = new.get("phase")
     reason = (_condition(new, "Ready") or {}).get("reason")
@@ -322,7 +338,7 @@ def _condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return next((c for c in status.get("conditions") or [] if c.get("type") == kind), None)
 
 
-_PENDING_WARNINGS = {"Unschedulable", "ImagePullBackOff", "CreateContainerConfigError"}
+_PENDING_WARNINGS = {"Unschedulable", "ImagePullBackOff", "CreateContainerConfigError", "WaitingForCleanup"}
 
 
 def _phase_event(status: dict[str, Any], old_phase: str | None) -> Event:
@@ -345,5 +361,5 @@ def _phase_event(status: dict[str, Any], old_phase: str | None) -> Event:
 
 
 def utc_from_rfc3339(value: str) -> datetime:
-    """Parse a Kubernetes timestamp."""
-    return datetime.strptime(value, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=UTC)
+    """Parse a Kubernetes timestamp (fractional seconds allowed)."""
+    return datetime.fromisoformat(value.replace("Z", "+00:00"))

@@ -180,6 +180,53 @@ def test_deletion_cleans_up_children(stack: LocalStack) -> None:
     assert not leftovers, f"children left after deleting the DPOJob: {leftovers}"
 
 
+def succeed_with_model(name: str, repo: str):
+    """Scripted rule: pods of this DPOJob finish at once the way the trainer does (termination message)."""
+    message = json.dumps(
+        {"reason": "Succeeded", "metrics": {"rewards/margins": 0.3, "loss": 0.5}, "model": {"repoId": repo}}
+    )
+
+    def rule(pod: dict, container: str, restarts: int) -> Outcome | None:
+        if pod["metadata"].get("labels", {}).get("dpo-operator.io/dpojob") != name:
+            return None
+        return Outcome(duration_s=0.5, message=message)
+
+    return rule
+
+
+def test_spec_change_starts_a_new_run_and_keeps_the_previous_one(stack: LocalStack) -> None:
+    name = "retrain"
+    with stack.simulator.scripted(succeed_with_model(name, "demo/retrain")):
+        apply(stack, dpojob(name, output={"hub": {"repoId": "demo/retrain"}}))
+        first = stack.wait_for(NS, name, lambda o: phase(o) == "Succeeded", 60)
+        assert first["status"]["rewards"] == {"margins": 0.3}
+        apply(stack, dpojob(name, dpo={"beta": 0.2}, output={"hub": {"repoId": "demo/retrain"}}))
+        second = stack.wait_for(
+            NS, name, lambda o: phase(o) == "Succeeded" and o["status"]["run"]["generation"] == 2, 60
+        )
+    previous = second["status"]["runs"][-1]
+    assert previous["generation"] == 1 and previous["phase"] == "Succeeded" and previous["reason"] == "Succeeded"
+    assert previous["model"] == {"repoId": "demo/retrain"} and previous["rewards"] == {"margins": 0.3}
+    assert [j["metadata"]["name"] for j in jobs_of(stack, name)] == ["retrain-g2"], "the old run's Job is removed"
+    assert "NewRun" in [e["reason"] for e in events(stack, name)]
+
+
+def test_a_recreated_dpojob_never_adopts_the_old_objects_job(stack: LocalStack) -> None:
+    name = "reborn"
+    with stack.simulator.scripted(succeed_with_model(name, "demo/reborn")):
+        apply(stack, dpojob(name, output={"hub": {"repoId": "demo/reborn"}}))
+        stack.wait_for(NS, name, lambda o: phase(o) == "Succeeded", 60)
+        kubectl(stack.admin_kubeconfig, "-n", NS, "delete", "dpojob", name, "--cascade=orphan")
+        apply(stack, dpojob(name, output={"hub": {"repoId": "demo/reborn"}}))
+        waiting = stack.wait_for(NS, name, lambda o: condition(o, "Ready").get("reason") == "WaitingForCleanup", 60)
+        assert phase(waiting) == "Pending", "the old object's finished Job must not count for the new object"
+        assert "not owned by this DPOJob" in condition(waiting, "Ready")["message"]
+        kubectl(stack.admin_kubeconfig, "-n", NS, "delete", "job,configmap", "reborn-g1")
+        reborn = stack.wait_for(NS, name, lambda o: phase(o) == "Succeeded", 60)
+    owners = jobs_of(stack, name)[0]["metadata"]["ownerReferences"]
+    assert [o["uid"] for o in owners] == [reborn["metadata"]["uid"]]
+
+
 # --- the quickstart, end to end, with an operator crash and a suspend/resume on the way -----------------
 
 
@@ -214,7 +261,10 @@ def quickstart_run(stack: LocalStack) -> dict:
             kubectl(stack.admin_kubeconfig, "-n", NS, "patch", "dpojob", "quickstart", "--type=merge",
                     "-p", '{"spec": {"suspend": true}}')  # fmt: skip
             seen["suspended_status"] = stack.wait_for(NS, "quickstart", lambda o: phase(o) == "Suspended", 60)["status"]
-            seen["pods_while_suspended"] = _pods(stack)
+            deadline_pods = time.monotonic() + 30
+            while (pods_left := _pods(stack)) and time.monotonic() < deadline_pods:
+                time.sleep(0.5)
+            seen["pods_while_suspended"] = pods_left
             kubectl(stack.admin_kubeconfig, "-n", NS, "patch", "dpojob", "quickstart", "--type=merge",
                     "-p", '{"spec": {"suspend": false}}')  # fmt: skip
             seen["suspended"] = True
@@ -260,7 +310,7 @@ def _pods(stack: LocalStack) -> list[str]:
     raw = kubectl(
         stack.admin_kubeconfig, "-n", NS, "get", "pods", "-l", "dpo-operator.io/dpojob=quickstart", "-o", "json"
     )
-    return [p["metadata"]["name"] for p in json.loads(raw)["items"] if not p["metadata"].get("deletionTimestamp")]
+    return [p["metadata"]["name"] for p in json.loads(raw)["items"]]
 
 
 def test_quickstart_succeeds_and_the_hub_holds_the_model(stack: LocalStack, quickstart_run: dict, hub_api) -> None:
@@ -310,6 +360,7 @@ def test_suspend_deletes_the_pod_and_resume_continues_from_the_checkpoint(
     stack: LocalStack, quickstart_run: dict
 ) -> None:
     assert quickstart_run["suspended"] and quickstart_run["suspended_status"]["phase"] == "Suspended"
+    assert quickstart_run["pods_while_suspended"] == [], "suspend must remove the trainer pod"
     assert condition({"status": quickstart_run["suspended_status"]}, "Suspended")["status"] == "True"
     trainer_log = kubectl(
         stack.admin_kubeconfig, "-n", NS, "logs", "job/" + quickstart_run["final"]["status"]["trainer"]["jobName"]

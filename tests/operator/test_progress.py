@@ -9,10 +9,18 @@ def line(event: str, **fields) -> str:
     return json.dumps({"kind": "dpo-trainer/progress", "event": event, **fields})
 
 
+def fold(progress: TrainerProgress, text: str) -> bool:
+    """What the log follower does with one line."""
+    event = parse_line(text)
+    if event is not None:
+        progress.apply(event)
+    return event is not None
+
+
 def test_other_lines_are_ignored() -> None:
     progress = TrainerProgress()
     for text in ("", "loading model", "{not json", '{"kind": "other"}', "  5%|##   | 1/20"):
-        assert not progress.feed(text)
+        assert not fold(progress, text)
     assert progress.status_fields() == {}
     assert parse_line(line("log", step=1)) is not None
     glued = "\r 10%|#         | 3/30 [00:00<00:01]" + line("log", stage="sft", step=5, totalSteps=30)
@@ -21,17 +29,17 @@ def test_other_lines_are_ignored() -> None:
 
 def test_log_events_become_progress_metrics_and_rewards() -> None:
     progress = TrainerProgress()
-    progress.feed(line("stage_start", stage="sft", time=100.0))
-    progress.feed(line("log", stage="sft", step=5, totalSteps=10, time=110.0, metrics={"loss": 2.0}))
+    fold(progress, line("stage_start", stage="sft", time=100.0))
+    fold(progress, line("log", stage="sft", step=5, totalSteps=10, time=110.0, metrics={"loss": 2.0}))
     sft = progress.status_fields()
     assert sft["stage"] == "sft" and sft["progress"]["step"] == 5 and sft["progress"]["etaSeconds"] == 10
     assert sft["metrics"] == {"loss": 2.0} and "rewards" not in sft
-    progress.feed(line("stage_end", stage="sft", time=120.0, seconds=20))
-    progress.feed(line("stage_start", stage="sft_merge", time=121.0))
+    fold(progress, line("stage_end", stage="sft", time=120.0, seconds=20))
+    fold(progress, line("stage_start", stage="sft_merge", time=121.0))
     assert progress.status_fields()["stage"] == "merge"
-    progress.feed(line("stage_start", stage="dpo", time=130.0))
+    fold(progress, line("stage_start", stage="dpo", time=130.0))
     metrics = {"loss": 0.69, "rewards/margins": 0.1, "rewards/accuracies": 0.5, "eval_rewards/margins": 0.05}
-    progress.feed(line("log", stage="dpo", step=2, totalSteps=4, time=134.0, metrics=metrics))
+    fold(progress, line("log", stage="dpo", step=2, totalSteps=4, time=134.0, metrics=metrics))
     dpo = progress.status_fields()
     assert dpo["stage"] == "dpo"
     assert dpo["metrics"] == dict(sorted(metrics.items())), "SFT metrics must not leak into DPO's"
@@ -41,8 +49,8 @@ def test_log_events_become_progress_metrics_and_rewards() -> None:
 
 def test_done_is_100_percent_with_final_metrics() -> None:
     progress = TrainerProgress()
-    progress.feed(line("stage_start", stage="dpo", time=1.0))
-    progress.feed(line("done", time=9.0, summary={"metrics": {"rewards/accuracies": 0.9, "loss": float("nan")}}))
+    fold(progress, line("stage_start", stage="dpo", time=1.0))
+    fold(progress, line("done", time=9.0, summary={"metrics": {"rewards/accuracies": 0.9, "loss": float("nan")}}))
     fields = progress.status_fields()
     assert fields["progress"]["percent"] == 100 and fields["stage"] == "push"
     assert fields["rewards"] == {"accuracies": 0.9} and "loss" not in fields["metrics"]

@@ -156,3 +156,33 @@ def test_deadline_exceeded_is_the_failure_reason() -> None:
     running_pod = pod("p1", "Failed", terminated={"exitCode": 143, "message": '{"reason": "Interrupted"}'})
     status = observe(job=job(failed=1, conditions=[deadline]), pods=[running_pod])
     assert status["phase"] == "Failed" and condition(status, "Failed")["reason"] == "DeadlineExceeded"
+
+
+def test_invalid_spec_is_not_final() -> None:
+    """InvalidSpec can be fixed through runtime (same run): the run must then start."""
+    invalid = observe(spec_error="spec.output.directory: not on a volume")
+    fixed = observe(invalid, job=job(active=1), pods=[pod("p1", "Running", running={})])
+    assert fixed["phase"] == "Running" and "completionTime" not in fixed
+
+
+def test_a_replayed_log_does_not_move_status_backwards() -> None:
+    later = {"stage": "dpo", "progress": {"step": 8, "updatedAt": "2026-01-01T00:00:09.500Z"}}
+    earlier = {"stage": "data", "progress": {"step": 0, "updatedAt": "2026-01-01T00:00:01.000Z"}}
+    running = {"job": job(active=1), "pods": [pod("p1", "Running", running={})]}
+    current = observe(progress=later, **running)
+    replayed = observe(current, progress=earlier, **running)
+    assert replayed["stage"] == "dpo" and replayed["progress"]["step"] == 8
+
+
+def test_a_finished_run_is_frozen() -> None:
+    message = json.dumps({"reason": "Succeeded", "metrics": {"rewards/margins": 0.5}})
+    done = pod("p1", "Succeeded", terminated={"exitCode": 0, "message": message})
+    finished = observe(job=job(conditions=[{"type": "Complete", "status": "True"}]), pods=[done])
+    late = {"rewards": {"margins": 0.1}, "progress": {"updatedAt": "2030-01-01T00:00:00.000Z"}}
+    assert observe(finished, progress=late, job=None)["rewards"] == {"margins": 0.5}
+
+
+def test_waiting_for_a_previous_job_is_reported() -> None:
+    status = observe(waiting="a trainer Job of the same name is being garbage-collected")
+    assert condition(status, "Ready")["reason"] == "WaitingForCleanup"
+    assert [e.type for e in transition_events({}, status)] == ["Warning"]

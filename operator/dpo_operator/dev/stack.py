@@ -157,9 +157,9 @@ class LocalStack:
         """The Hub token as a Secret the DPOJob references (spec.hubTokenSecretRef)."""
         kubectl(self.admin_kubeconfig, "create", "namespace", namespace, check=False)
         kubectl(self.admin_kubeconfig, "-n", namespace, "delete", "secret", name, "--ignore-not-found")
-        kubectl(
+        kubectl(  # the token goes through stdin: a command line is visible to every process on the machine
             self.admin_kubeconfig, "-n", namespace, "create", "secret", "generic", name,
-            f"--from-literal=token={self.hub_token}",
+            "--from-file=token=/dev/stdin", stdin=self.hub_token,
         )  # fmt: skip
 
     def get_dpojob(self, namespace: str, name: str) -> dict[str, Any]:
