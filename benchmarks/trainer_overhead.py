@@ -165,6 +165,7 @@ def stage_args(spec: DPOJobSpec, stage: str) -> dict[str, Any]:
         "gradient_accumulation_steps": s.gradient_accumulation_steps,
         "max_length": s.max_length,
         "optim": s.optimizer,
+        "weight_decay": s.weight_decay,
         "activation_checkpointing": s.gradient_checkpointing,
         "logging_steps": s.logging_steps,
         "eval_strategy": "steps",
@@ -209,6 +210,7 @@ def bare_config(spec: DPOJobSpec, out: Path) -> dict[str, Any]:
             "beta": spec.dpo.beta,
             "loss_type": list(spec.dpo.loss_type),
             "loss_weights": spec.dpo.loss_weights,
+            "label_smoothing": spec.dpo.label_smoothing,
             "precompute_ref_log_probs": spec.dpo.precompute_ref_log_probs,
         },
     }

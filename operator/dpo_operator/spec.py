@@ -37,6 +37,8 @@ LossType = Literal[
     "sft",
     "sigmoid_norm",
 ]
+LABEL_SMOOTHED_LOSSES = ("exo_pair", "robust")
+"""Losses that need dpo.labelSmoothing > 0: TRL rejects exo_pair without it, and robust without it is sigmoid."""
 Optimizer = Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "adamw_8bit", "sgd", "adafactor"]
 LRScheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts"]
 PositiveInt = Annotated[int, Field(ge=1)]
@@ -131,7 +133,7 @@ class DPOData(SpecModel):
     source: DatasetSource
     """Training pairs."""
     eval_source: DatasetSource | None = None
-    """Evaluation pairs (optional); otherwise evalSize rows are held out from source."""
+    """Evaluation pairs (optional; evalSize caps how many are used); otherwise evalSize rows of source are held out."""
     prompt_template: str = Field(min_length=1)
     """Format string over columns producing the prompt."""
     chosen_template: str = Field(min_length=1)
@@ -139,7 +141,7 @@ class DPOData(SpecModel):
     rejected_template: str = Field(min_length=1)
     """Format string over columns producing the dispreferred answer."""
     eval_size: int = Field(default=0, ge=0)
-    """Rows of source held out for evaluation when evalSource is unset (0: none)."""
+    """Without evalSource: hold out the first N rows of source (0: no evaluation). With it: use its first N (0: all)."""
 
 
 STACK_EXCHANGE_PAIRED: dict[str, Any] = {
@@ -156,6 +158,7 @@ STACK_EXCHANGE_PAIRED: dict[str, Any] = {
         "promptTemplate": "Question: {question}\n\nAnswer: ",
         "chosenTemplate": "{response_j}",
         "rejectedTemplate": "{response_k}",
+        "evalSize": 1000,  # the seed evaluated on the first 1000 rows of data/evaluation
     },
 }
 PRESETS: dict[str, dict[str, Any]] = {"stack-exchange-paired": STACK_EXCHANGE_PAIRED}
@@ -177,7 +180,8 @@ class DataSpec(SpecModel):
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
         """Fill the stages from the preset: keys a stage leaves out are the preset's, except that a stage
-        which names its own source does not inherit the preset's separate evaluation source."""
+        which names its own source does not inherit the preset's separate evaluation source, nor the evalSize
+        that caps it (it would hold rows out of the stage's own source instead)."""
         if not isinstance(data, dict):
             return data
         preset = PRESETS.get(data.get("preset", "stack-exchange-paired"))
@@ -189,7 +193,8 @@ class DataSpec(SpecModel):
             if given is None:
                 merged[stage] = defaults
             elif isinstance(given, dict):
-                inherited = {k: v for k, v in defaults.items() if not (k == "evalSource" and "source" in given)}
+                tied_to_source = ("evalSource", "evalSize") if "evalSource" in defaults and "source" in given else ()
+                inherited = {k: v for k, v in defaults.items() if k not in tied_to_source}
                 merged[stage] = {**inherited, **given}
         return merged
 
@@ -210,6 +215,13 @@ class LoRASpec(SpecModel):
     dropout: float = Field(default=0.05, ge=0, lt=1)
     """Dropout on the adapter input."""
     target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj"], min_length=1)
+    """Module names the adapter wraps."""
+
+
+class DPOLoRASpec(LoRASpec):
+    """Low-rank adapter settings of the DPO stage: the seed's DPO adapter also wraps k_proj."""
+
+    target_modules: list[str] = Field(default_factory=lambda: ["q_proj", "v_proj", "k_proj"], min_length=1)
     """Module names the adapter wraps."""
 
 
@@ -234,6 +246,8 @@ class TrainingSpec(SpecModel):
     """Maximum tokens per sequence."""
     optimizer: Optimizer = "paged_adamw_32bit"
     """Optimizer (paged optimizers need bitsandbytes)."""
+    weight_decay: float = Field(default=0.05, ge=0, le=1)
+    """AdamW weight decay of the adapter weights; lost to rounding on 4-bit runs (TRL keeps QLoRA adapters in bf16)."""
     gradient_checkpointing: bool = True
     """Recompute activations in backward to save memory."""
     logging_steps: PositiveInt = 10
@@ -251,6 +265,8 @@ class SFTSpec(TrainingSpec):
     """Run SFT before DPO. Off: DPO starts from the base model."""
     max_steps: int = Field(default=500, ge=-1)
     """Optimizer steps; -1 trains numTrainEpochs epochs instead."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory (the seed's SFT ran without)."""
     packing: bool = True
     """Pack several rows into each maxLength sequence."""
 
@@ -269,6 +285,11 @@ class DPOSpec(TrainingSpec):
                     "message": "lossWeights needs one weight per lossType entry",
                 },
                 {
+                    "rule": "!has(self.lossType) || !self.lossType.exists(t, t == 'exo_pair' || t == 'robust') || "
+                    "(has(self.labelSmoothing) && self.labelSmoothing > 0.0)",
+                    "message": "lossType exo_pair and robust need labelSmoothing > 0",
+                },
+                {
                     "rule": "(has(self.maxPromptLength) ? self.maxPromptLength : 512) < "
                     "(has(self.maxLength) ? self.maxLength : 1024)",
                     "message": "maxPromptLength must be less than maxLength",
@@ -283,6 +304,8 @@ class DPOSpec(TrainingSpec):
     """DPO loss(es); several are combined with lossWeights."""
     loss_weights: list[float] | None = None
     """One weight per lossType entry."""
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+    """Label smoothing: exo_pair (try 1e-3) and robust (try 0.1) need it > 0; aot and aot_unpaired use it too."""
     max_steps: int = Field(default=1000, ge=-1)
     """Optimizer steps; -1 trains numTrainEpochs epochs instead."""
     learning_rate: float = Field(default=5e-4, gt=0, le=1)
@@ -293,11 +316,19 @@ class DPOSpec(TrainingSpec):
     """Pairs whose prompt exceeds this many tokens are dropped (TRL no longer enforces it)."""
     precompute_ref_log_probs: bool = False
     """Compute reference log-probs once up front (saves a forward pass per step)."""
+    lora: DPOLoRASpec = Field(default_factory=DPOLoRASpec)
+    """Adapter for this stage."""
 
     @model_validator(mode="after")
     def _consistent(self) -> DPOSpec:
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ValueError(f"lossWeights has {len(self.loss_weights)} entries but lossType has {len(self.loss_type)}")
+        needs_smoothing = [t for t in self.loss_type if t in LABEL_SMOOTHED_LOSSES]
+        if needs_smoothing and self.label_smoothing == 0:
+            raise ValueError(
+                f"lossType {' and '.join(needs_smoothing)} needs spec.dpo.labelSmoothing > 0 "
+                "(e.g. 0.001 for exo_pair, 0.1 for robust)"
+            )
         if self.max_prompt_length >= self.max_length:
             raise ValueError(
                 f"maxPromptLength ({self.max_prompt_length}) must be less than maxLength ({self.max_length})"

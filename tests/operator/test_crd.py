@@ -77,10 +77,11 @@ def test_cel_rules_match_the_model_validators() -> None:
     spec = crd.build_crd(cel=True)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
     rules = [r["message"] for r in spec["x-kubernetes-validations"]]
     rules += [r["message"] for r in spec["properties"]["dpo"]["x-kubernetes-validations"]]
-    assert len(rules) == 3
+    assert len(rules) == 4
     for bad in (
         {},
         {"output": {"directory": "/o"}, "dpo": {"lossWeights": [1, 2]}},
+        {"output": {"directory": "/o"}, "dpo": {"lossType": ["exo_pair"]}},
         {"output": {"directory": "/o"}, "dpo": {"maxPromptLength": 1024}},
     ):
         try:

@@ -2,18 +2,23 @@
 
 from __future__ import annotations
 
+import io
+import json
 from pathlib import Path
 
 import pytest
 import yaml
-from datasets import Dataset
+from datasets import Dataset, load_from_disk
 
 from dpo_operator.dev.hub import LocalHub
-from dpo_operator.spec import DatasetSource
+from dpo_operator.spec import DatasetSource, DPOJob, DPOJobSpec
+from dpo_trainer.context import RunContext, RunState
 from dpo_trainer.data import Template, drop_long_prompts, hold_out, limit, load_source, render
+from dpo_trainer.data import run as data_stage
 from dpo_trainer.errors import DatasetError
 from dpo_trainer.models import load_tokenizer
-from dpo_trainer.specfile import load_job
+from dpo_trainer.progress import Reporter
+from dpo_trainer.specfile import load_job, resolve_local_paths
 
 from .conftest import QUICKSTART, TINY_DATA, TINY_MODEL, hub_env, quickstart_job, run_cli
 
@@ -59,6 +64,31 @@ def test_long_prompts_are_dropped_by_token_count() -> None:
     lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in pairs["prompt"]]
     kept = drop_long_prompts(pairs, tokenizer, max_prompt_length=lengths[0])
     assert kept["prompt"] == ["short"]
+
+
+def _data_stage(spec: DPOJobSpec, out_dir: Path) -> dict[str, int]:
+    """Run the data stage alone; its row counts."""
+    ctx = RunContext(spec, out_dir, Reporter(io.StringIO()), None, RunState(out_dir / "state.json"))
+    data_stage(ctx)
+    return ctx.read_json("data", "stats.json")
+
+
+def test_eval_size_caps_a_separate_eval_source(tmp_path: Path) -> None:
+    """The seed evaluated on the first 1000 rows of data/evaluation, not on all of it at every evaluation."""
+    job = quickstart_job(sft={"enabled": False})
+    job["spec"]["data"]["dpo"]["evalSource"] = {"files": {"paths": [str(TINY_DATA)]}}
+    job["spec"]["data"]["dpo"]["evalSize"] = 10
+    spec = resolve_local_paths(DPOJob.model_validate(job).spec)
+    assert _data_stage(spec, tmp_path / "capped") == {
+        "dpo_train": 320,
+        "dpo_eval": 10,
+        "dpo_train_dropped_long_prompts": 0,
+    }
+    first_rows = [json.loads(line) for line in TINY_DATA.read_text().splitlines()[:10]]
+    evaluation = load_from_disk(str(tmp_path / "capped" / "data" / "dpo_eval"))
+    assert evaluation["chosen"] == [row["response_j"] for row in first_rows]
+    spec.data.dpo.eval_size = 0
+    assert _data_stage(spec, tmp_path / "all")["dpo_eval"] == 320
 
 
 def test_load_local_files_and_report_missing_ones(tmp_path: Path) -> None:

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from dpo_operator.spec import DPOSpec
-from dpo_trainer.models import load_model, lora_config, trainer_arguments
+from dpo_operator.spec import DPOSpec, SFTSpec
+from dpo_trainer.models import load_model, load_tokenizer, lora_config, trainer_arguments
 from dpo_trainer.specfile import load_job
+from dpo_trainer.training import dpo_config, sft_config
 
 from .conftest import QUICKSTART, TINY_MODEL
 
@@ -28,18 +29,56 @@ def test_trainer_arguments_follow_the_spec_on_cpu() -> None:
     assert trainer_arguments(spec, spec.sft, "/tmp/x", has_eval=False)["report_to"] == "none"
 
 
-def test_seed_defaults_map_to_the_seed_recipe() -> None:
-    from trl import DPOConfig
-
+def test_seed_dpo_defaults_map_to_the_seed_recipe() -> None:
+    """dpo_llama2.py: gradient checkpointing, weight decay 0.05, LoRA on q/k/v (its other targets are not Llama's)."""
     spec = load_job(QUICKSTART).spec
     spec.dpo = DPOSpec()  # the seed's DPO hyperparameters
-    config = DPOConfig(**trainer_arguments(spec, spec.dpo, "/tmp/x", has_eval=True), beta=spec.dpo.beta)
+    config = dpo_config(spec, "/tmp/x", has_eval=True)
     assert config.activation_checkpointing is True and config.optim == "paged_adamw_32bit"
     assert config.gradient_accumulation_steps == 4 and config.max_steps == 1000 and config.learning_rate == 5e-4
+    assert config.per_device_train_batch_size == 4 and config.max_length == 1024 and config.weight_decay == 0.05
+    assert config.lr_scheduler_type == "cosine" and config.warmup_steps == 100
     assert config.use_cpu is True and config.bf16 is False and config.beta == 0.1
+    assert config.loss_type == ["sigmoid"] and config.label_smoothing == 0
     lora = lora_config(spec.dpo.lora)
     assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.bias) == (8, 16, 0.05, "none")
+    assert set(lora.target_modules) == {"q_proj", "v_proj", "k_proj"}
+
+
+def test_seed_sft_defaults_map_to_the_seed_recipe() -> None:
+    """sft_llama2.py as the post ran it: --gradient_checkpointing=False --weight_decay=0.05, packing to 1024."""
+    spec = load_job(QUICKSTART).spec
+    spec.sft = SFTSpec()  # the seed's SFT hyperparameters
+    config = sft_config(spec, "/tmp/x", has_eval=True)
+    assert config.max_steps == 500 and config.learning_rate == 1e-4 and config.weight_decay == 0.05
+    assert config.per_device_train_batch_size == 4 and config.gradient_accumulation_steps == 2
+    assert config.packing is True and config.max_length == 1024
+    assert config.activation_checkpointing is False and config.optim == "paged_adamw_32bit"
+    assert config.lr_scheduler_type == "cosine" and config.warmup_steps == 100
+    lora = lora_config(spec.sft.lora)
+    assert (lora.r, lora.lora_alpha, lora.lora_dropout, lora.bias) == (8, 16, 0.05, "none")
     assert set(lora.target_modules) == {"q_proj", "v_proj"}
+
+
+@pytest.mark.parametrize(("loss_type", "smoothing"), [(["exo_pair"], 1e-3), (["robust"], 0.1)])
+def test_label_smoothed_losses_reach_trl(loss_type: list[str], smoothing: float) -> None:
+    """TRL refuses exo_pair without label_smoothing (and robust is plain sigmoid without it)."""
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    spec = load_job(QUICKSTART).spec
+    spec.dpo = DPOSpec.model_validate({**spec.dpo.model_dump(), "loss_type": loss_type, "label_smoothing": smoothing})
+    config = dpo_config(spec, "/tmp/x", has_eval=False)
+    assert config.label_smoothing == smoothing
+    pairs = Dataset.from_list([{"prompt": "Question: q?\n\nAnswer: ", "chosen": "yes", "rejected": "no"}] * 4)
+    trainer = DPOTrainer(
+        model=load_model(spec, str(TINY_MODEL)),
+        args=config,
+        train_dataset=pairs,
+        processing_class=load_tokenizer(spec, str(TINY_MODEL), None, None),
+        peft_config=lora_config(spec.dpo.lora),
+    )
+    assert trainer.label_smoothing == smoothing and trainer.loss_types == loss_type
 
 
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])

@@ -1,4 +1,4 @@
-"""The `data` stage: load rows, render the spec's templates, enforce maxPromptLength, hold out eval rows.
+"""The `data` stage: load rows, render the spec's templates, enforce maxPromptLength, pick the eval rows.
 
 The rendered splits are saved with `save_to_disk` under DIR/data so later stages (and resumed runs)
 never touch the source again:
@@ -108,6 +108,7 @@ def drop_long_prompts(dataset: Dataset, tokenizer: Any, max_prompt_length: int) 
 
 
 def limit(dataset: Dataset, max_samples: int | None) -> Dataset:
+    """The first max_samples rows (all when None)."""
     return dataset if max_samples is None else dataset.select(range(min(max_samples, len(dataset))))
 
 
@@ -141,6 +142,7 @@ def run(ctx: RunContext) -> None:
     if dpo.eval_source is not None:
         train = pairs
         evaluation = render(load_source(dpo.eval_source, "data.dpo.evalSource", ctx.token), templates, "data.dpo")
+        evaluation = limit(evaluation, dpo.eval_size or None)
     else:
         train, evaluation = hold_out(pairs, dpo.eval_size, "data.dpo")
     tokenizer = load_tokenizer(spec, spec.model.name, spec.model.revision, ctx.token)

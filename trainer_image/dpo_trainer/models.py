@@ -144,6 +144,7 @@ def trainer_arguments(spec: DPOJobSpec, stage: TrainingSpec, output_dir: str, ha
         "gradient_accumulation_steps": stage.gradient_accumulation_steps,
         "max_length": stage.max_length,
         "optim": stage.optimizer,
+        "weight_decay": stage.weight_decay,
         "activation_checkpointing": stage.gradient_checkpointing,
         "activation_checkpointing_kwargs": {"use_reentrant": False} if stage.gradient_checkpointing else None,
         "logging_steps": stage.logging_steps,

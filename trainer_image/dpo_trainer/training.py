@@ -18,6 +18,9 @@ from dpo_trainer.errors import DatasetError, Interrupted, TrainingError, reraise
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainingArguments
+    from trl import DPOConfig, SFTConfig
+
+    from dpo_operator.spec import DPOJobSpec
 
 ADAPTER_DIR = "adapter"
 LOG_HISTORY = "log_history.json"
@@ -80,12 +83,43 @@ def train_and_save(ctx: RunContext, stage: str, trainer: Trainer) -> None:
     ctx.write_json(stage, PARALLELISM, parallelism(trainer.args))
 
 
+def sft_config(spec: DPOJobSpec, output_dir: str, has_eval: bool) -> SFTConfig:
+    """The spec's SFT stage as TRL settings."""
+    from trl import SFTConfig
+
+    from dpo_trainer.models import trainer_arguments
+
+    return SFTConfig(
+        **trainer_arguments(spec, spec.sft, output_dir, has_eval),
+        packing=spec.sft.packing,
+        # "wrapped" concatenates and cuts like the seed's ConstantLengthDataset; "bfd" needs flash-attention.
+        packing_strategy="wrapped",
+        dataset_text_field="text",
+    )
+
+
+def dpo_config(spec: DPOJobSpec, output_dir: str, has_eval: bool) -> DPOConfig:
+    """The spec's DPO stage as TRL settings."""
+    from trl import DPOConfig
+
+    from dpo_trainer.models import trainer_arguments
+
+    return DPOConfig(
+        **trainer_arguments(spec, spec.dpo, output_dir, has_eval),
+        beta=spec.dpo.beta,
+        loss_type=list(spec.dpo.loss_type),
+        loss_weights=spec.dpo.loss_weights,
+        label_smoothing=spec.dpo.label_smoothing,
+        precompute_ref_log_probs=spec.dpo.precompute_ref_log_probs,
+    )
+
+
 def run_sft(ctx: RunContext) -> None:
     """QLoRA SFT of the base model on the rendered `text` column."""
-    from trl import SFTConfig, SFTTrainer
+    from trl import SFTTrainer
 
     from dpo_trainer.callbacks import callbacks
-    from dpo_trainer.models import load_model, load_tokenizer, lora_config, trainer_arguments
+    from dpo_trainer.models import load_model, load_tokenizer, lora_config
 
     spec = ctx.spec
     train = load_split(ctx, "sft_train")
@@ -101,16 +135,9 @@ def run_sft(ctx: RunContext) -> None:
         quantized=spec.quantization.mode == "4bit",
     )
     try:
-        args = SFTConfig(
-            **trainer_arguments(spec, spec.sft, str(ctx.stage_dir("sft")), evaluation is not None),
-            packing=spec.sft.packing,
-            # "wrapped" concatenates and cuts like the seed's ConstantLengthDataset; "bfd" needs flash-attention.
-            packing_strategy="wrapped",
-            dataset_text_field="text",
-        )
         trainer = SFTTrainer(
             model=model,
-            args=args,
+            args=sft_config(spec, str(ctx.stage_dir("sft")), evaluation is not None),
             train_dataset=train,
             eval_dataset=evaluation,
             processing_class=tokenizer,
@@ -131,10 +158,10 @@ def dpo_input(ctx: RunContext) -> tuple[str, str | None]:
 
 def run_dpo(ctx: RunContext) -> None:
     """DPO with a fresh LoRA; the reference is the same model with the adapter disabled (no second copy)."""
-    from trl import DPOConfig, DPOTrainer
+    from trl import DPOTrainer
 
     from dpo_trainer.callbacks import callbacks
-    from dpo_trainer.models import load_model, load_tokenizer, lora_config, trainer_arguments
+    from dpo_trainer.models import load_model, load_tokenizer, lora_config
 
     spec = ctx.spec
     train = load_split(ctx, "dpo_train")
@@ -145,17 +172,10 @@ def run_dpo(ctx: RunContext) -> None:
     tokenizer = load_tokenizer(spec, path, revision, ctx.token)
     model = load_model(spec, path, revision=revision, token=ctx.token, quantized=spec.quantization.mode == "4bit")
     try:
-        args = DPOConfig(
-            **trainer_arguments(spec, spec.dpo, str(ctx.stage_dir("dpo")), evaluation is not None),
-            beta=spec.dpo.beta,
-            loss_type=list(spec.dpo.loss_type),
-            loss_weights=spec.dpo.loss_weights,
-            precompute_ref_log_probs=spec.dpo.precompute_ref_log_probs,
-        )
         trainer = DPOTrainer(
             model=model,
             ref_model=None,
-            args=args,
+            args=dpo_config(spec, str(ctx.stage_dir("dpo")), evaluation is not None),
             train_dataset=train,
             eval_dataset=evaluation,
             processing_class=tokenizer,
