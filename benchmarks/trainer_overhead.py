@@ -110,7 +110,7 @@ n = cfg["dpo_eval_size"]
 
 
 def short_prompts(batch):
-    ids = tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]
+    ids = tokenizer(batch["prompt"])["input_ids"]
     return [len(x) <= cfg["max_prompt_length"] for x in ids]
 
 

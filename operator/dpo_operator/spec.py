@@ -313,7 +313,7 @@ class DPOSpec(TrainingSpec):
     gradient_accumulation_steps: PositiveInt = 4
     """Micro-batches per optimizer step."""
     max_prompt_length: PositiveInt = 512
-    """Pairs whose prompt exceeds this many tokens are dropped (TRL no longer enforces it)."""
+    """Pairs whose prompt exceeds this many tokens (BOS included, as TRL counts) are dropped (TRL does not check)."""
     precompute_ref_log_probs: bool = False
     """Compute reference log-probs once up front (saves a forward pass per step)."""
     lora: DPOLoRASpec = Field(default_factory=DPOLoRASpec)

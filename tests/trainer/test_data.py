@@ -58,12 +58,23 @@ def test_hold_out_takes_the_first_rows() -> None:
     assert len(limit(ROWS, 4)) == 4 and limit(ROWS, None) is ROWS
 
 
-def test_long_prompts_are_dropped_by_token_count() -> None:
+def test_long_prompts_are_dropped_by_token_count_as_trl_tokenizes_them() -> None:
+    """Llama-style tokenizers prepend BOS, and TRL's prompt_ids include it: a prompt one token over is dropped."""
+    from tokenizers.processors import TemplateProcessing
+    from trl.data_utils import _tokenize  # what DPOTrainer's dataset preparation calls for a text prompt
+
     tokenizer = load_tokenizer(load_job(QUICKSTART).spec, str(TINY_MODEL), None, None)
-    pairs = Dataset.from_list([{"prompt": "short", "chosen": "a", "rejected": "b"}, {"prompt": "word " * 50}])
-    lengths = [len(tokenizer(p, add_special_tokens=False)["input_ids"]) for p in pairs["prompt"]]
-    kept = drop_long_prompts(pairs, tokenizer, max_prompt_length=lengths[0])
-    assert kept["prompt"] == ["short"]
+    tokenizer.backend_tokenizer.post_processor = TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)]
+    )
+    prompts = ["short", "Question: How do I copy an array in JavaScript?\n\nAnswer: ", "word " * 50]
+    pairs = Dataset.from_list([{"prompt": p, "chosen": "a", "rejected": "b"} for p in prompts])
+    trl_lengths = [len(_tokenize(tokenizer, p)["input_ids"]) for p in prompts]
+    assert trl_lengths[1] == len(tokenizer(prompts[1], add_special_tokens=False)["input_ids"]) + 1
+    kept = drop_long_prompts(pairs, tokenizer, max_prompt_length=trl_lengths[1])
+    assert kept["prompt"] == prompts[:2]
+    kept = drop_long_prompts(pairs, tokenizer, max_prompt_length=trl_lengths[1] - 1)
+    assert kept["prompt"] == prompts[:1]
 
 
 def _data_stage(spec: DPOJobSpec, out_dir: Path) -> dict[str, int]:

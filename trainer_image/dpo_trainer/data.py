@@ -98,10 +98,14 @@ def hold_out(dataset: Dataset, eval_size: int, field_path: str) -> tuple[Dataset
 
 
 def drop_long_prompts(dataset: Dataset, tokenizer: Any, max_prompt_length: int) -> Dataset:
-    """TRL 1.x no longer enforces max_prompt_length, so pairs with longer prompts are dropped here."""
+    """TRL 1.x no longer enforces max_prompt_length, so pairs with longer prompts are dropped here.
+
+    Prompts are counted as DPOTrainer tokenizes them, with the tokenizer's special tokens (Llama's BOS). TRL may
+    train on fewer (when the prompt's last token merges into the answer), never on more.
+    """
 
     def keep(batch: dict[str, list[str]]) -> list[bool]:
-        ids = tokenizer(batch["prompt"], add_special_tokens=False)["input_ids"]
+        ids = tokenizer(batch["prompt"])["input_ids"]
         return [len(x) <= max_prompt_length for x in ids]
 
     return dataset.filter(keep, batched=True, desc=f"Dropping prompts over {max_prompt_length} tokens")
