@@ -26,3 +26,13 @@ def test_state_round_trip(tmp_path: Path) -> None:
     assert not again.is_resumable("sft", "changed")
     assert json.loads(path.read_text())["stages"]["data"]["seconds"] == 1.5
     assert not path.with_suffix(".tmp").exists()
+
+
+def test_starting_a_stage_forgets_the_later_ones(tmp_path: Path) -> None:
+    state = RunState.load(tmp_path / "state.json")
+    for stage in ("data", "sft", "dpo"):
+        state.mark(stage, f"fp-{stage}", "done")
+    state.start("sft", "fp-sft-2", later=["sft_merge", "dpo"])
+    again = RunState.load(tmp_path / "state.json")
+    assert {k: v["status"] for k, v in again.stages.items()} == {"data": "done", "sft": "running"}
+    assert again.is_resumable("sft", "fp-sft-2") and not again.is_done("dpo", "fp-dpo")

@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import signal
 import subprocess
 from pathlib import Path
 
+import pytest
 import yaml
 
 from dpo_operator.dev.hub import LocalHub
-from dpo_trainer.pipeline import STAGES, plan
+from dpo_operator.spec import DPOJobSpec, HubOutput, OutputSpec
+from dpo_trainer import pipeline
+from dpo_trainer.context import RunContext
+from dpo_trainer.errors import Interrupted
+from dpo_trainer.pipeline import STAGES, Stage, plan
+from dpo_trainer.progress import Reporter
 from dpo_trainer.specfile import load_job
 from dpo_trainer.training import latest_checkpoint
 
@@ -165,3 +173,33 @@ def test_resume_after_a_kill_during_dpo(tmp_path: Path) -> None:
     assert [e["step"] for e in second.logs("dpo")] == [6, 8, 10]
     history = json.loads((second.out_dir / "dpo" / "log_history.json").read_text())
     assert [e["step"] for e in history if "loss" in e] == [2, 4, 6, 8, 10]
+
+
+def _run_stubbed(spec: DPOJobSpec, out_dir: Path, fail_at: str | None = None) -> list[str]:
+    """pipeline.run with every stage replaced by a stub; the stages that ran (fail_at raises Interrupted)."""
+    ran: list[str] = []
+
+    def stub(stage: Stage, ctx: RunContext) -> None:
+        ran.append(stage.name)
+        if stage.name == fail_at:
+            raise Interrupted(f"{stage.name} stopped")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(Stage, "run", stub)
+        patch.setattr("dpo_trainer.hub.check_token", lambda ctx: None)
+        with contextlib.suppress(Interrupted):
+            pipeline.run(spec, out_dir, Reporter(io.StringIO()), None, {})
+    return ran
+
+
+def test_a_stage_that_reruns_invalidates_every_later_stage(tmp_path: Path) -> None:
+    """Spec A finishes; B (another dpo.beta) is stopped during dpo; back to A, dpo trains again, so the merge, the
+    card and the push must run again too, not be skipped on run A's records while DIR/model holds A's old model."""
+    spec_a = load_job(QUICKSTART).spec.model_copy(update={"output": OutputSpec(hub=HubOutput(repo_id="me/model"))})
+    spec_b = spec_a.model_copy(deep=True)
+    spec_b.dpo.beta = 0.2
+    assert _run_stubbed(spec_a, tmp_path) == ALL_STAGES
+    assert _run_stubbed(spec_b, tmp_path, fail_at="dpo") == ["dpo"]
+    assert set(json.loads((tmp_path / "state.json").read_text())["stages"]) == {"data", "sft", "sft_merge", "dpo"}
+    assert _run_stubbed(spec_a, tmp_path) == ["dpo", "dpo_merge", "model_card", "push"]
+    assert _run_stubbed(spec_a, tmp_path) == []

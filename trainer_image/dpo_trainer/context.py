@@ -3,7 +3,8 @@
 DIR/state.json records, per stage, the fingerprint of the spec parts the stage (and every stage before
 it) depends on, and whether it finished. A rerun skips a finished stage whose fingerprint still
 matches, resumes a started one from its newest checkpoint, and starts over (wiping the stage's
-directory) when the spec parts it depends on have changed.
+directory) when the spec parts it depends on have changed. A stage that runs drops the records of every
+later stage, whose outputs were built on what it produced before.
 """
 
 from __future__ import annotations
@@ -101,6 +102,13 @@ class RunState:
     def is_resumable(self, stage: str, fp: str) -> bool:
         """Started before with the same inputs: its checkpoints are valid to resume from."""
         return self.stages.get(stage, {}).get("fingerprint") == fp
+
+    def start(self, stage: str, fp: str, later: list[str]) -> None:
+        """Mark a stage running and forget every later stage: their records describe outputs built from what this
+        stage produced before, so a later run with those very inputs must not skip them."""
+        for name in later:
+            self.stages.pop(name, None)
+        self.mark(stage, fp, "running")
 
     def mark(self, stage: str, fp: str, status: str, **extra: Any) -> None:
         self.stages[stage] = {"fingerprint": fp, "status": status, "updated": time.time(), **extra}

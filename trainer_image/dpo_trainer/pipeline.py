@@ -179,7 +179,7 @@ def run(
             continue
         if not ctx.state.is_resumable(stage.name, chain):
             ctx.reset_stage_dir(stage.directory)
-        ctx.state.mark(stage.name, chain, "running")
+        ctx.state.start(stage.name, chain, later=[s.name for s in STAGES[STAGES.index(stage) + 1 :]])
         started = time.monotonic()
         if is_main_process() or not stage.main_only:
             stage.run(ctx)
