@@ -31,6 +31,7 @@ from .conftest import (
     REPO,
     CliRun,
     cli_command,
+    deep_merge,
     hub_env,
     quickstart_job,
     run_cli,
@@ -114,6 +115,27 @@ def test_stage_plan_invalidates_only_what_changed() -> None:
     no_sft = spec.model_copy(deep=True)
     no_sft.sft.enabled = False
     assert [stage.name for stage, _ in plan(no_sft)] == ["data", "dpo", "dpo_merge", "model_card"]
+
+
+def test_settings_that_do_not_shape_the_model_invalidate_nothing() -> None:
+    """Pod settings, suspend, checkpoint cadence, trackers or the token's Secret: no new card, no second push."""
+    raw = quickstart_job(output={"hub": {"repoId": "me/model"}})["spec"]
+    before = {stage.name: fp for stage, fp in plan(DPOJobSpec.model_validate(raw))}
+    assert list(before) == ALL_STAGES
+    unrelated = {
+        "runtime": {"gpus": 2, "memory": "64Gi", "image": "registry.local/trainer:2"},
+        "suspend": True,
+        "checkpointing": {"saveSteps": 7, "saveTotalLimit": 5, "directory": "/elsewhere"},
+        "reporting": {"reportTo": ["tensorboard"]},
+        "hubTokenSecretRef": {"name": "other-token"},
+    }
+    after = {stage.name: fp for stage, fp in plan(DPOJobSpec.model_validate(deep_merge(raw, unrelated)))}
+    assert after == before
+    pushed_elsewhere = {
+        stage.name: fp
+        for stage, fp in plan(DPOJobSpec.model_validate(deep_merge(raw, {"output": {"hub": {"repoId": "me/other"}}})))
+    }
+    assert [n for n in before if before[n] != pushed_elsewhere[n]] == ["model_card", "push"]
 
 
 def test_sigterm_during_dpo_saves_a_checkpoint_and_exits_interrupted(tmp_path: Path) -> None:

@@ -1,4 +1,4 @@
-"""The `model_card` stage: README.md with Hub front matter, metrics, the full spec, and a training plot.
+"""The `model_card` stage: README.md with Hub front matter, metrics, the training spec, and a training plot.
 
 Written to DIR/model_card/ and copied next to the weights (DIR/model and output.directory) so the
 pushed folder is self-describing.
@@ -13,7 +13,7 @@ import yaml
 
 from dpo_trainer.context import RunContext
 from dpo_trainer.errors import scrub
-from dpo_trainer.specfile import looks_like_path
+from dpo_trainer.specfile import NOT_ABOUT_THE_MODEL, looks_like_path, model_spec
 from dpo_trainer.training import LOG_HISTORY, stage_metrics
 
 CARD = "README.md"
@@ -68,7 +68,8 @@ def metrics_table(metrics: dict[str, float]) -> str:
 
 
 def render_card(ctx: RunContext, dpo_metrics: dict[str, float], sft_metrics: dict[str, float]) -> str:
-    """The README text; the spec is included verbatim (it holds no secrets: tokens come from a Secret)."""
+    """The README text; the spec is included verbatim (it holds no secrets: tokens come from a Secret), less the
+    sections that do not shape the model, so editing those never calls for a new card and push."""
     spec = ctx.spec
     given = ctx.metadata.get("given_spec", {})
     model_name = given.get("model", {}).get("name", spec.model.name)
@@ -95,8 +96,12 @@ def render_card(ctx: RunContext, dpo_metrics: dict[str, float], sft_metrics: dic
     ]
     if sft_metrics:
         sections += ["## SFT results (final)", metrics_table(sft_metrics)]
-    spec_yaml = yaml.safe_dump(given, sort_keys=False)
-    sections += ["## Training spec", f"```yaml\n{spec_yaml}```"]
+    spec_yaml = yaml.safe_dump(model_spec(given), sort_keys=False)
+    sections += [
+        "## Training spec",
+        f"Left out, as they do not shape the model: {', '.join(NOT_ABOUT_THE_MODEL)}.",
+        f"```yaml\n{spec_yaml}```",
+    ]
     return scrub("\n\n".join(sections) + "\n", ctx.secrets)
 
 
