@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from dpo_operator.dev.hub import LocalHub
 from dpo_trainer.errors import DatasetError, Interrupted, InvalidSpec, OutOfMemory, TrainingError
 from dpo_trainer.launch import NPROC_ENV, Exit, Report, processes, root_cause
 
-from .conftest import CliRun, assert_failed, deep_merge, quickstart_job, run_cli
+from .conftest import CliRun, assert_failed, deep_merge, hub_env, quickstart_job, run_cli
 
 NPROC = ["--nproc", "2"]
 PER_DEVICE_BATCH = 4  # quickstart's batchSize, gradientAccumulationSteps 1
@@ -78,6 +80,16 @@ def test_a_failure_reported_by_a_rank_keeps_its_reason_and_exit_code(tmp_path: P
     run = run_cli(small_job(data={"dpo": {"chosenTemplate": "{answer}"}}), tmp_path, args=NPROC)
     assert_failed(run, "DatasetError", "rank 0: data.dpo.chosenTemplate", "'answer'")
     assert [e["event"] for e in run.events].count("error") == 1
+
+
+def test_a_token_refused_before_training_stops_every_rank(hub: LocalHub, tmp_path: Path) -> None:
+    """Rank 0 alone asks the Hub; when it fails, the rank waiting for it is stopped, not left hanging."""
+    job = small_job(output={"hub": {"repoId": "tester/never-pushed"}})
+    started = time.monotonic()
+    run = run_cli(job, tmp_path, env=hub_env(hub, "bad-token-0123456789"), args=NPROC, timeout=120)
+    assert_failed(run, "HubAuthError", "rank 0: ", "HTTP 401")
+    assert time.monotonic() - started < 60
+    assert not [e for e in run.events if e["event"] == "stage_start"]
 
 
 def _report(rank: int, at: float, reason: str, message: str = "boom") -> Report:

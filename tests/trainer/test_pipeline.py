@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import os
 import signal
 import subprocess
 from pathlib import Path
@@ -225,3 +226,15 @@ def test_a_stage_that_reruns_invalidates_every_later_stage(tmp_path: Path) -> No
     assert set(json.loads((tmp_path / "state.json").read_text())["stages"]) == {"data", "sft", "sft_merge", "dpo"}
     assert _run_stubbed(spec_a, tmp_path) == ["dpo", "dpo_merge", "model_card", "push"]
     assert _run_stubbed(spec_a, tmp_path) == []
+
+
+def test_only_rank_0_checks_the_token(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One whoami per run, not one per GPU (the launcher stops the other ranks when rank 0's check fails)."""
+    checked_by: list[str] = []
+    monkeypatch.setattr("dpo_trainer.hub.check_token", lambda ctx: checked_by.append(os.environ["RANK"]))
+    monkeypatch.setattr(Stage, "run", lambda stage, ctx: None)
+    spec = load_job(QUICKSTART).spec.model_copy(update={"output": OutputSpec(hub=HubOutput(repo_id="me/model"))})
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        pipeline.run(spec, tmp_path / rank, Reporter(io.StringIO()), None, {})
+    assert checked_by == ["0"]

@@ -170,7 +170,8 @@ def run(
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(spec, out_dir, reporter, token, RunState.load(out_dir / STATE_FILE), metadata)
     wait_for_everyone()  # every rank has read state.json before the main process changes it
-    check_token(ctx)
+    if is_main_process():  # one whoami, not one per GPU; should it fail, the launcher stops the waiting ranks
+        check_token(ctx)
     for stage, chain in plan(spec):
         reporter.emit("stage_start", stage=stage.name)
         if ctx.state.is_done(stage.name, chain):
