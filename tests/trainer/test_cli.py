@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from dpo_trainer.context import DEBUG_LOG
 from dpo_trainer.errors import ALL_ERRORS
 
 from .conftest import REPO, assert_failed, quickstart_job, run_cli
@@ -75,7 +76,7 @@ def test_missing_dataset_column_names_it_and_the_columns_that_exist(tmp_path: Pa
 def test_missing_model_on_the_hub_offline(tmp_path: Path) -> None:
     run = run_cli(_with(["model", "name"], "no-such-org/no-such-model"), tmp_path)
     assert_failed(run, "ModelLoadError", "no-such-org/no-such-model")
-    assert "Traceback" in (run.out_dir / "debug.log").read_text()
+    assert "Traceback" in (run.out_dir / DEBUG_LOG).read_text()
 
 
 def test_unwritable_termination_path_is_skipped(tmp_path: Path) -> None:
