@@ -101,3 +101,18 @@ def test_help_is_fast_and_documents_exit_codes() -> None:
 def test_exit_codes_are_distinct() -> None:
     codes = [e.exit_code for e in ALL_ERRORS]
     assert len(set(codes)) == len(codes) and 0 not in codes and 1 not in codes
+
+
+def test_sigterm_is_ignored_once_the_outcome_is_reported(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun's SIGTERM to a rank that is already exiting must not print a KeyboardInterrupt traceback."""
+    import signal
+
+    from dpo_trainer import cli
+
+    monkeypatch.setenv("DPO_TERMINATION_MESSAGE_PATH", str(tmp_path / "termination-log"))
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        assert cli.main(["run", str(tmp_path / "missing.yaml")]) == 2
+        assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -100,7 +100,8 @@ def claim_stdout() -> TextIO:
 
 
 def _raise_interrupted(signum: int, frame: FrameType | None) -> None:
-    """SIGTERM outside training (the Trainer installs its own, checkpointing handler while it trains).
+    """SIGTERM while no Trainer exists (a Trainer's own, checkpointing handler is installed from its construction to
+    the end of its training; see docs/trainer.md, Resume).
 
     A KeyboardInterrupt, not an Exception, so no library's `except Exception` swallows it on the way up.
     """
@@ -141,6 +142,19 @@ def fail(
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the command; once its outcome is reported, a late SIGTERM is ignored.
+
+    torchrun stops the other ranks with SIGTERM once one has failed, often while they are already exiting: a
+    KeyboardInterrupt raised inside interpreter shutdown (torch's atexit finalizers) would print a traceback after
+    the one-line failure.
+    """
+    try:
+        return _run(argv)
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     token = os.environ.get("HF_TOKEN") or None
     secrets = (token,) if token else ()
