@@ -88,7 +88,6 @@ class Run(RunRef):
 
     phase: Phase = "Pending"
     reason: str | None = None
-    message: str | None = None
     start_time: str | None = None
     completion_time: str | None = None
     rewards: Rewards | None = None
