@@ -87,15 +87,6 @@ class Kube:
             API_GROUP, API_VERSION, meta["namespace"], PLURAL, meta["name"], body
         )
 
-    def get_job(self, namespace: str, name: str) -> dict[str, Any] | None:
-        try:
-            job = self.batch.read_namespaced_job(name, namespace)
-        except ApiException as exc:
-            if exc.status == 404:
-                return None
-            raise
-        return self.api_client.sanitize_for_serialization(job)
-
     def list_jobs(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         jobs = self.batch.list_namespaced_job(namespace, label_selector=selector).items
         return [self.api_client.sanitize_for_serialization(j) for j in jobs]

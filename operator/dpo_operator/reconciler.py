@@ -177,10 +177,7 @@ class Reconciler:
             self._write_status(dpojob, old, observed)
             return  # the status write brings this DPOJob back through its watch event
 
-        self._delete_superseded(namespace, name, uid, generation)
-        job = self.kube.get_job(namespace, manifests.run_name(name, generation))
-        if job is not None and not owned_by(job, uid):
-            job = None  # left by a deleted DPOJob of the same name: never adopted (creating it reports why we wait)
+        job = self._current_job(namespace, name, uid, generation)
         pods = self.kube.list_pods(namespace, f"{manifests.LABEL_DPOJOB}={name},{manifests.LABEL_RUN}={generation}")
         if error is None and spec is not None and not finished:
             if observed.suspended and job is not None:
@@ -225,13 +222,24 @@ class Reconciler:
             )
         return job
 
-    def _delete_superseded(self, namespace: str, name: str, uid: str, generation: int) -> None:
-        """Stop runs of an older training spec: a changed spec means a new run (GitOps retraining)."""
+    def _current_job(self, namespace: str, name: str, uid: str, generation: int) -> dict[str, Any] | None:
+        """This run's Job if we own it; Jobs of older runs are deleted (a changed spec means a new run).
+
+        A same-named Job we do not own (left by a deleted DPOJob of this name) is never adopted; creating
+        the run then reports why it waits.
+        """
+        current = manifests.run_name(name, generation)
+        found = None
         for job in self.kube.list_jobs(namespace, f"{manifests.LABEL_DPOJOB}={name}"):
-            labels = job["metadata"].get("labels") or {}
-            if labels.get(manifests.LABEL_RUN) != str(generation) and owned_by(job, uid):
-                self.kube.delete("Job", namespace, job["metadata"]["name"])
-                self.kube.delete("ConfigMap", namespace, job["metadata"]["name"])
+            job_name = job["metadata"]["name"]
+            if not owned_by(job, uid):
+                continue
+            if job_name == current:
+                found = job
+            elif (job["metadata"].get("labels") or {}).get(manifests.LABEL_RUN) != str(generation):
+                self.kube.delete("Job", namespace, job_name)
+                self.kube.delete("ConfigMap", namespace, job_name)
+        return found
 
     def _expire(self, dpojob: dict[str, Any], spec: DPOJobSpec, job: dict[str, Any] | None) -> None:
         """ttlSecondsAfterFinished: delete the finished Job and ConfigMap, never the DPOJob (GitOps-safe)."""
