@@ -114,25 +114,30 @@ def dpo_config(spec: DPOJobSpec, output_dir: str, has_eval: bool) -> DPOConfig:
     )
 
 
+def _stage_inputs(ctx: RunContext, stage: str, model_path: str, revision: str | None, missing: str) -> tuple:
+    """What a training stage starts from: its train/eval splits, the tokenizer and the (quantized) model."""
+    from dpo_trainer.models import load_model, load_tokenizer
+
+    spec = ctx.spec
+    train = load_split(ctx, f"{stage}_train")
+    if train is None:
+        raise DatasetError(missing)
+    evaluation = load_split(ctx, f"{stage}_eval")
+    tokenizer = load_tokenizer(spec, model_path, revision, ctx.token)
+    model = load_model(spec, model_path, revision=revision, token=ctx.token, quantized=spec.quantization.mode == "4bit")
+    return train, evaluation, tokenizer, model
+
+
 def run_sft(ctx: RunContext) -> None:
     """QLoRA SFT of the base model on the rendered `text` column."""
     from trl import SFTTrainer
 
     from dpo_trainer.callbacks import callbacks
-    from dpo_trainer.models import load_model, load_tokenizer, lora_config
+    from dpo_trainer.models import lora_config
 
     spec = ctx.spec
-    train = load_split(ctx, "sft_train")
-    if train is None:
-        raise DatasetError("the data stage produced no SFT rows")
-    evaluation = load_split(ctx, "sft_eval")
-    tokenizer = load_tokenizer(spec, spec.model.name, spec.model.revision, ctx.token)
-    model = load_model(
-        spec,
-        spec.model.name,
-        revision=spec.model.revision,
-        token=ctx.token,
-        quantized=spec.quantization.mode == "4bit",
+    train, evaluation, tokenizer, model = _stage_inputs(
+        ctx, "sft", spec.model.name, spec.model.revision, "the data stage produced no SFT rows"
     )
     try:
         trainer = SFTTrainer(
@@ -161,16 +166,13 @@ def run_dpo(ctx: RunContext) -> None:
     from trl import DPOTrainer
 
     from dpo_trainer.callbacks import callbacks
-    from dpo_trainer.models import load_model, load_tokenizer, lora_config
+    from dpo_trainer.models import lora_config
 
     spec = ctx.spec
-    train = load_split(ctx, "dpo_train")
-    if train is None:
-        raise DatasetError("the data stage produced no DPO pairs")
-    evaluation = load_split(ctx, "dpo_eval")
     path, revision = dpo_input(ctx)
-    tokenizer = load_tokenizer(spec, path, revision, ctx.token)
-    model = load_model(spec, path, revision=revision, token=ctx.token, quantized=spec.quantization.mode == "4bit")
+    train, evaluation, tokenizer, model = _stage_inputs(
+        ctx, "dpo", path, revision, "the data stage produced no DPO pairs"
+    )
     try:
         trainer = DPOTrainer(
             model=model,
