@@ -131,6 +131,11 @@ class LogFollowers:
                         return follower.progress.status_fields()
         return None
 
+    def active(self) -> int:
+        """Followers whose stream is still open (the dpo_operator_log_followers gauge)."""
+        with self._lock:
+            return sum(f.is_alive() for f in self._followers.values())
+
     def forget(self, namespace: str, dpojob: str) -> None:
         """Stop following a deleted DPOJob's pods."""
         self.ensure(namespace, dpojob, [])

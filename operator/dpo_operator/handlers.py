@@ -2,55 +2,56 @@
 
 from __future__ import annotations
 
-import json
+import asyncio
 import logging
-import os
+import threading
 from typing import Any
 
 import kopf
-from kubernetes import client, config
+from kubernetes import client
 
 from .kube import Kube
 from .manifests import LABEL_DPOJOB, MANAGED_BY
-from .reconciler import OperatorConfig, Reconciler
+from .reconciler import Reconciler
 
 log = logging.getLogger(__name__)
-
-
-def config_from_env(namespaces: list[str]) -> OperatorConfig:
-    """Operator settings from the environment (the Helm chart sets these)."""
-    trainer_env = json.loads(os.environ.get("DPO_OPERATOR_TRAINER_ENV") or "{}")
-    if not isinstance(trainer_env, dict) or not all(isinstance(v, str) for v in trainer_env.values()):
-        raise ValueError("DPO_OPERATOR_TRAINER_ENV must be a JSON object of strings")
-    return OperatorConfig(
-        trainer_env=trainer_env,
-        resync_seconds=float(os.environ.get("DPO_OPERATOR_RESYNC_SECONDS", "30")),
-        namespaces=namespaces,
-    )
+EVENT_LOOP = "kopf-event-loop"
+_BEAT_SECONDS = 5.0
 
 
 def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
     """Only our own Events; watch only our children server-side; start the reconciler.
 
     Handlers are on.event only, so Kopf writes nothing to the objects: no finalizer, no annotations.
+    main.cli has loaded the cluster credentials and put the operator's settings and health in the memo.
     """
     settings.posting.enabled = False
-    settings.execution.max_workers = int(os.environ.get("DPO_OPERATOR_WORKERS", "8"))
+    settings.execution.max_workers = memo.settings.workers
     for resource in ("jobs", "pods"):
         settings.watching.label_selectors[resource] = f"app.kubernetes.io/managed-by={MANAGED_BY}"
-    try:
-        config.load_incluster_config()
-    except config.ConfigException:
-        config.load_kube_config()
     kube = Kube(client.ApiClient())
-    namespaces = memo.get("namespaces") or [n for n in os.environ.get("DPO_OPERATOR_NAMESPACES", "").split(",") if n]
-    operator_config = config_from_env(namespaces)
-    operator_config.ignore_disruptions = kube.supports_pod_failure_policy()
-    memo.reconciler = Reconciler(kube, operator_config)
+    memo.reconciler = Reconciler(
+        kube, memo.settings, memo.health, ignore_disruptions=kube.supports_pod_failure_policy()
+    )
     memo.reconciler.start()
+    memo.health.ready.set()
+
+
+async def beat_event_loop(memo: kopf.Memo) -> None:
+    """Let /healthz see Kopf's event loop: a stalled loop (every watch and handler with it) stops beating."""
+    health = memo.health
+    health.register(EVENT_LOOP, max_silence=60.0, thread=threading.main_thread())
+
+    async def beat() -> None:
+        while True:
+            health.beat(EVENT_LOOP)
+            await asyncio.sleep(_BEAT_SECONDS)
+
+    memo.event_loop_beat = asyncio.get_running_loop().create_task(beat())
 
 
 def cleanup(memo: kopf.Memo) -> None:
+    memo.health.ready.clear()
     memo.reconciler.stop()
 
 

@@ -1,24 +1,35 @@
 """Entry module: registers the Kopf handlers, and the `dpo-operator` console script.
 
-Run with `dpo-operator` or `kopf run -m dpo_operator.main --all-namespaces`.
+Run with `dpo-operator` (settings from DPO_OPERATOR_* env, see settings.py; the Helm chart sets them).
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import sys
 
 import kopf
+from kubernetes import config
 
-from . import handlers
+from . import handlers, health, metrics
+from .leader import LeaderElector
 from .manifests import LABEL_DPOJOB, MANAGED_BY
+from .settings import OperatorSettings, SettingsError
 from .spec import API_GROUP, API_VERSION, PLURAL
 
 CHILDREN = {LABEL_DPOJOB: kopf.PRESENT, "app.kubernetes.io/managed-by": MANAGED_BY}
+log = logging.getLogger("dpo_operator")
 
 
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: object) -> None:
     handlers.startup(settings, memo)
+
+
+@kopf.on.startup()
+async def beat_event_loop(memo: kopf.Memo, **_: object) -> None:
+    await handlers.beat_event_loop(memo)
 
 
 @kopf.on.cleanup()
@@ -41,18 +52,47 @@ def pod_event(namespace: str, labels: dict, memo: kopf.Memo, **_: object) -> Non
     handlers.on_child(namespace, labels, memo)
 
 
+def load_cluster_credentials() -> str:
+    """In a pod: its ServiceAccount (in-cluster config); elsewhere: the kubeconfig. Returns which one."""
+    try:
+        config.load_incluster_config()
+        return "in-cluster service account"
+    except config.ConfigException:
+        config.load_kube_config()
+        return "kubeconfig"
+
+
 def cli() -> None:
-    """Run the operator (standalone: one active replica, the Deployment uses the Recreate strategy)."""
+    """Serve health and metrics, wait for the leader Lease (when enabled), then run Kopf until stopped."""
     parser = argparse.ArgumentParser(prog="dpo-operator", description=__doc__)
     parser.add_argument("-n", "--namespace", action="append", default=[], help="watch only these (repeatable)")
-    parser.add_argument("--liveness", default=None, help="liveness endpoint, e.g. http://0.0.0.0:8080/healthz")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args()
-    kopf.configure(verbose=args.verbose)
-    kopf.run(
-        standalone=True,
-        clusterwide=not args.namespace,
-        namespaces=args.namespace,
-        liveness_endpoint=args.liveness,
-        memo=kopf.Memo(namespaces=args.namespace),
-    )
+    try:
+        settings = OperatorSettings.from_env()
+    except SettingsError as exc:
+        sys.exit(f"dpo-operator: {exc}")
+    if args.namespace:
+        settings.namespaces = args.namespace
+    kopf.configure(verbose=args.verbose or settings.verbose)
+    status = health.Health()
+    health.serve(status, settings.listen_address, settings.port)
+    log.info("credentials: %s", load_cluster_credentials())
+    elector = None
+    if settings.leader_election:
+        elector = LeaderElector(settings, status)
+        status.ready.set()  # a standby is ready: a rolling update must be able to retire the old leader
+        elector.acquire()
+        status.ready.clear()
+    else:
+        metrics.LEADER.set(1)
+    try:
+        kopf.run(
+            standalone=True,
+            clusterwide=not settings.namespaces,
+            namespaces=settings.namespaces,
+            memo=kopf.Memo(settings=settings, health=status),
+        )
+    finally:
+        if elector is not None:
+            elector.release()

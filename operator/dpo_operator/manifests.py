@@ -122,14 +122,15 @@ def _volumes(spec: DPOJobSpec, config_map: str) -> tuple[list[dict[str, Any]], l
     return volumes, mounts
 
 
-def _env(spec: DPOJobSpec, extra_env: dict[str, str]) -> list[dict[str, Any]]:
+def _env(spec: DPOJobSpec, extra_env: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The trainer's env: fixed settings, the operator's extra env (values or Secret/ConfigMap key refs), the token."""
     env: list[dict[str, Any]] = [
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "HF_HOME", "value": "/tmp/hf-home"},
         {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
         {"name": "DPO_TERMINATION_MESSAGE_PATH", "value": TERMINATION_LOG},
     ]
-    env += [{"name": k, "value": v} for k, v in sorted(extra_env.items())]
+    env += extra_env
     if spec.hub_token_secret_ref is not None:
         ref = spec.hub_token_secret_ref
         env.append({"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": ref.name, "key": ref.key}}})
@@ -149,7 +150,7 @@ def build_job(
     dpojob: dict[str, Any],
     spec: DPOJobSpec,
     generation: int,
-    extra_env: dict[str, str] | None = None,
+    extra_env: list[dict[str, Any]] | None = None,
     *,
     ignore_disruptions: bool = False,
 ) -> dict[str, Any]:
@@ -173,7 +174,7 @@ def build_job(
             "--output",
             posixpath.join(spec.checkpointing.directory, name),
         ],
-        "env": _env(spec, extra_env or {}),
+        "env": _env(spec, extra_env or []),
         "resources": _resources(spec),
         "volumeMounts": mounts,
         "terminationMessagePath": TERMINATION_LOG,

@@ -8,35 +8,24 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections import defaultdict
-from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
-from . import manifests
+from . import manifests, metrics
 from .followers import LogFollowers
+from .health import Health
 from .kube import Kube, NotOwnedError, merge_patch, prune_none
+from .settings import OperatorSettings
 from .spec import DPOJobSpec, describe_validation_error
 from .status import Observed, compute_status, run_finished, transition_events, utc_from_rfc3339
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class OperatorConfig:
-    """Operator-wide settings (from the command line, the environment and the API server)."""
-
-    trainer_env: dict[str, str] = field(default_factory=dict)
-    """Extra env for every trainer pod (e.g. HF_ENDPOINT for a Hub mirror, proxies)."""
-    resync_seconds: float = 30.0
-    """How often every DPOJob is re-examined (TTL expiry, missed events)."""
-    namespaces: list[str] = field(default_factory=list)
-    """Namespaces to manage; empty: all."""
-    ignore_disruptions: bool = False
-    """The server supports Job podFailurePolicy (Kubernetes >= 1.26): preemptions then cost no retry."""
+FLUSH_LOOP, RESYNC_LOOP = "flush", "resync"
 
 
 def validate_spec(raw: dict[str, Any]) -> tuple[DPOJobSpec | None, str | None]:
@@ -80,34 +69,50 @@ def _still_running(pod: dict[str, Any]) -> bool:
 class Reconciler:
     """Owns the per-DPOJob locks, the trainer log followers and the background loops."""
 
-    def __init__(self, kube: Kube, config: OperatorConfig) -> None:
+    def __init__(self, kube: Kube, settings: OperatorSettings, health: Health, *, ignore_disruptions: bool) -> None:
         self.kube = kube
-        self.config = config
+        self.settings = settings
+        self.health = health
+        self.ignore_disruptions = ignore_disruptions
+        """The server supports Job podFailurePolicy (Kubernetes >= 1.26): preemptions then cost no retry."""
+        self.phases: dict[tuple[str, str], str] = {}
+        """Each known DPOJob's phase as last written (the dpo_operator_dpojobs gauge)."""
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
         self._dirty: set[tuple[str, str]] = set()
         self._dirty_lock = threading.Condition()
         self._stopped = threading.Event()
         self.followers = LogFollowers(kube.core, self.mark_dirty)
-        self._threads: list[threading.Thread] = []
+        self._collector = metrics.StateCollector(lambda: list(self.phases.values()), self.followers.active)
 
     # --- background loops -------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the flusher (reconciles what log followers marked) and the periodic resync."""
-        for target, name in ((self._flush_loop, "dpo-flush"), (self._resync_loop, "dpo-resync")):
+        """Start the flusher (reconciles what log followers marked) and the periodic resync, both watched by
+        /healthz: a loop whose thread died or that stopped beating makes the replica unhealthy."""
+        metrics.REGISTRY.register(self._collector)
+        resync_allowance = self.settings.resync_seconds + 300  # one pass over every DPOJob may take a while
+        for target, name, allowance in (
+            (self._flush_loop, FLUSH_LOOP, 120.0),
+            (self._resync_loop, RESYNC_LOOP, resync_allowance),
+        ):
             thread = threading.Thread(target=target, name=name, daemon=True)
+            self.health.register(name, allowance, thread)
             thread.start()
-            self._threads.append(thread)
 
     def stop(self) -> None:
         self._stopped.set()
         with self._dirty_lock:
             self._dirty_lock.notify_all()
         self.followers.stop_all()
+        for name in (FLUSH_LOOP, RESYNC_LOOP):
+            self.health.unregister(name)
+        metrics.REGISTRY.unregister(self._collector)
 
     def forget(self, namespace: str, name: str) -> None:
-        """A DPOJob was deleted: stop following its pods and drop its lock."""
+        """A DPOJob was deleted: stop following its pods, drop its lock and its metric series."""
         self.followers.forget(namespace, name)
         self._locks.pop((namespace, name), None)
+        self.phases.pop((namespace, name), None)
+        metrics.forget_dpojob(namespace, name)
 
     def mark_dirty(self, namespace: str, name: str) -> None:
         """Ask for a reconcile soon (coalesced): called by log followers on every progress event."""
@@ -117,30 +122,40 @@ class Reconciler:
 
     def _flush_loop(self) -> None:
         while not self._stopped.is_set():
+            self.health.beat(FLUSH_LOOP)
             with self._dirty_lock:
-                while not self._dirty and not self._stopped.is_set():
-                    self._dirty_lock.wait()
+                if not self._dirty:
+                    self._dirty_lock.wait(timeout=10.0)  # wake now and then to beat while idle
                 keys, self._dirty = self._dirty, set()
             for namespace, name in keys:
                 self.reconcile_safely(namespace, name)
-            self._stopped.wait(1.0)  # coalesce bursts of log lines into at most one patch per second
+            if keys:
+                self._stopped.wait(1.0)  # coalesce bursts of log lines into at most one patch per second
 
     def _resync_loop(self) -> None:
-        while not self._stopped.wait(self.config.resync_seconds):
+        while not self._stopped.wait(self.settings.resync_seconds):
+            self.health.beat(RESYNC_LOOP)
             try:
-                items = self.kube.list_dpojobs(self.config.namespaces)
-            except ApiException as exc:
-                log.warning("resync list failed: %s", exc.reason)
+                items = self.kube.list_dpojobs(self.settings.namespaces)
+            except Exception as exc:  # ApiException, or no connection at all (urllib3 MaxRetryError): try again
+                metrics.RESYNC_ERRORS.inc()
+                log.warning("resync could not list DPOJobs: %s", getattr(exc, "reason", None) or exc)
                 continue
             for item in items:
                 self.reconcile_safely(item["metadata"]["namespace"], item["metadata"]["name"])
+                self.health.beat(RESYNC_LOOP)
 
     def reconcile_safely(self, namespace: str, name: str) -> None:
         """Reconcile, logging instead of raising (background callers have nobody to raise to)."""
+        metrics.RECONCILES.inc()
+        started = time.monotonic()
         try:
             self.reconcile(namespace, name)
         except Exception:
+            metrics.RECONCILE_ERRORS.inc()
             log.exception("reconcile of %s/%s failed; the next event or resync retries", namespace, name)
+        finally:
+            metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
 
     # --- the loop -----------------------------------------------------------------------------------------
     def reconcile(self, namespace: str, name: str) -> None:
@@ -203,8 +218,12 @@ class Reconciler:
     def _write_status(self, dpojob: dict[str, Any], old: dict[str, Any], observed: Observed) -> None:
         """Patch the status if it changed, then post the Events its transitions deserve."""
         new = prune_none(compute_status(old, observed))
+        meta = dpojob["metadata"]
+        self.phases[(meta["namespace"], meta["name"])] = new.get("phase", "Pending")
+        metrics.record_rewards(meta["namespace"], meta["name"], new.get("rewards") or {})
         if patch := merge_patch(old, new):
-            self.kube.patch_status(dpojob, patch)
+            with metrics.STATUS_PATCH_SECONDS.time():
+                self.kube.patch_status(dpojob, patch)
             for event in transition_events(old, new):
                 self.kube.post_event(dpojob, event.type, event.reason, event.message)
 
@@ -213,10 +232,16 @@ class Reconciler:
         uid = dpojob["metadata"]["uid"]
         self.kube.create_or_adopt(manifests.build_config_map(dpojob, generation), uid)
         job_manifest = manifests.build_job(
-            dpojob, spec, generation, self.config.trainer_env, ignore_disruptions=self.config.ignore_disruptions
+            dpojob, spec, generation, self.settings.trainer_env, ignore_disruptions=self.ignore_disruptions
         )
         job, created = self.kube.create_or_adopt(job_manifest, uid)
         if created:
+            metrics.JOBS_CREATED.inc()
+            if not (dpojob.get("status") or {}).get("runs"):  # the DPOJob's first run
+                delay = utc_from_rfc3339(job["metadata"]["creationTimestamp"]) - utc_from_rfc3339(
+                    dpojob["metadata"]["creationTimestamp"]
+                )
+                metrics.JOB_CREATION_DELAY.observe(max(delay.total_seconds(), 0.0))
             self.kube.post_event(
                 dpojob, "Normal", "JobCreated", f"created trainer Job {job['metadata']['name']} (run {generation})"
             )

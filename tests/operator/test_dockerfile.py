@@ -26,6 +26,8 @@ from dockerfile_checks import (
 )
 from packaging.specifiers import SpecifierSet
 
+from dpo_operator.settings import OperatorSettings
+
 DOCKERFILE = ROOT / "operator" / "Dockerfile"
 CONSTRAINTS = ROOT / "operator" / "constraints.txt"
 COMMANDS = parse(DOCKERFILE)
@@ -45,12 +47,12 @@ def test_runs_as_a_numeric_non_root_user() -> None:
     assert uid.isdigit() and uid != "0"
 
 
-def test_entrypoint_is_the_operator_with_its_liveness_probe() -> None:
+def test_entrypoint_is_the_operator_serving_on_its_default_port() -> None:
     (entrypoint,) = instructions(COMMANDS, "ENTRYPOINT")
-    assert entrypoint.json and entrypoint.value[0] == "dpo-operator"
+    assert entrypoint.json and entrypoint.value == ("dpo-operator",), "settings come from env, not arguments"
     assert "dpo-operator" in PYPROJECT["project"]["scripts"]
-    liveness = entrypoint.value[entrypoint.value.index("--liveness") + 1]
-    assert liveness.endswith(":8080/healthz") and instructions(COMMANDS, "EXPOSE")[0].value == ("8080",)
+    default_port = OperatorSettings.model_fields["port"].default
+    assert instructions(COMMANDS, "EXPOSE")[0].value == (str(default_port),)
 
 
 def test_installs_only_the_operator_extra_pinned_within_pyproject() -> None:

@@ -27,9 +27,15 @@ DPOJOB = {
 }
 
 
+TRAINER_ENV = [
+    {"name": "HF_ENDPOINT", "value": "http://hub"},
+    {"name": "HTTPS_PROXY", "valueFrom": {"secretKeyRef": {"name": "proxy", "key": "url"}}},
+]
+
+
 def build() -> dict:
     spec = DPOJobSpec.model_validate(DPOJOB["spec"])
-    return manifests.build_job(DPOJOB, spec, 3, {"HF_ENDPOINT": "http://hub"})
+    return manifests.build_job(DPOJOB, spec, 3, TRAINER_ENV)
 
 
 def test_job_is_named_and_owned_deterministically() -> None:
@@ -74,7 +80,7 @@ def test_token_comes_from_the_secret_never_inline() -> None:
     env = build()["spec"]["template"]["spec"]["containers"][0]["env"]
     token = next(e for e in env if e["name"] == "HF_TOKEN")
     assert token == {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
-    assert {"name": "HF_ENDPOINT", "value": "http://hub"} in env
+    assert all(var in env for var in TRAINER_ENV), "the operator's extra env, Secret references included"
 
 
 def test_checkpoints_on_the_claim_and_run_specific_output() -> None:

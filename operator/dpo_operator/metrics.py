@@ -1,0 +1,89 @@
+"""Every Prometheus metric the operator exports, in one place (served on /metrics by health.py).
+
+Per-DPOJob series carry only namespace and name, and are removed when the DPOJob goes, so cardinality is
+bounded by the number of DPOJobs. Phase counts and active followers are computed at scrape time from the
+reconciler's own state instead of being kept in step by hand.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter as Tally
+from collections.abc import Callable, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
+
+REGISTRY = CollectorRegistry()
+
+RECONCILES = Counter("dpo_operator_reconcile", "Reconciles of a DPOJob.", registry=REGISTRY)
+RECONCILE_ERRORS = Counter(
+    "dpo_operator_reconcile_errors", "Reconciles that raised (retried by the next event or resync).", registry=REGISTRY
+)
+RECONCILE_SECONDS = Histogram(
+    "dpo_operator_reconcile_duration_seconds",
+    "Time one reconcile took.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+    registry=REGISTRY,
+)
+STATUS_PATCH_SECONDS = Histogram(
+    "dpo_operator_status_patch_duration_seconds",
+    "Time one DPOJob status patch took.",
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+    registry=REGISTRY,
+)
+JOBS_CREATED = Counter("dpo_operator_trainer_jobs_created", "Trainer Jobs created.", registry=REGISTRY)
+JOB_CREATION_DELAY = Histogram(
+    "dpo_operator_job_creation_delay_seconds",
+    "From a DPOJob's creation to its first trainer Job's creation.",
+    buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300),
+    registry=REGISTRY,
+)
+RESYNC_ERRORS = Counter(
+    "dpo_operator_resync_errors", "Periodic resyncs that could not list DPOJobs.", registry=REGISTRY
+)
+LEADER = Gauge("dpo_operator_leader", "1 while this replica holds the leader Lease (or runs alone).", registry=REGISTRY)
+REWARD_ACCURACY = Gauge(
+    "dpo_operator_dpojob_rewards_accuracies",
+    "Latest rewards/accuracies the DPOJob's trainer reported.",
+    ["namespace", "name"],
+    registry=REGISTRY,
+)
+REWARD_MARGIN = Gauge(
+    "dpo_operator_dpojob_rewards_margins",
+    "Latest rewards/margins the DPOJob's trainer reported.",
+    ["namespace", "name"],
+    registry=REGISTRY,
+)
+
+
+class StateCollector(Collector):
+    """Gauges read off live state at scrape time: DPOJobs by phase, log followers active."""
+
+    def __init__(self, phases: Callable[[], list[str]], followers: Callable[[], int]) -> None:
+        self.phases, self.followers = phases, followers
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        counts = Tally(self.phases())
+        by_phase = GaugeMetricFamily("dpo_operator_dpojobs", "DPOJobs by status.phase.", labels=["phase"])
+        for phase in sorted(set(PHASES) | counts.keys()):
+            by_phase.add_metric([phase], counts.get(phase, 0))
+        yield by_phase
+        yield GaugeMetricFamily("dpo_operator_log_followers", "Trainer pod logs being followed.", self.followers())
+
+
+def record_rewards(namespace: str, name: str, rewards: dict[str, float]) -> None:
+    """The per-DPOJob reward gauges (only the keys the trainer reported so far)."""
+    for key, gauge in (("accuracies", REWARD_ACCURACY), ("margins", REWARD_MARGIN)):
+        if key in rewards:
+            gauge.labels(namespace, name).set(rewards[key])
+
+
+def forget_dpojob(namespace: str, name: str) -> None:
+    """Drop a deleted DPOJob's series."""
+    for gauge in (REWARD_ACCURACY, REWARD_MARGIN):
+        with contextlib.suppress(KeyError):  # never reported any rewards
+            gauge.remove(namespace, name)

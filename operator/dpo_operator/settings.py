@@ -1,0 +1,112 @@
+"""The operator's settings, read once from the environment (the Helm chart sets every one of them).
+
+One pydantic model, so a bad value stops the operator at start with a message naming the variable instead
+of surfacing later as a reconcile error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+from collections.abc import Mapping
+from typing import Any
+
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+
+ENV_PREFIX = "DPO_OPERATOR_"
+
+
+class SettingsError(ValueError):
+    """An environment variable holds a value the operator cannot run with."""
+
+
+class OperatorSettings(BaseModel):
+    """Operator-wide settings; field `x` comes from DPO_OPERATOR_X (see the chart's deployment template)."""
+
+    namespaces: list[str] = Field(default_factory=list)
+    """Namespaces to manage (comma-separated in the env); empty: cluster-wide."""
+    resync_seconds: float = Field(30.0, gt=0)
+    """How often every DPOJob is re-examined (TTL expiry, missed events)."""
+    workers: int = Field(8, ge=1)
+    """Kopf's handler thread pool."""
+    trainer_env: list[dict[str, Any]] = Field(default_factory=list)
+    """Extra env for every trainer pod: Kubernetes EnvVar objects (a value, or valueFrom a Secret/ConfigMap key)."""
+    listen_address: str = "0.0.0.0"
+    """Where /healthz, /readyz and /metrics are served (the chart binds the pod IP)."""
+    port: int = Field(8080, ge=0, le=65535)
+    leader_election: bool = False
+    """Only the holder of a coordination.k8s.io Lease reconciles; other replicas wait as standbys."""
+    lease_name: str = "dpo-operator"
+    lease_namespace: str = ""
+    """Defaults to POD_NAMESPACE."""
+    lease_duration: int = Field(15, ge=2)
+    renew_deadline: int = Field(10, ge=2)
+    retry_period: int = Field(2, ge=1)
+    identity: str = ""
+    """This replica's name in the Lease; defaults to POD_NAME, else the host name."""
+    verbose: bool = False
+
+    @field_validator("namespaces", mode="before")
+    @classmethod
+    def _split_namespaces(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [n.strip() for n in value.split(",") if n.strip()]
+        return value
+
+    @field_validator("trainer_env", mode="before")
+    @classmethod
+    def _parse_trainer_env(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = json.loads(value or "[]")
+        if not isinstance(value, list):
+            raise ValueError("must be a JSON list of Kubernetes EnvVar objects ({name, value} or {name, valueFrom})")
+        for var in value:
+            _check_env_var(var)
+        return value
+
+    @model_validator(mode="after")
+    def _election_timing(self) -> OperatorSettings:
+        # client-go's rules: the leader gives up (renew deadline) before anyone may take over (lease duration).
+        if self.leader_election and not self.lease_duration > self.renew_deadline > 1.2 * self.retry_period:
+            raise ValueError("leader election needs LEASE_DURATION > RENEW_DEADLINE > 1.2 * RETRY_PERIOD")
+        return self
+
+    @classmethod
+    def from_env(cls, environ: Mapping[str, str] | None = None) -> OperatorSettings:
+        """Settings from DPO_OPERATOR_* (plus POD_NAME / POD_NAMESPACE for the Lease)."""
+        environ = os.environ if environ is None else environ
+        names = {name: ENV_PREFIX + name.upper() for name in cls.model_fields}
+        raw: dict[str, Any] = {name: environ[var] for name, var in names.items() if var in environ}
+        raw.setdefault("identity", environ.get("POD_NAME") or socket.gethostname())
+        raw.setdefault("lease_namespace", environ.get("POD_NAMESPACE", ""))
+        try:
+            settings = cls.model_validate(raw)
+        except ValidationError as exc:
+            problems = "; ".join(
+                f"{ENV_PREFIX}{str(error['loc'][0]).upper() if error['loc'] else ''}: {error['msg']}"
+                for error in exc.errors()
+            )
+            raise SettingsError(problems) from None
+        if settings.leader_election and not settings.lease_namespace:
+            raise SettingsError(f"{ENV_PREFIX}LEASE_NAMESPACE (or POD_NAMESPACE) is needed for leader election")
+        return settings
+
+
+def _check_env_var(var: Any) -> None:
+    """One EnvVar as the API server would accept it: a name and either a string value or one valueFrom source."""
+    if not isinstance(var, dict) or not isinstance(var.get("name"), str) or not var["name"]:
+        raise ValueError(f"{var!r}: each entry needs a non-empty string 'name'")
+    if set(var) - {"name", "value", "valueFrom"}:
+        raise ValueError(f"{var['name']}: only name, value and valueFrom are allowed")
+    if "valueFrom" in var:
+        source = var["valueFrom"]
+        if "value" in var or not isinstance(source, dict) or len(source) != 1:
+            raise ValueError(f"{var['name']}: valueFrom needs exactly one source and no value")
+        kind, ref = next(iter(source.items()))
+        if kind not in ("secretKeyRef", "configMapKeyRef") or not isinstance(ref, dict):
+            raise ValueError(f"{var['name']}: valueFrom supports secretKeyRef and configMapKeyRef")
+        if not all(isinstance(ref.get(k), str) and ref[k] for k in ("name", "key")):
+            raise ValueError(f"{var['name']}: {kind} needs a string name and key")
+    elif not isinstance(var.get("value", ""), str):
+        raise ValueError(f"{var['name']}: value must be a string (a secret goes in valueFrom.secretKeyRef)")

@@ -1,0 +1,108 @@
+"""/healthz and /readyz over real HTTP: a dead or stalled background loop turns the replica unhealthy.
+
+The resync loop is driven with a Kube stand-in whose list fails the way a real outage does (urllib3's
+MaxRetryError, not an ApiException): the loop must survive it (it used to die for good, invisibly).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from types import SimpleNamespace
+
+import pytest
+from urllib3.exceptions import MaxRetryError
+
+from dpo_operator import health, metrics
+from dpo_operator.reconciler import RESYNC_LOOP, Reconciler
+from dpo_operator.settings import OperatorSettings
+
+
+def get(server: object, path: str) -> tuple[int, dict | str]:
+    host, port = server.server_address[:2]
+    try:
+        with urllib.request.urlopen(f"http://{host}:{port}{path}", timeout=5) as response:
+            code, body = response.status, response.read().decode()
+    except urllib.error.HTTPError as exc:
+        code, body = exc.code, exc.read().decode()
+    return code, (json.loads(body) if body.startswith("{") else body)
+
+
+@pytest.fixture
+def served() -> Iterator[tuple[health.Health, object]]:
+    status = health.Health()
+    server = health.serve(status, "127.0.0.1", 0)
+    yield status, server
+    server.shutdown()
+
+
+def wait_until(predicate, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.05)
+
+
+class FailingKube:
+    """Lists fail like an unreachable API server; `crash` makes the next list raise what no handler catches."""
+
+    def __init__(self) -> None:
+        self.core = SimpleNamespace()
+        self.lists = 0
+        self.crash = threading.Event()
+
+    def list_dpojobs(self, namespaces: list[str]) -> list[dict]:
+        self.lists += 1
+        if self.crash.is_set():
+            raise SystemExit("simulated bug escaping the loop")
+        raise MaxRetryError(None, "/apis/dpo-operator.io/v1alpha1/dpojobs", "Connection refused")
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the killed loop's exit
+def test_resync_survives_connection_errors_and_a_killed_loop_turns_healthz_red(served) -> None:
+    status, server = served
+    kube = FailingKube()
+    reconciler = Reconciler(kube, OperatorSettings(resync_seconds=0.05), status, ignore_disruptions=False)
+    errors_before = metrics.RESYNC_ERRORS._value.get()
+    reconciler.start()
+    try:
+        wait_until(lambda: kube.lists >= 3)
+        assert get(server, "/healthz") == (200, {"ok": True, "problems": []}), "connection errors are retried"
+        assert metrics.RESYNC_ERRORS._value.get() - errors_before >= 3
+        kube.crash.set()
+        wait_until(lambda: get(server, "/healthz")[0] == 500)
+        assert get(server, "/healthz")[1]["problems"] == [f"{RESYNC_LOOP}: its thread has exited"]
+    finally:
+        reconciler.stop()
+
+
+def test_a_stalled_loop_turns_healthz_red_and_readyz_waits_for_start(served) -> None:
+    status, server = served
+    assert get(server, "/readyz") == (500, {"ok": False, "problems": ["starting"]})
+    status.ready.set()
+    stalled = threading.Event()
+    thread = threading.Thread(target=stalled.wait, daemon=True)
+    thread.start()
+    status.register("stuck", max_silence=0.2, thread=thread)
+    assert get(server, "/healthz")[0] == 200 and get(server, "/readyz")[0] == 200
+    time.sleep(0.3)
+    code, body = get(server, "/healthz")
+    assert code == 500 and body["problems"][0].startswith("stuck: no progress for")
+    assert get(server, "/readyz")[0] == 500, "an unhealthy replica is not ready either"
+    status.beat("stuck")
+    assert get(server, "/healthz")[0] == 200
+    stalled.set()
+
+
+def test_metrics_are_served_in_prometheus_format(served) -> None:
+    _, server = served
+    metrics.record_rewards("ns", "job", {"accuracies": 0.75, "margins": 0.5})
+    code, text = get(server, "/metrics")
+    assert code == 200
+    assert 'dpo_operator_dpojob_rewards_accuracies{name="job",namespace="ns"} 0.75' in text
+    metrics.forget_dpojob("ns", "job")
+    assert 'namespace="ns"' not in get(server, "/metrics")[1], "a deleted DPOJob's series go with it"
