@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+import uuid
 from collections.abc import Mapping
 from typing import Any
 
@@ -44,7 +45,9 @@ class OperatorSettings(BaseModel):
     renew_deadline: int = Field(10, ge=2)
     retry_period: int = Field(2, ge=1)
     identity: str = ""
-    """This replica's name in the Lease; defaults to POD_NAME, else the host name."""
+    """This process's name in the Lease: POD_NAME (else the host name) plus a random suffix, so a container
+    restarted in the same pod is a new candidate and cannot pass for the leader it replaced (as
+    controller-runtime does)."""
     verbose: bool = False
 
     @field_validator("namespaces", mode="before")
@@ -78,7 +81,7 @@ class OperatorSettings(BaseModel):
         environ = os.environ if environ is None else environ
         names = {name: ENV_PREFIX + name.upper() for name in cls.model_fields}
         raw: dict[str, Any] = {name: environ[var] for name, var in names.items() if var in environ}
-        raw.setdefault("identity", environ.get("POD_NAME") or socket.gethostname())
+        raw.setdefault("identity", f"{environ.get('POD_NAME') or socket.gethostname()}_{uuid.uuid4().hex[:8]}")
         raw.setdefault("lease_namespace", environ.get("POD_NAMESPACE", ""))
         try:
             settings = cls.model_validate(raw)

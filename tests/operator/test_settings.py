@@ -25,7 +25,7 @@ def test_chart_environment_is_read() -> None:
     )
     assert settings.namespaces == ["team-a", "team-b"] and settings.resync_seconds == 12.5
     assert settings.trainer_env[1] == SECRET_VAR
-    assert settings.leader_election and settings.identity == "dpo-operator-abc"
+    assert settings.leader_election and settings.identity.startswith("dpo-operator-abc_")
     assert settings.lease_namespace == "dpo-operator-system" and settings.listen_address == "10.0.0.7"
 
 

@@ -1,8 +1,9 @@
 """The local end-to-end demo: `python -m dpo_operator.dev.demo`.
 
-Starts the embedded control plane (building it once), a simulated GPU node, a local Hub and the operator;
-applies examples/quickstart.yaml (pushing to the local Hub); prints the DPOJob status as it moves through
-the stages; checks the merged model arrived in the Hub; tears everything down.
+Starts the embedded control plane (building it once), a simulated GPU node and a local Hub; installs the
+operator with `helm install` from charts/ (the simulated node runs its pod); applies examples/quickstart.yaml
+(pushing to the local Hub); prints the DPOJob status as it moves through the stages; checks the merged model
+arrived in the Hub; tears everything down.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ def run(timeout: float, workdir: Path | None) -> int:
     started = time.monotonic()
     with LocalCluster(progress=lambda m: print(f"[cluster] {m}", flush=True)) as cluster:
         print(f"[demo] control plane up at {cluster.server} ({time.monotonic() - started:.0f}s)", flush=True)
+        print("[demo] helm install dpo-operator charts/dpo-operator -n dpo-operator-system --wait", flush=True)
         with LocalStack(cluster.kubeconfig, workdir) as stack:
+            pods = ", ".join(p["metadata"]["name"] for p in stack.operator.pods())
+            print(f"[demo] operator running in-cluster ({pods}, {time.monotonic() - started:.0f}s)", flush=True)
             stack.create_token_secret(NAMESPACE)
             document = quickstart_for_cluster(NAMESPACE)
             print("[demo] kubectl apply -f - <<EOF\n" + yaml.safe_dump(document, sort_keys=False) + "EOF", flush=True)

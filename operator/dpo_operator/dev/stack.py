@@ -1,8 +1,10 @@
 """The local stack for the demo and the operator's end-to-end tests.
 
 On top of a control plane (LocalCluster, or any cluster's admin kubeconfig): a local Hub, a simulated GPU
-node that runs trainer pods as local processes (the real `dpo-trainer`), the CRD and RBAC installed, and the
-operator running as a separate process under its own ServiceAccount — the way it runs in a cluster.
+node whose pods run as local processes, and the operator installed with `helm install` from charts/. The
+node simulator runs the operator's pod from the chart's Deployment (in-cluster config from a projected
+ServiceAccount token, probes, its own pod IP) as it runs the trainer pods (the real `dpo-trainer`).
+`install()` and `OperatorProcess` start the operator without the chart (benchmarks/operator_scale.py).
 """
 
 from __future__ import annotations
@@ -16,17 +18,21 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .. import crd
-from .cluster import write_sa_kubeconfig
+from .cluster import ensure_helm
 from .hub import LocalHub
 from .nodesim import NodeSimulator, NodeSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
+CHART = REPO_ROOT / "charts" / "dpo-operator"
+RELEASE = "dpo-operator"
 OPERATOR_NAMESPACE = "dpo-operator-system"
 OPERATOR_ACCOUNT = "dpo-operator"
 HUB_USER = "demo"
@@ -94,8 +100,81 @@ class OperatorProcess:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
 
+def helm(kubeconfig: Path, *args: str, check: bool = True) -> str:
+    """Run helm against the given kubeconfig; raise with its stderr when it fails and check is set."""
+    result = subprocess.run(
+        [str(ensure_helm()), "--kubeconfig", str(kubeconfig), *args], capture_output=True, text=True
+    )
+    if check and result.returncode != 0:
+        raise RuntimeError(f"helm {' '.join(args)} failed: {result.stderr.strip()}")
+    return result.stdout if result.returncode == 0 else result.stderr
+
+
+class OperatorDeployment:
+    """The operator as the Helm chart deploys it. Its pods run on the simulated node, so a test kills one the
+    way a node would (SIGKILL of the container's process; the simulator restarts it as a kubelet does)."""
+
+    def __init__(self, admin_kubeconfig: Path, simulator: NodeSimulator, workdir: Path) -> None:
+        self.admin_kubeconfig, self.simulator, self.workdir = admin_kubeconfig, simulator, workdir
+        self.namespace = OPERATOR_NAMESPACE
+
+    def install(self, values: dict[str, Any], timeout: str = "180s") -> None:
+        """`helm upgrade --install` with these values; returns once the Deployment has rolled out."""
+        values_file = self.workdir / "values.yaml"
+        values_file.write_text(yaml.safe_dump(values))
+        helm(
+            self.admin_kubeconfig, "upgrade", "--install", RELEASE, str(CHART), "-n", self.namespace,
+            "--create-namespace", "--wait", f"--timeout={timeout}", "-f", str(values_file),
+        )  # fmt: skip
+
+    def uninstall(self) -> None:
+        helm(self.admin_kubeconfig, "uninstall", RELEASE, "-n", self.namespace, "--wait", check=False)
+
+    def pods(self) -> list[dict[str, Any]]:
+        """The release's pods that are not being deleted, oldest first."""
+        listed = kubectl(
+            self.admin_kubeconfig, "-n", self.namespace, "get", "pods", "-o", "json",
+            "-l", f"app.kubernetes.io/instance={RELEASE}",
+        )  # fmt: skip
+        pods = [p for p in json.loads(listed)["items"] if not p["metadata"].get("deletionTimestamp")]
+        return sorted(pods, key=lambda p: p["metadata"]["creationTimestamp"])
+
+    def leader(self) -> str | None:
+        """The pod whose operator holds the leader Lease (None before anyone took it, or after a release)."""
+        lease = kubectl(self.admin_kubeconfig, "-n", self.namespace, "get", "lease", RELEASE, "-o", "json", check=False)
+        with contextlib.suppress(json.JSONDecodeError):
+            holder = json.loads(lease)["spec"].get("holderIdentity")
+            return holder.rsplit("_", 1)[0] if holder else None  # identity: <pod name>_<random suffix>
+        return None
+
+    def kill(self, pod: str, sig: int = signal.SIGKILL) -> None:
+        """Signal the operator container's process group in that pod (SIGKILL: a crash)."""
+        runner = self.simulator.runner(self.namespace, pod)
+        if runner is None or not runner.processes:
+            raise RuntimeError(f"pod {pod} has no running process on the simulated node")
+        os.killpg(runner.processes[-1].pid, sig)
+
+    def get(self, pod: dict[str, Any], path: str) -> tuple[int, str]:
+        """HTTP GET on the operator's port at the pod's IP (/healthz, /readyz, /metrics)."""
+        url = f"http://{pod['status']['podIP']}:8080{path}"
+        try:
+            with urllib.request.urlopen(url, timeout=5) as response:
+                return response.status, response.read().decode()
+        except urllib.error.HTTPError as exc:
+            return exc.code, exc.read().decode()
+
+    def logs(self) -> str:
+        """Every operator container's output so far (all pods, all restarts), as `kubectl logs` shows it."""
+        files = sorted((self.simulator.workdir / "pods").glob(f"{self.namespace}_*/*/*.log"), key=os.path.getmtime)
+        lines = []
+        for path in files:
+            for record in path.read_text(errors="replace").splitlines():
+                lines.append(record.split(" ", 3)[-1] if record.count(" ") >= 3 else record)
+        return "\n".join(lines)
+
+
 class LocalStack:
-    """Hub + simulated GPU node + CRD/RBAC + operator, on the cluster of an admin kubeconfig."""
+    """Hub + simulated GPU node + the operator installed by its Helm chart, on the cluster of an admin kubeconfig."""
 
     def __init__(
         self,
@@ -104,6 +183,8 @@ class LocalStack:
         *,
         gpus: int = 1,
         resync_seconds: float = 5.0,
+        replicas: int = 1,
+        values: dict[str, Any] | None = None,
     ) -> None:
         self.admin_kubeconfig = Path(admin_kubeconfig)
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dpo-stack-"))
@@ -117,32 +198,28 @@ class LocalStack:
             cwd=REPO_ROOT,
             env=TRAINER_PROCESS_ENV,
         )
-        self.resync_seconds = resync_seconds
-        self.operator: OperatorProcess | None = None
+        self.operator = OperatorDeployment(self.admin_kubeconfig, self.simulator, self.workdir)
+        self.values = {"replicas": replicas, "resyncSeconds": resync_seconds, "verbose": True, **(values or {})}
+
+    def chart_values(self, **overrides: Any) -> dict[str, Any]:
+        """The chart values of this stack: the local image name, the Hub and process settings for trainers."""
+        trainer_env = [{"name": k, "value": v} for k, v in {"HF_ENDPOINT": self.hub.url, **TRAINER_PROCESS_ENV}.items()]
+        return {"image": {"repository": "dpo-operator"}, "trainerEnv": trainer_env, **self.values, **overrides}
 
     def start(self) -> LocalStack:
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.hub.start()
         self.simulator.start()
-        install(self.admin_kubeconfig)
-        sa_kubeconfig = write_sa_kubeconfig(
-            self.admin_kubeconfig, OPERATOR_NAMESPACE, OPERATOR_ACCOUNT, self.workdir / "operator.kubeconfig"
-        )
-        trainer_env = {"HF_ENDPOINT": self.hub.url, **TRAINER_PROCESS_ENV}
-        self.operator = OperatorProcess(
-            sa_kubeconfig,
-            self.workdir / "operator.log",
-            {
-                "DPO_OPERATOR_TRAINER_ENV": json.dumps(trainer_env),
-                "DPO_OPERATOR_RESYNC_SECONDS": str(self.resync_seconds),
-            },
-        )
-        self.operator.start()
+        try:
+            self.operator.install(self.chart_values())
+        except BaseException:
+            self.stop()
+            raise
         return self
 
     def stop(self) -> None:
-        if self.operator is not None:
-            self.operator.stop()
+        with contextlib.suppress(Exception):
+            self.operator.uninstall()
         with contextlib.suppress(Exception):
             self.simulator.stop()
         self.hub.stop()
@@ -174,7 +251,7 @@ class LocalStack:
             if predicate(obj):
                 return obj
             time.sleep(poll)
-        tail = "\n".join(self.operator.logs().splitlines()[-40:]) if self.operator else ""
+        tail = "\n".join(self.operator.logs().splitlines()[-40:])
         raise TimeoutError(f"{namespace}/{name} not there after {timeout}s: {obj.get('status')}\n{tail}")
 
 
