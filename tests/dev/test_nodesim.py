@@ -1,12 +1,17 @@
 """The node simulator on the real control plane: scheduling onto fake GPU nodes, pods run as local processes
-or scripted, their logs through the apiserver, and deletion that leaves no process behind."""
+or scripted, their logs through the apiserver, deletion that leaves no process behind, and what a kubelet gives a
+process-mode pod: its own IP, a service-account token at the in-cluster path, probes."""
 
 from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 import subprocess
+import sys
 import time
+import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +19,7 @@ import pytest
 from kubernetes import client, watch
 
 from dpo_operator.dev.cluster import processes_in_groups
-from dpo_operator.dev.nodesim import NodeSimulator, Outcome
+from dpo_operator.dev.nodesim import SERVICE_ACCOUNT_DIR, NodeSimulator, Outcome
 
 from .conftest import wait_for
 
@@ -169,7 +174,8 @@ def test_process_mode_hello_job(node_simulator: NodeSimulator, api_client: Any, 
     name = pod_of_job(core, namespace, "hello").metadata.name
     pod = pod_phase(core, namespace, name, ("Succeeded", "Failed"))
     assert pod.status.phase == "Succeeded"
-    assert pod.status.pod_ip == node_simulator.address and pod.status.start_time is not None
+    assert pod.status.host_ip == node_simulator.address and pod.status.start_time is not None
+    assert pod.status.pod_ip.startswith("127.77.") and pod.status.pod_ips[0].ip == pod.status.pod_ip
     terminated = pod.status.container_statuses[0].state.terminated
     assert (terminated.exit_code, terminated.reason, terminated.message) == (0, "Completed", "said hi")
     assert kubectl(namespace, "logs", name) == "hi\n"
@@ -338,6 +344,148 @@ def test_deleting_a_job_removes_its_running_pod(node_simulator: NodeSimulator, a
     pod_phase(core, namespace, name, ("Running",))
     client.BatchV1Api(api_client).delete_namespaced_job("long", namespace, propagation_policy="Foreground")
     wait_for(lambda: not core.list_namespaced_pod(namespace).items, timeout=30, what="the job's pod to be gone")
+
+
+# --- what a kubelet gives a process-mode pod: IP, service-account token, probes ---------------------------
+
+POD_IP_ENV = [{"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}]
+IN_CLUSTER = """
+import base64, json, os
+from kubernetes import client, config
+assert "KUBECONFIG" not in os.environ, "the pod must not see the test's kubeconfig"
+config.load_incluster_config()
+directory = "/var/run/secrets/kubernetes.io/serviceaccount"
+pod = client.CoreV1Api().read_namespaced_pod(os.environ["POD_NAME"], open(directory + "/namespace").read())
+claims = json.loads(base64.urlsafe_b64decode(open(directory + "/token").read().split(".")[1] + "=="))
+mode = oct(os.stat(directory + "/token").st_mode & 0o777)
+print(pod.metadata.name, pod.spec.service_account_name, claims["kubernetes.io"]["pod"]["name"], mode)
+"""
+
+
+def token_mounts() -> list[str]:
+    """Mounts of the simulator's kind in this (the host's) mount namespace."""
+    lines = Path("/proc/self/mountinfo").read_text().splitlines()
+    return [line for line in lines if "nodesim-secrets" in line or "kubernetes.io/serviceaccount" in line]
+
+
+@pytest.fixture
+def host_untouched() -> Iterator[None]:
+    """The token mounts live in the pods' own mount namespaces: the host keeps its paths and mount table."""
+    before = (Path(SERVICE_ACCOUNT_DIR).exists(), token_mounts())
+    yield
+    assert (Path(SERVICE_ACCOUNT_DIR).exists(), token_mounts()) == before
+
+
+def in_cluster_pod(account: str, **spec: Any) -> dict:
+    env = [{"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]
+    tmpl = template([sys.executable, "-c", IN_CLUSTER], env=env)
+    tmpl["spec"].update(serviceAccountName=account, **spec)
+    return tmpl
+
+
+def http_server(readiness_port: int | str, **container: Any) -> dict:
+    """A pod serving HTTP on $(POD_IP):8080 with a readiness probe on ``readiness_port``, probed every second."""
+    command = [sys.executable, "-m", "http.server", "--bind", "$(POD_IP)", "8080"]
+    probe = {"httpGet": {"port": readiness_port, "path": "/"}, "periodSeconds": 1}
+    return template(command, env=POD_IP_ENV, readinessProbe=probe, **container)
+
+
+def test_in_cluster_config_reads_its_own_pod(
+    node_simulator: NodeSimulator, api_client: Any, namespace: str, host_untouched: None
+) -> None:
+    core, rbac = client.CoreV1Api(api_client), client.RbacAuthorizationV1Api(api_client)
+    rule = {"apiGroups": [""], "resources": ["pods"], "verbs": ["get"]}
+    rbac.create_namespaced_role(namespace, {"metadata": {"name": "pod-reader"}, "rules": [rule]})
+    for account, automount in (("reader", None), ("quiet", False)):
+        core.create_namespaced_service_account(
+            namespace, {"metadata": {"name": account}, "automountServiceAccountToken": automount}
+        )
+        subject = {"kind": "ServiceAccount", "name": account, "namespace": namespace}
+        role = {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader"}
+        rbac.create_namespaced_role_binding(
+            namespace, {"metadata": {"name": account}, "roleRef": role, "subjects": [subject]}
+        )
+    create_pod(core, namespace, "reader", in_cluster_pod("reader"))
+    create_pod(core, namespace, "opted-out", in_cluster_pod("reader", automountServiceAccountToken=False))
+    create_pod(core, namespace, "quiet-account", in_cluster_pod("quiet"))  # the ServiceAccount opts out
+    pod = pod_phase(core, namespace, "reader", ("Succeeded", "Failed"))
+    output = kubectl(namespace, "logs", "reader")
+    assert pod.status.phase == "Succeeded", output
+    assert output == "reader reader reader 0o600\n"  # read through the API; the token is bound to this pod
+    for name in ("opted-out", "quiet-account"):
+        assert pod_phase(core, namespace, name, ("Succeeded", "Failed")).status.phase == "Failed"
+        assert "Service token file does not exist" in kubectl(namespace, "logs", name)
+
+
+def test_failing_token_mount_is_a_start_error(
+    node_simulator: NodeSimulator, api_client: Any, namespace: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "mount"  # as where mount namespaces are not permitted
+    fake.write_text("#!/bin/sh\necho 'mount: /var/run: permission denied.' >&2\nexit 32\n")
+    fake.chmod(0o755)
+    path = os.pathsep.join([str(tmp_path), str(Path(sys.executable).parent), os.environ["PATH"]])
+    monkeypatch.setitem(node_simulator.extra_env, "PATH", path)
+    core = client.CoreV1Api(api_client)
+    create_pod(core, namespace, "no-mount", template([sys.executable, "-c", "print('must not run')"]))
+    pod = pod_phase(core, namespace, "no-mount", ("Succeeded", "Failed"))
+    terminated = pod.status.container_statuses[0].state.terminated
+    assert (terminated.reason, terminated.exit_code) == ("StartError", 128)
+    assert terminated.message.startswith(f"cannot mount the service-account token at {SERVICE_ACCOUNT_DIR}")
+    assert "permission denied" in terminated.message
+    assert "must not run" not in kubectl(namespace, "logs", "no-mount")
+
+
+def test_pods_get_their_own_ip_and_readiness_follows_the_probe(
+    node_simulator: NodeSimulator, api_client: Any, namespace: str, host_untouched: None
+) -> None:
+    core, apps = client.CoreV1Api(api_client), client.AppsV1Api(api_client)
+    startup = {"tcpSocket": {"port": 8080}, "periodSeconds": 1, "failureThreshold": 30}
+    ports = [{"name": "http", "containerPort": 8080}]
+    tmpl = http_server("http", ports=ports, startupProbe=startup, restart_policy="Always")
+    tmpl["metadata"]["labels"] = {"app": "web"}
+    tmpl["spec"]["nodeSelector"] = {**POOL, "kubernetes.io/hostname": "sim-cpu-0"}  # both replicas on one node
+    selector = {"matchLabels": {"app": "web"}}
+    body = {"metadata": {"name": "web"}, "spec": {"replicas": 2, "selector": selector, "template": tmpl}}
+    apps.create_namespaced_deployment(namespace, body)
+    create_pod(core, namespace, "deaf", http_server(8081))  # nothing listens there
+    wait_for(lambda: apps.read_namespaced_deployment_status("web", namespace).status.ready_replicas == 2,
+             what="2 ready replicas")  # fmt: skip
+    pods = core.list_namespaced_pod(namespace, label_selector="app=web").items
+    assert len(pods) == 2 and {p.spec.node_name for p in pods} == {"sim-cpu-0"}
+    ips = [p.status.pod_ip for p in pods]
+    assert len(set(ips)) == 2 and all(ip.startswith("127.77.") for ip in ips)  # both bound $(POD_IP):8080
+    for pod in pods:
+        assert pod.status.host_ip == node_simulator.address
+        conditions = {c.type: c.status for c in pod.status.conditions}
+        assert conditions["Ready"] == conditions["ContainersReady"] == "True"
+        assert pod.status.container_statuses[0].started and pod.status.container_statuses[0].ready
+        with urllib.request.urlopen(f"http://{pod.status.pod_ip}:8080/", timeout=5) as response:
+            assert response.status == 200
+    time.sleep(3)  # three failed readiness probes
+    deaf = core.read_namespaced_pod("deaf", namespace)
+    assert deaf.status.phase == "Running"
+    status = deaf.status.container_statuses[0]
+    assert status.state.running and status.started and not status.ready
+    ready_condition = next(c for c in deaf.status.conditions if c.type == "Ready")
+    assert (ready_condition.status, ready_condition.reason) == ("False", "ContainersNotReady")
+
+
+def test_failing_liveness_probe_restarts_the_container(
+    node_simulator: NodeSimulator, api_client: Any, namespace: str
+) -> None:
+    core = client.CoreV1Api(api_client)
+    liveness = {"httpGet": {"port": 8081, "path": "/healthz"}, "periodSeconds": 1, "failureThreshold": 2}
+    command = [sys.executable, "-c", "import time; print('up', flush=True); time.sleep(600)"]
+    create_pod(core, namespace, "wedged", template(command, restart_policy="Always", livenessProbe=liveness))
+
+    def restarted() -> client.V1ContainerStatus | None:
+        statuses = core.read_namespaced_pod("wedged", namespace).status.container_statuses or []
+        return statuses[0] if statuses and statuses[0].restart_count >= 1 else None
+
+    status = wait_for(restarted, what="a restart after the liveness probe failed")
+    assert (status.last_state.terminated.exit_code, status.last_state.terminated.reason) == (143, "Error")
+    assert core.read_namespaced_pod("wedged", namespace).status.phase == "Running"
+    assert kubectl(namespace, "logs", "wedged", "--previous") == "up\n"
 
 
 # --- simulate mode -----------------------------------------------------------------------------------------

@@ -8,7 +8,9 @@ Ready with Lease heartbeats. For each pod the scheduler binds to them it either
 * **simulates** the container (scripted by a rule or pod annotations: run N seconds, exit code, reason such
   as OOMKilled, termination message, log lines; restarts per restartPolicy), or
 * runs it as a **process**: the container's command/args with the pod's resolved env, volumes materialised
-  into local dirs (paths rewritten), the local Python environment standing in for the image.
+  into local dirs (paths rewritten), the local Python environment standing in for the image; each pod has a
+  loopback address of its own, a bound service-account token where a kubelet would mount one (in a private
+  mount namespace), and its startup/readiness/liveness probes run.
 
 It reports Pending -> Running -> Succeeded/Failed into pod status, deletes terminating pods (there is no
 kubelet to do it), and serves the kubelet ``/containerLogs`` endpoint over HTTPS so ``kubectl logs [-f]``
@@ -20,10 +22,12 @@ from __future__ import annotations
 import base64
 import contextlib
 import datetime as dt
+import http.client
 import json
 import logging
 import math
 import os
+import random
 import re
 import shutil
 import signal
@@ -60,6 +64,17 @@ TERMINATION_MESSAGE_MAX = 4096  # kubelet's per-container cap
 FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES = 80, 2048  # kubelet's FallbackToLogsOnError tail
 LOG_LINE_MAX = 16 * 1024  # containerd's maximum log line: longer ones become partial records
 DEFAULT_PULL_ERROR_MARKERS = ("does-not-exist",)
+SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # where in-cluster clients look
+TOKEN_EXPIRATION_S = 3607  # what the kubelet asks TokenRequest for
+TOKEN_REFRESH_AT = 0.8  # the kubelet renews a token after 80% of its lifetime
+POD_NETWORK, POD_NETWORK_SIZE = "127.77", 256 * 254  # pod IPs 127.77.x.y: all of 127.0.0.0/8 is local on Linux
+PROBE_DEFAULTS = {  # Kubernetes' defaults
+    "initialDelaySeconds": 0,
+    "periodSeconds": 10,
+    "timeoutSeconds": 1,
+    "successThreshold": 1,
+    "failureThreshold": 3,
+}
 
 
 def _now() -> str:
@@ -194,20 +209,25 @@ class _Container:
     exit_code: int = 0
     final: bool = False  # terminated and not going to restart
     logs: list[LogFile] = field(default_factory=list)
+    started: bool = False  # the startup probe has succeeded (or there is none); counts while running
+    ready: bool = False  # the readiness probe has succeeded (or there is none); counts while running
 
     @property
     def name(self) -> str:
         return self.spec["name"]
 
+    @property
+    def is_ready(self) -> bool:
+        return "running" in self.state and self.ready and not self.init
+
     def status(self) -> dict:
-        running = "running" in self.state
         status = {
             "name": self.name,
             "image": self.spec.get("image", ""),
             "imageID": f"nodesim://{self.spec.get('image', '')}" if self.container_id else "",
-            "ready": running and not self.init,
+            "ready": self.is_ready,
             "restartCount": self.restart_count,
-            "started": running,
+            "started": "running" in self.state and self.started,
             "state": self.state,
             "lastState": self.last_state,
         }
@@ -219,9 +239,10 @@ class _Container:
 class _PodRunner:
     """Plays one pod: init containers in order, then the containers in parallel, with restarts."""
 
-    def __init__(self, sim: NodeSimulator, pod: dict) -> None:
+    def __init__(self, sim: NodeSimulator, pod: dict, ip: str) -> None:
         self.sim = sim
         self.pod = pod
+        self.ip = ip
         meta, spec = pod["metadata"], pod["spec"]
         self.namespace, self.name, self.uid = meta["namespace"], meta["name"], meta["uid"]
         self.restart_policy = spec.get("restartPolicy", "Always")
@@ -235,6 +256,8 @@ class _PodRunner:
         self._status_lock = threading.Lock()
         self._thread = threading.Thread(target=self._run, name=f"nodesim-pod-{self.name}", daemon=True)
         self._volumes: dict[str, Path] = {}
+        self._token_dir: Path | None = None  # the projected service-account files, when the pod gets them
+        self._token_refresh_at = 0.0  # time.monotonic() when the token is due for renewal
 
     def start(self) -> None:
         self._thread.start()
@@ -275,13 +298,13 @@ class _PodRunner:
             if self.stopping.is_set():
                 return
             phase, initialized = self.phase, self.initialized
-            ready = phase == "Running" and all("running" in c.state for c in self.containers)
+            ready = phase == "Running" and all(c.is_ready for c in self.containers)
             not_ready = "" if ready else ("PodCompleted" if phase in ("Succeeded", "Failed") else "ContainersNotReady")
             status = {
                 "phase": phase,
                 "hostIP": self.sim.address,
-                "podIP": self.sim.address,
-                "podIPs": [{"ip": self.sim.address}],
+                "podIP": self.ip,
+                "podIPs": [{"ip": self.ip}],
                 "startTime": self.start_time,
                 "conditions": [
                     self._condition("Initialized", initialized, "" if initialized else "ContainersNotInitialized"),
@@ -319,6 +342,8 @@ class _PodRunner:
         while not self._configure():
             if self.stopping.wait(2.0):
                 return
+        if self._token_dir is not None:
+            threading.Thread(target=self._renew_token, name=f"nodesim-token-{self.name}", daemon=True).start()
         for container in self.init_containers:
             if self._run_container(container) != 0:
                 return
@@ -344,18 +369,46 @@ class _PodRunner:
                 return
 
     def _configure(self) -> bool:
-        """Materialise volumes and resolve env; on a missing Secret/ConfigMap show CreateContainerConfigError."""
+        """Materialise volumes, resolve env and project the service-account token; on a missing
+        Secret/ConfigMap/ServiceAccount show CreateContainerConfigError."""
         try:
             if self.sim.needs_process(self.pod):
                 self._volumes = self.sim.materialize_volumes(self.pod, self.dir)
                 for container in self.init_containers + self.containers:
-                    self.sim.resolve_env(self.pod, container.spec)
+                    self.sim.resolve_env(self.pod, container.spec, self.ip)
+                if self.sim.automounts_token(self.pod):
+                    self._project_token()
         except ContainerConfigError as exc:
             for container in self.init_containers + self.containers:
                 container.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(exc)}}
             self.report()
             return False
         return True
+
+    def _project_token(self) -> None:
+        """Write token, ca.crt and namespace as the kubelet's projected service-account volume holds them."""
+        requested = time.monotonic()
+        token, lifetime = self.sim.service_account_token(self.pod)
+        directory = self.dir / "kubernetes.io~serviceaccount"  # no container dir can have this name
+        directory.mkdir(parents=True, exist_ok=True)
+        for name, data, mode in (
+            ("ca.crt", self.sim.ca_pem, 0o644),
+            ("namespace", self.namespace.encode(), 0o644),
+            ("token", token.encode(), 0o600),
+        ):
+            _write_atomically(directory / name, data, mode)
+        self._token_dir, self._token_refresh_at = directory, requested + TOKEN_REFRESH_AT * lifetime
+
+    def _renew_token(self) -> None:
+        """Renew the token in place (the containers see the new file) at 80% of its life, as the kubelet does."""
+        while not self.stopping.wait(max(0.0, self._token_refresh_at - time.monotonic())):
+            if self.phase in ("Succeeded", "Failed"):
+                return
+            try:
+                self._project_token()
+            except (ApiException, ContainerConfigError, OSError) as exc:
+                log.warning("nodesim: token of %s/%s not renewed (retrying): %s", self.namespace, self.name, exc)
+                self._token_refresh_at = time.monotonic() + 10.0
 
     def _run_container(self, container: _Container) -> int:
         """Run (and restart per restartPolicy) one container; returns its last exit code."""
@@ -364,11 +417,15 @@ class _PodRunner:
             logfile = LogFile(self.dir / container.name / f"{container.restart_count}.log")
             container.logs.append(logfile)
             container.container_id = f"nodesim://{uuid.uuid4().hex}"
+            outcome = self.sim.outcome_for(self.pod, container.name, container.restart_count)
+            probed = outcome is None and not container.init  # probes run for process-mode containers
+            container.started = not (probed and "startupProbe" in container.spec)
+            container.ready = container.started and not (probed and "readinessProbe" in container.spec)
             started = _now()
             container.state = {"running": {"startedAt": started}}
             self.report()
             try:
-                exit_code, reason, message = self._execute(container, logfile)
+                exit_code, reason, message = self._execute(container, logfile, outcome)
             finally:
                 logfile.finished.set()
             terminated = {
@@ -400,8 +457,7 @@ class _PodRunner:
             container.restart_count += 1
         return 137
 
-    def _execute(self, container: _Container, logfile: LogFile) -> tuple[int, str | None, str]:
-        outcome = self.sim.outcome_for(self.pod, container.name, container.restart_count)
+    def _execute(self, container: _Container, logfile: LogFile, outcome: Outcome | None) -> tuple[int, str | None, str]:
         if outcome is not None:
             return self._simulate(outcome, logfile)
         try:
@@ -423,7 +479,8 @@ class _PodRunner:
         termination_path = self.dir / container.name / "termination-log"
         termination_path.write_bytes(b"")
         rewrite = _path_rewriter(spec, self._volumes, termination_path)
-        env = {k: rewrite(v) for k, v in self.sim.resolve_env(self.pod, spec).items()}
+        resolved = self.sim.resolve_env(self.pod, spec, self.ip)
+        env = self.sim.service_env | {k: rewrite(v) for k, v in resolved.items()}  # as the kubelet orders them
         command = [rewrite(_expand(a, env)) for a in spec.get("command") or []]
         args = [rewrite(_expand(a, env)) for a in spec.get("args") or []]
         if not command:
@@ -432,36 +489,129 @@ class _PodRunner:
                 message = f'no command and no known entrypoint for image "{spec.get("image")}"'
                 logfile.write(message.encode())
                 return 128, "StartError", message
+        env = self.sim.base_env(self.name) | env
+        argv, pending = [*command, *args], None
+        if self._token_dir is not None:  # a missing executable would fail only at the wrapper's exec: check first
+            if os.sep not in command[0] and not shutil.which(command[0], path=env["PATH"]):
+                message = f"failed to start {command[0]!r}: executable file not found in $PATH"
+                logfile.write(message.encode())
+                return 128, "StartError", message
+            pending = self.dir / container.name / "token-mount-pending"
+            pending.touch()
+            argv = _with_token_mount(argv, self._token_dir, pending)
         try:
             proc = subprocess.Popen(
-                [*command, *args],
+                argv,
                 stdin=subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
-                env=self.sim.base_env(self.name) | env,
+                env=env,
                 cwd=self.sim.cwd,
                 start_new_session=True,
                 preexec_fn=die_with_parent,  # this thread waits for it, so the death signal is safe here
             )
         except OSError as exc:
-            message = f"failed to start {command[0]!r}: {exc}"
+            message = f"failed to start {argv[0]!r}: {exc}"
+            message = message if pending is None else _token_mount_error(message)
             logfile.write(message.encode())
             return 128, "StartError", message
         self.sim.track(proc)
         self.processes.append(proc)
         if self.stopping.is_set():  # deletion raced the start
             self.sim.kill_group(proc, 0)
+        exited = threading.Event()
+        probes = [
+            threading.Thread(
+                target=self._probe, args=(container, kind, proc, exited), name=f"nodesim-{kind}", daemon=True
+            )
+            for kind in ("startup", "readiness", "liveness")
+            if f"{kind}Probe" in spec and not container.init
+        ]
+        for probe in probes:
+            probe.start()
         assert proc.stdout is not None and proc.stderr is not None
         stderr = threading.Thread(target=logfile.pump, args=(proc.stderr, "stderr"), daemon=True)
         stderr.start()
         logfile.pump(proc.stdout, "stdout")
         stderr.join()
         code = proc.wait()
+        exited.set()
+        for probe in probes:  # none may act on the next attempt
+            probe.join()
+        if pending is not None and pending.exists():  # the command never ran
+            message = _token_mount_error(logfile.read_tail(FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES).strip())
+            logfile.write(message.encode())
+            return 128, "StartError", message
         exit_code = 128 - code if code < 0 else code
         message = termination_path.read_bytes()[:TERMINATION_MESSAGE_MAX].decode(errors="replace")
         if not message and exit_code != 0 and spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
             message = logfile.read_tail(FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES)
         return exit_code, None, message
+
+    # --- probes
+    def _probe(self, container: _Container, kind: str, proc: subprocess.Popen, exited: threading.Event) -> None:
+        """A kubelet probe worker for one container attempt: ``kind`` is startup, readiness or liveness.
+
+        It probes every periodSeconds after initialDelaySeconds (readiness and liveness only once the startup
+        probe has succeeded); a result counts after successThreshold/failureThreshold equal ones in a row.
+        """
+        probe = PROBE_DEFAULTS | container.spec[f"{kind}Probe"]
+        if not {"httpGet", "tcpSocket"} & probe.keys():
+            what = f"{self.namespace}/{self.name} container {container.name}"
+            log.warning("nodesim: %s: only httpGet and tcpSocket probes run; its %s probe always succeeds", what, kind)
+        if exited.wait(probe["initialDelaySeconds"]):
+            return
+        last, run = None, 0
+        while True:
+            if kind == "startup" or container.started:
+                ok = self._probe_once(container.spec, probe)
+                run, last = (run + 1 if ok == last else 1), ok
+                threshold = probe["successThreshold" if ok else "failureThreshold"]
+                if exited.is_set() or (run >= threshold and not self._probe_result(container, kind, ok, proc)):
+                    return
+            if exited.wait(probe["periodSeconds"]):
+                return
+
+    def _probe_once(self, spec: dict, probe: dict) -> bool:
+        """One probe; the host defaults to the pod IP, a named port is looked up in the container's ports."""
+        timeout = float(probe["timeoutSeconds"])
+        action = probe.get("httpGet") or probe.get("tcpSocket")
+        if action is None:
+            return True
+        host, port = action.get("host") or self.ip, _container_port(spec, action["port"])
+        if port is None:
+            return False
+        if "httpGet" in probe:
+            headers = {h["name"]: h["value"] for h in action.get("httpHeaders") or []}
+            return _http_probe(action.get("scheme", "HTTP"), host, port, action.get("path") or "/", headers, timeout)
+        try:
+            socket.create_connection((host, port), timeout=timeout).close()
+        except OSError:
+            return False
+        return True
+
+    def _probe_result(self, container: _Container, kind: str, ok: bool, proc: subprocess.Popen) -> bool:
+        """Act on a result that crossed its threshold, as the kubelet does; False ends the worker."""
+        if kind == "readiness":
+            if container.ready != ok:
+                container.ready = ok
+                self.report()
+            return True
+        if ok:
+            if kind == "startup":  # started: readiness and liveness begin; no readiness probe means ready
+                container.started, container.ready = True, "readinessProbe" not in container.spec
+                self.report()
+            return kind == "liveness"
+        log.info(
+            "nodesim: %s/%s: container %s failed its %s probe, killing it",
+            self.namespace,
+            self.name,
+            container.name,
+            kind,
+        )
+        grace = float(self.pod["spec"].get("terminationGracePeriodSeconds", 30))
+        self.sim.kill_group(proc, min(grace, self.sim.max_grace_s))
+        return False
 
     def kill(self, grace: float) -> None:
         """Stop simulating/running the pod: SIGTERM its process groups, SIGKILL after ``grace`` seconds."""
@@ -494,6 +644,74 @@ def _path_rewriter(spec: dict, volumes: dict[str, Path], termination_path: Path)
     prefixes = sorted(mapping, key=len, reverse=True)
     pattern = re.compile(r"(?<![\w./-])(" + "|".join(re.escape(p) for p in prefixes) + r")(?=/|$|[^\w.-])")
     return lambda text: pattern.sub(lambda m: mapping[m.group(1)].rstrip("/"), text)
+
+
+# In the private mount namespace: a tmpfs ($1) to hold the mount point, so nothing is created on the host; the
+# token dir ($3) bound read-only at $2; the marker ($4) removed once all that worked; then the command.
+# -n: no entry in /run/mount/utab (that would be a write to the host).
+_TOKEN_MOUNT_SCRIPT = """set -e
+mount -n -t tmpfs -o mode=0755,size=1m,nosuid,nodev nodesim-secrets "$1"
+mkdir -p "$2"
+mount -n --bind -o ro "$3" "$2"
+rm "$4"
+shift 4
+exec "$@"
+"""
+
+
+def _with_token_mount(argv: list[str], token_dir: Path, pending: Path) -> list[str]:
+    """``argv`` wrapped to see ``token_dir`` at SERVICE_ACCOUNT_DIR, where in-cluster clients read it.
+
+    The tmpfs goes over /var/run/secrets, or over /var/run when that does not exist (the process then sees an
+    empty /run, as in a container). ``unshare`` execs in place: the PID and process group stay the command's.
+    """
+    secrets = Path(SERVICE_ACCOUNT_DIR).parents[1]
+    tmpfs = secrets if secrets.is_dir() else secrets.parent
+    script = ["sh", "-c", _TOKEN_MOUNT_SCRIPT, "nodesim-token-mount", str(tmpfs), SERVICE_ACCOUNT_DIR]
+    return ["unshare", "--mount", "--propagation", "private", *script, str(token_dir), str(pending), *argv]
+
+
+def _token_mount_error(detail: str) -> str:
+    return (
+        f"cannot mount the service-account token at {SERVICE_ACCOUNT_DIR}: the node simulator runs such containers "
+        f"in a private mount namespace (unshare --mount, mount; needs root), which failed: {detail or 'no output'}. "
+        "Run the simulator as root, or set automountServiceAccountToken: false on a pod that needs no API access"
+    )
+
+
+def _write_atomically(path: Path, data: bytes, mode: int) -> None:
+    """Replace ``path`` in one step, so a reader (a client re-reading its token) never sees half a file."""
+    staging = path.with_name(f".{path.name}.tmp")
+    staging.write_bytes(data)
+    staging.chmod(mode)
+    os.replace(staging, path)
+
+
+def _container_port(spec: dict, port: int | str) -> int | None:
+    """A probe's port: a number, or the name of one of the container's ports (a numeric string as a number)."""
+    if isinstance(port, int):
+        return port
+    named = {p.get("name"): p["containerPort"] for p in spec.get("ports") or []}
+    return named.get(port) or (int(port) if port.isdigit() else None)
+
+
+def _http_probe(scheme: str, host: str, port: int, path: str, headers: dict[str, str], timeout: float) -> bool:
+    """An httpGet probe: any status from 200 to 399 succeeds (HTTPS unverified, as the kubelet probes)."""
+    if scheme.upper() == "HTTPS":
+        context = ssl.create_default_context()
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        connection: http.client.HTTPConnection = http.client.HTTPSConnection(
+            host, port, timeout=timeout, context=context
+        )
+    else:
+        connection = http.client.HTTPConnection(host, port, timeout=timeout)
+    try:
+        connection.request("GET", path, headers={"User-Agent": "kube-probe/1.20", **headers})
+        return 200 <= connection.getresponse().status < 400
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        connection.close()
 
 
 # --- the kubelet log endpoint --------------------------------------------------------------------------
@@ -708,9 +926,13 @@ class NodeSimulator:
         self._threads: list[threading.Thread] = []
         self._watch_responses: set[Any] = set()
         self._processes: list[subprocess.Popen] = []
+        self._pod_ips: dict[str, str] = {}  # by pod uid
+        self._next_pod_ip = random.randrange(POD_NETWORK_SIZE)  # simulators on one machine rarely overlap
         self._server: _TLSServer | None = None
         self.api: client.ApiClient | None = None
         self.core: client.CoreV1Api
+        self.ca_pem = b""  # the cluster CA, for the pods' ca.crt
+        self.service_env: dict[str, str] = {}  # KUBERNETES_SERVICE_HOST/PORT: the API server of our kubeconfig
 
     # --- public
     @property
@@ -724,6 +946,13 @@ class NodeSimulator:
         config.load_kube_config(config_file=str(self.kubeconfig), client_configuration=configuration)
         configuration.connection_pool_maxsize = 64
         self.api = client.ApiClient(configuration)
+        if configuration.ssl_ca_cert:  # the client keeps certificate-authority(-data) as a file
+            self.ca_pem = Path(configuration.ssl_ca_cert).read_bytes()
+        server = urlparse(configuration.host)
+        self.service_env = {
+            "KUBERNETES_SERVICE_HOST": server.hostname or "",
+            "KUBERNETES_SERVICE_PORT": str(server.port or 443),
+        }
         self.core = client.CoreV1Api(self.api)
         cert, key = _self_signed_cert(self.workdir / "tls", self.address)
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -841,6 +1070,40 @@ class NodeSimulator:
             return outcome
         return Outcome() if self.mode == "simulate" else None
 
+    def automounts_token(self, pod: dict) -> bool:
+        """automountServiceAccountToken of the pod, else of its ServiceAccount (default true)."""
+        spec, namespace = pod["spec"], pod["metadata"]["namespace"]
+        if spec.get("automountServiceAccountToken") is not None:
+            return bool(spec["automountServiceAccountToken"])
+        name = _service_account(pod)
+        try:
+            account = self.core.read_namespaced_service_account(name, namespace, _preload_content=False)
+        except ApiException as exc:
+            if exc.status == 404:
+                raise ContainerConfigError(f'serviceaccount "{name}" not found') from exc
+            raise
+        return json.loads(account.data).get("automountServiceAccountToken") is not False
+
+    def service_account_token(self, pod: dict) -> tuple[str, int]:
+        """(token, lifetime in seconds) from the TokenRequest API for the pod's ServiceAccount, as the kubelet
+        requests it: bound to the pod (it dies with the pod) when the pod names its ServiceAccount. Without the
+        ServiceAccount admission plugin nothing fills in "default", and the apiserver refuses to bind a token
+        to a pod whose serviceAccountName differs from the token's ServiceAccount."""
+        meta, name = pod["metadata"], _service_account(pod)
+        bound = None
+        if pod["spec"].get("serviceAccountName"):
+            bound = client.V1BoundObjectReference(api_version="v1", kind="Pod", name=meta["name"], uid=meta["uid"])
+        request = client.AuthenticationV1TokenRequest(
+            spec=client.V1TokenRequestSpec(audiences=[], expiration_seconds=TOKEN_EXPIRATION_S, bound_object_ref=bound)
+        )
+        try:
+            response = self.core.create_namespaced_service_account_token(name, meta["namespace"], request)
+        except ApiException as exc:  # the kubelet keeps the pod in ContainerCreating and retries
+            if exc.status == 404:
+                raise ContainerConfigError(f'serviceaccount "{name}" not found') from exc
+            raise ContainerConfigError(f'no token for serviceaccount "{name}": {exc.body or exc.reason}') from exc
+        return response.status.token, response.spec.expiration_seconds or TOKEN_EXPIRATION_S
+
     def needs_process(self, pod: dict) -> bool:
         return any(
             self.outcome_for(pod, c["name"], 0) is None
@@ -865,7 +1128,7 @@ class NodeSimulator:
         env["HOSTNAME"] = pod_name
         return env | self.extra_env
 
-    def resolve_env(self, pod: dict, spec: dict) -> dict[str, str]:
+    def resolve_env(self, pod: dict, spec: dict, pod_ip: str) -> dict[str, str]:
         """The container's env (envFrom, then env with $(VAR) expansion), as the kubelet resolves it."""
         namespace = pod["metadata"]["namespace"]
         env: dict[str, str] = {}
@@ -882,12 +1145,12 @@ class NodeSimulator:
             if "valueFrom" not in var:
                 env[var["name"]] = _expand(var.get("value", ""), env)
                 continue
-            value = self._env_value(pod, spec, var["valueFrom"])
+            value = self._env_value(pod, spec, var["valueFrom"], pod_ip)
             if value is not None:
                 env[var["name"]] = value
         return env
 
-    def _env_value(self, pod: dict, spec: dict, source: dict) -> str | None:
+    def _env_value(self, pod: dict, spec: dict, source: dict, pod_ip: str) -> str | None:
         namespace = pod["metadata"]["namespace"]
         for kind, key in (("configmap", "configMapKeyRef"), ("secret", "secretKeyRef")):
             if key in source:
@@ -901,7 +1164,7 @@ class NodeSimulator:
                     raise ContainerConfigError(f"couldn't find key {ref['key']} in {kind} {namespace}/{ref['name']}")
                 return data[ref["key"]].decode(errors="replace")
         if "fieldRef" in source:
-            return _field_value(pod, source["fieldRef"]["fieldPath"], self.address)
+            return _field_value(pod, source["fieldRef"]["fieldPath"], self.address, pod_ip)
         if "resourceFieldRef" in source:
             return self._resource_value(pod, spec, source["resourceFieldRef"])
         raise ContainerConfigError(f"unsupported env source {sorted(source)}")
@@ -1209,6 +1472,7 @@ class NodeSimulator:
             if kind == "DELETED":
                 self._runners.pop(uid, None)
                 self._deleting.discard(uid)
+                self._pod_ips.pop(uid, None)
                 if runner and self._by_name.get((meta["namespace"], meta["name"])) is runner:
                     del self._by_name[(meta["namespace"], meta["name"])]
             elif meta.get("deletionTimestamp"):
@@ -1216,7 +1480,8 @@ class NodeSimulator:
                     return
                 self._deleting.add(uid)
             elif runner is None and pod.get("status", {}).get("phase", "Pending") == "Pending":
-                runner = self._runners[uid] = self._by_name[(meta["namespace"], meta["name"])] = _PodRunner(self, pod)
+                runner = _PodRunner(self, pod, self._allocate_pod_ip(pod))
+                self._runners[uid] = self._by_name[(meta["namespace"], meta["name"])] = runner
                 runner.start()
                 return
             else:
@@ -1227,6 +1492,20 @@ class NodeSimulator:
             return
         grace = min(float(meta.get("deletionGracePeriodSeconds") or 0), self.max_grace_s)
         threading.Thread(target=self._finish_deletion, args=(runner, pod, grace), daemon=True).start()
+
+    def _allocate_pod_ip(self, pod: dict) -> str:
+        """A loopback address no other pod of ours has (the caller holds the lock), so pods may bind the same
+        port, as with a CNI; host-network pods use the node's address."""
+        if pod["spec"].get("hostNetwork"):
+            return self.address
+        used = set(self._pod_ips.values())
+        for _ in range(POD_NETWORK_SIZE):
+            index, self._next_pod_ip = self._next_pod_ip, (self._next_pod_ip + 1) % POD_NETWORK_SIZE
+            ip = f"{POD_NETWORK}.{index // 254}.{index % 254 + 1}"
+            if ip not in used:
+                self._pod_ips[pod["metadata"]["uid"]] = ip
+                return ip
+        raise RuntimeError(f"all {POD_NETWORK_SIZE} pod IPs are in use")
 
     def _finish_deletion(self, runner: _PodRunner | None, pod: dict, grace: float) -> None:
         """No kubelet confirms the deletion, so after killing the containers we delete with grace 0."""
@@ -1246,7 +1525,11 @@ class NodeSimulator:
         shutil.rmtree(runner.dir, ignore_errors=True)
 
 
-def _field_value(pod: dict, path: str, address: str) -> str:
+def _service_account(pod: dict) -> str:
+    return pod["spec"].get("serviceAccountName") or "default"
+
+
+def _field_value(pod: dict, path: str, host_ip: str, pod_ip: str) -> str:
     """The downward-API fields a container env may reference."""
     meta, spec = pod["metadata"], pod["spec"]
     match = re.fullmatch(r"metadata\.(labels|annotations)\['([^']+)'\]", path)
@@ -1258,9 +1541,9 @@ def _field_value(pod: dict, path: str, address: str) -> str:
         "metadata.uid": meta["uid"],
         "spec.nodeName": spec.get("nodeName", ""),
         "spec.serviceAccountName": spec.get("serviceAccountName", ""),
-        "status.hostIP": address,
-        "status.podIP": address,
-        "status.podIPs": address,
+        "status.hostIP": host_ip,
+        "status.podIP": pod_ip,
+        "status.podIPs": pod_ip,
     }
     if path not in values:
         raise ContainerConfigError(f"unsupported fieldRef {path}")
