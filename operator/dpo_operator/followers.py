@@ -24,34 +24,80 @@ from .status import container_state
 log = logging.getLogger(__name__)
 _READ_TIMEOUT = 120.0
 _REPLAY_MARGIN = 60  # seconds of log re-read on reconnect, against clock skew between node and operator
-_GIVE_UP_AFTER = 30  # consecutive failed attempts (~1 min) before a follower stops
+MAX_LINE_BYTES = 64 * 1024
+"""Longer lines are dropped unread: a progress event is < 4 KiB, and an endless line must not grow memory."""
+
+
+class LineSplitter:
+    """Complete log lines out of arbitrary chunks, holding at most MAX_LINE_BYTES of an unfinished line."""
+
+    def __init__(self) -> None:
+        self._partial = b""
+        self._discarding = False  # inside an over-long line: drop everything up to its newline
+
+    def feed(self, chunk: bytes) -> list[bytes]:
+        *lines, rest = chunk.split(b"\n")
+        if lines:
+            lines[0] = self._partial + lines[0]
+            if self._discarding:
+                lines.pop(0)
+            self._partial, self._discarding = b"", False
+        if not self._discarding:
+            self._partial += rest
+            if len(self._partial) > MAX_LINE_BYTES:
+                self._partial, self._discarding = b"", True
+        return [line for line in lines if len(line) <= MAX_LINE_BYTES]
 
 
 class _Follower(threading.Thread):
-    """Streams one pod's log into a TrainerProgress until the container ends or the pod goes away."""
+    """Streams one pod's log into a TrainerProgress until the container ends or the pod goes away.
 
-    def __init__(self, core: client.CoreV1Api, namespace: str, pod: str, notify: Callable[[], None]) -> None:
+    Failures are counted in a row (any attempt that received data resets the count); after `give_up_after`
+    the thread ends without `finished`, and LogFollowers.ensure starts a new one with the same progress.
+    """
+
+    give_up_after = 30  # consecutive failed attempts, `retry_seconds` apart (~1 min)
+    retry_seconds = 2.0
+
+    def __init__(
+        self,
+        core: client.CoreV1Api,
+        namespace: str,
+        pod: str,
+        notify: Callable[[], None],
+        progress: TrainerProgress | None = None,
+    ) -> None:
         super().__init__(name=f"logs-{namespace}/{pod}", daemon=True)
         self.core, self.namespace, self.pod, self.notify = core, namespace, pod, notify
-        self.progress = TrainerProgress()
+        self.progress = progress or TrainerProgress()
         self.progress_lock = threading.Lock()
         self.stopping = threading.Event()
+        self.finished = False
+        """The container ended or the pod is gone: nothing more will come."""
+        self._received = False
 
     def run(self) -> None:
         failures = 0
-        while not self.stopping.is_set() and failures < _GIVE_UP_AFTER:
+        while not self.stopping.is_set() and failures < self.give_up_after:
+            self._received = False
             try:
                 if self._stream_once():
+                    self.finished = True
                     return
                 failures = 0
             except ApiException as exc:
                 if exc.status == 404:
+                    self.finished = True
                     return
-                failures += 1
+                failures = 0 if self._received else failures + 1
                 log.debug("log stream of %s/%s: %s", self.namespace, self.pod, exc.reason)
             except (HTTPError, OSError):
-                failures += 1
-            self.stopping.wait(2.0)
+                failures = 0 if self._received else failures + 1
+            self.stopping.wait(self.retry_seconds)
+        if not self.stopping.is_set():
+            log.warning(
+                "log stream of %s/%s failed %d times in a row; retried later", self.namespace, self.pod, failures
+            )
 
     def _stream_once(self) -> bool:
         """Fold the log's new progress events. True when the container has ended (nothing more will come)."""
@@ -67,15 +113,14 @@ class _Follower(threading.Thread):
             _preload_content=False,
             _request_timeout=(10, _READ_TIMEOUT),
         )
-        buffer = b""
+        splitter = LineSplitter()
         try:
             # read1 returns whatever arrived; stream(n) would wait for n bytes and delay progress by minutes.
             while chunk := response.read1(65536):
                 if self.stopping.is_set():
                     return True
-                buffer += chunk
-                *lines, buffer = buffer.split(b"\n")
-                for raw in lines:
+                self._received = True
+                for raw in splitter.feed(chunk):
                     event = parse_line(raw.decode("utf-8", "replace"))
                     if event is None or self._already_folded(event):
                         continue
@@ -114,9 +159,19 @@ class LogFollowers:
             for pod in pods:
                 key = (namespace, pod["metadata"]["name"])
                 state = container_state(pod)
-                if key in self._followers or not (state.get("running") or state.get("terminated")):
+                previous = self._followers.get(key)
+                if previous is not None and (previous.is_alive() or previous.finished):
                     continue
-                follower = _Follower(self.core, namespace, key[1], lambda: self.mark_dirty(namespace, dpojob))
+                if not (state.get("running") or state.get("terminated")):
+                    continue
+                # A follower that gave up is replaced, keeping what it folded (its replay guard included).
+                follower = _Follower(
+                    self.core,
+                    namespace,
+                    key[1],
+                    lambda: self.mark_dirty(namespace, dpojob),
+                    previous.progress if previous is not None else None,
+                )
                 self._followers[key], self._owner[key] = follower, dpojob
                 follower.start()
 

@@ -27,6 +27,8 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
     """
     settings.posting.enabled = False
     settings.execution.max_workers = memo.settings.workers
+    # Namespaced: exactly the configured namespaces, without listing all namespaces (which needs cluster rights).
+    settings.scanning.disabled = bool(memo.settings.namespaces)
     for resource in ("jobs", "pods"):
         settings.watching.label_selectors[resource] = f"app.kubernetes.io/managed-by={MANAGED_BY}"
     kube = Kube(client.ApiClient())

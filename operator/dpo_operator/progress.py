@@ -2,15 +2,23 @@
 
 The trainer prints one JSON object per line with ``"kind": "dpo-trainer/progress"``; everything else in the
 log (progress bars, warnings) is ignored. Reading the pod log means trainer pods need no API rights at all.
+
+Pod output is untrusted input: anything running in the pod can print such a line. Each event is validated
+against ProgressEvent (types, ranges, a time not in the future, at most MAX_METRICS metric keys of a sane
+shape); a line that fails is ignored like any other log line, so no line can stop or corrupt status.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import re
+import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 PROGRESS_KIND = "dpo-trainer/progress"
 
@@ -36,10 +44,58 @@ REWARD_KEYS = {
 
 
 _MARKER = '{"kind": "' + PROGRESS_KIND + '"'
+MAX_METRICS = 64
+"""Metric keys kept per event: the Trainer logs about 20; status must stay far below the object size limit."""
+_METRIC_KEY = re.compile(r"[A-Za-z0-9_./-]{1,64}")
+_MAX_STEP = 10**9
+MAX_CLOCK_SKEW_S = 300.0
+"""An event time further ahead of the operator's clock than this is not believed (it would freeze replays)."""
+
+
+def _metrics(value: Any) -> dict[str, float]:
+    """Finite numbers under plausible keys, at most MAX_METRICS (rewards and loss first); others dropped."""
+    if not isinstance(value, dict):
+        raise ValueError("metrics must be an object")
+    kept = {key: float(number) for key, number in value.items() if _METRIC_KEY.fullmatch(key) and _finite(number)}
+    ranked = sorted(kept, key=lambda key: (key not in REWARD_KEYS and key != "loss", key))
+    return {key: kept[key] for key in ranked[:MAX_METRICS]}
+
+
+class ProgressEvent(BaseModel):
+    """One progress line as the operator accepts it (the trainer's contract: dpo_trainer/progress.py)."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    kind: Literal["dpo-trainer/progress"]
+    event: Literal["stage_start", "log", "stage_end", "done", "error"]
+    time: float | None = Field(None, ge=0)
+    stage: str | None = Field(None, max_length=64)
+    step: int = Field(0, ge=0, le=_MAX_STEP)
+    totalSteps: int = Field(0, ge=0, le=_MAX_STEP)
+    skipped: bool = False
+    metrics: dict[str, float] = Field(default_factory=dict)
+    summary_metrics: dict[str, float] = Field(default_factory=dict)
+
+    @field_validator("time")
+    @classmethod
+    def _not_in_the_future(cls, value: float | None) -> float | None:
+        if value is not None and not (math.isfinite(value) and value <= time.time() + MAX_CLOCK_SKEW_S):
+            raise ValueError("time must be a Unix time no later than now")
+        return value
+
+    @field_validator("step", "totalSteps", mode="before")
+    @classmethod
+    def _null_is_zero(cls, value: Any) -> Any:
+        return 0 if value is None else value
+
+    @field_validator("metrics", "summary_metrics", mode="before")
+    @classmethod
+    def _bounded_metrics(cls, value: Any) -> dict[str, float]:
+        return _metrics({} if value is None else value)
 
 
 def parse_line(line: str) -> dict[str, Any] | None:
-    """The progress event in one log line, or None for any other line.
+    """The validated progress event in one log line, or None for any other line (and for invalid events).
 
     The event may follow other output on the same line: a progress bar redrawn with carriage returns has no
     newline of its own, and a container with a TTY (or a runtime merging stderr into stdout) glues them.
@@ -48,12 +104,12 @@ def parse_line(line: str) -> dict[str, Any] | None:
     if start < 0:
         return None
     try:
-        event = json.loads(line[start:])
-    except ValueError:
+        raw = json.loads(line[start:])
+        if isinstance(raw, dict) and isinstance(raw.get("summary"), dict):
+            raw["summary_metrics"] = raw["summary"].get("metrics")
+        return ProgressEvent.model_validate(raw).model_dump()
+    except (ValueError, ValidationError, RecursionError):
         return None
-    if not isinstance(event, dict) or event.get("kind") != PROGRESS_KIND:
-        return None
-    return event
 
 
 def _rfc3339(timestamp: float) -> str:
@@ -79,7 +135,7 @@ class TrainerProgress:
     events_seen: int = 0
 
     def apply(self, event: dict[str, Any]) -> None:
-        """Fold one progress event (in log order)."""
+        """Fold one progress event (in log order), as parse_line validated it."""
         self.events_seen += 1
         kind, stage, when = event.get("event"), event.get("stage"), event.get("time")
         if _finite(when):
@@ -91,15 +147,12 @@ class TrainerProgress:
         elif kind == "log":
             if stage in _STAGE_WEIGHTS:
                 self.stage = stage
-            self.step = int(event.get("step") or 0)
-            self.total_steps = int(event.get("totalSteps") or 0)
-            metrics = event.get("metrics") or {}
-            self.metrics.update({k: float(v) for k, v in metrics.items() if _finite(v)})
+            self.step, self.total_steps = event["step"], event["totalSteps"]
+            self.metrics = _metrics({**self.metrics, **event["metrics"]})
         elif kind == "done":
             self.done = True
             self.stage = "push"
-            final = (event.get("summary") or {}).get("metrics") or {}
-            self.metrics.update({k: float(v) for k, v in final.items() if _finite(v)})
+            self.metrics = _metrics({**self.metrics, **event["summary_metrics"]})
 
     def percent(self) -> int:
         """Share of the whole run done, weighting stages by how long they usually take."""

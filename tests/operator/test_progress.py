@@ -2,7 +2,7 @@
 
 import json
 
-from dpo_operator.progress import TrainerProgress, parse_line
+from dpo_operator.progress import MAX_METRICS, TrainerProgress, parse_line
 
 
 def line(event: str, **fields) -> str:
@@ -54,3 +54,35 @@ def test_done_is_100_percent_with_final_metrics() -> None:
     fields = progress.status_fields()
     assert fields["progress"]["percent"] == 100 and fields["stage"] == "push"
     assert fields["rewards"] == {"accuracies": 0.9} and "loss" not in fields["metrics"]
+
+
+def test_hostile_lines_are_ignored_and_later_progress_still_counts() -> None:
+    """Pod output is untrusted: none of these may raise, stick, or reach status (issue: operator core v2, #3)."""
+    progress = TrainerProgress()
+    fold(progress, line("stage_start", stage="dpo", time=100.0))
+    hostile = [
+        line("log", stage="dpo", step=1, totalSteps=10, time=1e12),  # far future: froze replays, broke status
+        line("log", stage="dpo", step="x", totalSteps=10, time=101.0),
+        line("log", stage="dpo", step=1, totalSteps=10, time=101.0, metrics=[1, 2]),
+        '{"kind": "dpo-trainer/progress", "event": "log", "step": 1e400, "time": 101.0}',
+        line("log", stage="dpo", step=-5, totalSteps=10, time=101.0),
+        line("log", stage="dpo", step=1, totalSteps=10, time=float("inf")),
+        line("launch_missiles", stage="dpo", time=101.0),
+        '{"kind": "dpo-trainer/progress", "event": "log", "metrics": ' + "[" * 100_000 + "]" * 100_000 + "}",
+    ]
+    for text in hostile:
+        assert not fold(progress, text), text[:80]
+    fold(progress, line("log", stage="dpo", step=3, totalSteps=10, time=102.0, metrics={"rewards/margins": 0.3}))
+    fields = progress.status_fields()
+    assert fields["progress"]["step"] == 3 and fields["rewards"] == {"margins": 0.3}
+    assert fields["progress"]["updatedAt"].startswith("1970-01-01T00:01:42")
+
+
+def test_metric_keys_are_bounded() -> None:
+    progress = TrainerProgress()
+    flood = {f"junk/{i}": 1.0 for i in range(10_000)} | {"x" * 5000: 1.0, "rewards/accuracies": 0.8, "loss": 0.5}
+    assert fold(progress, line("log", stage="dpo", step=1, totalSteps=2, time=1.0, metrics=flood))
+    fold(progress, line("log", stage="dpo", step=2, totalSteps=2, time=2.0, metrics={"more/junk": 1.0}))
+    metrics = progress.status_fields()["metrics"]
+    assert len(metrics) == MAX_METRICS and "x" * 5000 not in metrics
+    assert metrics["rewards/accuracies"] == 0.8 and metrics["loss"] == 0.5, "rewards and loss are kept first"
