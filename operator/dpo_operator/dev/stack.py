@@ -182,7 +182,7 @@ class LocalStack:
         workdir: Path | None = None,
         *,
         gpus: int = 1,
-        resync_seconds: float = 5.0,
+        resync_seconds: int = 5,
         replicas: int = 1,
         values: dict[str, Any] | None = None,
     ) -> None:
