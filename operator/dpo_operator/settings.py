@@ -34,7 +34,7 @@ class OperatorSettings(BaseModel):
     trainer_env: list[dict[str, Any]] = Field(default_factory=list)
     """Extra env for every trainer pod: Kubernetes EnvVar objects (a value, or valueFrom a Secret/ConfigMap key)."""
     listen_address: str = "0.0.0.0"
-    """Where /healthz, /readyz and /metrics are served (the chart binds the pod IP)."""
+    """Where /healthz, /readyz and /metrics are served (the chart value listenAddress)."""
     port: int = Field(8080, ge=0, le=65535)
     leader_election: bool = False
     """Only the holder of a coordination.k8s.io Lease reconciles; other replicas wait as standbys."""

@@ -221,7 +221,7 @@ def test_env_carries_the_contract(helm: Path) -> None:
     assert names == [*CONTRACT_ENV, "EXTRA"]
     values = env(objects)
     assert values["POD_IP"] == {"fieldRef": {"fieldPath": "status.podIP"}}
-    assert values["DPO_OPERATOR_LISTEN_ADDRESS"] == "$(POD_IP)"
+    assert values["DPO_OPERATOR_LISTEN_ADDRESS"] == "0.0.0.0", "all interfaces: kubectl port-forward works"
     # The kubelet turns "$$" back into "$": the operator reads exactly trainerEnv.
     assert json.loads(values["DPO_OPERATOR_TRAINER_ENV"].replace("$$", "$")) == trainer_env
     expected = {
@@ -242,7 +242,13 @@ def test_the_operator_accepts_the_rendered_env(helm: Path) -> None:
     """What the kubelet would hand the operator parses into its settings (POD_* resolved as in a pod)."""
     from dpo_operator.settings import OperatorSettings
 
-    objects = render(helm, "--set-json", 'trainerEnv=[{"name": "HF_ENDPOINT", "value": "http://hub/$x"}]')
+    objects = render(
+        helm,
+        "--set-json",
+        'trainerEnv=[{"name": "HF_ENDPOINT", "value": "http://hub/$x"}]',
+        "--set",
+        "listenAddress=$(POD_IP)",
+    )
     pod = {"POD_NAME": "r-dpo-operator-0", "POD_NAMESPACE": NAMESPACE, "POD_IP": "10.0.0.7"}
     environ = {
         name: value.replace("$(POD_IP)", pod["POD_IP"]).replace("$$", "$")

@@ -204,7 +204,13 @@ class LocalStack:
     def chart_values(self, **overrides: Any) -> dict[str, Any]:
         """The chart values of this stack: the local image name, the Hub and process settings for trainers."""
         trainer_env = [{"name": k, "value": v} for k, v in {"HF_ENDPOINT": self.hub.url, **TRAINER_PROCESS_ENV}.items()]
-        return {"image": {"repository": "dpo-operator"}, "trainerEnv": trainer_env, **self.values, **overrides}
+        return {
+            "image": {"repository": "dpo-operator"},
+            "listenAddress": "$(POD_IP)",  # every simulated pod shares this machine's network namespace
+            "trainerEnv": trainer_env,
+            **self.values,
+            **overrides,
+        }
 
     def start(self) -> LocalStack:
         self.workdir.mkdir(parents=True, exist_ok=True)
