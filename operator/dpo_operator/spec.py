@@ -18,6 +18,10 @@ API_GROUP = "dpo-operator.io"
 API_VERSION = "v1alpha1"
 KIND = "DPOJob"
 PLURAL = "dpojobs"
+NOT_ABOUT_THE_MODEL = ("runtime", "suspend", "checkpointing", "reporting", "hubTokenSecretRef")
+"""Spec sections that do not change the trained model: pod settings, where checkpoints go, trackers, which Secret
+holds the token. The one definition both sides use: editing them neither starts a new run in the operator nor
+re-renders the model card in the trainer."""
 
 DType = Literal["bfloat16", "float16", "float32"]
 LossType = Literal[
@@ -541,3 +545,8 @@ def describe_validation_error(exc: ValidationError, prefix: str = "spec") -> str
             message = f"must be one of {error['ctx']['expected']}"
         lines.append(f"{path}: {message}")
     return "; ".join(lines)
+
+
+def model_identity(spec: dict[str, Any]) -> dict[str, Any]:
+    """A spec dict (camelCase, as written or dumped by alias) less NOT_ABOUT_THE_MODEL: what decides the model."""
+    return {k: v for k, v in spec.items() if k not in NOT_ABOUT_THE_MODEL}

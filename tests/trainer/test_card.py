@@ -7,11 +7,10 @@ from pathlib import Path
 
 import yaml
 
-from dpo_operator.spec import DPOJob, DPOJobSpec
+from dpo_operator.spec import DPOJob, DPOJobSpec, model_identity
 from dpo_trainer.card import metrics_table, plot_training_curves, render_card
 from dpo_trainer.context import RunContext, RunState
 from dpo_trainer.progress import Reporter
-from dpo_trainer.specfile import model_spec
 
 from .conftest import CliRun
 
@@ -83,4 +82,4 @@ def test_model_card_holds_front_matter_metrics_plot_and_spec(quickstart_run: Cli
     spec_yaml = body.split("```yaml\n", 1)[1].split("```", 1)[0]
     written = yaml.safe_load((quickstart_run.out_dir.parent / "quickstart.yaml").read_text())
     full = DPOJob.model_validate(written).spec.model_dump(mode="json", by_alias=True)
-    assert yaml.safe_load(spec_yaml) == model_spec(full)  # the spec less what does not shape the model
+    assert yaml.safe_load(spec_yaml) == model_identity(full)  # the spec less what does not shape the model

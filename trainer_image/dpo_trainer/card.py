@@ -11,9 +11,10 @@ from typing import Any
 
 import yaml
 
+from dpo_operator.spec import NOT_ABOUT_THE_MODEL, model_identity
 from dpo_trainer.context import RunContext
 from dpo_trainer.errors import scrub
-from dpo_trainer.specfile import NOT_ABOUT_THE_MODEL, looks_like_path, model_spec
+from dpo_trainer.specfile import looks_like_path
 from dpo_trainer.training import LOG_HISTORY, stage_metrics
 
 CARD = "README.md"
@@ -96,7 +97,7 @@ def render_card(ctx: RunContext, dpo_metrics: dict[str, float], sft_metrics: dic
     ]
     if sft_metrics:
         sections += ["## SFT results (final)", metrics_table(sft_metrics)]
-    spec_yaml = yaml.safe_dump(model_spec(given), sort_keys=False)
+    spec_yaml = yaml.safe_dump(model_identity(given), sort_keys=False)
     sections += [
         "## Training spec",
         f"Left out, as they do not shape the model: {', '.join(NOT_ABOUT_THE_MODEL)}.",

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpo_operator.spec import DPOJobSpec
+from dpo_operator.spec import DPOJobSpec, model_identity
 from dpo_trainer.context import (
     STATE_FILE,
     SUMMARY_FILE,
@@ -43,7 +43,7 @@ from dpo_trainer.context import (
     wait_for_everyone,
 )
 from dpo_trainer.progress import Reporter
-from dpo_trainer.specfile import model_spec, spec_as_yaml_dict
+from dpo_trainer.specfile import spec_as_yaml_dict
 from dpo_trainer.training import PARALLELISM, stage_metrics
 
 KEY_METRICS_PREFIXES = ("rewards/", "eval_")
@@ -108,7 +108,7 @@ STAGES: tuple[Stage, ...] = (
         target="dpo_trainer.merge:run_dpo_merge",
         inputs=lambda s: [s["output"]["directory"]],
     ),
-    Stage(name="model_card", directory="model_card", target="dpo_trainer.card:run", inputs=model_spec),
+    Stage(name="model_card", directory="model_card", target="dpo_trainer.card:run", inputs=model_identity),
     Stage(
         name="push",
         directory="push",

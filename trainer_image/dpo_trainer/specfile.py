@@ -13,12 +13,14 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from dpo_operator.spec import KIND, DatasetSource, DPOJob, DPOJobSpec, describe_validation_error
+from dpo_operator.spec import (
+    KIND,
+    DatasetSource,
+    DPOJob,
+    DPOJobSpec,
+    describe_validation_error,
+)
 from dpo_trainer.errors import DatasetError, InvalidSpec, ModelLoadError
-
-NOT_ABOUT_THE_MODEL = ("runtime", "suspend", "checkpointing", "reporting", "hubTokenSecretRef")
-"""Spec sections that change neither the model nor its card: pod settings, where checkpoints go, trackers,
-which Secret holds the token. Editing them must not re-render the card and push the model again."""
 
 
 def load_job(path: Path) -> DPOJob:
@@ -83,8 +85,3 @@ def resolve_local_paths(spec: DPOJobSpec) -> DPOJobSpec:
 def spec_as_yaml_dict(spec: DPOJobSpec) -> dict[str, Any]:
     """The spec as users write it (camelCase), for the model card and fingerprints."""
     return spec.model_dump(mode="json", by_alias=True)
-
-
-def model_spec(spec: dict[str, Any]) -> dict[str, Any]:
-    """A spec dict (spec_as_yaml_dict's shape) without NOT_ABOUT_THE_MODEL: what the model card records."""
-    return {k: v for k, v in spec.items() if k not in NOT_ABOUT_THE_MODEL}
