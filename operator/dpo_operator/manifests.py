@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from .spec import API_GROUP, API_VERSION, KIND, DPOJobSpec
+from .spec import API_GROUP, API_VERSION, KIND, DPOJobSpec, model_identity
 
 CONFIG_MOUNT = "/etc/dpo-operator"
 SPEC_FILE = "dpojob.yaml"
@@ -30,15 +30,27 @@ TERMINATION_GRACE_SECONDS = 120
 _NAME_LIMIT = 52  # Job names feed pod names and the job-name label (63) plus the Job's 5-char pod suffix.
 
 
+def _digest(value: Any) -> str:
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def spec_hash(spec: dict[str, Any]) -> str:
-    """Hash of what decides the trained model: the spec without suspend and runtime (pod placement)."""
-    training = {k: v for k, v in spec.items() if k not in ("suspend", "runtime")}
-    return hashlib.sha256(json.dumps(training, sort_keys=True).encode()).hexdigest()[:16]
+    """Hash of what decides the trained model (spec.model_identity, shared with the trainer): a run's identity."""
+    return _digest(model_identity(spec))
 
 
-def run_name(dpojob_name: str, generation: int) -> str:
-    """Deterministic name of one run's Job and ConfigMap, short enough for pod names and labels."""
-    suffix = f"-g{generation}"
+def legacy_spec_hash(spec: dict[str, Any]) -> str:
+    """The run identity recorded by 0.1.0 (the spec less suspend and runtime), so that its runs are recognised
+    after an operator upgrade instead of all being trained again."""
+    return _digest({k: v for k, v in spec.items() if k not in ("suspend", "runtime")})
+
+
+def run_name(dpojob_name: str, generation: int, attempt: int = 0) -> str:
+    """Deterministic name of one run's Job and ConfigMap, short enough for pod names and labels.
+
+    attempt > 0: a retry of a failed run (the dpo-operator.io/retry annotation), as a Job of its own.
+    """
+    suffix = f"-g{generation}" + (f"-r{attempt}" if attempt else "")
     if len(dpojob_name) + len(suffix) <= _NAME_LIMIT:
         return dpojob_name + suffix
     digest = hashlib.sha256(dpojob_name.encode()).hexdigest()[:6]
@@ -68,7 +80,7 @@ def owner_reference(dpojob: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_config_map(dpojob: dict[str, Any], generation: int) -> dict[str, Any]:
+def build_config_map(dpojob: dict[str, Any], generation: int, attempt: int = 0) -> dict[str, Any]:
     """The DPOJob document the trainer reads (`dpo-trainer run` takes the same file kubectl applied)."""
     meta = dpojob["metadata"]
     document = {
@@ -81,7 +93,7 @@ def build_config_map(dpojob: dict[str, Any], generation: int) -> dict[str, Any]:
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": {
-            "name": run_name(meta["name"], generation),
+            "name": run_name(meta["name"], generation, attempt),
             "namespace": meta["namespace"],
             "labels": labels(meta["name"], generation),
             "ownerReferences": [owner_reference(dpojob)],
@@ -152,6 +164,7 @@ def build_job(
     generation: int,
     extra_env: list[dict[str, Any]] | None = None,
     *,
+    attempt: int = 0,
     ignore_disruptions: bool = False,
 ) -> dict[str, Any]:
     """The batch/v1 Job that runs `dpo-trainer` for one run of the DPOJob.
@@ -160,7 +173,7 @@ def build_job(
     without spending a retry; the trainer resumes from its checkpoint.
     """
     meta = dpojob["metadata"]
-    name = run_name(meta["name"], generation)
+    name = run_name(meta["name"], generation, attempt)
     runtime = spec.runtime
     volumes, mounts = _volumes(spec, name)
     container = {

@@ -48,13 +48,25 @@ def validate_spec(raw: dict[str, Any]) -> tuple[DPOJobSpec | None, str | None]:
     return spec, None
 
 
+RETRY_ANNOTATION = f"{manifests.API_GROUP}/retry"
+"""Set to a new value (e.g. `kubectl annotate dpo NAME dpo-operator.io/retry=$(date +%s) --overwrite`) to run
+a Failed run again without editing the spec; the retry resumes from the run's checkpoints when they persist."""
+
+
 def current_run(dpojob: dict[str, Any]) -> dict[str, Any]:
-    """The run the spec asks for: kept while the training spec is unchanged, else a new one at this generation."""
-    previous = (dpojob.get("status") or {}).get("run") or {}
-    digest = manifests.spec_hash(dpojob["spec"])
-    if previous.get("specHash") == digest:
-        return previous
-    return {"generation": dpojob["metadata"]["generation"], "specHash": digest}
+    """The run the spec asks for: kept while what decides the model is unchanged (spec.model_identity), else a
+    new one at this generation. A Failed run whose retry annotation holds a value it has not seen is tried again
+    as the next attempt of the same run."""
+    status = dpojob.get("status") or {}
+    previous = status.get("run") or {}
+    spec = dpojob["spec"]
+    digest = manifests.spec_hash(spec)
+    retry = (dpojob["metadata"].get("annotations") or {}).get(RETRY_ANNOTATION)
+    if previous.get("specHash") not in (digest, manifests.legacy_spec_hash(spec)):
+        return {"generation": dpojob["metadata"]["generation"], "specHash": digest, "retryToken": retry}
+    if retry and retry != previous.get("retryToken") and status.get("phase") == "Failed":
+        return {**previous, "attempt": previous.get("attempt", 0) + 1, "retryToken": retry}
+    return previous
 
 
 def owned_by(obj: dict[str, Any], uid: str) -> bool:
@@ -177,9 +189,10 @@ class Reconciler:
         uid = dpojob["metadata"]["uid"]
         old = dpojob.get("status") or {}
         spec, error = validate_spec(dpojob["spec"])
-        run = current_run(dpojob)
-        generation = run["generation"]
-        finished = run_finished(old, run) and error is None
+        run = prune_none(current_run(dpojob))
+        generation, attempt = run["generation"], run.get("attempt", 0)
+        # A finished run stays finished, even if a runtime edit or a stricter operator now finds the spec invalid.
+        finished = run_finished(old, run)
         observed = Observed(
             generation=dpojob["metadata"]["generation"],
             run=run,
@@ -192,7 +205,7 @@ class Reconciler:
             self._write_status(dpojob, old, observed)
             return  # the status write brings this DPOJob back through its watch event
 
-        job = self._current_job(namespace, name, uid, generation)
+        job = self._current_job(namespace, name, uid, manifests.run_name(name, generation, attempt))
         pods = self.kube.list_pods(namespace, f"{manifests.LABEL_DPOJOB}={name},{manifests.LABEL_RUN}={generation}")
         if error is None and spec is not None and not finished:
             if observed.suspended and job is not None:
@@ -204,7 +217,7 @@ class Reconciler:
                     observed.waiting = f"previous trainer pod {stopping['metadata']['name']} is still stopping"
                 else:
                     try:
-                        job = self._create_run(dpojob, spec, generation)
+                        job = self._create_run(dpojob, spec, generation, attempt)
                     except NotOwnedError as exc:
                         observed.waiting = str(exc)
         observed.job = job
@@ -227,12 +240,17 @@ class Reconciler:
             for event in transition_events(old, new):
                 self.kube.post_event(dpojob, event.type, event.reason, event.message)
 
-    def _create_run(self, dpojob: dict[str, Any], spec: DPOJobSpec, generation: int) -> dict[str, Any]:
+    def _create_run(self, dpojob: dict[str, Any], spec: DPOJobSpec, generation: int, attempt: int) -> dict[str, Any]:
         """ConfigMap then Job for this run; an existing one (operator restart, race) is adopted, never duplicated."""
         uid = dpojob["metadata"]["uid"]
-        self.kube.create_or_adopt(manifests.build_config_map(dpojob, generation), uid)
+        self.kube.create_or_adopt(manifests.build_config_map(dpojob, generation, attempt), uid)
         job_manifest = manifests.build_job(
-            dpojob, spec, generation, self.settings.trainer_env, ignore_disruptions=self.ignore_disruptions
+            dpojob,
+            spec,
+            generation,
+            self.settings.trainer_env,
+            attempt=attempt,
+            ignore_disruptions=self.ignore_disruptions,
         )
         job, created = self.kube.create_or_adopt(job_manifest, uid)
         if created:
@@ -247,13 +265,13 @@ class Reconciler:
             )
         return job
 
-    def _current_job(self, namespace: str, name: str, uid: str, generation: int) -> dict[str, Any] | None:
-        """This run's Job if we own it; Jobs of older runs are deleted (a changed spec means a new run).
+    def _current_job(self, namespace: str, name: str, uid: str, current: str) -> dict[str, Any] | None:
+        """This run's Job (named `current`) if we own it; our other Jobs belong to superseded runs (a changed
+        spec, a retried attempt) and are deleted.
 
         A same-named Job we do not own (left by a deleted DPOJob of this name) is never adopted; creating
         the run then reports why it waits.
         """
-        current = manifests.run_name(name, generation)
         found = None
         for job in self.kube.list_jobs(namespace, f"{manifests.LABEL_DPOJOB}={name}"):
             job_name = job["metadata"]["name"]
@@ -261,7 +279,7 @@ class Reconciler:
                 continue
             if job_name == current:
                 found = job
-            elif (job["metadata"].get("labels") or {}).get(manifests.LABEL_RUN) != str(generation):
+            else:
                 self.kube.delete("Job", namespace, job_name)
                 self.kube.delete("ConfigMap", namespace, job_name)
         return found

@@ -242,7 +242,7 @@ def compute_status(old: dict[str, Any], obs: Observed) -> dict[str, Any]:
         runs = [*runs, archived_run(old)][-MAX_RUN_HISTORY:]
     status.update(observedGeneration=obs.generation, run=obs.run, runs=runs)
 
-    frozen = run_finished(old, obs.run) and obs.spec_error is None
+    frozen = run_finished(old, obs.run)
     outcome = Outcome(old["phase"], _reason(old) or old["phase"], _message(old)) if frozen else observe_outcome(obs)
     status["phase"] = outcome.phase
     status["conditions"] = _conditions(old.get("conditions") or [] if same_run else [], outcome, obs.generation, now)

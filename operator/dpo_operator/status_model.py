@@ -75,12 +75,16 @@ class TrainerRef(StatusModel):
 
 
 class RunRef(StatusModel):
-    """Identity of a run: a training spec, first seen at a generation."""
+    """Identity of a run: a training spec, first seen at a generation, and its attempt."""
 
     generation: int
     """metadata.generation at which this training spec was first seen; names the trainer Job."""
     spec_hash: str
-    """Hash of the training-relevant spec (everything but suspend and runtime)."""
+    """Hash of what decides the model: the spec less runtime, suspend, checkpointing, reporting, token Secret."""
+    attempt: int | None = None
+    """Retries of a Failed run asked for with the dpo-operator.io/retry annotation (absent: the first)."""
+    retry_token: str | None = None
+    """The dpo-operator.io/retry value this run has seen."""
 
 
 class Run(RunRef):

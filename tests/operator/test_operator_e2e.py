@@ -211,6 +211,31 @@ def test_spec_change_starts_a_new_run_and_keeps_the_previous_one(stack: LocalSta
     assert "NewRun" in [e["reason"] for e in events(stack, name)]
 
 
+def test_a_token_secret_edit_keeps_the_run_and_the_retry_annotation_reruns_a_failure(stack: LocalStack) -> None:
+    name = "retry"
+
+    def oom(pod: dict, container: str, restarts: int) -> Outcome | None:
+        if pod["metadata"].get("labels", {}).get("dpo-operator.io/dpojob") != name:
+            return None
+        return Outcome(exit_code=137, reason="OOMKilled", duration_s=0.5)
+
+    document = dpojob(name, runtime={"backoffLimit": 0}, output={"hub": {"repoId": "demo/retry"}})
+    with stack.simulator.scripted(oom):
+        apply(stack, document)
+        failed = stack.wait_for(NS, name, lambda o: phase(o) == "Failed", 60)
+    document["spec"]["hubTokenSecretRef"] = {"name": "another-token", "key": "token"}
+    apply(stack, document)  # does not change the model: no new run, the failure stands
+    time.sleep(4)  # more than a resync
+    unchanged = stack.get_dpojob(NS, name)
+    assert unchanged["status"]["run"] == failed["status"]["run"] and phase(unchanged) == "Failed"
+    with stack.simulator.scripted(succeed_with_model(name, "demo/retry")):
+        kubectl(stack.admin_kubeconfig, "-n", NS, "annotate", "dpojob", name, "dpo-operator.io/retry=1")
+        retried = stack.wait_for(NS, name, lambda o: phase(o) == "Succeeded", 60)
+    assert retried["status"]["run"] == {**failed["status"]["run"], "attempt": 1, "retryToken": "1"}
+    assert retried["status"]["runs"][-1]["reason"] == "OutOfMemory", "the failed attempt is kept in the history"
+    assert [j["metadata"]["name"] for j in jobs_of(stack, name)] == ["retry-g1-r1"]
+
+
 def test_a_recreated_dpojob_never_adopts_the_old_objects_job(stack: LocalStack) -> None:
     name = "reborn"
     with stack.simulator.scripted(succeed_with_model(name, "demo/reborn")):
@@ -232,7 +257,7 @@ def test_a_recreated_dpojob_never_adopts_the_old_objects_job(stack: LocalStack) 
 
 @pytest.fixture(scope="module")
 def quickstart_run(stack: LocalStack) -> dict:
-    """Run the quickstart: kill -9 the operator pod's process during SFT, suspend during DPO, resume; record what was seen."""
+    """Run the quickstart: kill -9 the operator pod's process in SFT, suspend in DPO, resume; record what was seen."""
     volume = _checkpoint_volume(stack.workdir / "checkpoints")
     kubectl(stack.admin_kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump(volume))
     document = quickstart_for_cluster(NS)

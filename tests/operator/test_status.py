@@ -186,3 +186,12 @@ def test_waiting_for_a_previous_job_is_reported() -> None:
     status = observe(waiting="a trainer Job of the same name is being garbage-collected")
     assert condition(status, "Ready")["reason"] == "WaitingForCleanup"
     assert [e.type for e in transition_events({}, status)] == ["Warning"]
+
+
+def test_a_finished_run_stays_finished_when_its_spec_turns_invalid() -> None:
+    """A runtime edit (or a stricter operator after an upgrade) must not flip a Succeeded run to Failed."""
+    done = pod("p1", "Succeeded", terminated={"exitCode": 0, "message": '{"reason": "Succeeded"}'})
+    finished = observe(job=job(conditions=[{"type": "Complete", "status": "True"}]), pods=[done])
+    later = observe(finished, spec_error="spec.output.directory: not on a persistent volume", job=None)
+    assert later["phase"] == "Succeeded" and condition(later, "Succeeded")["reason"] == "Succeeded"
+    assert later["completionTime"] == finished["completionTime"]

@@ -1,0 +1,57 @@
+"""Run identity (pure parts of the reconciler): what starts a new run, and retrying a Failed one."""
+
+from __future__ import annotations
+
+import copy
+
+from dpo_operator import manifests
+from dpo_operator.reconciler import RETRY_ANNOTATION, current_run
+
+SPEC = {
+    "model": {"name": "tiny"},
+    "dpo": {"beta": 0.1},
+    "output": {"hub": {"repoId": "org/m"}},
+    "hubTokenSecretRef": {"name": "hf-token"},
+}
+
+
+def dpojob(spec: dict, generation: int, status: dict | None = None, retry: str | None = None) -> dict:
+    annotations = {RETRY_ANNOTATION: retry} if retry else {}
+    return {"metadata": {"generation": generation, "annotations": annotations}, "spec": spec, "status": status or {}}
+
+
+def recorded(spec: dict, phase: str = "Running", **run: object) -> dict:
+    return {"run": {"generation": 1, "specHash": manifests.spec_hash(spec), **run}, "phase": phase}
+
+
+def test_edits_that_do_not_change_the_model_keep_the_run() -> None:
+    status = recorded(SPEC)
+    for section, value in (
+        ("hubTokenSecretRef", {"name": "other-secret", "key": "t"}),
+        ("runtime", {"gpus": 4, "memory": "64Gi"}),
+        ("checkpointing", {"saveSteps": 50}),
+        ("reporting", {"reportTo": ["tensorboard"]}),
+        ("suspend", True),
+    ):
+        edited = {**SPEC, section: value}
+        assert current_run(dpojob(edited, 2, status)) == status["run"], f"{section} must not start a new run"
+    changed = current_run(dpojob({**SPEC, "dpo": {"beta": 0.2}}, 2, status))
+    assert changed["generation"] == 2 and changed["specHash"] != status["run"]["specHash"]
+
+
+def test_runs_recorded_by_the_previous_release_are_kept_after_an_upgrade() -> None:
+    legacy = {"run": {"generation": 1, "specHash": manifests.legacy_spec_hash(SPEC)}, "phase": "Succeeded"}
+    assert current_run(dpojob(SPEC, 3, legacy)) == legacy["run"]
+
+
+def test_a_failed_run_is_retried_once_per_new_annotation_value() -> None:
+    failed = recorded(SPEC, "Failed")
+    assert current_run(dpojob(SPEC, 1, failed)) == failed["run"], "no annotation: the failure stands"
+    retried = current_run(dpojob(SPEC, 1, failed, retry="1"))
+    assert retried == {**failed["run"], "attempt": 1, "retryToken": "1"}
+    again = recorded(SPEC, "Failed", attempt=1, retryToken="1")
+    assert current_run(dpojob(SPEC, 1, again, retry="1")) == again["run"], "the same value retries only once"
+    assert current_run(dpojob(SPEC, 1, again, retry="2"))["attempt"] == 2
+    succeeded = recorded(SPEC, "Succeeded")
+    assert current_run(dpojob(SPEC, 1, copy.deepcopy(succeeded), retry="1")) == succeeded["run"]
+    assert manifests.run_name("job", 1, 2) == "job-g1-r2" and manifests.run_name("job", 1) == "job-g1"
