@@ -99,6 +99,7 @@ def build_crd(cel: bool = False) -> dict[str, Any]:
     status_schema = openapi_schema(DPOJobStatus)
     columns = [
         ("Phase", "string", ".status.phase", "Pending, Running, Succeeded, Failed or Suspended"),
+        ("Reason", "string", '.status.conditions[?(@.type=="Ready")].reason', "Why: Queued, Running, OutOfMemory…"),
         ("Stage", "string", ".status.stage", "Trainer stage"),
         ("Progress", "integer", ".status.progress.percent", "Percent of the run done"),
         ("Accuracy", "number", ".status.rewards.accuracies", "Latest rewards/accuracies"),

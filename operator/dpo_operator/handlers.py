@@ -32,9 +32,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
     for resource in ("jobs", "pods"):
         settings.watching.label_selectors[resource] = f"app.kubernetes.io/managed-by={MANAGED_BY}"
     kube = Kube(client.ApiClient())
-    memo.reconciler = Reconciler(
-        kube, memo.settings, memo.health, ignore_disruptions=kube.supports_pod_failure_policy()
-    )
+    memo.reconciler = Reconciler(kube, memo.settings, memo.health, kube.server_features())
     memo.reconciler.start()
     memo.health.ready.set()
 

@@ -11,6 +11,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from .manifests import ServerFeatures
 from .spec import API_GROUP, API_VERSION, KIND, PLURAL
 
 log = logging.getLogger(__name__)
@@ -73,11 +74,11 @@ class Kube:
             for item in self.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL)["items"]
         ]
 
-    def supports_pod_failure_policy(self) -> bool:
-        """Job podFailurePolicy is on by default from Kubernetes 1.26."""
+    def server_features(self) -> ServerFeatures:
+        """The Job features of this API server's version."""
         version = client.VersionApi(self.api_client).get_code()
-        minor = int("".join(ch for ch in version.minor if ch.isdigit()) or 0)
-        return (int(version.major), minor) >= (1, 26)
+        release = (int(version.major), int("".join(ch for ch in version.minor if ch.isdigit()) or 0))
+        return ServerFeatures(pod_failure_policy=release >= (1, 26), job_suspend=release >= (1, 21))
 
     def patch_status(self, dpojob: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
         """Merge-patch the status subresource, conditional on the resourceVersion we computed from (409 if stale)."""

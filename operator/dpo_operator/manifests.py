@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import json
 import posixpath
+from dataclasses import dataclass
 from typing import Any
 
 import yaml
@@ -27,7 +28,20 @@ MANAGED_BY = "dpo-operator"
 # On SIGTERM (suspend, preemption, deletion) the trainer saves a checkpoint before exiting; torchrun alone waits
 # 30 s for its workers. Give the save time before the kubelet's SIGKILL.
 TERMINATION_GRACE_SECONDS = 120
+KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+KUEUE_LABELS = (KUEUE_QUEUE_LABEL, "kueue.x-k8s.io/priority-class")
+"""DPOJob labels copied to the trainer Job: Kueue manages a plain batch/v1 Job that carries them."""
 _NAME_LIMIT = 52  # Job names feed pod names and the job-name label (63) plus the Job's 5-char pod suffix.
+
+
+@dataclass(frozen=True)
+class ServerFeatures:
+    """What the API server's version allows; newer fields are only sent where they exist (1.20 drops them)."""
+
+    pod_failure_policy: bool = False
+    """Job podFailurePolicy (on by default from 1.26): preemptions then cost no retry."""
+    job_suspend: bool = False
+    """Job spec.suspend (1.21+): Jobs for a Kueue queue are created suspended, for Kueue to admit."""
 
 
 def _digest(value: Any) -> str:
@@ -66,6 +80,11 @@ def labels(dpojob_name: str, generation: int) -> dict[str, str]:
         LABEL_DPOJOB: dpojob_name,
         LABEL_RUN: str(generation),
     }
+
+
+def queue_name(dpojob: dict[str, Any]) -> str | None:
+    """The Kueue LocalQueue the DPOJob asks for (its kueue.x-k8s.io/queue-name label), if any."""
+    return (dpojob["metadata"].get("labels") or {}).get(KUEUE_QUEUE_LABEL)
 
 
 def owner_reference(dpojob: dict[str, Any]) -> dict[str, Any]:
@@ -165,12 +184,14 @@ def build_job(
     extra_env: list[dict[str, Any]] | None = None,
     *,
     attempt: int = 0,
-    ignore_disruptions: bool = False,
+    features: ServerFeatures = ServerFeatures(),
 ) -> dict[str, Any]:
     """The batch/v1 Job that runs `dpo-trainer` for one run of the DPOJob.
 
-    ignore_disruptions (servers with podFailurePolicy, >= 1.26): a pod evicted or preempted is replaced
-    without spending a retry; the trainer resumes from its checkpoint.
+    On servers with podFailurePolicy (>= 1.26) a pod evicted or preempted is replaced without spending a
+    retry; the trainer resumes from its checkpoint. A DPOJob with a Kueue queue label gets a Job with the
+    same labels, created suspended where the server has Job suspend (>= 1.21): Kueue unsuspends it on
+    admission. The operator never updates a Job afterwards, so Kueue's suspend and injected scheduling stay.
     """
     meta = dpojob["metadata"]
     name = run_name(meta["name"], generation, attempt)
@@ -230,7 +251,10 @@ def build_job(
     }
     if runtime.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = runtime.active_deadline_seconds
-    if ignore_disruptions:
+    queue_labels = {k: v for k, v in (meta.get("labels") or {}).items() if k in KUEUE_LABELS}
+    if queue_labels.get(KUEUE_QUEUE_LABEL) and features.job_suspend:
+        job_spec["suspend"] = True
+    if features.pod_failure_policy:
         job_spec["podFailurePolicy"] = {
             "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
         }
@@ -240,7 +264,7 @@ def build_job(
         "metadata": {
             "name": name,
             "namespace": meta["namespace"],
-            "labels": labels(meta["name"], generation),
+            "labels": {**labels(meta["name"], generation), **queue_labels},
             "ownerReferences": [owner_reference(dpojob)],
         },
         "spec": job_spec,

@@ -81,12 +81,13 @@ def _still_running(pod: dict[str, Any]) -> bool:
 class Reconciler:
     """Owns the per-DPOJob locks, the trainer log followers and the background loops."""
 
-    def __init__(self, kube: Kube, settings: OperatorSettings, health: Health, *, ignore_disruptions: bool) -> None:
+    def __init__(
+        self, kube: Kube, settings: OperatorSettings, health: Health, features: manifests.ServerFeatures
+    ) -> None:
         self.kube = kube
         self.settings = settings
         self.health = health
-        self.ignore_disruptions = ignore_disruptions
-        """The server supports Job podFailurePolicy (Kubernetes >= 1.26): preemptions then cost no retry."""
+        self.features = features
         self.phases: dict[tuple[str, str], str] = {}
         """Each known DPOJob's phase as last written (the dpo_operator_dpojobs gauge)."""
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
@@ -250,7 +251,7 @@ class Reconciler:
             generation,
             self.settings.trainer_env,
             attempt=attempt,
-            ignore_disruptions=self.ignore_disruptions,
+            features=self.features,
         )
         job, created = self.kube.create_or_adopt(job_manifest, uid)
         if created:
@@ -263,6 +264,14 @@ class Reconciler:
             self.kube.post_event(
                 dpojob, "Normal", "JobCreated", f"created trainer Job {job['metadata']['name']} (run {generation})"
             )
+            if manifests.queue_name(dpojob) and spec.runtime.checkpoint_volume is None:
+                self.kube.post_event(
+                    dpojob,
+                    "Warning",
+                    "PreemptionRestartsTraining",
+                    f"queued in Kueue queue {manifests.queue_name(dpojob)} without spec.runtime.checkpointVolume: "
+                    "if Kueue preempts the run, training starts again from the beginning",
+                )
         return job
 
     def _current_job(self, namespace: str, name: str, uid: str, current: str) -> dict[str, Any] | None:

@@ -127,6 +127,10 @@ def observe_outcome(obs: Observed) -> Outcome:
         return Outcome("Pending", "Creating", "creating the trainer Job")
     pods = obs.pods
     latest = _latest(pods)
+    if (obs.job.get("spec") or {}).get("suspend") and not _job_condition(obs.job, "Complete"):
+        # Only Kueue suspends our Jobs (a user's spec.suspend deletes the Job): queued, or preempted.
+        queue = (obs.job["metadata"].get("labels") or {}).get("kueue.x-k8s.io/queue-name", "its queue")
+        return Outcome("Pending", "Queued", f"waiting for Kueue to admit the trainer Job in queue {queue}")
     if _job_condition(obs.job, "Complete"):
         done = [p for p in pods if p.get("status", {}).get("phase") == "Succeeded"]
         pod = _latest(done)
@@ -325,9 +329,10 @@ def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
     phase = new.get("phase")
     reason = (_condition(new, "Ready") or {}).get("reason")
     if phase == "Pending" and old_phase != "Suspended":
-        # Waiting for a pod is routine; only problems (unschedulable, image pull, config) deserve an Event.
+        # Waiting for a pod is routine; only problems (unschedulable, image pull, config) and waiting in a
+        # Kueue queue (admission can take hours) deserve an Event.
         old_reason = (_condition(old, "Ready") or {}).get("reason") if same_run else None
-        if reason in _PENDING_WARNINGS and reason != old_reason:
+        if reason in _PENDING_EVENTS and reason != old_reason:
             events.append(_phase_event(new, old_phase))
     elif phase != old_phase:
         events.append(_phase_event(new, old_phase))
@@ -339,6 +344,7 @@ def _condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
 
 
 _PENDING_WARNINGS = {"Unschedulable", "ImagePullBackOff", "CreateContainerConfigError", "WaitingForCleanup"}
+_PENDING_EVENTS = {*_PENDING_WARNINGS, "Queued"}
 
 
 def _phase_event(status: dict[str, Any], old_phase: str | None) -> Event:
@@ -357,6 +363,8 @@ def _phase_event(status: dict[str, Any], old_phase: str | None) -> Event:
         return Event("Normal", "Resumed", "resumed: the trainer continues from its newest checkpoint")
     if phase == "Running":
         return Event("Normal", "Running", ready.get("message") or "trainer running")
+    if ready.get("reason") == "Queued":
+        return Event("Normal", "Queued", ready.get("message") or "waiting for Kueue admission")
     return Event("Warning", ready.get("reason") or "Pending", ready.get("message") or "waiting for the trainer")
 
 

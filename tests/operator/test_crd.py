@@ -59,6 +59,7 @@ def test_printer_columns_and_names() -> None:
     version = crd.build_crd()["spec"]["versions"][0]
     assert [c["name"] for c in version["additionalPrinterColumns"]] == [
         "Phase",
+        "Reason",
         "Stage",
         "Progress",
         "Accuracy",

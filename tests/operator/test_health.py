@@ -18,6 +18,7 @@ import pytest
 from urllib3.exceptions import MaxRetryError
 
 from dpo_operator import health, metrics
+from dpo_operator.manifests import ServerFeatures
 from dpo_operator.reconciler import RESYNC_LOOP, Reconciler
 from dpo_operator.settings import OperatorSettings
 
@@ -66,7 +67,7 @@ class FailingKube:
 def test_resync_survives_connection_errors_and_a_killed_loop_turns_healthz_red(served) -> None:
     status, server = served
     kube = FailingKube()
-    reconciler = Reconciler(kube, OperatorSettings(resync_seconds=0.05), status, ignore_disruptions=False)
+    reconciler = Reconciler(kube, OperatorSettings(resync_seconds=0.05), status, ServerFeatures())
     errors_before = metrics.RESYNC_ERRORS._value.get()
     reconciler.start()
     try:

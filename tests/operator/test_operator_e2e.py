@@ -398,8 +398,8 @@ def test_suspend_deletes_the_pod_and_resume_continues_from_the_checkpoint(
 def test_printer_columns(stack: LocalStack, quickstart_run: dict) -> None:
     table = kubectl(stack.admin_kubeconfig, "-n", NS, "get", "dpo", "quickstart")
     header, row = table.splitlines()[:2]
-    assert header.split() == ["NAME", "PHASE", "STAGE", "PROGRESS", "ACCURACY", "MARGIN", "AGE"]
-    assert row.split()[1:4] == ["Succeeded", "push", "100"]
+    assert header.split() == ["NAME", "PHASE", "REASON", "STAGE", "PROGRESS", "ACCURACY", "MARGIN", "AGE"]
+    assert row.split()[1:5] == ["Succeeded", "Succeeded", "push", "100"]
 
 
 def test_canary_token_never_leaks(stack: LocalStack, quickstart_run: dict, hub_api) -> None:

@@ -1,0 +1,202 @@
+"""The operator under Kueue: a DPOJob with a queue label gets a Job Kueue can manage, and the two never fight.
+
+Our control plane is Kubernetes 1.20, which has no Job `suspend` (the field is dropped), so Kueue's side is
+played by a stand-in on an in-memory cluster behind the reconciler's Kube boundary: it suspends a labelled
+Job on creation (Kueue's webhook), admits it (unsuspend + injected nodeSelector, then the Job controller's
+pod) and preempts it (pods deleted, Job suspended again) — the fault a real 1.20 server cannot produce.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from typing import Any
+
+import pytest
+
+from dpo_operator import manifests
+from dpo_operator.health import Health
+from dpo_operator.manifests import KUEUE_QUEUE_LABEL, ServerFeatures
+from dpo_operator.reconciler import Reconciler
+from dpo_operator.settings import OperatorSettings
+
+NS, NAME = "team-a", "aligned"
+INJECTED = {"cloud.example.com/accelerator": "h100"}
+_uids = itertools.count(1)
+
+
+def merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
+    """RFC 7386, as the API server applies a merge patch."""
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        elif isinstance(value, dict) and isinstance(target.get(key), dict):
+            merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+
+
+def matches(obj: dict[str, Any], selector: str) -> bool:
+    labels = obj["metadata"].get("labels") or {}
+    return all(labels.get(k) == v for k, v in (term.split("=", 1) for term in selector.split(",")))
+
+
+class Cluster:
+    """The part of the API the reconciler uses (its Kube boundary), plus Kueue's webhook on Job creation."""
+
+    def __init__(self, dpojob: dict[str, Any]) -> None:
+        self.dpojob = dpojob
+        self.objects: dict[tuple[str, str], dict[str, Any]] = {}
+        self.events: list[tuple[str, str, str]] = []
+        self.job_writes: list[str] = []
+        self.core = object()  # log followers start only for pods with a running container: none here
+
+    def get_dpojob(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.dpojob)
+
+    def patch_status(self, dpojob: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+        merge(self.dpojob.setdefault("status", {}), patch)
+        return copy.deepcopy(self.dpojob)
+
+    def list_jobs(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        return [copy.deepcopy(o) for (kind, _), o in self.objects.items() if kind == "Job" and matches(o, selector)]
+
+    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
+        return [copy.deepcopy(o) for (kind, _), o in self.objects.items() if kind == "Pod" and matches(o, selector)]
+
+    def create_or_adopt(self, body: dict[str, Any], owner_uid: str) -> tuple[dict[str, Any], bool]:
+        key = (body["kind"], body["metadata"]["name"])
+        if key in self.objects:
+            return copy.deepcopy(self.objects[key]), False
+        obj = copy.deepcopy(body)
+        obj["metadata"].update(uid=f"uid-{next(_uids)}", creationTimestamp="2026-12-02T00:00:01Z")
+        if body["kind"] == "Job":
+            self.job_writes.append(f"create {key[1]}")
+            if KUEUE_QUEUE_LABEL in obj["metadata"]["labels"]:
+                obj["spec"]["suspend"] = True  # Kueue's webhook suspends every Job of a queue
+        self.objects[key] = obj
+        return copy.deepcopy(obj), True
+
+    def delete(self, kind: str, namespace: str, name: str) -> bool:
+        if kind == "Job":
+            self.job_writes.append(f"delete {name}")
+        return self.objects.pop((kind, name), None) is not None
+
+    def post_event(self, dpojob: dict[str, Any], event_type: str, reason: str, message: str) -> None:
+        self.events.append((event_type, reason, message))
+
+    # --- Kueue and the Job controller, played by the test
+    def job(self) -> dict[str, Any]:
+        (job,) = [o for (kind, _), o in self.objects.items() if kind == "Job"]
+        return job
+
+    def admit(self) -> None:
+        job = self.job()
+        job["spec"]["suspend"] = False
+        job["spec"]["template"]["spec"]["nodeSelector"] = {**INJECTED}
+        pod = {
+            "kind": "Pod",
+            "metadata": {
+                "name": f"{job['metadata']['name']}-{next(_uids)}",
+                "labels": dict(job["spec"]["template"]["metadata"]["labels"]),
+                "ownerReferences": [{"uid": job["metadata"]["uid"], "controller": True}],
+                "creationTimestamp": "2026-12-02T00:00:02Z",
+            },
+            "status": {"phase": "Running"},
+        }
+        self.objects["Pod", pod["metadata"]["name"]] = pod
+
+    def preempt(self) -> None:
+        for key in [k for k in self.objects if k[0] == "Pod"]:
+            del self.objects[key]
+        self.job()["spec"]["suspend"] = True
+
+    def finish(self) -> None:
+        for key, pod in self.objects.items():
+            if key[0] == "Pod":
+                pod["status"] = {"phase": "Succeeded"}
+        self.job()["status"] = {"conditions": [{"type": "Complete", "status": "True"}], "succeeded": 1}
+
+
+def dpojob(checkpoint_volume: bool) -> dict[str, Any]:
+    runtime: dict[str, Any] = {"checkpointVolume": {"claimName": "ckpt"}} if checkpoint_volume else {}
+    return {
+        "apiVersion": "dpo-operator.io/v1alpha1",
+        "kind": "DPOJob",
+        "metadata": {
+            "name": NAME,
+            "namespace": NS,
+            "uid": "dpojob-uid",
+            "generation": 1,
+            "resourceVersion": "1",
+            "creationTimestamp": "2026-12-02T00:00:00Z",
+            "labels": {KUEUE_QUEUE_LABEL: "gpu-queue", "kueue.x-k8s.io/priority-class": "research"},
+        },
+        "spec": {"model": {"name": "tiny"}, "output": {"hub": {"repoId": "org/m"}}, "runtime": runtime},
+    }
+
+
+def settle(reconciler: Reconciler) -> None:
+    for _ in range(3):  # the first pass records the run; later passes create and observe
+        reconciler.reconcile(NS, NAME)
+
+
+def ready(cluster: Cluster) -> tuple[str, str]:
+    status = cluster.dpojob["status"]
+    condition = next(c for c in status["conditions"] if c["type"] == "Ready")
+    return status["phase"], condition["reason"]
+
+
+@pytest.fixture
+def run_with_kueue() -> tuple[Cluster, Reconciler]:
+    cluster = Cluster(dpojob(checkpoint_volume=True))
+    reconciler = Reconciler(cluster, OperatorSettings(), Health(), ServerFeatures(job_suspend=True))
+    return cluster, reconciler
+
+
+def test_queued_admitted_preempted_resumed_without_fighting_kueue(run_with_kueue) -> None:
+    cluster, reconciler = run_with_kueue
+    settle(reconciler)
+    job = cluster.job()
+    assert job["spec"]["suspend"] is True, "created suspended: Kueue decides when it runs"
+    assert job["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "gpu-queue"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "research"
+    assert ready(cluster) == ("Pending", "Queued")
+    assert ("Normal", "Queued") in [(t, r) for t, r, _ in cluster.events]
+
+    cluster.admit()
+    settle(reconciler)
+    assert ready(cluster) == ("Running", "Running")
+    job = cluster.job()
+    assert job["spec"]["suspend"] is False and job["spec"]["template"]["spec"]["nodeSelector"] == INJECTED
+
+    cluster.preempt()
+    settle(reconciler)
+    assert ready(cluster) == ("Pending", "Queued"), "preempted by Kueue: queued again, not suspended by the user"
+    assert cluster.job()["spec"]["suspend"] is True, "the operator does not unsuspend what Kueue suspended"
+    assert [r for _, r, _ in cluster.events].count("Queued") == 2
+
+    cluster.admit()
+    settle(reconciler)
+    cluster.finish()
+    settle(reconciler)
+    assert ready(cluster) == ("Succeeded", "Succeeded")
+    assert cluster.job_writes == [f"create {manifests.run_name(NAME, 1)}"], "one Job, never updated or replaced"
+    assert "PreemptionRestartsTraining" not in [r for _, r, _ in cluster.events]
+
+
+def test_a_queued_run_without_checkpoint_volume_is_warned_about_preemption() -> None:
+    cluster = Cluster(dpojob(checkpoint_volume=False))
+    settle(Reconciler(cluster, OperatorSettings(), Health(), ServerFeatures(job_suspend=True)))
+    warning = next(e for e in cluster.events if e[1] == "PreemptionRestartsTraining")
+    assert warning[0] == "Warning" and "checkpointVolume" in warning[2]
+
+
+def test_servers_without_job_suspend_get_the_labels_only() -> None:
+    document = dpojob(checkpoint_volume=True)
+    spec = manifests.DPOJobSpec.model_validate(document["spec"])
+    job = manifests.build_job(document, spec, 1, features=ServerFeatures(job_suspend=False))
+    assert "suspend" not in job["spec"] and job["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "gpu-queue"
+    document["metadata"]["labels"] = {}
+    plain = manifests.build_job(document, spec, 1, features=ServerFeatures(job_suspend=True))
+    assert "suspend" not in plain["spec"] and KUEUE_QUEUE_LABEL not in plain["metadata"]["labels"]
