@@ -33,10 +33,20 @@ CONSTRAINTS = ROOT / "operator" / "constraints.txt"
 COMMANDS = parse(DOCKERFILE)
 
 
-def test_base_is_a_pinned_python_matching_requires_python() -> None:
+def default_base() -> str:
+    """The image `FROM ${BASE}` uses unless a build passes BASE (`dpo-localcluster images` passes a local one)."""
     (base,) = instructions(COMMANDS, "FROM")
-    match = re.fullmatch(r"python:(3\.\d+)-slim-\w+(?:@sha256:[0-9a-f]{64})?", base.value[0])
-    assert match, f"{base.value[0]}: expected python:<3.x>-slim-<debian release>"
+    (arg,) = instructions(COMMANDS, "ARG")
+    assert base.value == ("${BASE}",) and COMMANDS.index(arg) < COMMANDS.index(base)
+    name, _, default = arg.value[0].partition("=")
+    assert name == "BASE"
+    return default
+
+
+def test_base_is_a_pinned_python_matching_requires_python() -> None:
+    base = default_base()
+    match = re.fullmatch(r"python:(3\.\d+)-slim-\w+(?:@sha256:[0-9a-f]{64})?", base)
+    assert match, f"{base}: expected python:<3.x>-slim-<debian release>"
     assert SpecifierSet(PYPROJECT["project"]["requires-python"]).contains(match.group(1) + ".0")
 
 
@@ -78,7 +88,8 @@ def test_no_ml_stack_in_the_image() -> None:
 
 def test_no_secrets_and_a_clean_build_context() -> None:
     assert not secret_problems(DOCKERFILE, COMMANDS)
-    assert not instructions(COMMANDS, "ARG")
+    (arg,) = instructions(COMMANDS, "ARG")  # BASE only, declared before FROM: no build arg reaches the image
+    assert COMMANDS.index(arg) < COMMANDS.index(instructions(COMMANDS, "FROM")[0])
     patterns = dockerignore_patterns()
     for source in copy_sources(COMMANDS):
         assert (ROOT / source).exists(), source

@@ -10,6 +10,7 @@ Commands (``--name`` picks an independent cluster; state lives in ``<cache>/run/
     dpo-localcluster env                   print ``export KUBECONFIG=...`` (use with eval)
     dpo-localcluster kubeconfig            print the admin kubeconfig path
     dpo-localcluster sa-kubeconfig NS NAME write a kubeconfig for a ServiceAccount and print its path
+    dpo-localcluster images [--no-cache]   build (or reuse) the operator and trainer images with podman
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from .cluster import (
     write_sa_kubeconfig,
     write_state,
 )
+from .images import ensure_images
 
 DEFAULT_NODES = ["nodesim-gpu-0:gpus=1,cpu=8,memory=32Gi,label.nvidia.com/gpu.present=true"]
 
@@ -205,6 +207,12 @@ def cmd_sa_kubeconfig(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_images(args: argparse.Namespace) -> int:
+    for info in ensure_images(_say, no_cache=args.no_cache).values():
+        print(f"{info.name}: {info.source} in {info.seconds:.0f}s, {info.size / 1e6:.0f} MB, id {info.image_id[:12]}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="dpo-localcluster", description=__doc__.split("\n\n")[0])
     parser.add_argument("--name", default="default", help="which local cluster (default: %(default)s)")
@@ -231,6 +239,9 @@ def build_parser() -> argparse.ArgumentParser:
     sa.add_argument("sa", metavar="name")
     sa.add_argument("-o", "--output", help="where to write it")
     sa.set_defaults(func=cmd_sa_kubeconfig)
+    images = sub.add_parser("images", help="build (or reuse) the operator and trainer images with podman")
+    images.add_argument("--no-cache", action="store_true", help="rebuild both, ignoring cached archives and layers")
+    images.set_defaults(func=cmd_images)
     return parser
 
 
