@@ -149,7 +149,11 @@ class LogFollowers:
         self._lock = threading.Lock()
 
     def ensure(self, namespace: str, dpojob: str, pods: list[dict[str, Any]]) -> None:
-        """Follow every started pod of the run not followed yet; forget pods that are gone."""
+        """Follow every running pod of the run not followed yet; forget pods that are gone.
+
+        A container that has already ended is not followed: its outcome and final metrics are in its
+        termination message, and re-reading the whole log of every retained pod after an operator restart
+        would cost a thread and a full log transfer each."""
         names = {p["metadata"]["name"] for p in pods}
         with self._lock:
             for key in [k for k, owner in self._owner.items() if owner == dpojob and k[0] == namespace]:
@@ -162,7 +166,7 @@ class LogFollowers:
                 previous = self._followers.get(key)
                 if previous is not None and (previous.is_alive() or previous.finished):
                     continue
-                if not (state.get("running") or state.get("terminated")):
+                if not state.get("running"):
                     continue
                 # A follower that gave up is replaced, keeping what it folded (its replay guard included).
                 follower = _Follower(

@@ -11,7 +11,7 @@ import kopf
 from kubernetes import client
 
 from .kube import Kube
-from .manifests import LABEL_DPOJOB, MANAGED_BY
+from .manifests import ANNOTATION_DPOJOB, LABEL_DPOJOB, MANAGED_BY
 from .reconciler import Reconciler
 
 log = logging.getLogger(__name__)
@@ -62,6 +62,7 @@ def on_dpojob(event: dict[str, Any], namespace: str, name: str, memo: kopf.Memo)
     memo.reconciler.reconcile_safely(namespace, name)
 
 
-def on_child(namespace: str, labels: dict[str, str], memo: kopf.Memo) -> None:
-    """A trainer Job or pod changed: reconcile the DPOJob it belongs to."""
-    memo.reconciler.reconcile_safely(namespace, labels[LABEL_DPOJOB])
+def on_child(namespace: str, labels: dict[str, str], annotations: dict[str, str], memo: kopf.Memo) -> None:
+    """A trainer Job or pod changed: reconcile the DPOJob it belongs to (its full name is an annotation; the
+    label may be shortened)."""
+    memo.reconciler.reconcile_safely(namespace, annotations.get(ANNOTATION_DPOJOB) or labels[LABEL_DPOJOB])

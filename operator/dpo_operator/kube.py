@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import socket
 from dataclasses import dataclass
@@ -15,6 +16,24 @@ from .manifests import ServerFeatures
 from .spec import API_GROUP, API_VERSION, KIND, PLURAL
 
 log = logging.getLogger(__name__)
+
+
+class ChildRejectedError(RuntimeError):
+    """The API server refused to create a child (a 4xx other than conflict or throttling): the same request
+    would be refused again, so it becomes a status reason instead of a retry."""
+
+    def __init__(self, kind: str, name: str, code: int, message: str) -> None:
+        super().__init__(f"the API server refused the trainer {kind} {name} ({code}): {message}")
+        self.code = code
+
+
+def server_message(exc: ApiException) -> str:
+    """The Status message of an API error (it names the offending field), on one line."""
+    try:
+        message = json.loads(exc.body or "{}").get("message")
+    except (ValueError, AttributeError):
+        message = None
+    return " ".join(str(message or exc.reason or exc.status).split())[:900]
 
 
 class NotOwnedError(RuntimeError):
@@ -96,6 +115,17 @@ class Kube:
         pods = self.core.list_namespaced_pod(namespace, label_selector=selector).items
         return [self.api_client.sanitize_for_serialization(p) for p in pods]
 
+    def pod_creation_error(self, job: dict[str, Any]) -> str | None:
+        """Why the Job controller cannot create the Job's pod (its newest FailedCreate Event: a quota, a missing
+        PriorityClass or ServiceAccount, an admission policy), or None."""
+        meta = job["metadata"]
+        selector = f"involvedObject.uid={meta['uid']},reason=FailedCreate"
+        events = self.core.list_namespaced_event(meta["namespace"], field_selector=selector).items
+        newest = max(
+            events, key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp, default=None
+        )
+        return " ".join((newest.message or "").split())[:900] if newest is not None else None
+
     def create_or_adopt(self, body: dict[str, Any], owner_uid: str) -> tuple[dict[str, Any], bool]:
         """Create a Job or ConfigMap; on 409 return the existing one if we own it. True when created."""
         namespace, name, kind = body["metadata"]["namespace"], body["metadata"]["name"], body["kind"]
@@ -107,6 +137,8 @@ class Kube:
         try:
             return self.api_client.sanitize_for_serialization(create(namespace, body)), True
         except ApiException as exc:
+            if exc.status is not None and 400 <= exc.status < 500 and exc.status not in (409, 429):
+                raise ChildRejectedError(kind, name, exc.status, server_message(exc)) from None
             if exc.status != 409:
                 raise
         existing = self.api_client.sanitize_for_serialization(read(name, namespace))

@@ -43,13 +43,13 @@ def dpojob_event(event: dict, namespace: str, name: str, memo: kopf.Memo, **_: o
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILDREN)
-def job_event(namespace: str, labels: dict, memo: kopf.Memo, **_: object) -> None:
-    handlers.on_child(namespace, labels, memo)
+def job_event(namespace: str, labels: dict, annotations: dict, memo: kopf.Memo, **_: object) -> None:
+    handlers.on_child(namespace, labels, annotations, memo)
 
 
 @kopf.on.event("", "v1", "pods", labels=CHILDREN)
-def pod_event(namespace: str, labels: dict, memo: kopf.Memo, **_: object) -> None:
-    handlers.on_child(namespace, labels, memo)
+def pod_event(namespace: str, labels: dict, annotations: dict, memo: kopf.Memo, **_: object) -> None:
+    handlers.on_child(namespace, labels, annotations, memo)
 
 
 def load_cluster_credentials() -> str:

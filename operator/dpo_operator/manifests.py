@@ -24,6 +24,8 @@ TERMINATION_LOG = "/dev/termination-log"
 CONTAINER = "trainer"
 LABEL_DPOJOB = f"{API_GROUP}/dpojob"
 LABEL_RUN = f"{API_GROUP}/run-generation"
+ANNOTATION_DPOJOB = f"{API_GROUP}/dpojob-name"
+"""The owning DPOJob's full name on every child (a label value holds at most 63 characters, a name 253)."""
 MANAGED_BY = "dpo-operator"
 # On SIGTERM (suspend, preemption, deletion) the trainer saves a checkpoint before exiting; torchrun alone waits
 # 30 s for its workers. Give the save time before the kubelet's SIGKILL.
@@ -71,14 +73,34 @@ def run_name(dpojob_name: str, generation: int, attempt: int = 0) -> str:
     return f"{dpojob_name[: _NAME_LIMIT - len(suffix) - 7].rstrip('-.')}-{digest}{suffix}"
 
 
+def label_value(dpojob_name: str) -> str:
+    """The DPOJob's name as a label value: names over 63 characters are shortened uniquely (a hash suffix)."""
+    if len(dpojob_name) <= 63:
+        return dpojob_name
+    digest = hashlib.sha256(dpojob_name.encode()).hexdigest()[:8]
+    return f"{dpojob_name[:54].rstrip('-.')}-{digest}"
+
+
 def labels(dpojob_name: str, generation: int) -> dict[str, str]:
-    """Labels on every child: the operator finds its objects by these."""
+    """Labels on every child: the operator finds its objects by these (selectors use label_value too)."""
     return {
         "app.kubernetes.io/name": "dpo-trainer",
-        "app.kubernetes.io/instance": dpojob_name,
+        "app.kubernetes.io/instance": label_value(dpojob_name),
         "app.kubernetes.io/managed-by": MANAGED_BY,
-        LABEL_DPOJOB: dpojob_name,
+        LABEL_DPOJOB: label_value(dpojob_name),
         LABEL_RUN: str(generation),
+    }
+
+
+def child_metadata(dpojob: dict[str, Any], name: str, generation: int) -> dict[str, Any]:
+    """Metadata of a run's ConfigMap and Job: deterministic name, labels, the owner's name, owner reference."""
+    meta = dpojob["metadata"]
+    return {
+        "name": name,
+        "namespace": meta["namespace"],
+        "labels": labels(meta["name"], generation),
+        "annotations": {ANNOTATION_DPOJOB: meta["name"]},
+        "ownerReferences": [owner_reference(dpojob)],
     }
 
 
@@ -111,12 +133,7 @@ def build_config_map(dpojob: dict[str, Any], generation: int, attempt: int = 0) 
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
-        "metadata": {
-            "name": run_name(meta["name"], generation, attempt),
-            "namespace": meta["namespace"],
-            "labels": labels(meta["name"], generation),
-            "ownerReferences": [owner_reference(dpojob)],
-        },
+        "metadata": child_metadata(dpojob, run_name(meta["name"], generation, attempt), generation),
         "data": {SPEC_FILE: yaml.safe_dump(document, sort_keys=False)},
     }
 
@@ -247,13 +264,18 @@ def build_job(
         "backoffLimit": runtime.backoff_limit,
         "completions": 1,
         "parallelism": 1,
-        "template": {"metadata": {"labels": labels(meta["name"], generation)}, "spec": pod_spec},
+        "template": {
+            "metadata": {"labels": labels(meta["name"], generation), "annotations": {ANNOTATION_DPOJOB: meta["name"]}},
+            "spec": pod_spec,
+        },
     }
     if runtime.active_deadline_seconds is not None:
         job_spec["activeDeadlineSeconds"] = runtime.active_deadline_seconds
     queue_labels = {k: v for k, v in (meta.get("labels") or {}).items() if k in KUEUE_LABELS}
     if queue_labels.get(KUEUE_QUEUE_LABEL) and features.job_suspend:
         job_spec["suspend"] = True
+    metadata = child_metadata(dpojob, name, generation)
+    metadata["labels"].update(queue_labels)
     if features.pod_failure_policy:
         job_spec["podFailurePolicy"] = {
             "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
@@ -261,11 +283,6 @@ def build_job(
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",
-        "metadata": {
-            "name": name,
-            "namespace": meta["namespace"],
-            "labels": {**labels(meta["name"], generation), **queue_labels},
-            "ownerReferences": [owner_reference(dpojob)],
-        },
+        "metadata": metadata,
         "spec": job_spec,
     }

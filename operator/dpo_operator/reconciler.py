@@ -19,7 +19,7 @@ from pydantic import ValidationError
 from . import manifests, metrics
 from .followers import LogFollowers
 from .health import Health
-from .kube import Kube, NotOwnedError, merge_patch, prune_none
+from .kube import ChildRejectedError, Kube, NotOwnedError, merge_patch, prune_none
 from .settings import OperatorSettings
 from .spec import DPOJobSpec, describe_validation_error
 from .status import Observed, compute_status, run_finished, transition_events, utc_from_rfc3339
@@ -74,8 +74,26 @@ def owned_by(obj: dict[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid and ref.get("controller") for ref in obj["metadata"].get("ownerReferences") or [])
 
 
-def _still_running(pod: dict[str, Any]) -> bool:
-    return pod.get("status", {}).get("phase") not in ("Succeeded", "Failed")
+STUCK_TERMINATING = timedelta(minutes=5)
+"""How long past its deletion deadline a pod is still waited for; after that its node is taken to be lost."""
+
+
+def stopping_pod(pods: list[dict[str, Any]], job_name: str, now: datetime) -> dict[str, Any] | None:
+    """A previous pod of this run's Job that is still stopping: a new pod must wait for it, or two trainers
+    would write the same checkpoints. Only pods whose controller is a Job of that name count (any pod can carry
+    our labels), and a pod still there STUCK_TERMINATING past its deletion deadline (a lost node) does not."""
+    for pod in pods:
+        if pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+            continue
+        owners = pod["metadata"].get("ownerReferences") or []
+        if not any(o.get("kind") == "Job" and o.get("name") == job_name and o.get("controller") for o in owners):
+            continue
+        deadline = pod["metadata"].get("deletionTimestamp")
+        if deadline and now > utc_from_rfc3339(deadline) + STUCK_TERMINATING:
+            log.warning("pod %s is stuck terminating (lost node?); not waiting for it", pod["metadata"]["name"])
+            continue
+        return pod
+    return None
 
 
 class Reconciler:
@@ -88,6 +106,9 @@ class Reconciler:
         self.settings = settings
         self.health = health
         self.features = features
+        self._rejected: dict[tuple[str, str], tuple[int, ChildRejectedError]] = {}
+        """Per DPOJob: the metadata.generation whose children the API server refused, and why (retried only
+        once the spec changes, or after a restart)."""
         self.phases: dict[tuple[str, str], str] = {}
         """Each known DPOJob's phase as last written (the dpo_operator_dpojobs gauge)."""
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
@@ -124,6 +145,7 @@ class Reconciler:
         """A DPOJob was deleted: stop following its pods, drop its lock and its metric series."""
         self.followers.forget(namespace, name)
         self._locks.pop((namespace, name), None)
+        self._rejected.pop((namespace, name), None)
         self.phases.pop((namespace, name), None)
         metrics.forget_dpojob(namespace, name)
 
@@ -207,22 +229,36 @@ class Reconciler:
             return  # the status write brings this DPOJob back through its watch event
 
         job = self._current_job(namespace, name, uid, manifests.run_name(name, generation, attempt))
-        pods = self.kube.list_pods(namespace, f"{manifests.LABEL_DPOJOB}={name},{manifests.LABEL_RUN}={generation}")
+        selector = f"{manifests.LABEL_DPOJOB}={manifests.label_value(name)}"
+        pods = self.kube.list_pods(namespace, f"{selector},{manifests.LABEL_RUN}={generation}")
         if error is None and spec is not None and not finished:
             if observed.suspended and job is not None:
                 self.kube.delete("Job", namespace, job["metadata"]["name"])
                 job = None
             elif not observed.suspended and job is None:
-                stopping = next((p for p in pods if _still_running(p)), None)
+                stopping = stopping_pod(pods, manifests.run_name(name, generation, attempt), datetime.now(UTC))
+                rejected = self._rejected.get((namespace, name))
                 if stopping is not None:
-                    observed.waiting = f"previous trainer pod {stopping['metadata']['name']} is still stopping"
+                    observed.waiting = (
+                        f"previous trainer pod {stopping['metadata']['name']} is still stopping; if its node is "
+                        f"gone, `kubectl delete pod {stopping['metadata']['name']} --force` ends the wait (it ends "
+                        f"by itself {STUCK_TERMINATING.seconds // 60} min past the pod's deletion deadline)"
+                    )
+                elif rejected is not None and rejected[0] == dpojob["metadata"]["generation"]:
+                    observed.rejected = (rejected[1].code, str(rejected[1]))
                 else:
                     try:
                         job = self._create_run(dpojob, spec, generation, attempt)
                     except NotOwnedError as exc:
                         observed.waiting = str(exc)
+                    except ChildRejectedError as exc:
+                        log.warning("%s/%s: %s", namespace, name, exc)
+                        self._rejected[(namespace, name)] = (dpojob["metadata"]["generation"], exc)
+                        observed.rejected = (exc.code, str(exc))
         observed.job = job
         observed.pods = [p for p in pods if job is not None and owned_by(p, job["metadata"]["uid"])]
+        if job is not None and not observed.pods and not finished and not (job.get("spec") or {}).get("suspend"):
+            observed.pod_creation_error = self.kube.pod_creation_error(job)
         self.followers.ensure(namespace, name, observed.pods)
         observed.progress = self.followers.latest_progress(namespace, observed.pods)
         self._write_status(dpojob, old, observed)
@@ -282,7 +318,7 @@ class Reconciler:
         the run then reports why it waits.
         """
         found = None
-        for job in self.kube.list_jobs(namespace, f"{manifests.LABEL_DPOJOB}={name}"):
+        for job in self.kube.list_jobs(namespace, f"{manifests.LABEL_DPOJOB}={manifests.label_value(name)}"):
             job_name = job["metadata"]["name"]
             if not owned_by(job, uid):
                 continue

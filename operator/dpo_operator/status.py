@@ -47,6 +47,10 @@ class Observed:
     """Status fields from the trainer's log (TrainerProgress.status_fields), if any were read."""
     waiting: str | None = None
     """Why the run's Job cannot be created yet (a previous Job or pod of the same name still going away)."""
+    pod_creation_error: str | None = None
+    """Why the Job controller cannot create the trainer pod (its FailedCreate Event), while the Job has none."""
+    rejected: tuple[int, str] | None = None
+    """The API server refused to create the run's children: HTTP code and message."""
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
 
 
@@ -122,6 +126,13 @@ def observe_outcome(obs: Observed) -> Outcome:
     if obs.suspended:
         return Outcome("Suspended", "Suspended", "spec.suspend is true: the trainer is stopped")
     if obs.job is None:
+        if obs.rejected is not None:
+            # 400/422: the spec produced an object the server rejects (fix the spec); 403 and others: the
+            # namespace refuses it (quota, RBAC, admission policy) — retried at the next spec change.
+            invalid = getattr(obs.rejected, "code", None) in (400, 422)
+            return Outcome(
+                "Failed" if invalid else "Pending", "InvalidSpec" if invalid else "CreateRejected", str(obs.rejected)
+            )
         if obs.waiting:
             return Outcome("Pending", "WaitingForCleanup", obs.waiting)
         return Outcome("Pending", "Creating", "creating the trainer Job")
@@ -145,6 +156,9 @@ def observe_outcome(obs: Observed) -> Outcome:
         reason, message = pod_failure(failed)
         return Outcome("Failed", reason, message, failed["metadata"]["name"])
     if latest is None:
+        if obs.pod_creation_error:
+            message = f"the Job controller cannot create the trainer pod: {obs.pod_creation_error}"
+            return Outcome("Pending", "FailedCreate", message)
         return Outcome("Pending", "PodCreating", "waiting for the Job controller to create the trainer pod")
     name = latest["metadata"]["name"]
     phase = latest.get("status", {}).get("phase")
@@ -216,7 +230,7 @@ def _model_location(details: dict[str, Any]) -> dict[str, Any] | None:
     model = details.get("model")
     if not isinstance(model, dict):
         return None
-    keys = ("directory", "repoId", "revision", "commitUrl", "commitSha")
+    keys = ("directory", "repoId", "revision", "tag", "commitUrl", "commitSha")
     location = {k: str(model[k]) for k in keys if model.get(k) is not None}
     return location or None
 
@@ -343,7 +357,14 @@ def _condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return next((c for c in status.get("conditions") or [] if c.get("type") == kind), None)
 
 
-_PENDING_WARNINGS = {"Unschedulable", "ImagePullBackOff", "CreateContainerConfigError", "WaitingForCleanup"}
+_PENDING_WARNINGS = {
+    "Unschedulable",
+    "ImagePullBackOff",
+    "CreateContainerConfigError",
+    "WaitingForCleanup",
+    "CreateRejected",
+    "FailedCreate",
+}
 _PENDING_EVENTS = {*_PENDING_WARNINGS, "Queued"}
 
 

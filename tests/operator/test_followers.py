@@ -129,3 +129,12 @@ def test_follower_reads_progress_after_an_endless_line() -> None:
     follower_ = follower(FlakyCore(attempt))
     follower_.run()
     assert follower_.progress.step == 9
+
+
+def test_ended_containers_are_not_followed() -> None:
+    """After an operator restart, retained finished pods must not each get a thread re-reading their log."""
+    core = FlakyCore(lambda n: Stream([progress_line(1)], None))
+    followers = LogFollowers(core, lambda namespace, name: None)
+    ended = {"phase": "Succeeded", "containerStatuses": [{"state": {"terminated": {"exitCode": 0}}}]}
+    followers.ensure("ns", "job", [{"metadata": {"name": f"done-{i}"}, "status": ended} for i in range(50)])
+    assert followers.active() == 0 and core.attempts == 0

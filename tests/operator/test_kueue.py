@@ -85,6 +85,9 @@ class Cluster:
     def post_event(self, dpojob: dict[str, Any], event_type: str, reason: str, message: str) -> None:
         self.events.append((event_type, reason, message))
 
+    def pod_creation_error(self, job: dict[str, Any]) -> str | None:
+        return None  # the stand-in Job controller always manages to create the pod
+
     # --- Kueue and the Job controller, played by the test
     def job(self) -> dict[str, Any]:
         (job,) = [o for (kind, _), o in self.objects.items() if kind == "Job"]

@@ -104,3 +104,15 @@ def test_spec_hash_ignores_suspend_and_runtime() -> None:
     base = DPOJOB["spec"]
     assert manifests.spec_hash(base) == manifests.spec_hash({**base, "suspend": True, "runtime": {"gpus": 8}})
     assert manifests.spec_hash(base) != manifests.spec_hash({**base, "dpo": {"beta": 0.2}})
+
+
+def test_long_dpojob_names_give_valid_unique_labels_and_keep_the_full_name() -> None:
+    long_a, long_b = "a" * 70 + ".team-x", "a" * 70 + ".team-y"
+    values = {manifests.label_value(n) for n in (long_a, long_b)}
+    assert len(values) == 2 and all(len(v) <= 63 and v[-1].isalnum() for v in values)
+    document = {**DPOJOB, "metadata": {**DPOJOB["metadata"], "name": long_a}}
+    job = manifests.build_job(document, DPOJobSpec.model_validate(DPOJOB["spec"]), 1)
+    assert job["metadata"]["labels"][manifests.LABEL_DPOJOB] == manifests.label_value(long_a)
+    assert job["metadata"]["annotations"][manifests.ANNOTATION_DPOJOB] == long_a
+    assert job["spec"]["template"]["metadata"]["annotations"][manifests.ANNOTATION_DPOJOB] == long_a
+    assert manifests.label_value("short") == "short"

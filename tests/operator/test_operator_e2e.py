@@ -187,8 +187,8 @@ def succeed_with_model(name: str, repo: str):
     )
 
     def rule(pod: dict, container: str, restarts: int) -> Outcome | None:
-        if pod["metadata"].get("labels", {}).get("dpo-operator.io/dpojob") != name:
-            return None
+        if (pod["metadata"].get("annotations") or {}).get("dpo-operator.io/dpojob-name") != name:
+            return None  # the full name: the label holds long names shortened
         return Outcome(duration_s=0.5, message=message)
 
     return rule
@@ -234,6 +234,73 @@ def test_a_token_secret_edit_keeps_the_run_and_the_retry_annotation_reruns_a_fai
     assert retried["status"]["run"] == {**failed["status"]["run"], "attempt": 1, "retryToken": "1"}
     assert retried["status"]["runs"][-1]["reason"] == "OutOfMemory", "the failed attempt is kept in the history"
     assert [j["metadata"]["name"] for j in jobs_of(stack, name)] == ["retry-g1-r1"]
+
+
+def test_a_dpojob_name_longer_than_a_label_value_runs(stack: LocalStack) -> None:
+    name = "a-preference-alignment-run-for-the-stack-exchange-paired-data.v2-of-the-team"  # 77 characters
+    with stack.simulator.scripted(succeed_with_model(name, "demo/long")):
+        apply(stack, dpojob(name, output={"hub": {"repoId": "demo/long"}}))
+        done = stack.wait_for(NS, name, lambda o: phase(o) == "Succeeded", 60)
+    assert done["status"]["model"] == {"repoId": "demo/long"}
+
+
+@pytest.mark.parametrize(
+    ("name", "spec", "field"),
+    [
+        ("mount-clash", {"checkpointing": {"directory": "/tmp"}}, "mountPath"),
+        (
+            "bad-toleration",
+            {"runtime": {"tolerations": [{"key": "k", "operator": "Exists", "effect": "NoSchedule",
+                                          "tolerationSeconds": 30}]}},
+            "tolerationSeconds",
+        ),
+    ],
+)  # fmt: skip
+def test_a_child_the_api_server_refuses_is_a_status_reason_not_a_retry_loop(
+    stack: LocalStack, name: str, spec: dict, field: str
+) -> None:
+    apply(stack, dpojob(name, output={"hub": {"repoId": "demo/refused"}}, **spec))
+    obj = stack.wait_for(NS, name, lambda o: phase(o) == "Failed", 60)
+    failed = condition(obj, "Failed")
+    assert failed["reason"] == "InvalidSpec" and "refused the trainer Job" in failed["message"]
+    assert field in failed["message"], "the server's message names the field"
+    time.sleep(4)  # a resync: the same request is not sent again
+    refusals = [line for line in stack.operator.logs().splitlines() if f"{NS}/{name}: the API server refused" in line]
+    assert len(refusals) == 1, refusals
+    assert [e["reason"] for e in events(stack, name) if e["type"] == "Warning"] == ["InvalidSpec"]
+    kubectl(stack.admin_kubeconfig, "-n", NS, "delete", "dpojob", name, "--wait=false")
+
+
+def test_a_pod_the_job_controller_cannot_create_is_reported(stack: LocalStack) -> None:
+    name = "no-priority-class"
+    apply(stack, dpojob(name, runtime={"priorityClassName": "does-not-exist"}, output={"hub": {"repoId": "d/x"}}))
+    obj = stack.wait_for(NS, name, lambda o: condition(o, "Ready").get("reason") == "FailedCreate", 60)
+    assert phase(obj) == "Pending" and "does-not-exist" in condition(obj, "Ready")["message"]
+    assert "FailedCreate" in [e["reason"] for e in events(stack, name) if e["type"] == "Warning"]
+    kubectl(stack.admin_kubeconfig, "-n", NS, "delete", "dpojob", name, "--wait=false")
+
+
+def test_a_foreign_pod_with_our_labels_does_not_block_a_resume(stack: LocalStack) -> None:
+    name = "squatted"
+    apply(stack, dpojob(name, suspend=True, output={"hub": {"repoId": "demo/squatted"}}))
+    stack.wait_for(NS, name, lambda o: phase(o) == "Suspended", 60)
+    squatter = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": "squatter",
+            "namespace": NS,
+            "labels": {"dpo-operator.io/dpojob": name, "dpo-operator.io/run-generation": "1"},
+            "annotations": {"nodesim.dpo.dev/mode": "simulate", "nodesim.dpo.dev/duration": "3600"},
+        },
+        "spec": {"containers": [{"name": "c", "image": "busybox"}]},
+    }
+    apply(stack, squatter)
+    with stack.simulator.scripted(succeed_with_model(name, "demo/squatted")):
+        kubectl(stack.admin_kubeconfig, "-n", NS, "patch", "dpojob", name, "--type=merge",
+                "-p", '{"spec": {"suspend": false}}')  # fmt: skip
+        stack.wait_for(NS, name, lambda o: phase(o) == "Succeeded", 60)
+    kubectl(stack.admin_kubeconfig, "-n", NS, "delete", "pod", "squatter", "--wait=false")
 
 
 def test_a_recreated_dpojob_never_adopts_the_old_objects_job(stack: LocalStack) -> None:

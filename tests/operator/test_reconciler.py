@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import copy
+from datetime import UTC, datetime
 
 from dpo_operator import manifests
-from dpo_operator.reconciler import RETRY_ANNOTATION, current_run
+from dpo_operator.reconciler import RETRY_ANNOTATION, current_run, stopping_pod
 
 SPEC = {
     "model": {"name": "tiny"},
@@ -55,3 +56,21 @@ def test_a_failed_run_is_retried_once_per_new_annotation_value() -> None:
     succeeded = recorded(SPEC, "Succeeded")
     assert current_run(dpojob(SPEC, 1, copy.deepcopy(succeeded), retry="1")) == succeeded["run"]
     assert manifests.run_name("job", 1, 2) == "job-g1-r2" and manifests.run_name("job", 1) == "job-g1"
+
+
+def test_only_a_pod_of_the_runs_own_job_that_is_really_stopping_is_waited_for() -> None:
+    now = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
+
+    def pod(owner: str | None, deleting_since: str | None = None, phase: str = "Running") -> dict:
+        meta: dict = {"name": f"p-{owner}", "ownerReferences": []}
+        if owner:
+            meta["ownerReferences"] = [{"kind": "Job", "name": owner, "controller": True}]
+        if deleting_since:
+            meta["deletionTimestamp"] = deleting_since
+        return {"metadata": meta, "status": {"phase": phase}}
+
+    ours = pod("job-g1", "2026-12-02T11:58:00Z")
+    assert stopping_pod([ours], "job-g1", now) is ours
+    assert stopping_pod([pod(None), pod("someone-elses")], "job-g1", now) is None, "labels alone do not block"
+    assert stopping_pod([pod("job-g1", phase="Failed")], "job-g1", now) is None
+    assert stopping_pod([pod("job-g1", "2026-12-02T11:50:00Z")], "job-g1", now) is None, "a lost node's pod"

@@ -195,3 +195,11 @@ def test_a_finished_run_stays_finished_when_its_spec_turns_invalid() -> None:
     later = observe(finished, spec_error="spec.output.directory: not on a persistent volume", job=None)
     assert later["phase"] == "Succeeded" and condition(later, "Succeeded")["reason"] == "Succeeded"
     assert later["completionTime"] == finished["completionTime"]
+
+
+def test_a_pod_the_job_controller_cannot_create_is_the_pending_reason() -> None:
+    error = 'pods "j-g1-x" is forbidden: exceeded quota: gpus, requested: nvidia.com/gpu=1, limited: 0'
+    status = observe(job=job(), pod_creation_error=error)
+    assert status["phase"] == "Pending" and condition(status, "Ready")["reason"] == "FailedCreate"
+    assert "exceeded quota" in condition(status, "Ready")["message"]
+    assert [(e.type, e.reason) for e in transition_events({}, status)] == [("Warning", "FailedCreate")]

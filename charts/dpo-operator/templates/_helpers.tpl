@@ -89,5 +89,5 @@ rule (a test keeps them equal). Bound cluster-wide, or per namespace in watchNam
   verbs: [get]
 - apiGroups: [""]
   resources: [events]
-  verbs: [create]
+  verbs: [create, list]
 {{- end }}
