@@ -83,13 +83,12 @@ def test_operator_image_starts_as_uid_1000(built: dict[str, ImageInfo]) -> None:
     assert imported.returncode == 0 and imported.stdout.strip() == "1000", imported.stderr
 
 
-def test_an_unchanged_tree_rebuilds_nothing_and_a_removed_image_is_loaded_back(
-    built: dict[str, ImageInfo],
-) -> None:
+def test_an_unchanged_tree_rebuilds_nothing_and_a_removed_image_is_loaded_back() -> None:
+    first = ensure_images()  # not the fixture's: the tree may have changed since it ran
     again = ensure_images()
     assert {name: info.source for name, info in again.items()} == {"dpo-operator": "present", "dpo-trainer": "present"}
-    assert {name: info.image_id for name, info in again.items()} == {n: i.image_id for n, i in built.items()}
-    operator = built["dpo-operator"]
+    assert {name: info.image_id for name, info in again.items()} == {n: i.image_id for n, i in first.items()}
+    operator = again["dpo-operator"]
     subprocess.run(["podman", "rmi", operator.name], env=podman_env(), capture_output=True, check=True)
     reloaded = ensure_images()["dpo-operator"]
     assert reloaded.source == "loaded" and reloaded.image_id == operator.image_id
