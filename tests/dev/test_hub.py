@@ -127,6 +127,31 @@ def test_branch_push_and_deletions(local_hub: LocalHub, tmp_path: Path) -> None:
         api.list_repo_files(repo_id, revision="no-such-branch")
 
 
+def test_tags_pin_a_commit(local_hub: LocalHub, tmp_path: Path) -> None:
+    """A tag names one commit for good: it stays when its branch moves on, and it cannot be committed to."""
+    token, _ = _credentials(local_hub)
+    api = HfApi(endpoint=local_hub.url, token=token)
+    repo_id = api.create_repo("policy").repo_id
+    folder = _model_folder(tmp_path / "checkpoint")
+    first = api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="v1")
+    api.create_tag(repo_id, tag="run-g1", revision=first.oid)
+    with pytest.raises(HfHubHTTPError) as taken:
+        api.create_tag(repo_id, tag="run-g1")
+    assert taken.value.response.status_code == 409
+    api.create_tag(repo_id, tag="run-g1", exist_ok=True)
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 128}))
+    api.upload_folder(repo_id=repo_id, folder_path=folder, commit_message="v2")
+
+    assert {t.name: t.target_commit for t in api.list_repo_refs(repo_id).tags} == {"run-g1": first.oid}
+    assert api.model_info(repo_id, revision="run-g1").sha == first.oid
+    config = hf_hub_download(repo_id, "config.json", revision="run-g1", endpoint=local_hub.url, token=token)
+    assert json.loads(Path(config).read_text())["hidden_size"] == 64
+    with pytest.raises(HfHubHTTPError, match="not a branch"):
+        api.upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=repo_id, revision="run-g1")
+    api.delete_tag(repo_id, tag="run-g1")
+    assert api.list_repo_refs(repo_id).tags == []
+
+
 def test_bad_or_missing_token_is_an_auth_error(local_hub: LocalHub) -> None:
     """huggingface_hub has no 401 subclass: it raises HfHubHTTPError itself, carrying the 401 response."""
     with pytest.raises(HfHubHTTPError) as bad:

@@ -8,7 +8,8 @@ plus one content-addressed object store (sha256) shared by regular and LFS files
 Routes (``{kinds}`` is models|datasets|spaces, ``{repo}`` is ns/name, git-style URLs prefix datasets/ or spaces/):
 GET /api/whoami-v2; POST /api/repos/create; DELETE /api/repos/delete; POST /api/validate-yaml;
 GET /api/{kinds}/{repo}[/revision/{rev}]; GET .../tree/{rev}[/{path}]; POST .../paths-info/{rev};
-GET .../refs; GET .../commits/{rev}; POST|DELETE .../branch/{name}; POST .../preupload/{rev};
+GET .../refs; GET .../commits/{rev}; POST|DELETE .../branch/{name}; POST .../tag/{rev}; DELETE .../tag/{name};
+POST .../preupload/{rev};
 POST .../commit/{rev} (NDJSON); POST /{repo}.git/info/lfs/objects/batch and .../verify; PUT /lfs-upload/{sha256}
 (signed URL); GET|HEAD /{repo}/resolve/{rev}/{path} (with Range).
 
@@ -288,11 +289,14 @@ class _Store:
             shutil.rmtree(self._repo_dir(kind, repo_id))
 
     def resolve(self, kind: str, repo_id: str, revision: str) -> str:
-        """Commit id of a branch name, ``refs/heads/x``, ``refs/pr/N`` or a full commit id."""
+        """Commit id of a branch or tag name, ``refs/heads/x``, ``refs/tags/x``, ``refs/pr/N`` or a full commit id."""
         repo = self.repo(kind, repo_id)
         name = revision.removeprefix("refs/heads/")
         if name in repo["branches"]:
             return repo["branches"][name]
+        tag = revision.removeprefix("refs/tags/")
+        if tag in repo.get("tags", {}):
+            return repo["tags"][tag]
         if (match := _PR_REF_RE.match(revision)) and match.group(1) in repo["pullRequests"]:
             return repo["pullRequests"][match.group(1)]
         if _COMMIT_RE.match(revision) and (self._repo_dir(kind, repo_id) / "commits" / f"{revision}.json").is_file():
@@ -316,6 +320,25 @@ class _Store:
                 raise HubError(403, "Cannot delete the default branch")
             if repo["branches"].pop(branch, None) is None:
                 raise HubError(404, f"Invalid rev id: {branch}", "RevisionNotFound")
+            self._save_repo(kind, repo_id, repo)
+
+    def create_tag(self, kind: str, repo_id: str, tag: str, revision: str) -> None:
+        """Tags are immutable names of a commit: creating an existing one is a 409, as on huggingface.co."""
+        with self.lock:
+            repo = self.repo(kind, repo_id)
+            if not _BRANCH_RE.match(tag) or _COMMIT_RE.match(tag):
+                raise HubError(400, f"Invalid tag name: {tag!r}")
+            tags = repo.setdefault("tags", {})
+            if tag in tags:
+                raise HubError(409, f"Reference refs/tags/{tag} already exists")
+            tags[tag] = self.resolve(kind, repo_id, revision)
+            self._save_repo(kind, repo_id, repo)
+
+    def delete_tag(self, kind: str, repo_id: str, tag: str) -> None:
+        with self.lock:
+            repo = self.repo(kind, repo_id)
+            if repo.get("tags", {}).pop(tag, None) is None:
+                raise HubError(404, f"Invalid rev id: {tag}", "RevisionNotFound")
             self._save_repo(kind, repo_id, repo)
 
     # -- commits --
@@ -718,6 +741,18 @@ class _Handler(BaseHTTPRequestHandler):
             self.server.store.delete_branch(kind, repo_id, branch)
         self._send_json({})
 
+    @_route("POST DELETE", _API_REPO + r"/tag/(?P<ref>[^/]+)$")
+    def _tag(self, args: dict[str, str]) -> None:
+        """POST tags the revision in the URL with the body's ``tag``; DELETE removes the tag named in the URL."""
+        self._writer()
+        kind, repo_id = self._repo_ref(args)
+        if self.command == "POST":
+            tag = str(self._json().get("tag") or "")
+            self.server.store.create_tag(kind, repo_id, tag, unquote(args["ref"]))
+        else:
+            self.server.store.delete_tag(kind, repo_id, unquote(args["ref"]))
+        self._send_json({})
+
     # -- reading --
     @_route("GET", _API_REPO + r"(?:/revision/(?P<rev>.+))?$")
     def _repo_info(self, args: dict[str, str]) -> None:
@@ -814,7 +849,8 @@ class _Handler(BaseHTTPRequestHandler):
     def _refs(self, args: dict[str, str]) -> None:
         _, _, repo = self._readable(args)
         branches = [{"name": n, "ref": f"refs/heads/{n}", "targetCommit": c} for n, c in repo["branches"].items()]
-        refs: dict[str, Any] = {"branches": branches, "converts": [], "tags": []}
+        tags = [{"name": n, "ref": f"refs/tags/{n}", "targetCommit": c} for n, c in repo.get("tags", {}).items()]
+        refs: dict[str, Any] = {"branches": branches, "converts": [], "tags": tags}
         if _flag(self._query.get("include_prs")):
             refs["pullRequests"] = [
                 {"name": f"refs/pr/{n}", "ref": f"refs/pr/{n}", "targetCommit": c}
