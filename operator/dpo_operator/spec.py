@@ -373,15 +373,64 @@ class HubOutput(SpecModel):
     """Branch to push to (created if missing). Default: main."""
     commit_message: str = "Upload DPO-aligned model trained by dpo-operator"
     """Commit message of the upload."""
+    run_revision: Literal["tag", "branch", "none"] = "tag"
+    """Pin each run: tag its commit run-gN (N: the run's generation), push to a new branch run-gN, or neither."""
+
+
+class QualityGates(SpecModel):
+    """Checks of the final DPO evaluation before the push: a failed gate fails the run (QualityGateFailed), no push."""
+
+    min_eval_reward_accuracy: float | None = Field(default=None, ge=0, le=1)
+    """Lowest final eval rewards/accuracies (share of eval pairs whose chosen answer out-scores the rejected one)."""
+    min_eval_reward_margin: float | None = None
+    """Lowest final eval rewards/margins (mean reward of chosen minus rejected answers)."""
+    max_eval_loss: float | None = Field(default=None, gt=0)
+    """Highest final DPO eval loss."""
+    not_worse_than_target: bool = False
+    """Eval rewards/accuracies and margins >= those in the card at hub.revision (none there: passes). Needs hub."""
+
+    @property
+    def enabled(self) -> list[str]:
+        """The gates set here, camelCase; every one compares final DPO eval metrics."""
+        return [
+            name
+            for name, value in (
+                ("minEvalRewardAccuracy", self.min_eval_reward_accuracy),
+                ("minEvalRewardMargin", self.min_eval_reward_margin),
+                ("maxEvalLoss", self.max_eval_loss),
+                ("notWorseThanTarget", self.not_worse_than_target or None),
+            )
+            if value is not None
+        ]
 
 
 class OutputSpec(SpecModel):
     """Where the merged model goes: the Hub, a directory, or both."""
 
+    model_config = ConfigDict(
+        json_schema_extra={
+            "x-kubernetes-validations": [
+                {
+                    "rule": "!has(self.gates) || !has(self.gates.notWorseThanTarget) || "
+                    "!self.gates.notWorseThanTarget || has(self.hub)",
+                    "message": "gates.notWorseThanTarget needs hub: it compares with the model at hub.revision",
+                }
+            ]
+        }
+    )
+
     hub: HubOutput | None = None
     """Hub destination."""
     directory: str | None = None
     """Directory (e.g. a mounted volume) that receives the merged model."""
+    gates: QualityGates | None = None
+    """Quality gates the final DPO evaluation must pass before the push (also checked without hub)."""
+
+    @model_validator(mode="after")
+    def _target_for_gates(self) -> OutputSpec:
+        if self.gates is not None and self.gates.not_worse_than_target and self.hub is None:
+            raise ValueError("gates.notWorseThanTarget needs hub: it compares with the model at hub.revision")
+        return self
 
 
 class CheckpointingSpec(SpecModel):
@@ -519,6 +568,11 @@ class DPOJobSpec(SpecModel):
             raise ValueError("output needs hub or directory (or both): the merged model has to go somewhere")
         if self.sft.enabled and self.data.sft is None:
             raise ValueError("data.sft is required when sft.enabled is true and data.preset is none")
+        dpo_data = self.data.dpo
+        gates = self.output.gates
+        if gates and gates.enabled and dpo_data and dpo_data.eval_source is None and dpo_data.eval_size == 0:
+            names = ", ".join(f"output.gates.{name}" for name in gates.enabled)
+            raise ValueError(f"{names}: needs DPO eval metrics, but evaluation is off (data.dpo.evalSize is 0)")
         return self
 
 

@@ -62,6 +62,9 @@ class ModelLocation(StatusModel):
     directory: str | None = None
     repo_id: str | None = None
     revision: str | None = None
+    """Branch the commit was pushed to."""
+    tag: str | None = None
+    """The run's tag on that commit (output.hub.runRevision tag), e.g. run-g3."""
     commit_url: str | None = None
     commit_sha: str | None = None
 

@@ -203,3 +203,35 @@ def test_a_pod_the_job_controller_cannot_create_is_the_pending_reason() -> None:
     assert status["phase"] == "Pending" and condition(status, "Ready")["reason"] == "FailedCreate"
     assert "exceeded quota" in condition(status, "Ready")["message"]
     assert [(e.type, e.reason) for e in transition_events({}, status)] == [("Warning", "FailedCreate")]
+
+
+def test_the_pushed_revision_and_tag_survive_into_the_run_history() -> None:
+    """What users pin (commit, branch, the run's tag) stays in status.runs after the next run starts."""
+    model = {
+        "directory": "/checkpoints/m-g1/model",
+        "repoId": "org/m",
+        "revision": "main",
+        "tag": "run-g1",
+        "commitUrl": "https://huggingface.co/org/m/commit/abc",
+        "commitSha": "abc",
+    }
+    message = json.dumps({"reason": "Succeeded", "metrics": {"eval_rewards/accuracies": 0.8}, "model": model})
+    done = pod("p1", "Succeeded", terminated={"exitCode": 0, "message": message})
+    finished = observe(job=job(conditions=[{"type": "Complete", "status": "True"}]), pods=[done])
+    assert finished["model"] == model
+    assert transition_events({}, finished)[-1].message == f"training finished; merged model at {model['commitUrl']}"
+    status = compute_status(finished, Observed(generation=2, run={"generation": 2, "specHash": "def"}, now=NOW))
+    assert status["runs"][0]["model"] == model and "model" not in status
+
+
+def test_a_failed_quality_gate_fails_the_run_with_the_numbers() -> None:
+    failure = {
+        "reason": "QualityGateFailed",
+        "message": "eval rewards/accuracies 0.41 < minEvalRewardAccuracy 0.6 (not pushed; the merged model is in /o)",
+    }
+    failed = pod("p1", "Failed", terminated={"exitCode": 9, "message": json.dumps(failure)})
+    status = observe(job=job(failed=1, conditions=[{"type": "Failed", "status": "True"}]), pods=[failed])
+    assert status["phase"] == "Failed"
+    assert condition(status, "Failed")["reason"] == condition(status, "Ready")["reason"] == "QualityGateFailed"
+    [event] = [e for e in transition_events({}, status) if e.type == "Warning"]
+    assert (event.reason, event.message) == ("QualityGateFailed", failure["message"])

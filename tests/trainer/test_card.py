@@ -8,14 +8,14 @@ from pathlib import Path
 import yaml
 
 from dpo_operator.spec import DPOJob, DPOJobSpec, model_identity
-from dpo_trainer.card import metrics_table, plot_training_curves, render_card
+from dpo_trainer.card import metrics_table, plot_training_curves, recorded_run, render_card
 from dpo_trainer.context import RunContext, RunState
 from dpo_trainer.progress import Reporter
 
 from .conftest import CliRun
 
 
-def _context(tmp_path: Path, spec: DPOJobSpec, token: str | None = None) -> RunContext:
+def _context(tmp_path: Path, spec: DPOJobSpec, token: str | None = None, **run: object) -> RunContext:
     given = spec.model_dump(mode="json", by_alias=True)
     return RunContext(
         spec,
@@ -23,7 +23,7 @@ def _context(tmp_path: Path, spec: DPOJobSpec, token: str | None = None) -> RunC
         Reporter(io.StringIO()),
         token,
         RunState(tmp_path / "state.json"),
-        {"name": "llama2-se", "given_spec": given},
+        {"name": "llama2-se", "given_spec": given, **run},
     )
 
 
@@ -39,6 +39,7 @@ def test_front_matter_for_the_seed_recipe(tmp_path: Path) -> None:
         "datasets": ["lvwerra/stack-exchange-paired"],
         "library_name": "transformers",
         "tags": ["trl", "dpo", "peft", "dpo-operator", "sft", "qlora"],
+        "dpo_operator": {},
     }
     assert body.startswith("\n# llama2-se\n")
     assert "| rewards/margins | 0.25 |  |" in body and "## SFT results" not in body
@@ -46,6 +47,71 @@ def test_front_matter_for_the_seed_recipe(tmp_path: Path) -> None:
     spec_section = yaml.safe_load(body.split("```yaml\n", 1)[1].split("```", 1)[0])
     assert spec_section["dpo"]["beta"] == 0.1 and spec_section["output"]["hub"]["repoId"] == "me/llama-dpo"
     assert not {"runtime", "suspend", "checkpointing", "reporting", "hubTokenSecretRef"} & set(spec_section)
+
+
+EVAL = {"eval_loss": 0.61, "eval_rewards/accuracies": 0.75, "eval_rewards/margins": 0.4, "eval_runtime": 2.0}
+
+
+def test_card_records_the_run_and_its_eval_metrics_for_the_next_one(tmp_path: Path) -> None:
+    """model-index (written and parsed by huggingface_hub) holds the eval metrics; dpo_operator the run."""
+    spec = DPOJobSpec.model_validate({"output": {"hub": {"repoId": "me/llama-dpo"}}})
+    card = render_card(_context(tmp_path, spec, generation=3, spec_hash="0123abcd"), {"loss": 0.5, **EVAL}, {})
+    front = yaml.safe_load(card.split("---\n", 2)[1])
+    assert front["dpo_operator"] == {"generation": 3, "spec_hash": "0123abcd"}
+    [index] = front["model-index"]
+    assert index["name"] == "me/llama-dpo"
+    [result] = index["results"]
+    assert result["dataset"] == {
+        "name": "lvwerra/stack-exchange-paired (data/evaluation)",
+        "type": "lvwerra/stack-exchange-paired",
+        "split": "train",
+    }
+    assert {m["type"]: m["value"] for m in result["metrics"]} == {
+        "loss": 0.61,
+        "rewards/accuracies": 0.75,
+        "rewards/margins": 0.4,
+    }
+    assert "Run: DPOJob `llama2-se`, generation 3, spec hash `0123abcd`." in card
+    assert recorded_run(card) == {
+        "generation": 3,
+        "specHash": "0123abcd",
+        "metrics": {"eval_loss": 0.61, "eval_rewards/accuracies": 0.75, "eval_rewards/margins": 0.4},
+    }
+
+
+def test_only_cards_written_by_dpo_operator_are_compared() -> None:
+    other = "---\nmodel-index:\n- name: m\n  results:\n  - task: {type: text-generation}\n"
+    other += "    dataset: {name: d, type: d}\n    metrics: [{type: rewards/accuracies, value: 0.9}]\n---\n# m\n"
+    assert recorded_run(other) == {}
+    assert recorded_run("# just a README\n") == {}
+    assert recorded_run("---\n: [unbalanced\n---\n") == {}
+    assert recorded_run("---\ndpo_operator: {}\n---\n") == {"generation": None, "specHash": None, "metrics": {}}
+
+
+def test_card_compares_with_the_model_at_the_target_revision(tmp_path: Path) -> None:
+    spec = DPOJobSpec.model_validate({"output": {"hub": {"repoId": "me/llama-dpo", "revision": "prod"}}})
+    target = {
+        "repoId": "me/llama-dpo",
+        "revision": "prod",
+        "commitSha": "f" * 40,
+        "card": True,
+        "generation": 2,
+        "metrics": {"eval_rewards/accuracies": 0.7, "eval_rewards/chosen": 0.1},
+    }
+    card = render_card(_context(tmp_path, spec, generation=3), EVAL, {}, target)
+    section = card.split("## Compared with `prod` before this push\n\n", 1)[1].split("\n\n## ", 1)[0]
+    assert section.splitlines() == [
+        f"`me/llama-dpo` at `prod` (commit `{'f' * 12}`, generation 2), final DPO evaluation:",
+        "",
+        "| metric | this run | prod before |",
+        "|---|---|---|",
+        "| eval loss | 0.61 |  |",
+        "| eval rewards/accuracies | 0.75 | 0.7 |",
+        "| eval rewards/chosen |  | 0.1 |",
+        "| eval rewards/margins | 0.4 |  |",
+    ]
+    no_metrics = render_card(_context(tmp_path, spec), EVAL, {}, {**target, "metrics": {}})
+    assert "## Compared with" not in no_metrics
 
 
 def test_metrics_table_pairs_train_with_eval_and_leads_with_rewards() -> None:

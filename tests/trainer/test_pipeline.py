@@ -108,7 +108,7 @@ def test_rerun_of_a_finished_run_skips_every_stage(quickstart_run: CliRun, hub: 
 def test_stage_plan_invalidates_only_what_changed() -> None:
     spec = load_job(QUICKSTART).spec
     before = {stage.name: fp for stage, fp in plan(spec)}
-    assert list(before) == [s.name for s in STAGES if s.name != "push"]
+    assert list(before) == [s.name for s in STAGES if s.name not in ("gates", "push")]
     beta = spec.model_copy(deep=True)
     beta.dpo.beta = 0.2
     after = {stage.name: fp for stage, fp in plan(beta)}
@@ -137,6 +137,18 @@ def test_settings_that_do_not_shape_the_model_invalidate_nothing() -> None:
         for stage, fp in plan(DPOJobSpec.model_validate(deep_merge(raw, {"output": {"hub": {"repoId": "me/other"}}})))
     }
     assert [n for n in before if before[n] != pushed_elsewhere[n]] == ["model_card", "push"]
+
+
+def test_gates_run_between_the_card_and_the_push_and_rerun_when_they_change() -> None:
+    """With no hub the gates still run (and fail the run on a miss); changing a gate redoes card, gates and push."""
+    raw = quickstart_job(output={"gates": {"maxEvalLoss": 1.0}})["spec"]
+    assert [stage.name for stage, _ in plan(DPOJobSpec.model_validate(raw))][-2:] == ["model_card", "gates"]
+    pushed = deep_merge(raw, {"output": {"hub": {"repoId": "me/model"}}})
+    before = {stage.name: fp for stage, fp in plan(DPOJobSpec.model_validate(pushed))}
+    assert list(before)[-3:] == ["model_card", "gates", "push"]
+    stricter = DPOJobSpec.model_validate(deep_merge(pushed, {"output": {"gates": {"maxEvalLoss": 0.5}}}))
+    after = {stage.name: fp for stage, fp in plan(stricter)}
+    assert [n for n in before if before[n] != after[n]] == ["model_card", "gates", "push"]
 
 
 def test_sigterm_during_dpo_saves_a_checkpoint_and_exits_interrupted(tmp_path: Path) -> None:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 
 from dpo_trainer.errors import DatasetError, InvalidSpec, ModelLoadError
-from dpo_trainer.specfile import load_job, looks_like_path, resolve_local_paths
+from dpo_trainer.specfile import load_job, looks_like_path, parse_job, read_job, resolve_local_paths, run_metadata
 
-from .conftest import QUICKSTART, REPO
+from .conftest import QUICKSTART, REPO, deep_merge, quickstart_job
 
 
 def test_quickstart_resolves_against_the_current_directory(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -54,3 +55,32 @@ def test_document_selection_and_yaml_errors(tmp_path: Path) -> None:
         load_job(spec_file)
     with pytest.raises(InvalidSpec, match="cannot read"):
         load_job(tmp_path / "missing.yaml")
+
+
+def test_gates_need_an_evaluation_and_not_worse_than_target_needs_hub() -> None:
+    """Checked before anything loads: a gate that could only fail after hours of training is an InvalidSpec."""
+    job = quickstart_job(output={"gates": {"minEvalRewardAccuracy": 0.6, "maxEvalLoss": 0.7}})
+    assert parse_job(job).spec.output.gates is not None
+    no_eval = deep_merge(job, {"spec": {"data": {"dpo": {"evalSize": 0}}}})
+    with pytest.raises(InvalidSpec, match=r"output.gates.minEvalRewardAccuracy, output.gates.maxEvalLoss: needs DPO"):
+        parse_job(no_eval)
+    no_hub = quickstart_job(output={"gates": {"notWorseThanTarget": True}})
+    with pytest.raises(InvalidSpec, match=r"spec.output: gates.notWorseThanTarget needs hub"):
+        parse_job(no_hub)
+    with pytest.raises(InvalidSpec, match=r"spec.output.gates.minEvalRewardAccuracy: Input should be less"):
+        parse_job(quickstart_job(output={"gates": {"minEvalRewardAccuracy": 1.5}}))
+
+
+def test_run_metadata_carries_the_generation_and_the_operators_spec_hash(tmp_path: Path) -> None:
+    """The card's spec hash is status.run.specHash: the operator's hash of the spec exactly as applied."""
+    from dpo_operator.manifests import spec_hash
+
+    job = quickstart_job()
+    job["metadata"]["generation"] = 4
+    spec_file = tmp_path / "job.yaml"
+    spec_file.write_text(yaml.safe_dump(job))
+    document = read_job(spec_file)
+    metadata = run_metadata(document, parse_job(document))
+    assert metadata["generation"] == 4 and metadata["name"] == "quickstart"
+    assert metadata["spec_hash"] == spec_hash(yaml.safe_load(QUICKSTART.read_text())["spec"])
+    assert run_metadata(document, parse_job({**document, "metadata": {"generation": "4"}}))["generation"] is None

@@ -1,17 +1,22 @@
 """The `model_card` stage: README.md with Hub front matter, metrics, the training spec, and a training plot.
 
 Written to DIR/model_card/ and copied next to the weights (DIR/model and output.directory) so the
-pushed folder is self-describing.
+pushed folder is self-describing. The front matter records the run for the next one: the final DPO eval
+metrics as the Hub's `model-index`, and `dpo_operator: {generation, spec_hash}`. With output.hub, the card
+at the target revision is read first (DIR/model_card/target.json): the new card compares with its metrics,
+and the `gates` stage's notWorseThanTarget reads the same file.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 from typing import Any
 
 import yaml
 
 from dpo_operator.spec import NOT_ABOUT_THE_MODEL, model_identity
+from dpo_trainer import hub
 from dpo_trainer.context import RunContext
 from dpo_trainer.errors import scrub
 from dpo_trainer.specfile import looks_like_path
@@ -20,6 +25,10 @@ from dpo_trainer.training import LOG_HISTORY, stage_metrics
 CARD = "README.md"
 PLOT = "training_curves.png"
 PLOTTED = ("rewards/margins", "rewards/accuracies")
+TARGET = "target.json"
+RECORD = "dpo_operator"
+"""Front-matter key of the run record; a card without it was not written by dpo-operator and is not compared."""
+EVAL_TASK = "text-generation"
 
 
 def plot_training_curves(history: list[dict[str, Any]], path: str) -> None:
@@ -68,9 +77,100 @@ def metrics_table(metrics: dict[str, float]) -> str:
     return "\n".join(rows)
 
 
-def render_card(ctx: RunContext, dpo_metrics: dict[str, float], sft_metrics: dict[str, float]) -> str:
+def recorded_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """The final eval metrics a card records for later runs to compare with: eval_loss and eval_rewards/*."""
+    return {k: v for k, v in metrics.items() if k == "eval_loss" or k.startswith("eval_rewards/")}
+
+
+def model_index(ctx: RunContext, name: str, metrics: dict[str, float]) -> list[dict[str, Any]]:
+    """The Hub's model-index (built by huggingface_hub) for the final DPO evaluation on its preference pairs."""
+    from huggingface_hub import EvalResult
+    from huggingface_hub.repocard_data import eval_results_to_model_index
+
+    assert ctx.spec.data.dpo is not None
+    source = ctx.spec.data.dpo.eval_source or ctx.spec.data.dpo.source
+    if source.hub is not None:
+        where = f" ({source.hub.data_dir})" if source.hub.data_dir else ""
+        dataset: dict[str, Any] = {
+            "dataset_type": source.hub.name,
+            "dataset_name": source.hub.name + where,
+            "dataset_config": source.hub.config,
+            "dataset_split": source.hub.split,
+        }
+    else:
+        assert source.files is not None
+        loader = "parquet" if source.files.format == "parquet" else "json"
+        dataset = {"dataset_type": loader, "dataset_name": ", ".join(os.path.basename(p) for p in source.files.paths)}
+    results = [
+        EvalResult(
+            task_type=EVAL_TASK,
+            task_name="DPO preference pairs (eval split)",
+            metric_type=key.removeprefix("eval_"),
+            metric_name=key.replace("_", " ", 1),
+            metric_value=value,
+            **dataset,
+        )
+        for key, value in recorded_metrics(metrics).items()
+    ]
+    return eval_results_to_model_index(name, results)
+
+
+def recorded_run(text: str) -> dict[str, Any]:
+    """What a card written by this stage records: {"generation", "specHash", "metrics": {eval_*}}; {} otherwise."""
+    from huggingface_hub import ModelCard
+
+    try:
+        data = ModelCard(text, ignore_metadata_errors=True).data
+    except (ValueError, yaml.YAMLError):
+        return {}
+    record = data.get(RECORD)
+    if not isinstance(record, dict):
+        return {}
+    metrics = {
+        f"eval_{r.metric_type}": float(r.metric_value)
+        for r in data.eval_results or []
+        if r.task_type == EVAL_TASK and isinstance(r.metric_value, int | float)
+    }
+    return {"generation": record.get("generation"), "specHash": record.get("spec_hash"), "metrics": metrics}
+
+
+def read_target(ctx: RunContext) -> dict[str, Any]:
+    """The model at output.hub's target revision and what its card records (commitSha None: nothing there yet)."""
+    assert ctx.spec.output.hub is not None
+    sha, text = hub.target_card(ctx)
+    target = {"repoId": ctx.spec.output.hub.repo_id, "revision": ctx.spec.output.hub.revision or "main"}
+    return {**target, "commitSha": sha, "card": text is not None, **(recorded_run(text) if text else {})}
+
+
+def comparison_table(metrics: dict[str, float], target: dict[str, Any]) -> str:
+    """This run's recorded eval metrics next to those of the model at the target revision."""
+    previous = target.get("metrics") or {}
+    rows = [f"| metric | this run | {target['revision']} before |", "|---|---|---|"]
+    for key in sorted(recorded_metrics(metrics).keys() | previous.keys()):
+        cells = [f"{m[key]:.4g}" if key in m else "" for m in (metrics, previous)]
+        rows.append(f"| {key.replace('_', ' ', 1)} | {cells[0]} | {cells[1]} |")
+    return "\n".join(rows)
+
+
+def run_line(ctx: RunContext) -> str:
+    """Which run made the model: the DPOJob, its generation and the operator's spec hash (status.run.specHash)."""
+    parts = [f"DPOJob `{ctx.metadata.get('name', 'model')}`"]
+    if ctx.metadata.get("generation") is not None:
+        parts.append(f"generation {ctx.metadata['generation']}")
+    if ctx.metadata.get("spec_hash"):
+        parts.append(f"spec hash `{ctx.metadata['spec_hash']}`")
+    return "Run: " + ", ".join(parts) + "."
+
+
+def render_card(
+    ctx: RunContext,
+    dpo_metrics: dict[str, float],
+    sft_metrics: dict[str, float],
+    target: dict[str, Any] | None = None,
+) -> str:
     """The README text; the spec is included verbatim (it holds no secrets: tokens come from a Secret), less the
-    sections that do not shape the model, so editing those never calls for a new card and push."""
+    sections that do not shape the model, so editing those never calls for a new card and push. `target` (see
+    read_target) adds a comparison with the model at the target revision."""
     spec = ctx.spec
     given = ctx.metadata.get("given_spec", {})
     model_name = given.get("model", {}).get("name", spec.model.name)
@@ -84,6 +184,10 @@ def render_card(ctx: RunContext, dpo_metrics: dict[str, float], sft_metrics: dic
     front["library_name"] = "transformers"
     front["tags"] = ["trl", "dpo", "peft", "dpo-operator"] + (["sft", "qlora"] if spec.sft.enabled else [])
     name = ctx.metadata.get("name", "model")
+    if recorded_metrics(dpo_metrics):
+        front["model-index"] = model_index(ctx, spec.output.hub.repo_id if spec.output.hub else name, dpo_metrics)
+    record = {"generation": ctx.metadata.get("generation"), "spec_hash": ctx.metadata.get("spec_hash")}
+    front[RECORD] = {k: v for k, v in record.items() if v is not None}
     chain = "QLoRA SFT → merge → DPO (LoRA, reference = adapter disabled) → merge"
     if not spec.sft.enabled:
         chain = "DPO (LoRA, reference = adapter disabled) → merge"
@@ -91,10 +195,19 @@ def render_card(ctx: RunContext, dpo_metrics: dict[str, float], sft_metrics: dic
         f"---\n{yaml.safe_dump(front, sort_keys=False).strip()}\n---",
         f"# {name}",
         f"`{model_name}` aligned with Direct Preference Optimization by dpo-operator: {chain}.",
+        run_line(ctx),
         "## DPO results (final)",
         metrics_table(dpo_metrics) if dpo_metrics else "No metrics were logged.",
         f"![Reward margins and accuracies over training steps]({PLOT})",
     ]
+    if target and target.get("metrics"):
+        before = f", generation {target['generation']}" if target.get("generation") is not None else ""
+        sections += [
+            f"## Compared with `{target['revision']}` before this push",
+            f"`{target['repoId']}` at `{target['revision']}` (commit `{target['commitSha'][:12]}`{before}), "
+            "final DPO evaluation:",
+            comparison_table(dpo_metrics, target),
+        ]
     if sft_metrics:
         sections += ["## SFT results (final)", metrics_table(sft_metrics)]
     spec_yaml = yaml.safe_dump(model_identity(given), sort_keys=False)
@@ -111,8 +224,12 @@ def run(ctx: RunContext) -> None:
     history = ctx.read_json("dpo", LOG_HISTORY) or []
     plot_training_curves(history, str(out / PLOT))
     sft_metrics = stage_metrics(ctx, "sft") if ctx.spec.sft.enabled else {}
-    (out / CARD).write_text(render_card(ctx, stage_metrics(ctx, "dpo"), sft_metrics), encoding="utf-8")
-    targets = [ctx.out_dir / "model"] + ([ctx.spec.output.directory] if ctx.spec.output.directory else [])
-    for target in targets:
+    target = read_target(ctx) if ctx.spec.output.hub is not None else None
+    if target is not None:
+        ctx.write_json("model_card", TARGET, target)
+    card = render_card(ctx, stage_metrics(ctx, "dpo"), sft_metrics, target)
+    (out / CARD).write_text(card, encoding="utf-8")
+    folders = [ctx.out_dir / "model"] + ([ctx.spec.output.directory] if ctx.spec.output.directory else [])
+    for folder in folders:
         for name in (CARD, PLOT):
-            shutil.copy2(out / name, f"{target}/{name}")
+            shutil.copy2(out / name, f"{folder}/{name}")

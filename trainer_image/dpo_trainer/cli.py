@@ -43,7 +43,7 @@ from dpo_trainer import launch, pipeline
 from dpo_trainer.context import DEBUG_LOG, is_main_process, world_size
 from dpo_trainer.errors import ALL_ERRORS, TrainerError, classify, one_line, scrub
 from dpo_trainer.progress import Reporter, write_termination_message
-from dpo_trainer.specfile import load_job, resolve_local_paths, spec_as_yaml_dict
+from dpo_trainer.specfile import parse_job, read_job, resolve_local_paths, run_metadata
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -164,7 +164,8 @@ def _run(argv: list[str] | None) -> int:
     out_dir: Path | None = None
     started = time.monotonic()
     try:
-        job = load_job(args.spec)
+        document = read_job(args.spec)
+        job = parse_job(document)
         spec = resolve_local_paths(job.spec)
         out_dir = (args.output or Path(spec.checkpointing.directory)).expanduser().absolute()
         nproc = launch.processes(args.nproc)
@@ -174,8 +175,7 @@ def _run(argv: list[str] | None) -> int:
             )
             return 0
         reporter.stream = claim_stdout()
-        metadata = {"name": job.metadata.get("name", "model"), "given_spec": spec_as_yaml_dict(job.spec)}
-        summary = pipeline.run(spec, out_dir, reporter, token, metadata)
+        summary = pipeline.run(spec, out_dir, reporter, token, run_metadata(document, job))
     except (Exception, KeyboardInterrupt) as exc:
         return fail(classify(exc), exc, reporter, out_dir, secrets)
     reporter.emit("done", summary=summary)

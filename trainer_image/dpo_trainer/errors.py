@@ -3,19 +3,20 @@
 The operator reads the reason from the container's termination message and the exit code from the
 pod status, so both are part of the trainer's contract:
 
-    =============  =========  ============================================================
-    reason         exit code  meaning
-    =============  =========  ============================================================
-    Succeeded      0          the merged model is saved (and pushed when output.hub is set)
-    InvalidSpec    2          the DPOJob file is unreadable or fails validation
-    DatasetError   3          a dataset is missing, unreadable, lacks a column, or ends empty
-    ModelLoadError 4          the base model or tokenizer cannot be loaded
-    HubAuthError   5          the Hub refused the token (401/403, gated repo, no token for a push)
-    HubError       6          any other Hub failure (repo not found, server error, network)
-    OutOfMemory    7          host or accelerator memory ran out
-    TrainingError  8          anything else that failed while training, merging or writing
-    Interrupted    143        SIGTERM/SIGINT: a checkpoint was saved when possible; rerun resumes
-    =============  =========  ============================================================
+    =================  =========  ============================================================================
+    reason             exit code  meaning
+    =================  =========  ============================================================================
+    Succeeded          0          the merged model is saved (and pushed when output.hub is set)
+    InvalidSpec        2          the DPOJob file is unreadable or fails validation
+    DatasetError       3          a dataset is missing, unreadable, lacks a column, or ends empty
+    ModelLoadError     4          the base model or tokenizer cannot be loaded
+    HubAuthError       5          the Hub refused the token (401/403, gated repo, no token for a push)
+    HubError           6          any other Hub failure (repo not found, server error, network)
+    OutOfMemory        7          host or accelerator memory ran out
+    TrainingError      8          anything else that failed while training, merging or writing
+    QualityGateFailed  9          a quality gate (output.gates) failed: nothing pushed, the merged model kept
+    Interrupted        143        SIGTERM/SIGINT: a checkpoint was saved when possible; rerun resumes
+    =================  =========  ============================================================================
 """
 
 from __future__ import annotations
@@ -74,6 +75,11 @@ class TrainingError(TrainerError):
     exit_code = 8
 
 
+class QualityGateFailed(TrainerError):
+    reason = "QualityGateFailed"
+    exit_code = 9
+
+
 class Interrupted(TrainerError):
     reason = "Interrupted"
     exit_code = 143
@@ -87,6 +93,7 @@ ALL_ERRORS: tuple[type[TrainerError], ...] = (
     HubError,
     OutOfMemory,
     TrainingError,
+    QualityGateFailed,
     Interrupted,
 )
 

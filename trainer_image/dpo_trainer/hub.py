@@ -1,17 +1,28 @@
-"""The `push` stage, and a pre-flight token check so a bad token fails before hours of training.
+"""The `push` stage, a pre-flight token check so a bad token fails before hours of training, and reading the
+card of the model a push would replace.
 
 huggingface_hub reads HF_ENDPOINT when it is imported, so a private Hub (or the tests' local one) is
 chosen by the environment, never by the spec.
+
+Each run gets a revision users can pin (output.hub.runRevision): the tag `run-g<generation>` on its commit
+(tag, the default), or the branch `run-g<generation>` started from output.hub.revision, which then stays as it
+was (branch). The generation is metadata.generation of the DPOJob document: the operator writes the run's.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from dpo_trainer.context import RunContext
 from dpo_trainer.errors import HubAuthError, HubError, classify, reraise
 
+if TYPE_CHECKING:
+    from huggingface_hub import HfApi
+
 RESULT = "result.json"
+CARD_FILE = "README.md"
 
 
 def check_token(ctx: RunContext) -> None:
@@ -34,30 +45,107 @@ def check_token(ctx: RunContext) -> None:
         raise HubAuthError(f"HF_TOKEN is a read-only token: it cannot push to {hub.repo_id!r}")
 
 
+def target_card(ctx: RunContext) -> tuple[str | None, str | None]:
+    """(commit, README.md text) at output.hub.revision: (None, None) while nothing is there (no repo or branch yet),
+    (commit, None) when that commit has no card."""
+    hub = ctx.spec.output.hub
+    assert hub is not None
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import (
+        EntryNotFoundError,
+        GatedRepoError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    api = HfApi(token=ctx.token)
+    revision = hub.revision or "main"
+    context = f"reading the model card at {hub.repo_id}@{revision}"
+    try:
+        sha = api.model_info(hub.repo_id, revision=revision).sha
+    except GatedRepoError as exc:
+        reraise(exc, HubError, context)
+    except (RepositoryNotFoundError, RevisionNotFoundError):
+        return None, None
+    except Exception as exc:
+        reraise(exc, HubError, context)
+    try:
+        path = api.hf_hub_download(hub.repo_id, CARD_FILE, revision=sha)
+    except EntryNotFoundError:
+        return sha, None
+    except Exception as exc:
+        reraise(exc, HubError, context)
+    return sha, Path(path).read_text(encoding="utf-8")
+
+
+def run_ref(ctx: RunContext) -> str | None:
+    """The run's own tag or branch name, run-g<generation>; None with runRevision none or no generation known."""
+    hub = ctx.spec.output.hub
+    assert hub is not None
+    if hub.run_revision == "none":
+        return None
+    generation = ctx.metadata.get("generation")
+    if generation is None:
+        print(
+            f"dpo-trainer: note: output.hub.runRevision is {hub.run_revision} but the DPOJob has no "
+            "metadata.generation: no per-run revision",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+    return f"run-g{generation}"
+
+
+def tag_commit(api: HfApi, repo_id: str, name: str, commit: str, commit_url: str) -> None:
+    """Tag the commit; a retried push finds its own tag there already, another run's tag of that name is an error."""
+    from huggingface_hub.errors import HfHubHTTPError
+
+    try:
+        api.create_tag(repo_id, tag=name, revision=commit, repo_type="model")
+    except HfHubHTTPError as exc:
+        if exc.response is None or exc.response.status_code != 409:
+            raise
+        existing = next((t.target_commit for t in api.list_repo_refs(repo_id).tags if t.name == name), None)
+        if existing != commit:
+            raise HubError(
+                f"tag {name} of {repo_id} already names commit {existing} (an earlier DPOJob of the same name?): "
+                f"the model is pushed as {commit_url} but not tagged; delete that tag or set output.hub.runRevision"
+            ) from None
+
+
 def run(ctx: RunContext) -> None:
-    """create_repo(exist_ok) → create_branch (when a revision is set) → upload_folder(DIR/model)."""
+    """create_repo(exist_ok) → create_branch (revision; the run's branch) → upload_folder(DIR/model) → create_tag."""
     hub = ctx.spec.output.hub
     assert hub is not None
     from huggingface_hub import HfApi
 
     api = HfApi(token=ctx.token)
+    ref = run_ref(ctx)
+    tag = ref if hub.run_revision == "tag" else None
+    branch = (ref if hub.run_revision == "branch" else None) or hub.revision
     try:
         api.create_repo(hub.repo_id, private=hub.private, exist_ok=True, repo_type="model")
         if hub.revision:
             api.create_branch(hub.repo_id, branch=hub.revision, exist_ok=True, repo_type="model")
+        if branch != hub.revision:
+            api.create_branch(hub.repo_id, branch=branch, revision=hub.revision, exist_ok=True, repo_type="model")
         commit = api.upload_folder(
             repo_id=hub.repo_id,
             folder_path=str(ctx.out_dir / "model"),
-            revision=hub.revision,
+            revision=branch,
             commit_message=hub.commit_message,
             repo_type="model",
         )
+        if tag:
+            tag_commit(api, hub.repo_id, tag, commit.oid, commit.commit_url)
     except Exception as exc:
         reraise(exc, HubError, f"pushing to {hub.repo_id}")
     result: dict[str, Any] = {
         "repoId": hub.repo_id,
-        "revision": hub.revision or "main",
+        "revision": branch or "main",
         "commitUrl": commit.commit_url,
         "commitSha": commit.oid,
     }
+    if tag:
+        result["tag"] = tag
     ctx.write_json("push", RESULT, result)

@@ -1,6 +1,6 @@
 """The stage sequence, its resumable bookkeeping, and the run summary.
 
-    data → sft → sft_merge → dpo → dpo_merge → model_card → push
+    data → sft → sft_merge → dpo → dpo_merge → model_card → gates → push
 
 Where each stage writes, under the work directory DIR:
 
@@ -9,11 +9,14 @@ Where each stage writes, under the work directory DIR:
     sft_merge   DIR/sft_merge/   base + SFT adapter merged, in model.dtype, with tokenizer
     dpo         DIR/dpo/         checkpoints, adapter/, log_history.json
     dpo_merge   DIR/model/       the final model + tokenizer (also copied to output.directory)
-    model_card  DIR/model_card/  README.md + training_curves.png (also copied next to the model)
-    push        DIR/push/        result.json: repoId, revision, commitUrl, commitSha
+    model_card  DIR/model_card/  README.md + training_curves.png (also copied next to the model); with output.hub,
+                                 target.json: what the card at the target revision records
+    gates       DIR/gates/       result.json: every check of output.gates with its numbers, notes
+    push        DIR/push/        result.json: repoId, revision, commitUrl, commitSha, tag
 
 plus DIR/state.json (stage bookkeeping), DIR/summary.json and, after a failure, DIR/debug.log.
-sft.enabled=false skips sft and sft_merge; push runs only when output.hub is set.
+sft.enabled=false skips sft and sft_merge; gates runs only when output.gates is set, push only when
+output.hub is.
 
 summary.json "stages" maps each stage to {"seconds", "skipped"}; for a stage skipped because an earlier
 run finished it, "seconds" is what it took then (its stage_end event reports 0 for this run).
@@ -110,6 +113,13 @@ STAGES: tuple[Stage, ...] = (
     ),
     Stage(name="model_card", directory="model_card", target="dpo_trainer.card:run", inputs=model_identity),
     Stage(
+        name="gates",
+        directory="gates",
+        target="dpo_trainer.gates:run",
+        inputs=lambda s: [s["output"]["gates"]],
+        enabled=lambda spec: spec.output.gates is not None,
+    ),
+    Stage(
         name="push",
         directory="push",
         target="dpo_trainer.hub:run",
@@ -145,8 +155,10 @@ def model_location(ctx: RunContext) -> dict[str, Any]:
 
 
 def build_summary(ctx: RunContext) -> dict[str, Any]:
-    """DIR/summary.json and the `done` event: final metrics, stage timings, row counts, parallelism, model location."""
+    """DIR/summary.json and the `done` event: final metrics, stage timings, row counts, parallelism, model location,
+    and the gates' verdict when output.gates is set."""
     trained = ["sft", "dpo"] if ctx.spec.sft.enabled else ["dpo"]
+    gates = {"gates": ctx.read_json("gates", "result.json")} if ctx.spec.output.gates else {}
     return {
         "metrics": stage_metrics(ctx, "dpo"),
         "sftMetrics": stage_metrics(ctx, "sft") if ctx.spec.sft.enabled else {},
@@ -154,6 +166,7 @@ def build_summary(ctx: RunContext) -> dict[str, Any]:
         "stages": ctx.timings,
         "data": ctx.read_json("data", "stats.json") or {},
         "model": model_location(ctx),
+        **gates,
     }
 
 

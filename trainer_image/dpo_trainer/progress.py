@@ -11,7 +11,7 @@ formats are a contract. Every stdout line is one JSON object:
     done         {"summary"}
     error        {"reason", "message"}
 
-Stage names: data, sft, sft_merge, dpo, dpo_merge, model_card, push. Non-finite floats become null so
+Stage names: data, sft, sft_merge, dpo, dpo_merge, model_card, gates, push. Non-finite floats become null so
 every line is strict JSON.
 """
 

@@ -13,6 +13,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
+from dpo_operator.manifests import spec_hash
 from dpo_operator.spec import (
     KIND,
     DatasetSource,
@@ -23,8 +24,8 @@ from dpo_operator.spec import (
 from dpo_trainer.errors import DatasetError, InvalidSpec, ModelLoadError
 
 
-def load_job(path: Path) -> DPOJob:
-    """Parse SPEC.yaml (possibly multi-document) and validate its DPOJob document."""
+def read_job(path: Path) -> dict[str, Any]:
+    """The one DPOJob document of SPEC.yaml (possibly multi-document), as written: no defaults filled in."""
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
@@ -39,10 +40,32 @@ def load_job(path: Path) -> DPOJob:
         raise InvalidSpec(f"{path} must hold exactly one document of kind {KIND}, found kinds {kinds}")
     if "spec" not in jobs[0]:
         raise InvalidSpec(f"{path}: the {KIND} has no spec")
+    return jobs[0]
+
+
+def parse_job(document: dict[str, Any]) -> DPOJob:
+    """Validate a DPOJob document (read_job's)."""
     try:
-        return DPOJob.model_validate(jobs[0])
+        return DPOJob.model_validate(document)
     except ValidationError as exc:
         raise InvalidSpec(describe_validation_error(exc, prefix="")) from None
+
+
+def load_job(path: Path) -> DPOJob:
+    """Parse SPEC.yaml (possibly multi-document) and validate its DPOJob document."""
+    return parse_job(read_job(path))
+
+
+def run_metadata(document: dict[str, Any], job: DPOJob) -> dict[str, Any]:
+    """What the card and the push say about the run: the DPOJob's name, its metadata.generation (the run's, in
+    the operator's ConfigMap) and the operator's spec hash of the spec as written (status.run.specHash)."""
+    generation = job.metadata.get("generation")
+    return {
+        "name": job.metadata.get("name", "model"),
+        "given_spec": spec_as_yaml_dict(job.spec),
+        "generation": generation if isinstance(generation, int) and generation > 0 else None,
+        "spec_hash": spec_hash(document["spec"]),
+    }
 
 
 def looks_like_path(name: str) -> bool:
