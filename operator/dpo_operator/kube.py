@@ -12,7 +12,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from .manifests import ServerFeatures
+from .manifests import ServerFeatures, job_content_hash
 from .spec import API_GROUP, API_VERSION, KIND, PLURAL
 
 log = logging.getLogger(__name__)
@@ -38,6 +38,18 @@ def server_message(exc: ApiException) -> str:
 
 class NotOwnedError(RuntimeError):
     """An object with the name we need exists but belongs to something else (e.g. a deleted DPOJob)."""
+
+
+def owned_by(obj: dict[str, Any], uid: str) -> bool:
+    """obj has a controller ownerReference to uid (a same-named object of a deleted owner does not count)."""
+    return any(ref.get("uid") == uid and ref.get("controller") for ref in obj["metadata"].get("ownerReferences") or [])
+
+
+def untrusted_job_message(name: str) -> str:
+    return (
+        f"Job {name} names this DPOJob as its controller but runs other content than the operator would create "
+        "(image, command, env, volumes or ServiceAccount differ): it is not adopted; delete it to let the run start"
+    )
 
 
 def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
@@ -142,12 +154,17 @@ class Kube:
             if exc.status != 409:
                 raise
         existing = self.api_client.sanitize_for_serialization(read(name, namespace))
-        owners = existing["metadata"].get("ownerReferences") or []
-        if not any(ref.get("uid") == owner_uid for ref in owners):
+        if not owned_by(existing, owner_uid):
             raise NotOwnedError(
-                f"{kind} {name} exists but is not owned by this DPOJob (left by a deleted DPOJob of the same name?); "
-                "waiting until it is gone"
+                f"{kind} {name} exists but is not controlled by this DPOJob (left by a deleted DPOJob of the same "
+                "name, or created by someone else); waiting until it is gone"
             )
+        if kind == "Job" and job_content_hash(existing) != job_content_hash(body):
+            raise NotOwnedError(untrusted_job_message(name))
+        if kind == "ConfigMap" and existing.get("data") != body.get("data"):
+            # Ours, written before a runtime edit (e.g. during a suspend): the trainer must read the current spec.
+            self.delete("ConfigMap", namespace, name)
+            return self.api_client.sanitize_for_serialization(create(namespace, body)), True
         return existing, False
 
     def delete(self, kind: str, namespace: str, name: str) -> bool:

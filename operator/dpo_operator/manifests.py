@@ -138,6 +138,34 @@ def build_config_map(dpojob: dict[str, Any], generation: int, attempt: int = 0) 
     }
 
 
+def job_content_hash(job: dict[str, Any]) -> str:
+    """Hash of what a trainer Job runs and with which credentials: images, commands, env and its sources,
+    volumes and their sources, ServiceAccount. Fields the API server defaults, and the scheduling fields Kueue
+    injects, are left out, so a Job hashes the same as the manifest it was created from. The operator takes a
+    Job as its own only when this matches: an ownerReference alone can be forged by anyone in the namespace."""
+    pod = job["spec"]["template"]["spec"]
+
+    def container(c: dict[str, Any]) -> list[Any]:
+        env = [[e["name"], e.get("value"), e.get("valueFrom")] for e in c.get("env") or []]
+        mounts = [[m["name"], m["mountPath"], bool(m.get("readOnly"))] for m in c.get("volumeMounts") or []]
+        return [c["name"], c["image"], c.get("command"), c.get("args"), env, c.get("envFrom"), mounts]
+
+    def volume(v: dict[str, Any]) -> list[Any]:
+        kind = next(k for k in v if k != "name")
+        source = v[kind] or {}
+        return [v["name"], kind, source.get("name") or source.get("claimName") or source.get("secretName")]
+
+    content = {
+        "containers": [container(c) for c in pod["containers"]],
+        "initContainers": [container(c) for c in pod.get("initContainers") or []],
+        "volumes": sorted(volume(v) for v in pod.get("volumes") or []),
+        "serviceAccountName": pod.get("serviceAccountName") or "default",
+        "automountServiceAccountToken": pod.get("automountServiceAccountToken"),
+        "host": [bool(pod.get(k)) for k in ("hostNetwork", "hostPID", "hostIPC")],
+    }
+    return _digest(content)
+
+
 def _claim_volume(name: str, claim: Any) -> dict[str, Any]:
     return {"name": name, "persistentVolumeClaim": {"claimName": claim.claim_name, "readOnly": claim.read_only}}
 

@@ -30,10 +30,20 @@ DISPLAY_STAGE = {
     "dpo": "dpo",
     "dpo_merge": "merge",
     "model_card": "push",
+    "gates": "push",
     "push": "push",
 }
 # Share of the whole run each trainer stage covers, for status.progress.percent (training dominates).
-_STAGE_WEIGHTS = {"data": 2, "sft": 40, "sft_merge": 3, "dpo": 50, "dpo_merge": 3, "model_card": 1, "push": 1}
+_STAGE_WEIGHTS = {
+    "data": 2,
+    "sft": 40,
+    "sft_merge": 3,
+    "dpo": 50,
+    "dpo_merge": 3,
+    "model_card": 1,
+    "gates": 1,
+    "push": 1,
+}
 _STAGE_ORDER = list(_STAGE_WEIGHTS)
 REWARD_KEYS = {
     "rewards/chosen": "chosen",

@@ -19,7 +19,15 @@ from pydantic import ValidationError
 from . import manifests, metrics
 from .followers import LogFollowers
 from .health import Health
-from .kube import ChildRejectedError, Kube, NotOwnedError, merge_patch, prune_none
+from .kube import (
+    ChildRejectedError,
+    Kube,
+    NotOwnedError,
+    merge_patch,
+    owned_by,
+    prune_none,
+    untrusted_job_message,
+)
 from .settings import OperatorSettings
 from .spec import DPOJobSpec, describe_validation_error
 from .status import Observed, compute_status, run_finished, transition_events, utc_from_rfc3339
@@ -67,11 +75,6 @@ def current_run(dpojob: dict[str, Any]) -> dict[str, Any]:
     if retry and retry != previous.get("retryToken") and status.get("phase") == "Failed":
         return {**previous, "attempt": previous.get("attempt", 0) + 1, "retryToken": retry}
     return previous
-
-
-def owned_by(obj: dict[str, Any], uid: str) -> bool:
-    """obj has a controller ownerReference to uid (a same-named object of a deleted owner does not count)."""
-    return any(ref.get("uid") == uid and ref.get("controller") for ref in obj["metadata"].get("ownerReferences") or [])
 
 
 STUCK_TERMINATING = timedelta(minutes=5)
@@ -229,6 +232,9 @@ class Reconciler:
             return  # the status write brings this DPOJob back through its watch event
 
         job = self._current_job(namespace, name, uid, manifests.run_name(name, generation, attempt))
+        if job is not None and not self._created_by_us(dpojob, old, spec, job, generation, attempt):
+            observed.not_owned = untrusted_job_message(job["metadata"]["name"])
+            job = None
         selector = f"{manifests.LABEL_DPOJOB}={manifests.label_value(name)}"
         pods = self.kube.list_pods(namespace, f"{selector},{manifests.LABEL_RUN}={generation}")
         if error is None and spec is not None and not finished:
@@ -238,7 +244,9 @@ class Reconciler:
             elif not observed.suspended and job is None:
                 stopping = stopping_pod(pods, manifests.run_name(name, generation, attempt), datetime.now(UTC))
                 rejected = self._rejected.get((namespace, name))
-                if stopping is not None:
+                if observed.not_owned:
+                    pass  # a Job of this name exists; creating would only be refused
+                elif stopping is not None:
                     observed.waiting = (
                         f"previous trainer pod {stopping['metadata']['name']} is still stopping; if its node is "
                         f"gone, `kubectl delete pod {stopping['metadata']['name']} --force` ends the wait (it ends "
@@ -250,12 +258,13 @@ class Reconciler:
                     try:
                         job = self._create_run(dpojob, spec, generation, attempt)
                     except NotOwnedError as exc:
-                        observed.waiting = str(exc)
+                        observed.not_owned = str(exc)
                     except ChildRejectedError as exc:
                         log.warning("%s/%s: %s", namespace, name, exc)
                         self._rejected[(namespace, name)] = (dpojob["metadata"]["generation"], exc)
                         observed.rejected = (exc.code, str(exc))
         observed.job = job
+        observed.job_content_hash = manifests.job_content_hash(job) if job is not None else None
         observed.pods = [p for p in pods if job is not None and owned_by(p, job["metadata"]["uid"])]
         if job is not None and not observed.pods and not finished and not (job.get("spec") or {}).get("suspend"):
             observed.pod_creation_error = self.kube.pod_creation_error(job)
@@ -281,14 +290,7 @@ class Reconciler:
         """ConfigMap then Job for this run; an existing one (operator restart, race) is adopted, never duplicated."""
         uid = dpojob["metadata"]["uid"]
         self.kube.create_or_adopt(manifests.build_config_map(dpojob, generation, attempt), uid)
-        job_manifest = manifests.build_job(
-            dpojob,
-            spec,
-            generation,
-            self.settings.trainer_env,
-            attempt=attempt,
-            features=self.features,
-        )
+        job_manifest = self._job_manifest(dpojob, spec, generation, attempt)
         job, created = self.kube.create_or_adopt(job_manifest, uid)
         if created:
             metrics.JOBS_CREATED.inc()
@@ -309,6 +311,33 @@ class Reconciler:
                     "if Kueue preempts the run, training starts again from the beginning",
                 )
         return job
+
+    def _created_by_us(
+        self,
+        dpojob: dict[str, Any],
+        old: dict[str, Any],
+        spec: DPOJobSpec | None,
+        job: dict[str, Any],
+        generation: int,
+        attempt: int,
+    ) -> bool:
+        """The Job runs what the operator created for this run: the content hash recorded in status when it was
+        created (or first seen by 0.1.0, which recorded none), else what the operator would create now."""
+        recorded = old.get("trainer") or {}
+        if recorded.get("jobName") == job["metadata"]["name"]:
+            expected = recorded.get("jobContentHash")
+            if expected is None:
+                return True  # observed as this run's Job before the hash was recorded (an upgrade)
+        elif spec is not None:
+            expected = manifests.job_content_hash(self._job_manifest(dpojob, spec, generation, attempt))
+        else:
+            return False
+        return manifests.job_content_hash(job) == expected
+
+    def _job_manifest(self, dpojob: dict[str, Any], spec: DPOJobSpec, generation: int, attempt: int) -> dict[str, Any]:
+        return manifests.build_job(
+            dpojob, spec, generation, self.settings.trainer_env, attempt=attempt, features=self.features
+        )
 
     def _current_job(self, namespace: str, name: str, uid: str, current: str) -> dict[str, Any] | None:
         """This run's Job (named `current`) if we own it; our other Jobs belong to superseded runs (a changed

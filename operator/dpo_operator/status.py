@@ -49,6 +49,10 @@ class Observed:
     """Why the run's Job cannot be created yet (a previous Job or pod of the same name still going away)."""
     pod_creation_error: str | None = None
     """Why the Job controller cannot create the trainer pod (its FailedCreate Event), while the Job has none."""
+    job_content_hash: str | None = None
+    """manifests.job_content_hash of the run's Job, recorded in status.trainer (see reconciler._created_by_us)."""
+    not_owned: str | None = None
+    """A Job with the run's name exists that is not (verifiably) the operator's: it is neither adopted nor replaced."""
     rejected: tuple[int, str] | None = None
     """The API server refused to create the run's children: HTTP code and message."""
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -126,6 +130,8 @@ def observe_outcome(obs: Observed) -> Outcome:
     if obs.suspended:
         return Outcome("Suspended", "Suspended", "spec.suspend is true: the trainer is stopped")
     if obs.job is None:
+        if obs.not_owned:
+            return Outcome("Pending", "NotOwned", obs.not_owned)
         if obs.rejected is not None:
             # 400/422: the spec produced an object the server rejects (fix the spec); 403 and others: the
             # namespace refuses it (quota, RBAC, admission policy) — retried at the next spec change.
@@ -269,7 +275,12 @@ def compute_status(old: dict[str, Any], obs: Observed) -> dict[str, Any]:
         latest = _latest(obs.pods)
         pod_name = outcome.pod_name or (latest["metadata"]["name"] if latest else None)
         name = obs.job["metadata"]["name"]
-        status["trainer"] = {"jobName": name, "configMapName": name, **({"podName": pod_name} if pod_name else {})}
+        status["trainer"] = {
+            "jobName": name,
+            "configMapName": name,
+            **({"jobContentHash": obs.job_content_hash} if obs.job_content_hash else {}),
+            **({"podName": pod_name} if pod_name else {}),
+        }
         # A Job recreated on resume starts counting again; the run's count never goes down.
         status["retries"] = max(int(obs.job.get("status", {}).get("failed") or 0), status.get("retries", 0))
     elif same_run and old.get("trainer"):
@@ -364,6 +375,7 @@ _PENDING_WARNINGS = {
     "WaitingForCleanup",
     "CreateRejected",
     "FailedCreate",
+    "NotOwned",
 }
 _PENDING_EVENTS = {*_PENDING_WARNINGS, "Queued"}
 

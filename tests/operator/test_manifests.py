@@ -1,5 +1,7 @@
 """Building the trainer Job and ConfigMap from a DPOJob."""
 
+import copy
+
 import yaml
 
 from dpo_operator import manifests
@@ -116,3 +118,26 @@ def test_long_dpojob_names_give_valid_unique_labels_and_keep_the_full_name() -> 
     assert job["metadata"]["annotations"][manifests.ANNOTATION_DPOJOB] == long_a
     assert job["spec"]["template"]["metadata"]["annotations"][manifests.ANNOTATION_DPOJOB] == long_a
     assert manifests.label_value("short") == "short"
+
+
+def test_job_content_hash_ignores_server_defaults_and_kueue_but_not_what_runs() -> None:
+    spec = DPOJobSpec.model_validate(DPOJOB["spec"])
+    created = manifests.build_job(DPOJOB, spec, 3, TRAINER_ENV)
+    served = copy.deepcopy(created)  # as the API server returns it, after Kueue's admission
+    pod = served["spec"]["template"]["spec"]
+    pod.update(dnsPolicy="ClusterFirst", schedulerName="default-scheduler", nodeSelector={"pool": "h100"})
+    for volume in pod["volumes"]:
+        if "configMap" in volume:
+            volume["configMap"]["defaultMode"] = 420
+    pod["containers"][0]["terminationMessagePolicy"] = "FallbackToLogsOnError"
+    assert manifests.job_content_hash(served) == manifests.job_content_hash(created)
+    for tamper in (
+        lambda p: p["containers"][0].update(image="evil:latest"),
+        lambda p: p["containers"][0]["env"].append({"name": "EXFIL", "value": "http://evil"}),
+        lambda p: p["volumes"].append({"name": "x", "secret": {"secretName": "other-team-token"}}),
+        lambda p: p.update(serviceAccountName="admin"),
+        lambda p: p.setdefault("initContainers", []).append({"name": "i", "image": "evil"}),
+    ):
+        forged = copy.deepcopy(created)
+        tamper(forged["spec"]["template"]["spec"])
+        assert manifests.job_content_hash(forged) != manifests.job_content_hash(created)

@@ -310,13 +310,52 @@ def test_a_recreated_dpojob_never_adopts_the_old_objects_job(stack: LocalStack) 
         stack.wait_for(NS, name, lambda o: phase(o) == "Succeeded", 60)
         kubectl(stack.admin_kubeconfig, "-n", NS, "delete", "dpojob", name, "--cascade=orphan")
         apply(stack, dpojob(name, output={"hub": {"repoId": "demo/reborn"}}))
-        waiting = stack.wait_for(NS, name, lambda o: condition(o, "Ready").get("reason") == "WaitingForCleanup", 60)
+        waiting = stack.wait_for(NS, name, lambda o: condition(o, "Ready").get("reason") == "NotOwned", 60)
         assert phase(waiting) == "Pending", "the old object's finished Job must not count for the new object"
-        assert "not owned by this DPOJob" in condition(waiting, "Ready")["message"]
+        assert "not controlled by this DPOJob" in condition(waiting, "Ready")["message"]
         kubectl(stack.admin_kubeconfig, "-n", NS, "delete", "job,configmap", "reborn-g1")
         reborn = stack.wait_for(NS, name, lambda o: phase(o) == "Succeeded", 60)
     owners = jobs_of(stack, name)[0]["metadata"]["ownerReferences"]
     assert [o["uid"] for o in owners] == [reborn["metadata"]["uid"]]
+
+
+def test_a_forged_job_claiming_the_next_run_is_not_adopted(stack: LocalStack) -> None:
+    """Another user of the namespace pre-creates <name>-g2 naming the DPOJob as controller, with its own image:
+    it must neither run as the DPOJob's run nor report into its status."""
+    name = "victim"
+    with stack.simulator.scripted(succeed_with_model(name, "demo/victim")):
+        apply(stack, dpojob(name, output={"hub": {"repoId": "demo/victim"}}))
+        first = stack.wait_for(NS, name, lambda o: phase(o) == "Succeeded", 60)
+    template_labels = {"dpo-operator.io/dpojob": name, "dpo-operator.io/run-generation": "2"}
+    forged = {
+        "apiVersion": "batch/v1",
+        "kind": "Job",
+        "metadata": {
+            "name": f"{name}-g2",
+            "namespace": NS,
+            "labels": {**template_labels, "app.kubernetes.io/managed-by": "dpo-operator"},
+            "ownerReferences": [{"apiVersion": "dpo-operator.io/v1alpha1", "kind": "DPOJob", "name": name,
+                                 "uid": first["metadata"]["uid"], "controller": True}],
+        },
+        "spec": {
+            "backoffLimit": 0,
+            "template": {
+                "metadata": {"labels": template_labels, "annotations": {"nodesim.dpo.dev/mode": "simulate",
+                                                                          "nodesim.dpo.dev/duration": "3600"}},
+                "spec": {"restartPolicy": "Never", "containers": [{"name": "trainer", "image": "evil:latest"}]},
+            },
+        },
+    }  # fmt: skip
+    apply(stack, forged)
+    apply(stack, dpojob(name, dpo={"beta": 0.3}, output={"hub": {"repoId": "demo/victim"}}))
+    refused = stack.wait_for(NS, name, lambda o: condition(o, "Ready").get("reason") == "NotOwned", 60)
+    assert phase(refused) == "Pending" and "runs other content" in condition(refused, "Ready")["message"]
+    assert "trainer" not in refused["status"], "the forged Job's pod must not report into the DPOJob"
+    with stack.simulator.scripted(succeed_with_model(name, "demo/victim")):
+        kubectl(stack.admin_kubeconfig, "-n", NS, "delete", "job", f"{name}-g2")
+        done = stack.wait_for(NS, name, lambda o: phase(o) == "Succeeded", 90)
+    image = jobs_of(stack, name)[0]["spec"]["template"]["spec"]["containers"][0]["image"]
+    assert done["status"]["run"]["generation"] == 2 and image != "evil:latest"
 
 
 # --- the quickstart, end to end, with an operator crash and a suspend/resume on the way -----------------

@@ -86,3 +86,12 @@ def test_metric_keys_are_bounded() -> None:
     metrics = progress.status_fields()["metrics"]
     assert len(metrics) == MAX_METRICS and "x" * 5000 not in metrics
     assert metrics["rewards/accuracies"] == 0.8 and metrics["loss"] == 0.5, "rewards and loss are kept first"
+
+
+def test_every_trainer_stage_has_a_display_stage_and_a_weight() -> None:
+    """The trainer's stage table is the source of truth; the operator must know each stage it can report."""
+    from dpo_operator.progress import _STAGE_WEIGHTS, DISPLAY_STAGE
+    from dpo_trainer.pipeline import STAGES
+
+    names = [stage.name for stage in STAGES]
+    assert list(DISPLAY_STAGE) == names and list(_STAGE_WEIGHTS) == names
