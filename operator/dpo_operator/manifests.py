@@ -21,6 +21,8 @@ SPEC_FILE = "dpojob.yaml"
 DATA_MOUNT = "/data"
 OUTPUT_MOUNT = "/output"
 TERMINATION_LOG = "/dev/termination-log"
+RESERVED_PATHS = frozenset({"/", "/tmp", "/dev", "/dev/shm", "/proc", "/sys", CONFIG_MOUNT, DATA_MOUNT, OUTPUT_MOUNT})
+"""Paths the trainer pod mounts something else at (or must not hide): not a place for the work volume."""
 CONTAINER = "trainer"
 LABEL_DPOJOB = f"{API_GROUP}/dpojob"
 LABEL_RUN = f"{API_GROUP}/run-generation"

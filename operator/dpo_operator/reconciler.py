@@ -7,6 +7,7 @@ Level-triggered: whatever woke it (a DPOJob, Job or pod event, a trainer log lin
 from __future__ import annotations
 
 import logging
+import posixpath
 import threading
 import time
 from collections import defaultdict
@@ -42,6 +43,12 @@ def validate_spec(raw: dict[str, Any]) -> tuple[DPOJobSpec | None, str | None]:
         spec = DPOJobSpec.model_validate(raw)
     except ValidationError as exc:
         return None, describe_validation_error(exc)
+    checkpoints = posixpath.normpath(spec.checkpointing.directory)
+    if not spec.checkpointing.directory.startswith("/") or checkpoints in manifests.RESERVED_PATHS:
+        return spec, (
+            f"spec.checkpointing.directory: {spec.checkpointing.directory!r} must be an absolute path other than "
+            f"{', '.join(sorted(manifests.RESERVED_PATHS))} (the trainer pod mounts its work volume there)"
+        )
     directory = spec.output.directory
     if spec.output.hub is None and directory is not None:
         on_volume = (spec.runtime.output_volume and directory.startswith(manifests.OUTPUT_MOUNT + "/")) or (

@@ -8,10 +8,11 @@ operator can both use it cheaply.
 
 from __future__ import annotations
 
+import re
 import string
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "dpo-operator.io"
@@ -47,6 +48,11 @@ Optimizer = Literal["paged_adamw_32bit", "paged_adamw_8bit", "adamw_torch", "ada
 LRScheduler = Literal["cosine", "linear", "constant", "constant_with_warmup", "cosine_with_restarts"]
 PositiveInt = Annotated[int, Field(ge=1)]
 K8sName = Annotated[str, Field(min_length=1, max_length=253, pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$")]
+LABEL_KEY = re.compile(
+    r"([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?"
+)
+"""A label key: an optional DNS-subdomain prefix (at most 253 characters) and '/', then a name of at most 63."""
+LabelValue = Annotated[str, Field(max_length=63, pattern=r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")]
 
 
 class SpecModel(BaseModel):
@@ -358,8 +364,8 @@ class SecretKeyRef(SpecModel):
 
     name: K8sName
     """Secret name."""
-    key: str = Field(default="token", min_length=1)
-    """Key inside the Secret."""
+    key: str = Field(default="token", min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$")
+    """Key inside the Secret (letters, digits, '-', '_', '.')."""
 
 
 class HubOutput(SpecModel):
@@ -467,6 +473,14 @@ class Toleration(SpecModel):
     toleration_seconds: int | None = None
     """With effect NoExecute: seconds the pod stays on the node once tainted (unset: for ever)."""
 
+    @model_validator(mode="after")
+    def _seconds_need_no_execute(self) -> Toleration:
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds is only allowed with effect NoExecute")
+        if self.operator == "Exists" and self.value:
+            raise ValueError("value must be empty with operator Exists")
+        return self
+
 
 class LocalObjectReference(SpecModel):
     """A reference to an object by name in the same namespace."""
@@ -499,15 +513,15 @@ class RuntimeSpec(SpecModel):
     """CPU request (Kubernetes quantity)."""
     memory: str = Field(default="32Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
     """Memory request and limit (Kubernetes quantity)."""
-    node_selector: dict[str, str] = Field(default_factory=dict)
+    node_selector: dict[str, LabelValue] = Field(default_factory=dict)
     """Node labels the pod must match."""
     tolerations: list[Toleration] = Field(default_factory=list)
     """Taints the pod tolerates (GPU nodes are often tainted)."""
     affinity: dict[str, Any] | None = None
     """Kubernetes affinity, passed through unchanged."""
-    priority_class_name: str | None = None
+    priority_class_name: K8sName | None = None
     """PriorityClass of the pod (for preemption and queueing)."""
-    service_account_name: str | None = None
+    service_account_name: K8sName | None = None
     """ServiceAccount of the trainer pod. It needs no API rights; its token is not mounted."""
     checkpoint_volume: VolumeClaim | None = None
     """PVC mounted at checkpointing.directory so a restarted pod resumes. Default: an emptyDir."""
@@ -521,6 +535,14 @@ class RuntimeSpec(SpecModel):
     """Wall-clock limit of one run; exceeding it fails the DPOJob."""
     ttl_seconds_after_finished: int | None = Field(default=None, ge=0)
     """Delete the finished trainer Job and its pods after N seconds. The DPOJob itself is kept."""
+
+    @field_validator("node_selector")
+    @classmethod
+    def _label_keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not LABEL_KEY.fullmatch(key) or len(key.partition("/")[0]) > 253:
+                raise ValueError(f"{key!r} is not a label key (optional DNS prefix and '/', then up to 63 characters)")
+        return value
 
 
 class DPOJobSpec(SpecModel):

@@ -247,12 +247,11 @@ def test_a_dpojob_name_longer_than_a_label_value_runs(stack: LocalStack) -> None
 @pytest.mark.parametrize(
     ("name", "spec", "field"),
     [
-        ("mount-clash", {"checkpointing": {"directory": "/tmp"}}, "mountPath"),
         (
-            "bad-toleration",
-            {"runtime": {"tolerations": [{"key": "k", "operator": "Exists", "effect": "NoSchedule",
-                                          "tolerationSeconds": 30}]}},
-            "tolerationSeconds",
+            "bad-affinity",  # free-form affinity: only the API server validates it
+            {"runtime": {"affinity": {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+                "nodeSelectorTerms": [{"matchExpressions": [{"key": "zone", "operator": "Near"}]}]}}}}},
+            "operator",
         ),
     ],
 )  # fmt: skip

@@ -6,7 +6,7 @@ import copy
 from datetime import UTC, datetime
 
 from dpo_operator import manifests
-from dpo_operator.reconciler import RETRY_ANNOTATION, current_run, stopping_pod
+from dpo_operator.reconciler import RETRY_ANNOTATION, current_run, stopping_pod, validate_spec
 
 SPEC = {
     "model": {"name": "tiny"},
@@ -74,3 +74,24 @@ def test_only_a_pod_of_the_runs_own_job_that_is_really_stopping_is_waited_for() 
     assert stopping_pod([pod(None), pod("someone-elses")], "job-g1", now) is None, "labels alone do not block"
     assert stopping_pod([pod("job-g1", phase="Failed")], "job-g1", now) is None
     assert stopping_pod([pod("job-g1", "2026-12-02T11:50:00Z")], "job-g1", now) is None, "a lost node's pod"
+
+
+def test_pod_level_fields_are_validated_before_any_job_is_built() -> None:
+    """What the API server would refuse for the Job (and so stay Pending without a word) is InvalidSpec at once."""
+    base = {**SPEC, "hubTokenSecretRef": {"name": "hf-token", "key": "token"}}
+    cases = {
+        "spec.checkpointing.directory": [{"checkpointing": {"directory": d}} for d in ("/tmp", "/data", "work")],
+        "tolerationSeconds": [
+            {"runtime": {"tolerations": [{"key": "k", "effect": "NoSchedule", "tolerationSeconds": 30}]}}
+        ],
+        "spec.hubTokenSecretRef.key": [{"hubTokenSecretRef": {"name": "hf-token", "key": "a/b"}}],
+        "spec.runtime.nodeSelector": [{"runtime": {"nodeSelector": {"bad key!": "x"}}}],
+        "spec.runtime.priorityClassName": [{"runtime": {"priorityClassName": "Not_A_Name"}}],
+        "spec.runtime.serviceAccountName": [{"runtime": {"serviceAccountName": "UPPER"}}],
+    }
+    for field, edits in cases.items():
+        for edit in edits:
+            _, error = validate_spec({**base, **edit})
+            assert error is not None and field in error, (edit, error)
+    assert validate_spec({**base, "checkpointing": {"directory": "/tmp/dpo/work"}})[1] is None
+    assert validate_spec({**base, "runtime": {"nodeSelector": {"nvidia.com/gpu.product": "H100"}}})[1] is None
