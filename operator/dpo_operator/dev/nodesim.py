@@ -10,7 +10,11 @@ Ready with Lease heartbeats. For each pod the scheduler binds to them it either
 * runs it as a **process**: the container's command/args with the pod's resolved env, volumes materialised
   into local dirs (paths rewritten), the local Python environment standing in for the image; each pod has a
   loopback address of its own, a bound service-account token where a kubelet would mount one (in a private
-  mount namespace), and its startup/readiness/liveness probes run.
+  mount namespace), and its startup/readiness/liveness probes run, or
+* runs it as a **container**: podman runs the pod's image with the pod spec applied as a kubelet applies it
+  (command/args, env, volumes as mounts, user and fsGroup, read-only root, no new privileges, dropped
+  capabilities, memory/CPU limits with OOM kills reported as OOMKilled, termination message, grace period),
+  on the host network so the pod IP, probes and 127.0.0.1 services work as in process mode.
 
 It reports Pending -> Running -> Succeeded/Failed into pod status, deletes terminating pods (there is no
 kubelet to do it), and serves the kubelet ``/containerLogs`` endpoint over HTTPS so ``kubectl logs [-f]``
@@ -39,7 +43,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from decimal import ROUND_CEILING
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -52,6 +56,7 @@ from kubernetes.client.rest import ApiException
 from kubernetes.utils import parse_quantity
 from kubernetes.watch.watch import iter_resp_lines
 
+from . import images
 from .cluster import die_with_parent, processes_in_groups
 
 log = logging.getLogger(__name__)
@@ -68,6 +73,8 @@ SERVICE_ACCOUNT_DIR = "/var/run/secrets/kubernetes.io/serviceaccount"  # where i
 TOKEN_EXPIRATION_S = 3607  # what the kubelet asks TokenRequest for
 TOKEN_REFRESH_AT = 0.8  # the kubelet renews a token after 80% of its lifetime
 POD_NETWORK, POD_NETWORK_SIZE = "127.77", 256 * 254  # pod IPs 127.77.x.y: all of 127.0.0.0/8 is local on Linux
+MODES = ("process", "simulate", "container")
+SIMULATOR_LABEL = f"{ANNOTATION_PREFIX}simulator"  # on every podman container: the simulator that started it
 PROBE_DEFAULTS = {  # Kubernetes' defaults
     "initialDelaySeconds": 0,
     "periodSeconds": 10,
@@ -206,6 +213,7 @@ class _Container:
     state: dict = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
     last_state: dict = field(default_factory=dict)
     container_id: str = ""
+    image_id: str = ""  # the local image a container-mode attempt ran
     exit_code: int = 0
     final: bool = False  # terminated and not going to restart
     logs: list[LogFile] = field(default_factory=list)
@@ -224,7 +232,7 @@ class _Container:
         status = {
             "name": self.name,
             "image": self.spec.get("image", ""),
-            "imageID": f"nodesim://{self.spec.get('image', '')}" if self.container_id else "",
+            "imageID": self.image_id or (f"nodesim://{self.spec.get('image', '')}" if self.container_id else ""),
             "ready": self.is_ready,
             "restartCount": self.restart_count,
             "started": "running" in self.state and self.started,
@@ -249,8 +257,9 @@ class _PodRunner:
         self.dir = sim.workdir / "pods" / f"{self.namespace}_{self.name}_{self.uid}"
         self.init_containers = [_Container(c, True) for c in spec.get("initContainers") or []]
         self.containers = [_Container(c, False) for c in spec.get("containers") or []]
+        self.in_container = sim.in_container(pod)  # its unscripted containers run with podman
         self.stopping = threading.Event()
-        self.processes: list[subprocess.Popen] = []
+        self.processes: list[subprocess.Popen] = []  # container mode: the `podman wait` of each container
         self.start_time = _now()
         self._conditions: dict[str, tuple[str, str, str]] = {}  # type -> (status, time, reason)
         self._status_lock = threading.Lock()
@@ -335,9 +344,13 @@ class _PodRunner:
 
     def _play(self) -> None:
         self.report()
-        bad_images = [c for c in self.init_containers + self.containers if self.sim.image_pull_fails(c)]
-        if bad_images:
-            self._fail_pull(bad_images)
+        pull_errors = [
+            (c, error)
+            for c in self.init_containers + self.containers
+            if (error := self.sim.image_pull_error(self.pod, c.spec)) is not None
+        ]
+        if pull_errors:
+            self._fail_pull(pull_errors)
             return
         while not self._configure():
             if self.stopping.wait(2.0):
@@ -356,17 +369,17 @@ class _PodRunner:
         for thread in threads:
             thread.join()
 
-    def _fail_pull(self, containers: list[_Container]) -> None:
+    def _fail_pull(self, errors: list[tuple[_Container, str]]) -> None:
         """What a kubelet shows for an image that cannot be pulled: ErrImagePull, then ImagePullBackOff."""
-        for reason, message in (
-            ("ErrImagePull", 'rpc error: code = NotFound desc = failed to pull and unpack image "{}": not found'),
-            ("ImagePullBackOff", 'Back-off pulling image "{}"'),
-        ):
-            for container in containers:
-                container.state = {"waiting": {"reason": reason, "message": message.format(container.spec["image"])}}
-            self.report()
-            if self.stopping.wait(self.sim.pull_backoff_s):
-                return
+        for container, error in errors:
+            container.state = {"waiting": {"reason": "ErrImagePull", "message": error}}
+        self.report()
+        if self.stopping.wait(self.sim.pull_backoff_s):
+            return
+        for container, _ in errors:
+            message = f'Back-off pulling image "{container.spec["image"]}"'
+            container.state = {"waiting": {"reason": "ImagePullBackOff", "message": message}}
+        self.report()
 
     def _configure(self) -> bool:
         """Materialise volumes, resolve env and project the service-account token; on a missing
@@ -374,6 +387,8 @@ class _PodRunner:
         try:
             if self.sim.needs_process(self.pod):
                 self._volumes = self.sim.materialize_volumes(self.pod, self.dir)
+                if self.in_container:
+                    self.sim.own_volumes(self.pod, self._volumes)
                 for container in self.init_containers + self.containers:
                     self.sim.resolve_env(self.pod, container.spec, self.ip)
                 if self.sim.automounts_token(self.pod):
@@ -391,10 +406,11 @@ class _PodRunner:
         token, lifetime = self.sim.service_account_token(self.pod)
         directory = self.dir / "kubernetes.io~serviceaccount"  # no container dir can have this name
         directory.mkdir(parents=True, exist_ok=True)
+        # A non-root image must read it: 0644 is the defaultMode of the kube-api-access volume Kubernetes adds.
         for name, data, mode in (
             ("ca.crt", self.sim.ca_pem, 0o644),
             ("namespace", self.namespace.encode(), 0o644),
-            ("token", token.encode(), 0o600),
+            ("token", token.encode(), 0o644 if self.in_container else 0o600),
         ):
             _write_atomically(directory / name, data, mode)
         self._token_dir, self._token_refresh_at = directory, requested + TOKEN_REFRESH_AT * lifetime
@@ -415,23 +431,23 @@ class _PodRunner:
         backoff = self.sim.restart_backoff_s
         while not self.stopping.is_set():
             logfile = LogFile(self.dir / container.name / f"{container.restart_count}.log")
-            container.logs.append(logfile)
             container.container_id = f"nodesim://{uuid.uuid4().hex}"
             outcome = self.sim.outcome_for(self.pod, container.name, container.restart_count)
-            probed = outcome is None and not container.init  # probes run for process-mode containers
+            probed = outcome is None and not container.init  # probes run for process- and container-mode ones
             container.started = not (probed and "startupProbe" in container.spec)
             container.ready = container.started and not (probed and "readinessProbe" in container.spec)
-            started = _now()
-            container.state = {"running": {"startedAt": started}}
-            self.report()
+            if outcome is not None or not self.in_container:  # a container runs once podman has started it
+                self._running(container, logfile, _now())
             try:
                 exit_code, reason, message = self._execute(container, logfile, outcome)
             finally:
                 logfile.finished.set()
+            if logfile not in container.logs:  # it never started: the log holds why
+                container.logs.append(logfile)
             terminated = {
                 "exitCode": exit_code,
                 "reason": reason or ("Completed" if exit_code == 0 else "Error"),
-                "startedAt": started,
+                "startedAt": container.state.get("running", {}).get("startedAt") or _now(),
                 "finishedAt": _now(),
                 "containerID": container.container_id,
             }
@@ -457,12 +473,18 @@ class _PodRunner:
             container.restart_count += 1
         return 137
 
+    def _running(self, container: _Container, logfile: LogFile, started_at: str) -> None:
+        """The attempt has started: its log becomes readable and the status says running."""
+        container.logs.append(logfile)
+        container.state = {"running": {"startedAt": started_at}}
+        self.report()
+
     def _execute(self, container: _Container, logfile: LogFile, outcome: Outcome | None) -> tuple[int, str | None, str]:
         if outcome is not None:
             return self._simulate(outcome, logfile)
         try:
-            return self._process(container, logfile)
-        except ContainerConfigError as exc:  # a Secret/ConfigMap vanished between attempts
+            return self._container(container, logfile) if self.in_container else self._process(container, logfile)
+        except ContainerConfigError as exc:  # a Secret/ConfigMap vanished between attempts, or runAsNonRoot
             logfile.write(str(exc).encode())
             return 128, "CreateContainerConfigError", str(exc)
 
@@ -515,38 +537,109 @@ class _PodRunner:
             message = message if pending is None else _token_mount_error(message)
             logfile.write(message.encode())
             return 128, "StartError", message
+        self._started(proc)
+        assert proc.stdout is not None and proc.stderr is not None
+        stdout, stderr = proc.stdout, proc.stderr
+
+        def wait() -> int:
+            pump = threading.Thread(target=logfile.pump, args=(stderr, "stderr"), daemon=True)
+            pump.start()
+            logfile.pump(stdout, "stdout")
+            pump.join()
+            return proc.wait()
+
+        code = self._supervise(container, proc, wait)
+        if pending is not None and pending.exists():  # the command never ran
+            message = _token_mount_error(logfile.read_tail(FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES).strip())
+            logfile.write(message.encode())
+            return 128, "StartError", message
+        exit_code = 128 - code if code < 0 else code
+        return exit_code, None, _termination_message(spec, termination_path, exit_code, logfile)
+
+    def _container(self, container: _Container, logfile: LogFile) -> tuple[int, str | None, str]:
+        """Run the container with podman from its image, as a kubelet does through its container runtime."""
+        spec, sim = container.spec, self.sim
+        image = sim.local_image(spec.get("image", ""))
+        if image is None:  # removed from storage since the pull check
+            message = f'image "{spec.get("image")}" is not in local storage'
+            logfile.write(message.encode())
+            return 128, "StartError", message
+        # podman's working directory is conmon's, and conmon 2.1 leaves its OOM marker there (see _oom_killed).
+        attempt = self.dir / container.name / f"attempt-{container.restart_count}"
+        attempt.mkdir(parents=True, exist_ok=True)
+        termination = attempt / "termination-log"
+        termination.touch()
+        termination.chmod(0o666)  # the kubelet's mode: any container user may write its message
+        env = sim.service_env | sim.resolve_env(self.pod, spec, self.ip)  # as the kubelet orders them
+        run = ContainerRun(
+            name=_container_name(self.pod, container.name, container.restart_count),
+            image=image[0],
+            image_user=image[1].get("User") or "",
+            command=[_expand(a, env) for a in spec.get("command") or []],
+            args=[_expand(a, env) for a in spec.get("args") or []],
+            env_file=attempt / "env",
+            volumes=self._volumes,
+            termination=termination,
+            token_dir=self._token_dir,
+            log=logfile.path,
+            labels={
+                SIMULATOR_LABEL: sim.id,
+                "io.kubernetes.pod.namespace": self.namespace,
+                "io.kubernetes.pod.name": self.name,
+                "io.kubernetes.pod.uid": self.uid,
+                "io.kubernetes.container.name": container.name,
+            },
+            passed_env=tuple(name for name, value in env.items() if "\n" in value),
+        )
+        argv = podman_run_args(self.pod, spec, run)  # raises ContainerConfigError (runAsNonRoot)
+        _write_env_file(run.env_file, env)  # values never go on a command line, which every process can read
+        sim.containers_started.add(run.name)
+        try:
+            result = sim.podman("run", "--detach", *argv, cwd=attempt, env={k: env[k] for k in run.passed_env})
+        finally:
+            run.env_file.unlink()
+        if result.returncode != 0:
+            sim.remove_containers([run.name])
+            message = result.stderr.strip().removeprefix("Error: ") or f"podman run exited {result.returncode}"
+            logfile.write(message.encode() + b"\n")
+            return 128, "StartError", message
+        state = sim.container_state(run.name)
+        container.container_id = f"podman://{result.stdout.strip()}"
+        container.image_id = f"{image[0]}@{image[1]['Digest']}"
+        self._running(container, logfile, _rfc3339(state.get("StartedAt", "")))
+        proc = _PodmanWait(run.name, sim.podman_env())
+        self._started(proc)
+        self._supervise(container, proc, proc.wait)
+        state = sim.container_state(run.name)
+        sim.remove_containers([run.name])
+        exit_code = int(state.get("ExitCode", 137))
+        reason = "OOMKilled" if _oom_killed(state, attempt) else None
+        return exit_code, reason, _termination_message(spec, termination, exit_code, logfile)
+
+    def _started(self, proc: subprocess.Popen) -> None:
         self.sim.track(proc)
         self.processes.append(proc)
         if self.stopping.is_set():  # deletion raced the start
             self.sim.kill_group(proc, 0)
+
+    def _supervise(self, container: _Container, proc: subprocess.Popen, wait: Callable[[], int]) -> int:
+        """Run the container's probes while ``wait`` waits for it to end; returns what ``wait`` returns."""
         exited = threading.Event()
         probes = [
             threading.Thread(
                 target=self._probe, args=(container, kind, proc, exited), name=f"nodesim-{kind}", daemon=True
             )
             for kind in ("startup", "readiness", "liveness")
-            if f"{kind}Probe" in spec and not container.init
+            if f"{kind}Probe" in container.spec and not container.init
         ]
         for probe in probes:
             probe.start()
-        assert proc.stdout is not None and proc.stderr is not None
-        stderr = threading.Thread(target=logfile.pump, args=(proc.stderr, "stderr"), daemon=True)
-        stderr.start()
-        logfile.pump(proc.stdout, "stdout")
-        stderr.join()
-        code = proc.wait()
-        exited.set()
-        for probe in probes:  # none may act on the next attempt
-            probe.join()
-        if pending is not None and pending.exists():  # the command never ran
-            message = _token_mount_error(logfile.read_tail(FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES).strip())
-            logfile.write(message.encode())
-            return 128, "StartError", message
-        exit_code = 128 - code if code < 0 else code
-        message = termination_path.read_bytes()[:TERMINATION_MESSAGE_MAX].decode(errors="replace")
-        if not message and exit_code != 0 and spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
-            message = logfile.read_tail(FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES)
-        return exit_code, None, message
+        try:
+            return wait()
+        finally:
+            exited.set()
+            for probe in probes:  # none may act on the next attempt
+                probe.join()
 
     # --- probes
     def _probe(self, container: _Container, kind: str, proc: subprocess.Popen, exited: threading.Event) -> None:
@@ -614,11 +707,17 @@ class _PodRunner:
         return False
 
     def kill(self, grace: float) -> None:
-        """Stop simulating/running the pod: SIGTERM its process groups, SIGKILL after ``grace`` seconds."""
+        """Stop simulating/running the pod: SIGTERM its containers, SIGKILL after ``grace`` seconds."""
         self.stopping.set()
         for proc in list(self.processes):
             self.sim.kill_group(proc, grace)
         self._thread.join(timeout=grace + 5)
+
+    def signal(self, sig: int) -> None:
+        """Send ``sig`` to the newest container attempt, as `kill` on the node would; restartPolicy does the rest."""
+        if not self.processes:
+            raise RuntimeError(f"pod {self.namespace}/{self.name} has no container running on the simulated node")
+        self.sim.signal(self.processes[-1], sig)
 
 
 def _expand(value: str, env: dict[str, str]) -> str:
@@ -712,6 +811,226 @@ def _http_probe(scheme: str, host: str, port: int, path: str, headers: dict[str,
         return False
     finally:
         connection.close()
+
+
+def _termination_message(spec: dict, path: Path, exit_code: int, logfile: LogFile) -> str:
+    """The file at terminationMessagePath (capped as the kubelet caps it), or with FallbackToLogsOnError the
+    log's tail when the container failed without writing one."""
+    message = path.read_bytes()[:TERMINATION_MESSAGE_MAX].decode(errors="replace")
+    if not message and exit_code != 0 and spec.get("terminationMessagePolicy") == "FallbackToLogsOnError":
+        message = logfile.read_tail(FALLBACK_LOG_LINES, FALLBACK_LOG_BYTES)
+    return message
+
+
+# --- container mode: podman --------------------------------------------------------------------------------
+
+
+class _PodmanWait(subprocess.Popen):
+    """`podman wait` on one container: it ends when the container does; signals go to ``container`` by podman."""
+
+    def __init__(self, container: str, env: dict[str, str]) -> None:
+        super().__init__(
+            ["podman", "wait", container],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+            start_new_session=True,
+            preexec_fn=die_with_parent,  # the runner thread that starts it waits for it
+        )
+        self.container = container
+
+
+@dataclass(frozen=True)
+class ContainerRun:
+    """One container attempt as podman is to run it, with the host side of every path (podman_run_args)."""
+
+    name: str
+    image: str  # a reference in local storage, e.g. localhost/dpo-trainer:0.1.0
+    image_user: str  # the image's USER ("" = root), for runAsNonRoot
+    command: list[str]  # $(VAR)-expanded; empty: the image's ENTRYPOINT (and its CMD unless args are given)
+    args: list[str]
+    env_file: Path
+    volumes: dict[str, Path]  # pod volume name -> its host stand-in (materialize_volumes)
+    termination: Path
+    token_dir: Path | None
+    log: Path
+    labels: dict[str, str] = field(default_factory=dict)
+    passed_env: tuple[str, ...] = ()  # names whose values podman takes from its own environment (multi-line)
+
+
+def local_image_refs(image: str) -> list[str]:
+    """Where a pod's image may be in local storage: a name without a registry (``dpo-trainer:0.1.0``) under
+    ``localhost/`` first, where `dpo-localcluster images` tags the project's images, then as written."""
+    first = image.split("/", 1)[0]
+    qualified = "/" in image and ("." in first or ":" in first or first == "localhost")
+    return [image] if qualified else [f"localhost/{image}", image]
+
+
+def podman_run_args(pod: dict, spec: dict, run: ContainerRun) -> list[str]:
+    """The arguments of `podman run` (after ``run``) that give the container what a kubelet gives it."""
+    pod_spec = pod["spec"]
+    args = [
+        f"--name={run.name}",
+        "--pull=never",  # nothing is pulled: images come from `dpo-localcluster images` or `podman load`
+        "--network=host",  # pod IPs (127.77.x.y), the API server and a local Hub are all host addresses
+        "--log-driver=k8s-file",  # conmon writes the CRI log format the kubelet endpoint serves
+        f"--log-opt=path={run.log}",
+        f"--env-file={run.env_file}",
+        *(f"--env={name}" for name in run.passed_env),
+        "--pids-limit=-1",  # the kubelet sets no per-container limit (podman's default is 2048)
+        *(f"--label={key}={value}" for key, value in run.labels.items()),
+    ]
+    if pod_spec.get("hostNetwork"):
+        args.append("--uts=host")
+    else:
+        args.append(f"--hostname={pod_spec.get('hostname') or pod['metadata']['name']}")
+    if spec.get("workingDir"):
+        args.append(f"--workdir={spec['workingDir']}")
+    args += _security_args(pod_spec, spec, run.image_user)
+    args += _resource_args(spec)
+    args += _mount_args(pod_spec, spec, run)
+    if run.command:
+        args.append(f"--entrypoint={json.dumps(run.command)}")  # as in Kubernetes, the image's CMD is dropped
+    return [*args, run.image, *run.args]
+
+
+def _security_args(pod_spec: dict, spec: dict, image_user: str) -> list[str]:
+    """securityContext as podman flags: the container's fields over the pod's, fsGroup and supplementalGroups
+    as extra groups, runAsNonRoot verified as the kubelet does (ContainerConfigError when it fails)."""
+    context = {**(pod_spec.get("securityContext") or {}), **(spec.get("securityContext") or {})}
+    user, group = context.get("runAsUser"), context.get("runAsGroup")
+    if context.get("runAsNonRoot"):
+        image_uid = image_user.split(":")[0]
+        if user is not None and int(user) == 0:
+            raise ContainerConfigError("container's runAsUser breaks non-root policy")
+        if user is None and image_uid and not image_uid.isdigit():
+            message = f"container has runAsNonRoot and image has non-numeric user ({image_uid}), cannot verify user"
+            raise ContainerConfigError(message + " is non-root")
+        if user is None and int(image_uid or 0) == 0:
+            raise ContainerConfigError("container has runAsNonRoot and image will run as root")
+    args = []
+    if user is not None:
+        args.append(f"--user={user}" + (f":{group}" if group is not None else ""))
+    elif group is not None:
+        args.append(f"--user={image_user.split(':')[0] or 0}:{group}")
+    groups = ([context["fsGroup"]] if context.get("fsGroup") is not None else []) + list(
+        context.get("supplementalGroups") or []
+    )
+    args += [f"--group-add={g}" for g in groups]
+    if context.get("privileged"):
+        args.append("--privileged")
+    if context.get("readOnlyRootFilesystem"):
+        args += ["--read-only", "--read-only-tmpfs=false"]  # podman would add tmpfs on /tmp, /run: Kubernetes doesn't
+    if context.get("allowPrivilegeEscalation") is False:
+        args.append("--security-opt=no-new-privileges")
+    capabilities = context.get("capabilities") or {}
+    args += [f"--cap-drop={c}" for c in capabilities.get("drop") or []]
+    args += [f"--cap-add={c}" for c in capabilities.get("add") or []]
+    seccomp = (context.get("seccompProfile") or {}).get("type", "Unconfined")  # 1.20's default: unconfined
+    if seccomp == "Localhost":
+        raise ContainerConfigError("the node simulator has no Localhost seccomp profiles")
+    if seccomp == "Unconfined":
+        args.append("--security-opt=seccomp=unconfined")
+    return args
+
+
+def _resource_args(spec: dict) -> list[str]:
+    """limits.memory (no swap, as on a node), limits.cpu as a CFS quota (at most this machine's CPUs: the
+    fake node may have more), the CPU request as shares."""
+    resources = spec.get("resources") or {}
+    limits, requests = resources.get("limits") or {}, resources.get("requests") or {}
+    args = []
+    if "memory" in limits:
+        memory = int(parse_quantity(limits["memory"]))
+        args += [f"--memory={memory}", f"--memory-swap={memory}"]
+    if "cpu" in limits:
+        args.append(f"--cpus={min(float(parse_quantity(limits['cpu'])), float(os.cpu_count() or 1)):g}")
+    cpu = requests.get("cpu", limits.get("cpu"))
+    if cpu is not None:
+        args.append(f"--cpu-shares={max(2, int(parse_quantity(cpu) * 1024))}")
+    return args
+
+
+def _mount_args(pod_spec: dict, spec: dict, run: ContainerRun) -> list[str]:
+    """volumeMounts as bind mounts of their host stand-ins (configMap and secret read-only, as the kubelet
+    mounts them; subPath as a path below), memory-backed emptyDirs as a tmpfs of the container, the
+    termination-message file, and the service-account token dir unless a mount already covers its path."""
+    volumes = {v["name"]: v for v in pod_spec.get("volumes") or []}
+    args, targets = [], set()
+    for mount in spec.get("volumeMounts") or []:
+        volume, target = volumes.get(mount["name"], {}), mount["mountPath"]
+        targets.add(target.rstrip("/"))
+        empty_dir = volume.get("emptyDir") or {}
+        if empty_dir.get("medium") == "Memory":
+            size = f",size={int(parse_quantity(empty_dir['sizeLimit']))}" if empty_dir.get("sizeLimit") else ""
+            args.append(f"--tmpfs={target}:rw,nosuid,nodev,mode=1777{size}")
+            continue
+        source = run.volumes[mount["name"]] / mount.get("subPath", "")
+        if not source.exists():  # the kubelet creates a missing subPath
+            source.mkdir(parents=True)
+        read_only = mount.get("readOnly") or "configMap" in volume or "secret" in volume
+        args.append(f"--mount=type=bind,source={source},destination={target}" + (",ro" if read_only else ""))
+    termination_path = spec.get("terminationMessagePath") or "/dev/termination-log"
+    args.append(f"--mount=type=bind,source={run.termination},destination={termination_path}")
+    if run.token_dir is not None and SERVICE_ACCOUNT_DIR not in targets:
+        args.append(f"--mount=type=bind,source={run.token_dir},destination={SERVICE_ACCOUNT_DIR},ro")
+    return args
+
+
+def _container_name(pod: dict, container: str, attempt: int) -> str:
+    """dockershim's naming, k8s_<container>_<pod>_<namespace>_<pod uid>_<attempt>: deterministic and unique."""
+    meta = pod["metadata"]
+    return f"k8s_{container}_{meta['name']}_{meta['namespace']}_{meta['uid']}_{attempt}"
+
+
+def _write_env_file(path: Path, env: dict[str, str]) -> None:
+    """The values podman's --env-file can carry (one line each, taken as is: no quoting), readable by root only;
+    values with a newline go by name (ContainerRun.passed_env)."""
+    path.touch(mode=0o600)
+    path.write_text("".join(f"{name}={value}\n" for name, value in env.items() if "\n" not in value))
+
+
+def _oom_killed(state: dict, attempt_dir: Path) -> bool:
+    """Whether the kernel's OOM killer ended the container inside its memory limit. podman >= 5 says so in
+    State.OOMKilled; podman 4.3 with conmon 2.1 on cgroup v1 never does: conmon gets the OOM event (an eventfd
+    on the cgroup's memory.oom_control) and creates its "oom" marker in its working directory, which is the
+    working directory of the podman that started it, while podman 4.3 looks for it in the container's bundle
+    directory (containers/conmon#504; podman#21523, in 5.0, moved both to the persist dir). The runner starts
+    podman in a directory of the attempt's own, so the marker found there is that attempt's."""
+    return bool(state.get("OOMKilled")) or (attempt_dir / "oom").exists()
+
+
+def _rfc3339(value: str) -> str:
+    """podman's timestamps (nanoseconds, any zone) as the whole-second UTC times of pod status."""
+    try:
+        return _parse_time(value).astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    except ValueError:
+        return _now()
+
+
+def _set_group(root: Path, gid: int, writable: bool) -> None:
+    """The kubelet's fsGroup ownership: group ``gid`` on everything, group read(-write) on files, setgid and
+    group access on directories (read-only volumes get no group write)."""
+    file_bits, dir_bits = (0o660, 0o2770) if writable else (0o440, 0o2550)
+    for directory, _, files in os.walk(root):
+        entries = [(directory, dir_bits)] + [(os.path.join(directory, name), file_bits) for name in files]
+        for path, bits in entries:
+            if not os.path.islink(path):
+                os.chown(path, -1, gid)
+                os.chmod(path, os.stat(path).st_mode & 0o7777 | bits)
+
+
+def check_podman(env: dict[str, str]) -> None:
+    """Raise RuntimeError with podman's own words unless podman can run here (container mode needs it)."""
+    try:
+        result = subprocess.run(
+            ["podman", "info", "--format={{.Host.OCIRuntime.Name}}"], env=env, capture_output=True, text=True
+        )
+    except OSError as exc:
+        raise RuntimeError(f"container mode needs podman: {exc} (dpo-localcluster images installs it)") from exc
+    if result.returncode != 0:
+        raise RuntimeError(f"container mode needs a working podman: {result.stderr.strip()}")
 
 
 # --- the kubelet log endpoint --------------------------------------------------------------------------
@@ -871,8 +1190,9 @@ class NodeSimulator:
         sim.stop()
 
     Per pod, the first match decides how a container runs: a DaemonSet pod is simulated running forever;
-    then the scripted rules (newest first); then annotations (``nodesim.dpo.dev/mode: process|simulate``,
-    ``nodesim.dpo.dev/{exit-code,duration,reason,message,logs}``); then the simulator's ``mode``.
+    then the scripted rules (newest first); then annotations (``nodesim.dpo.dev/mode:
+    process|simulate|container``, ``nodesim.dpo.dev/{exit-code,duration,reason,message,logs}``); then the
+    simulator's ``mode``.
     """
 
     def __init__(
@@ -896,8 +1216,8 @@ class NodeSimulator:
         delete_nodes_on_stop: bool = True,
         provision_volumes: bool = True,
     ) -> None:
-        if mode not in ("process", "simulate"):
-            raise ValueError(f"mode must be 'process' or 'simulate', not {mode!r}")
+        if mode not in MODES:
+            raise ValueError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         self.kubeconfig = Path(kubeconfig)
         self.nodes = {n.name: n for n in nodes}
         self.mode = mode
@@ -933,6 +1253,9 @@ class NodeSimulator:
         self.core: client.CoreV1Api
         self.ca_pem = b""  # the cluster CA, for the pods' ca.crt
         self.service_env: dict[str, str] = {}  # KUBERNETES_SERVICE_HOST/PORT: the API server of our kubeconfig
+        self.id = uuid.uuid4().hex[:12]  # the SIMULATOR_LABEL value of its containers
+        self.containers_started: set[str] = set()  # podman names, removed when they end and again on stop()
+        self._podman_env: dict[str, str] | None = None
 
     # --- public
     @property
@@ -942,6 +1265,8 @@ class NodeSimulator:
 
     def start(self, timeout: float = 60.0) -> NodeSimulator:
         """Serve the kubelet endpoint, register the Nodes, and wait until the scheduler may use them."""
+        if self.mode == "container":  # fail here, not pod by pod
+            check_podman(self.podman_env())
         configuration = client.Configuration()
         config.load_kube_config(config_file=str(self.kubeconfig), client_configuration=configuration)
         configuration.connection_pool_maxsize = 64
@@ -983,6 +1308,7 @@ class NodeSimulator:
             runner.stopping.set()
         for runner in runners:
             runner.kill(0)
+        self.remove_containers(sorted(self.containers_started))  # any a runner did not get to remove
         for response in list(self._watch_responses):  # unblock the watch threads' reads
             with contextlib.suppress(Exception):
                 response.connection.sock.shutdown(socket.SHUT_RDWR)
@@ -1018,8 +1344,17 @@ class NodeSimulator:
                 self._rules.remove(rule)
 
     def process_groups(self) -> list[int]:
-        """Process-group ids of every container process ever started (for leak checks)."""
+        """Process-group ids of every container process (and `podman wait`) ever started (for leak checks)."""
         return [p.pid for p in self._processes]
+
+    def containers(self) -> list[str]:
+        """Names of the podman containers this simulator started that still exist (for leak checks)."""
+        if not self.containers_started:
+            return []
+        result = self.podman("ps", "--all", f"--filter=label={SIMULATOR_LABEL}={self.id}", "--format={{.Names}}")
+        if result.returncode != 0:
+            raise RuntimeError(f"podman ps failed: {result.stderr.strip()}")
+        return result.stdout.split()
 
     def running_pids(self) -> list[int]:
         """PIDs of processes still alive in any container's process group."""
@@ -1034,23 +1369,77 @@ class NodeSimulator:
         with self._lock:
             self._processes.append(proc)
 
-    @staticmethod
-    def kill_group(proc: subprocess.Popen, grace: float) -> None:
-        """SIGTERM the container's process group, SIGKILL it after ``grace`` seconds."""
+    def kill_group(self, proc: subprocess.Popen, grace: float) -> None:
+        """SIGTERM the container, SIGKILL it after ``grace`` seconds (see signal)."""
         for sig, wait in ((signal.SIGTERM, grace), (signal.SIGKILL, None)):
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(proc.pid, sig)
+            self.signal(proc, sig)
             try:
                 proc.wait(wait)
-                if sig == signal.SIGTERM:
-                    with contextlib.suppress(ProcessLookupError, PermissionError):
-                        os.killpg(proc.pid, signal.SIGKILL)  # stragglers in the group
-                return
             except subprocess.TimeoutExpired:
                 continue
+            if sig == signal.SIGTERM and not isinstance(proc, _PodmanWait):  # a container's die with its PID 1
+                with contextlib.suppress(ProcessLookupError, PermissionError):
+                    os.killpg(proc.pid, signal.SIGKILL)  # stragglers in the group
+            return
 
-    def image_pull_fails(self, container: _Container) -> bool:
-        return any(marker in container.spec.get("image", "") for marker in self.pull_error_markers)
+    def signal(self, proc: subprocess.Popen, sig: int) -> None:
+        """Send ``sig`` to a container: its process group, or through `podman kill` for a podman one."""
+        if isinstance(proc, _PodmanWait):
+            self.podman("kill", f"--signal={int(sig)}", proc.container)
+        else:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, sig)
+
+    def image_pull_error(self, pod: dict, spec: dict) -> str | None:
+        """Why the container's image cannot be pulled, or None. Names with a marker never can; a container to
+        run with podman needs its image in local storage, as nothing is pulled."""
+        image = spec.get("image", "")
+        if any(marker in image for marker in self.pull_error_markers):
+            return f'rpc error: code = NotFound desc = failed to pull and unpack image "{image}": not found'
+        if not self.in_container(pod) or self.outcome_for(pod, spec["name"], 0) is not None:
+            return None
+        if shutil.which("podman") is None:
+            return "container mode needs podman, which is not installed (dpo-localcluster images installs it)"
+        if self.local_image(image) is None:
+            return (
+                f'image "{image}" is not in local storage (looked for {" and ".join(local_image_refs(image))}); '
+                "the node simulator pulls nothing: build it (dpo-localcluster images) or podman load it"
+            )
+        return None
+
+    # --- podman
+    def podman_env(self) -> dict[str, str]:
+        """podman's environment: the project's containers.conf and storage.conf (dpo_operator.dev.images)."""
+        with self._lock:
+            if self._podman_env is None:
+                self._podman_env = images.podman_env()
+            return self._podman_env
+
+    def podman(
+        self, *args: str, cwd: Path | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            ["podman", *args], env=self.podman_env() | (env or {}), cwd=cwd, capture_output=True, text=True
+        )
+
+    def local_image(self, image: str) -> tuple[str, dict] | None:
+        """(reference, `podman image inspect` data) of the first of local_image_refs(image) in local storage."""
+        for ref in local_image_refs(image):
+            result = self.podman("image", "inspect", ref)
+            if result.returncode == 0:
+                return ref, json.loads(result.stdout)[0]
+        return None
+
+    def container_state(self, name: str) -> dict:
+        """`podman inspect`'s State of a container ({} once it is gone)."""
+        result = self.podman("container", "inspect", "--format={{json .State}}", name)
+        return json.loads(result.stdout) if result.returncode == 0 else {}
+
+    def remove_containers(self, names: Iterable[str]) -> None:
+        """Remove containers, killing any still running (every attempt's container goes once it has ended)."""
+        names = list(names)
+        if names:
+            self.podman("rm", "--force", "--ignore", "--time=0", *names)
 
     def outcome_for(self, pod: dict, container: str, restarts: int) -> Outcome | None:
         """The scripted outcome for a container, or None to run it as a process."""
@@ -1066,9 +1455,14 @@ class NodeSimulator:
         annotations = pod["metadata"].get("annotations") or {}
         mode = annotations.get(f"{ANNOTATION_PREFIX}mode")
         outcome = Outcome.from_annotations(annotations)
-        if outcome is not None or mode == "process":
+        if outcome is not None or mode in ("process", "container"):
             return outcome
         return Outcome() if self.mode == "simulate" else None
+
+    def in_container(self, pod: dict) -> bool:
+        """Whether the pod's unscripted containers run with podman: its mode annotation, else the simulator's."""
+        mode = (pod["metadata"].get("annotations") or {}).get(f"{ANNOTATION_PREFIX}mode")
+        return mode == "container" or (mode is None and self.mode == "container")
 
     def automounts_token(self, pod: dict) -> bool:
         """automountServiceAccountToken of the pod, else of its ServiceAccount (default true)."""
@@ -1231,6 +1625,21 @@ class NodeSimulator:
                         target.chmod(item.get("mode", source.get("defaultMode", 0o644)))
             volumes[name] = local
         return volumes
+
+    def own_volumes(self, pod: dict, volumes: dict[str, Path]) -> None:
+        """Volume ownership as the kubelet sets it before a container starts: emptyDirs world-writable (0777);
+        with an fsGroup, emptyDir, configMap, secret and claim volumes get that group (read-only for configMap
+        and secret). A claim's hostPath PV stands in for a provisioned volume, which supports fsGroup; hostPath
+        volumes stay as they are."""
+        fs_group = (pod["spec"].get("securityContext") or {}).get("fsGroup")
+        for volume in pod["spec"].get("volumes") or []:
+            path = volumes.get(volume["name"])
+            if path is None or "hostPath" in volume:
+                continue
+            if "emptyDir" in volume:
+                path.chmod(0o777)
+            if fs_group is not None and {"emptyDir", "configMap", "secret", "persistentVolumeClaim"} & volume.keys():
+                _set_group(path, int(fs_group), writable=not {"configMap", "secret"} & volume.keys())
 
     def _claim_path(self, namespace: str, claim: str) -> Path:
         """Where a claim's data lives here: its bound PV's hostPath/local path, else a dir per claim."""
