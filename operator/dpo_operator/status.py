@@ -135,10 +135,10 @@ def observe_outcome(obs: Observed) -> Outcome:
         if obs.rejected is not None:
             # 400/422: the spec produced an object the server rejects (fix the spec); 403 and others: the
             # namespace refuses it (quota, RBAC, admission policy) — retried at the next spec change.
-            invalid = getattr(obs.rejected, "code", None) in (400, 422)
-            return Outcome(
-                "Failed" if invalid else "Pending", "InvalidSpec" if invalid else "CreateRejected", str(obs.rejected)
-            )
+            code, message = obs.rejected
+            if code in (400, 422):
+                return Outcome("Failed", "InvalidSpec", message)
+            return Outcome("Pending", "CreateRejected", message)
         if obs.waiting:
             return Outcome("Pending", "WaitingForCleanup", obs.waiting)
         return Outcome("Pending", "Creating", "creating the trainer Job")

@@ -235,3 +235,11 @@ def test_a_failed_quality_gate_fails_the_run_with_the_numbers() -> None:
     assert condition(status, "Failed")["reason"] == condition(status, "Ready")["reason"] == "QualityGateFailed"
     [event] = [e for e in transition_events({}, status) if e.type == "Warning"]
     assert (event.reason, event.message) == ("QualityGateFailed", failure["message"])
+
+
+def test_a_refused_child_is_invalid_spec_for_422_and_create_rejected_for_403() -> None:
+    invalid = observe(rejected=(422, "the API server refused the trainer Job j-g1 (422): spec.x: Invalid value"))
+    assert invalid["phase"] == "Failed" and condition(invalid, "Failed")["reason"] == "InvalidSpec"
+    assert condition(invalid, "Failed")["message"].startswith("the API server refused the trainer Job")
+    forbidden = observe(rejected=(403, "the API server refused the trainer Job j-g1 (403): exceeded quota"))
+    assert forbidden["phase"] == "Pending" and condition(forbidden, "Ready")["reason"] == "CreateRejected"
