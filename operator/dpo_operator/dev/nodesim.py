@@ -1206,6 +1206,7 @@ class NodeSimulator:
         bin_dir: Path | None = None,
         env: dict[str, str] | None = None,
         image_entrypoints: dict[str, list[str]] | None = None,
+        preloaded_images: dict[str, str] | None = None,
         address: str = "127.0.0.1",
         pull_error_markers: Sequence[str] = DEFAULT_PULL_ERROR_MARKERS,
         pull_backoff_s: float = 2.0,
@@ -1227,6 +1228,9 @@ class NodeSimulator:
         self.bin_dir = Path(bin_dir) if bin_dir else Path(sys.executable).parent
         self.extra_env = dict(env or {})
         self.image_entrypoints = dict(image_entrypoints or {})
+        # Container mode: pod image name -> local reference, as `kind load` puts an image on a node under the
+        # name pods use (e.g. the operator's default trainer image, ghcr.io/..., as localhost/dpo-trainer).
+        self.preloaded_images = dict(preloaded_images or {})
         self.address = address
         self.pull_error_markers = tuple(pull_error_markers)
         self.pull_backoff_s = pull_backoff_s
@@ -1402,7 +1406,7 @@ class NodeSimulator:
             return "container mode needs podman, which is not installed (dpo-localcluster images installs it)"
         if self.local_image(image) is None:
             return (
-                f'image "{image}" is not in local storage (looked for {" and ".join(local_image_refs(image))}); '
+                f'image "{image}" is not in local storage (looked for {" and ".join(self.local_image_refs(image))}); '
                 "the node simulator pulls nothing: build it (dpo-localcluster images) or podman load it"
             )
         return None
@@ -1423,12 +1427,16 @@ class NodeSimulator:
         )
 
     def local_image(self, image: str) -> tuple[str, dict] | None:
-        """(reference, `podman image inspect` data) of the first of local_image_refs(image) in local storage."""
-        for ref in local_image_refs(image):
+        """(reference, `podman image inspect` data) of the image in local storage: a preloaded name's local
+        reference, else the first of local_image_refs(image) there."""
+        for ref in self.local_image_refs(image):
             result = self.podman("image", "inspect", ref)
             if result.returncode == 0:
                 return ref, json.loads(result.stdout)[0]
         return None
+
+    def local_image_refs(self, image: str) -> list[str]:
+        return [self.preloaded_images[image]] if image in self.preloaded_images else local_image_refs(image)
 
     def container_state(self, name: str) -> dict:
         """`podman inspect`'s State of a container ({} once it is gone)."""
