@@ -1,10 +1,12 @@
 """The local stack for the demo and the operator's end-to-end tests.
 
 On top of a control plane (LocalCluster, or any cluster's admin kubeconfig): a local Hub, a simulated GPU
-node whose pods run as local processes, and the operator installed with `helm install` from charts/. The
-node simulator runs the operator's pod from the chart's Deployment (in-cluster config from a projected
-ServiceAccount token, probes, its own pod IP) as it runs the trainer pods (the real `dpo-trainer`).
-`install()` and `OperatorProcess` start the operator without the chart (benchmarks/operator_scale.py).
+node, and the operator installed with `helm install` from charts/. The node simulator runs the operator's pod
+from the chart's Deployment (in-cluster config from a projected ServiceAccount token, probes, its own pod IP)
+as it runs the trainer pods (the real `dpo-trainer`): as local processes (``mode="process"``, fast), or as
+containers of the real images built by `dpo-localcluster images` (``mode="container"``: read-only root,
+uid 1000, no capabilities, memory limits). `install()` and `OperatorProcess` start the operator without the
+chart (benchmarks/operator_scale.py).
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from .. import crd
+from ..spec import RuntimeSpec
 from .cluster import ensure_helm
 from .hub import LocalHub
+from .images import VERSION, ensure_images
 from .nodesim import NodeSimulator, NodeSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[3]
@@ -36,7 +41,8 @@ RELEASE = "dpo-operator"
 OPERATOR_NAMESPACE = "dpo-operator-system"
 OPERATOR_ACCOUNT = "dpo-operator"
 HUB_USER = "demo"
-# Trainer processes on the simulated node: one thread each (2-core machines), offline except for the local Hub.
+# Trainers on the simulated node (through the chart's trainerEnv, in both modes): one thread each (2-core
+# machines), offline except for the local Hub.
 TRAINER_PROCESS_ENV = {
     "OMP_NUM_THREADS": "1",
     "MKL_NUM_THREADS": "1",
@@ -112,7 +118,7 @@ def helm(kubeconfig: Path, *args: str, check: bool = True) -> str:
 
 class OperatorDeployment:
     """The operator as the Helm chart deploys it. Its pods run on the simulated node, so a test kills one the
-    way a node would (SIGKILL of the container's process; the simulator restarts it as a kubelet does)."""
+    way a node would (SIGKILL of the container; the simulator restarts it as a kubelet does)."""
 
     def __init__(self, admin_kubeconfig: Path, simulator: NodeSimulator, workdir: Path) -> None:
         self.admin_kubeconfig, self.simulator, self.workdir = admin_kubeconfig, simulator, workdir
@@ -148,11 +154,11 @@ class OperatorDeployment:
         return None
 
     def kill(self, pod: str, sig: int = signal.SIGKILL) -> None:
-        """Signal the operator container's process group in that pod (SIGKILL: a crash)."""
+        """Signal the operator container in that pod (SIGKILL: a crash)."""
         runner = self.simulator.runner(self.namespace, pod)
-        if runner is None or not runner.processes:
-            raise RuntimeError(f"pod {pod} has no running process on the simulated node")
-        os.killpg(runner.processes[-1].pid, sig)
+        if runner is None:
+            raise RuntimeError(f"pod {pod} is not on the simulated node")
+        runner.signal(sig)
 
     def get(self, pod: dict[str, Any], path: str) -> tuple[int, str]:
         """HTTP GET on the operator's port at the pod's IP (/healthz, /readyz, /metrics)."""
@@ -174,7 +180,11 @@ class OperatorDeployment:
 
 
 class LocalStack:
-    """Hub + simulated GPU node + the operator installed by its Helm chart, on the cluster of an admin kubeconfig."""
+    """Hub + simulated GPU node + the operator installed by its Helm chart, on the cluster of an admin kubeconfig.
+
+    ``mode``: how the node runs pods, "process" (the local venv) or "container" (the images, built or loaded by
+    start() with ensure_images; podman must work, nothing falls back).
+    """
 
     def __init__(
         self,
@@ -185,7 +195,12 @@ class LocalStack:
         resync_seconds: int = 5,
         replicas: int = 1,
         values: dict[str, Any] | None = None,
+        mode: str = "process",
+        progress: Callable[[str], None] = lambda message: None,
     ) -> None:
+        if mode not in ("process", "container"):
+            raise ValueError(f"mode must be 'process' or 'container', not {mode!r}")
+        self.mode, self.progress = mode, progress
         self.admin_kubeconfig = Path(admin_kubeconfig)
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="dpo-stack-"))
         self.hub_token = "hf_" + secrets.token_hex(16)
@@ -193,10 +208,12 @@ class LocalStack:
         self.simulator = NodeSimulator(
             self.admin_kubeconfig,
             [NodeSpec("gpu-node-0", cpu="16", memory="128Gi", gpus=gpus, labels={"nvidia.com/gpu.present": "true"})],
-            mode="process",
+            mode=mode,
             workdir=self.workdir / "node",
             cwd=REPO_ROOT,
             env=TRAINER_PROCESS_ENV,
+            # DPOJobs name no image: the default (the project's published trainer) is the locally built one.
+            preloaded_images={RuntimeSpec.model_fields["image"].default: f"localhost/dpo-trainer:{VERSION}"},
         )
         self.operator = OperatorDeployment(self.admin_kubeconfig, self.simulator, self.workdir)
         self.values = {"replicas": replicas, "resyncSeconds": resync_seconds, "verbose": True, **(values or {})}
@@ -213,10 +230,12 @@ class LocalStack:
         }
 
     def start(self) -> LocalStack:
+        if self.mode == "container":  # the chart's dpo-operator:0.1.0 and the trainers' dpo-trainer:0.1.0
+            ensure_images(self.progress)
         self.workdir.mkdir(parents=True, exist_ok=True)
         self.hub.start()
-        self.simulator.start()
         try:
+            self.simulator.start()
             self.operator.install(self.chart_values())
         except BaseException:
             self.stop()
