@@ -116,9 +116,10 @@ class Reconciler:
         self.settings = settings
         self.health = health
         self.features = features
-        self._rejected: dict[tuple[str, str], tuple[int, ChildRejectedError]] = {}
-        """Per DPOJob: the metadata.generation whose children the API server refused, and why (retried only
-        once the spec changes, or after a restart)."""
+        self._rejected: dict[tuple[str, str], tuple[int, float, ChildRejectedError]] = {}
+        """Per DPOJob: the metadata.generation whose children the API server refused, when, and why. A 400/422
+        (the spec is wrong) is not sent again until the spec changes; another 4xx (quota, RBAC, an admission
+        policy: the cluster may change) at most once per resync period."""
         self.phases: dict[tuple[str, str], str] = {}
         """Each known DPOJob's phase as last written (the dpo_operator_dpojobs gauge)."""
         self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
@@ -259,8 +260,8 @@ class Reconciler:
                         f"gone, `kubectl delete pod {stopping['metadata']['name']} --force` ends the wait (it ends "
                         f"by itself {STUCK_TERMINATING.seconds // 60} min past the pod's deletion deadline)"
                     )
-                elif rejected is not None and rejected[0] == dpojob["metadata"]["generation"]:
-                    observed.rejected = (rejected[1].code, str(rejected[1]))
+                elif rejected is not None and self._still_refused(rejected, dpojob["metadata"]["generation"]):
+                    observed.rejected = (rejected[2].code, str(rejected[2]))
                 else:
                     try:
                         job = self._create_run(dpojob, spec, generation, attempt)
@@ -268,7 +269,7 @@ class Reconciler:
                         observed.not_owned = str(exc)
                     except ChildRejectedError as exc:
                         log.warning("%s/%s: %s", namespace, name, exc)
-                        self._rejected[(namespace, name)] = (dpojob["metadata"]["generation"], exc)
+                        self._rejected[(namespace, name)] = (dpojob["metadata"]["generation"], time.monotonic(), exc)
                         observed.rejected = (exc.code, str(exc))
         observed.job = job
         observed.job_content_hash = manifests.job_content_hash(job) if job is not None else None
@@ -318,6 +319,13 @@ class Reconciler:
                     "if Kueue preempts the run, training starts again from the beginning",
                 )
         return job
+
+    def _still_refused(self, rejected: tuple[int, float, ChildRejectedError], generation: int) -> bool:
+        """Whether a refusal still stands without asking the API server again (see _rejected)."""
+        refused_generation, when, error = rejected
+        if refused_generation != generation:
+            return False
+        return error.code in (400, 422) or time.monotonic() - when < self.settings.resync_seconds
 
     def _created_by_us(
         self,
