@@ -18,7 +18,8 @@ from pathlib import Path
 import aiohttp
 from aiohttp import web
 
-FAULTS = ("500", "429", "drop", "stall", "pass")
+FAULTS = {"500": 25, "429": 25, "drop": 20, "stall": 5, "pass": 25}
+"""Fault -> weight: stalls are rare because each holds a client thread for the whole stall."""
 _HOP_HEADERS = {"host", "content-length", "transfer-encoding", "connection", "keep-alive"}
 
 
@@ -80,7 +81,7 @@ class FaultProxy:
         return aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=None, sock_read=None))
 
     async def _handle(self, request: web.Request) -> web.StreamResponse:
-        fault = self._rng.choice(FAULTS) if self.faults.is_set() else "pass"
+        fault = self._rng.choices(list(FAULTS), weights=list(FAULTS.values()))[0] if self.faults.is_set() else "pass"
         self.injected[fault] += 1
         if fault == "500":
             return web.json_response({"kind": "Status", "code": 500, "message": "injected"}, status=500)

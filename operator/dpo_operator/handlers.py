@@ -51,8 +51,12 @@ async def beat_event_loop(memo: kopf.Memo) -> None:
 
 
 def cleanup(memo: kopf.Memo) -> None:
+    """On SIGTERM: stop the loops, then hand the Lease over at once (before Kopf's own shutdown finishes,
+    which the kubelet may cut short with SIGKILL)."""
     memo.health.ready.clear()
     memo.reconciler.stop()
+    if memo.elector is not None:
+        memo.elector.release()
 
 
 def on_dpojob(event: dict[str, Any], namespace: str, name: str, memo: kopf.Memo) -> None:

@@ -91,7 +91,7 @@ def cli() -> None:
             standalone=True,
             clusterwide=not settings.namespaces,
             namespaces=settings.namespaces,
-            memo=kopf.Memo(settings=settings, health=status),
+            memo=kopf.Memo(settings=settings, health=status, elector=elector),
         )
     finally:
         if elector is not None:
