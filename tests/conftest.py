@@ -193,3 +193,15 @@ def helm() -> Path:
     from dpo_operator.dev.cluster import ensure_helm
 
     return ensure_helm()
+
+
+@pytest.fixture(scope="module")
+def hub_api(stack: object) -> Iterator[object]:
+    """A huggingface_hub client for the local Hub of the module's `stack` fixture (a LocalStack); the test
+    session is otherwise offline."""
+    from huggingface_hub import HfApi, constants
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "HF_HUB_OFFLINE", False)
+        patch.setattr(constants, "HF_HUB_DISABLE_XET", True)
+        yield HfApi(endpoint=stack.hub.url, token=stack.hub_token)

@@ -300,17 +300,6 @@ def test_the_cluster_holds_what_git_holds(stack: LocalStack, checkout: Checkout)
     assert [o["uid"] for o in job["metadata"]["ownerReferences"]] == [live["metadata"]["uid"]]
 
 
-@pytest.fixture(scope="module")
-def hub_api(stack: LocalStack) -> Iterator[Any]:
-    """A huggingface_hub client for the stack's local Hub (the test session is otherwise offline)."""
-    from huggingface_hub import HfApi, constants
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(constants, "HF_HUB_OFFLINE", False)
-        patch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        yield HfApi(endpoint=stack.hub.url, token=stack.hub_token)
-
-
 def test_the_real_trainer_pushes_a_hub_commit_per_run(stack: LocalStack, hub_api: Any) -> None:
     """v1, then the dpo.beta edit, trained by the real dpo-trainer: the Hub has a new commit for the new run,
     and the DPOJob's status says which run pushed which commit."""

@@ -45,17 +45,6 @@ def stack(admin_kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         yield stack
 
 
-@pytest.fixture(scope="module")
-def hub_api(stack: LocalStack) -> Iterator[object]:
-    """A huggingface_hub client for the stack's local Hub (the test session is otherwise offline)."""
-    from huggingface_hub import HfApi, constants
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(constants, "HF_HUB_OFFLINE", False)
-        patch.setattr(constants, "HF_HUB_DISABLE_XET", True)
-        yield HfApi(endpoint=stack.hub.url, token=stack.hub_token)
-
-
 def apply(stack: LocalStack, document: dict, check: bool = True) -> str:
     return kubectl(stack.admin_kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump(document), check=check)
 
