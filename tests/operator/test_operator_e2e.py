@@ -520,6 +520,32 @@ def test_suspend_deletes_the_pod_and_resume_continues_from_the_checkpoint(
     assert first_dpo_log["step"] > 20, "DPO must continue from its checkpoint (every 20 steps), not from step 1"
 
 
+def test_a_preempted_pod_is_replaced_and_resumes_from_its_checkpoint(stack: LocalStack, quickstart_run: dict) -> None:
+    """Preemption as a node does it: the pod is deleted (SIGTERM, just-in-time checkpoint); the Job's next pod
+    resumes DPO from the checkpoint on the PVC (created by the quickstart_run fixture)."""
+    name = "preempted"
+    document = quickstart_for_cluster(NS, name=name, repo="demo/preempted")
+    document["spec"]["runtime"]["checkpointVolume"] = {"claimName": "checkpoints"}
+    document["spec"]["dpo"].update(maxSteps=400, loggingSteps=5)
+    document["spec"]["checkpointing"]["saveSteps"] = 20
+    apply(stack, document)
+    running = stack.wait_for(
+        NS, name, lambda o: o.get("status", {}).get("stage") == "dpo" and o["status"]["progress"]["step"] >= 30, 300
+    )
+    first_pod = running["status"]["trainer"]["podName"]
+    kubectl(stack.admin_kubeconfig, "-n", NS, "delete", "pod", first_pod, "--wait=false")
+    done = stack.wait_for(NS, name, lambda o: phase(o) in ("Succeeded", "Failed"), 300)
+    assert phase(done) == "Succeeded", done["status"].get("conditions")
+    last_pod = done["status"]["trainer"]["podName"]
+    assert last_pod != first_pod, "the Job replaced the preempted pod"
+    log = kubectl(stack.admin_kubeconfig, "-n", NS, "logs", last_pod)
+    events_after = [e for line in log.splitlines() if (e := parse_line(line))]
+    skipped = {e["stage"] for e in events_after if e["event"] == "stage_end" and e.get("skipped")}
+    assert {"data", "sft", "sft_merge"} <= skipped, "the replacement pod must not redo finished stages"
+    first_dpo_log = next(e for e in events_after if e["event"] == "log" and e["stage"] == "dpo")
+    assert first_dpo_log["step"] > 20, "DPO continues from its checkpoint, not from step 1"
+
+
 def test_printer_columns(stack: LocalStack, quickstart_run: dict) -> None:
     table = kubectl(stack.admin_kubeconfig, "-n", NS, "get", "dpo", "quickstart")
     header, row = table.splitlines()[:2]
