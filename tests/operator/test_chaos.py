@@ -82,13 +82,16 @@ def test_sigkills_never_duplicate_a_job_and_every_dpojob_finishes(stack: LocalSt
         listing = {"apiVersion": "v1", "kind": "List", "items": [dpojob(i) for i in range(COUNT)]}
         kubectl(stack.admin_kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump(listing))
         deadline = time.monotonic() + 400
+        killed: set[object] = set()
         while kills < KILLS and time.monotonic() < deadline:
             time.sleep(rng.uniform(0.5, 4.0))
-            pods = stack.operator.pods()
-            try:
-                stack.operator.kill(pods[0]["metadata"]["name"])
-            except (IndexError, RuntimeError, ProcessLookupError):
+            pod = stack.operator.pods()[0]["metadata"]["name"]
+            runner = stack.simulator.runner(stack.operator.namespace, pod)
+            process = runner.processes[-1] if runner is not None and runner.processes else None
+            if process is None or process in killed or process.poll() is not None:
                 continue  # between a kill and the restart: nothing to kill yet
+            stack.operator.kill(pod)
+            killed.add(process)
             kills += 1
         assert kills == KILLS
 
