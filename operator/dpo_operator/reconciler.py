@@ -239,7 +239,8 @@ class Reconciler:
             self._write_status(dpojob, old, observed)
             return  # the status write brings this DPOJob back through its watch event
 
-        job = self._current_job(namespace, name, uid, manifests.run_name(name, generation, attempt))
+        job_name = manifests.run_name(name, generation, attempt)
+        job = self._current_job(namespace, name, uid, job_name)
         if job is not None and not self._created_by_us(dpojob, old, spec, job, generation, attempt):
             observed.not_owned = untrusted_job_message(job["metadata"]["name"])
             job = None
@@ -250,7 +251,7 @@ class Reconciler:
                 self.kube.delete("Job", namespace, job["metadata"]["name"])
                 job = None
             elif not observed.suspended and job is None:
-                stopping = stopping_pod(pods, manifests.run_name(name, generation, attempt), datetime.now(UTC))
+                stopping = stopping_pod(pods, job_name, datetime.now(UTC))
                 rejected = self._rejected.get((namespace, name))
                 if observed.not_owned:
                     pass  # a Job of this name exists; creating would only be refused

@@ -128,12 +128,7 @@ def test_unschedulable_and_image_pull_problems_are_surfaced(stack: LocalStack) -
 def test_pod_failure_is_retried_then_fails_with_reason(stack: LocalStack) -> None:
     name = "oom"
 
-    def oom_for_this_job(pod: dict, container: str, restarts: int) -> Outcome | None:
-        if pod["metadata"].get("labels", {}).get("dpo-operator.io/dpojob") != name:
-            return None
-        return Outcome(exit_code=137, reason="OOMKilled", duration_s=1.0)
-
-    with stack.simulator.scripted(oom_for_this_job):
+    with stack.simulator.scripted(oom_killed(name, seconds=1.0)):
         apply(
             stack,
             dpojob(name, runtime={"backoffLimit": 1, "ttlSecondsAfterFinished": 0}, output={"hub": {"repoId": "d/x"}}),
@@ -209,10 +204,22 @@ def succeed_with_model(name: str, repo: str):
         {"reason": "Succeeded", "metrics": {"rewards/margins": 0.3, "loss": 0.5}, "model": {"repoId": repo}}
     )
 
+    return scripted_for(name, Outcome(duration_s=0.5, message=message))
+
+
+def oom_killed(name: str, seconds: float):
+    """Scripted rule: pods of this DPOJob are OOM-killed after `seconds`."""
+    return scripted_for(name, Outcome(exit_code=137, reason="OOMKilled", duration_s=seconds))
+
+
+def scripted_for(name: str, outcome: Outcome):
+    """A rule playing `outcome` for the pods of one DPOJob (by its full name: the label holds long names
+    shortened)."""
+
     def rule(pod: dict, container: str, restarts: int) -> Outcome | None:
         if (pod["metadata"].get("annotations") or {}).get("dpo-operator.io/dpojob-name") != name:
-            return None  # the full name: the label holds long names shortened
-        return Outcome(duration_s=0.5, message=message)
+            return None
+        return outcome
 
     return rule
 
@@ -237,13 +244,8 @@ def test_spec_change_starts_a_new_run_and_keeps_the_previous_one(stack: LocalSta
 def test_a_token_secret_edit_keeps_the_run_and_the_retry_annotation_reruns_a_failure(stack: LocalStack) -> None:
     name = "retry"
 
-    def oom(pod: dict, container: str, restarts: int) -> Outcome | None:
-        if pod["metadata"].get("labels", {}).get("dpo-operator.io/dpojob") != name:
-            return None
-        return Outcome(exit_code=137, reason="OOMKilled", duration_s=0.5)
-
     document = dpojob(name, runtime={"backoffLimit": 0}, output={"hub": {"repoId": "demo/retry"}})
-    with stack.simulator.scripted(oom):
+    with stack.simulator.scripted(oom_killed(name, seconds=0.5)):
         apply(stack, document)
         failed = stack.wait_for(NS, name, lambda o: phase(o) == "Failed", 60)
     document["spec"]["hubTokenSecretRef"] = {"name": "another-token", "key": "token"}
