@@ -17,6 +17,10 @@ from .reconciler import Reconciler
 log = logging.getLogger(__name__)
 EVENT_LOOP = "kopf-event-loop"
 _BEAT_SECONDS = 5.0
+# Kopf's default retries a failing API request for about a minute, then lets the error escalate; for its
+# resource observer that ends the whole operator. Ride out an API outage of about eight minutes instead (the
+# kubelet restarts the pod after that, visibly, as CrashLoopBackOff).
+API_ERROR_BACKOFFS = (1.0, 2.0, 4.0, 8.0, 15.0) + (30.0,) * 15
 
 
 def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
@@ -26,6 +30,7 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
     main.cli has loaded the cluster credentials and put the operator's settings and health in the memo.
     """
     settings.posting.enabled = False
+    settings.networking.error_backoffs = API_ERROR_BACKOFFS
     settings.execution.max_workers = memo.settings.workers
     # Namespaced: exactly the configured namespaces, without listing all namespaces (which needs cluster rights).
     settings.scanning.disabled = bool(memo.settings.namespaces)

@@ -124,7 +124,9 @@ def test_every_dpojob_converges_after_a_minute_of_api_faults(
             kubectl(admin_kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump(document))
             time.sleep(FAULT_SECONDS / COUNT / 2)
         time.sleep(max(0.0, FAULT_SECONDS - (time.monotonic() - started)))
-        assert operator.process is not None and operator.process.poll() is None, "the operator must not crash"
+        assert operator.process is not None and operator.process.poll() is None, (
+            "the operator must not crash: " + operator.logs()[-4000:]
+        )
         proxy.faults.clear()
         recovered = time.monotonic()
         deadline = recovered + 240
