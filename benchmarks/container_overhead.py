@@ -32,10 +32,10 @@ from typing import Any
 import yaml
 from kubernetes import client, config, watch
 
-from dpo_operator.dev.cluster import LocalCluster
-from dpo_operator.dev.images import ensure_images
-from dpo_operator.dev.nodesim import NodeSimulator, NodeSpec
-from dpo_operator.dev.stack import OPERATOR_NAMESPACE, RELEASE, LocalStack, kubectl, quickstart_for_cluster
+from dpo_dev.cluster import LocalCluster
+from dpo_dev.images import ensure_images
+from dpo_dev.nodesim import NodeSimulator, NodeSpec
+from dpo_dev.stack import OPERATOR_NAMESPACE, RELEASE, LocalStack, kubectl, quickstart_for_cluster
 
 MODES = ("process", "container")
 PRINT_TIME = ["python", "-c", "import time; print(repr(time.time()), flush=True)"]

@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from dpo_operator.dev.cluster import LocalCluster, ensure_binaries
-from dpo_operator.dev.nodesim import NodeSimulator, NodeSpec
+from dpo_dev.cluster import LocalCluster, ensure_binaries
+from dpo_dev.nodesim import NodeSimulator, NodeSpec
 
 
 def rss_mib(pid: int) -> float:

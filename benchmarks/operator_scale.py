@@ -22,8 +22,8 @@ from pathlib import Path
 
 import yaml
 
-from dpo_operator.dev.cluster import LocalCluster, write_sa_kubeconfig
-from dpo_operator.dev.stack import OPERATOR_ACCOUNT, OPERATOR_NAMESPACE, OperatorProcess, install, kubectl
+from dpo_dev.cluster import LocalCluster, write_sa_kubeconfig
+from dpo_dev.stack import OPERATOR_ACCOUNT, OPERATOR_NAMESPACE, OperatorProcess, install, kubectl
 
 
 def rss_mib(pid: int) -> float:

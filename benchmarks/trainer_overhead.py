@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from dpo_operator.spec import DPOJobSpec
+from dpojob_api.spec import DPOJobSpec
 
 REPO = Path(__file__).resolve().parents[1]
 QUICKSTART = REPO / "examples" / "quickstart.yaml"

@@ -1,6 +1,6 @@
 """Shared fixtures: a real Kubernetes control plane (one per session), a node simulator, kubeconfigs, helm.
 
-By default the session starts the local control plane (``dpo_operator.dev.cluster.LocalCluster``; built into
+By default the session starts the local control plane (``dpo_dev.cluster.LocalCluster``; built into
 the cache on first use). With ``USE_EXISTING_CLUSTER=1`` the same tests run against the current kubeconfig's
 cluster (kind, k3d, a real one). A control plane that cannot start is an error, never a skip.
 """
@@ -36,7 +36,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     needed = {name for item in session.items for name in getattr(item, "fixturenames", ())}
     if session.config.option.collectonly or not needed & {"cluster", "helm"}:
         return
-    from dpo_operator.dev.cluster import ensure_binaries, ensure_helm
+    from dpo_dev.cluster import ensure_binaries, ensure_helm
 
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
 
@@ -55,7 +55,7 @@ class ClusterHandle:
     """The session's cluster: its admin kubeconfig, and the LocalCluster when we started one."""
 
     kubeconfig: Path
-    local: object | None  # dpo_operator.dev.cluster.LocalCluster, None with USE_EXISTING_CLUSTER=1
+    local: object | None  # dpo_dev.cluster.LocalCluster, None with USE_EXISTING_CLUSTER=1
 
     @property
     def existing(self) -> bool:
@@ -68,7 +68,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHandle]
 
     Teardown stops every component by PID and fails if any process of theirs is left.
     """
-    from dpo_operator.dev.cluster import LocalCluster, processes_in_groups
+    from dpo_dev.cluster import LocalCluster, processes_in_groups
 
     with pytest.MonkeyPatch.context() as env:
         if os.environ.get("USE_EXISTING_CLUSTER") == "1":
@@ -116,7 +116,7 @@ def sa_kubeconfig(admin_kubeconfig: Path, tmp_path_factory: pytest.TempPathFacto
 
     The token comes from the TokenRequest API, so the ServiceAccount has exactly the rights RBAC grants it.
     """
-    from dpo_operator.dev.cluster import write_sa_kubeconfig
+    from dpo_dev.cluster import write_sa_kubeconfig
 
     directory = tmp_path_factory.mktemp("sa-kubeconfigs")
     made: dict[tuple[str, str], Path] = {}
@@ -141,11 +141,11 @@ def node_simulator(admin_kubeconfig: Path, tmp_path_factory: pytest.TempPathFact
     * ``sim-gpu-1``: 16 CPUs, 64Gi, 4 ``nvidia.com/gpu``, also tainted ``nvidia.com/gpu=present:NoSchedule``.
 
     Script outcomes per test with ``with node_simulator.scripted(rule): ...`` or pod annotations (see
-    ``dpo_operator.dev.nodesim``). ``DPO_NODESIM_ADDRESS`` sets the address the kubelet endpoint binds to and
+    ``dpo_dev.nodesim``). ``DPO_NODESIM_ADDRESS`` sets the address the kubelet endpoint binds to and
     advertises (on kind, an address the apiserver container can reach). Teardown fails on leftover processes.
     """
-    from dpo_operator.dev.cluster import processes_in_groups
-    from dpo_operator.dev.nodesim import NodeSimulator, NodeSpec
+    from dpo_dev.cluster import processes_in_groups
+    from dpo_dev.nodesim import NodeSimulator, NodeSpec
 
     pool = {FIXTURE_POOL_LABEL: "fixture"}
     gpu = {**pool, "nvidia.com/gpu.present": "true"}
@@ -190,7 +190,7 @@ def namespace(api_client: object) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def helm() -> Path:
     """The helm binary (fetched once into the cache beside the control-plane binaries)."""
-    from dpo_operator.dev.cluster import ensure_helm
+    from dpo_dev.cluster import ensure_helm
 
     return ensure_helm()
 

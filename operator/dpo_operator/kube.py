@@ -12,8 +12,9 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from dpojob_api.spec import API_GROUP, API_VERSION, KIND, PLURAL
+
 from .manifests import ServerFeatures, job_content_hash
-from .spec import API_GROUP, API_VERSION, KIND, PLURAL
 
 log = logging.getLogger(__name__)
 

@@ -12,11 +12,12 @@ import sys
 import kopf
 from kubernetes import config
 
+from dpojob_api.spec import API_GROUP, API_VERSION, PLURAL
+
 from . import handlers, health, metrics
 from .leader import LeaderElector
 from .manifests import LABEL_DPOJOB, MANAGED_BY
 from .settings import OperatorSettings, SettingsError
-from .spec import API_GROUP, API_VERSION, PLURAL
 
 CHILDREN = {LABEL_DPOJOB: kopf.PRESENT, "app.kubernetes.io/managed-by": MANAGED_BY}
 log = logging.getLogger("dpo_operator")

@@ -7,20 +7,19 @@ Names are deterministic (DPOJob name + run generation), so re-creating after an 
 from __future__ import annotations
 
 import hashlib
-import json
 import posixpath
 from dataclasses import dataclass
 from typing import Any
 
 import yaml
 
-from .spec import API_GROUP, API_VERSION, KIND, DPOJobSpec, model_identity
+from dpojob_api.progress import TERMINATION_MESSAGE_PATH, TERMINATION_PATH_ENV
+from dpojob_api.spec import API_GROUP, API_VERSION, KIND, DPOJobSpec, digest
 
 CONFIG_MOUNT = "/etc/dpo-operator"
 SPEC_FILE = "dpojob.yaml"
 DATA_MOUNT = "/data"
 OUTPUT_MOUNT = "/output"
-TERMINATION_LOG = "/dev/termination-log"
 RESERVED_PATHS = frozenset({"/", "/tmp", "/dev", "/dev/shm", "/proc", "/sys", CONFIG_MOUNT, DATA_MOUNT, OUTPUT_MOUNT})
 """Paths the trainer pod mounts something else at (or must not hide): not a place for the work volume."""
 CONTAINER = "trainer"
@@ -48,21 +47,6 @@ class ServerFeatures:
     """Job spec.suspend (1.21+): Jobs for a Kueue queue are created suspended, for Kueue to admit."""
 
 
-def _digest(value: Any) -> str:
-    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def spec_hash(spec: dict[str, Any]) -> str:
-    """Hash of what decides the trained model (spec.model_identity, shared with the trainer): a run's identity."""
-    return _digest(model_identity(spec))
-
-
-def legacy_spec_hash(spec: dict[str, Any]) -> str:
-    """The run identity recorded by 0.1.0 (the spec less suspend and runtime), so that its runs are recognised
-    after an operator upgrade instead of all being trained again."""
-    return _digest({k: v for k, v in spec.items() if k not in ("suspend", "runtime")})
-
-
 def run_name(dpojob_name: str, generation: int, attempt: int = 0) -> str:
     """Deterministic name of one run's Job and ConfigMap, short enough for pod names and labels.
 
@@ -71,16 +55,16 @@ def run_name(dpojob_name: str, generation: int, attempt: int = 0) -> str:
     suffix = f"-g{generation}" + (f"-r{attempt}" if attempt else "")
     if len(dpojob_name) + len(suffix) <= _NAME_LIMIT:
         return dpojob_name + suffix
-    digest = hashlib.sha256(dpojob_name.encode()).hexdigest()[:6]
-    return f"{dpojob_name[: _NAME_LIMIT - len(suffix) - 7].rstrip('-.')}-{digest}{suffix}"
+    short = hashlib.sha256(dpojob_name.encode()).hexdigest()[:6]
+    return f"{dpojob_name[: _NAME_LIMIT - len(suffix) - 7].rstrip('-.')}-{short}{suffix}"
 
 
 def label_value(dpojob_name: str) -> str:
     """The DPOJob's name as a label value: names over 63 characters are shortened uniquely (a hash suffix)."""
     if len(dpojob_name) <= 63:
         return dpojob_name
-    digest = hashlib.sha256(dpojob_name.encode()).hexdigest()[:8]
-    return f"{dpojob_name[:54].rstrip('-.')}-{digest}"
+    short = hashlib.sha256(dpojob_name.encode()).hexdigest()[:8]
+    return f"{dpojob_name[:54].rstrip('-.')}-{short}"
 
 
 def labels(dpojob_name: str, generation: int) -> dict[str, str]:
@@ -165,7 +149,7 @@ def job_content_hash(job: dict[str, Any]) -> str:
         "automountServiceAccountToken": pod.get("automountServiceAccountToken"),
         "host": [bool(pod.get(k)) for k in ("hostNetwork", "hostPID", "hostIPC")],
     }
-    return _digest(content)
+    return digest(content)
 
 
 def _claim_volume(name: str, claim: Any) -> dict[str, Any]:
@@ -206,7 +190,7 @@ def _env(spec: DPOJobSpec, extra_env: list[dict[str, Any]]) -> list[dict[str, An
         {"name": "PYTHONUNBUFFERED", "value": "1"},
         {"name": "HF_HOME", "value": "/tmp/hf-home"},
         {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
-        {"name": "DPO_TERMINATION_MESSAGE_PATH", "value": TERMINATION_LOG},
+        {"name": TERMINATION_PATH_ENV, "value": TERMINATION_MESSAGE_PATH},
     ]
     env += extra_env
     if spec.hub_token_secret_ref is not None:
@@ -258,7 +242,7 @@ def build_job(
         "env": _env(spec, extra_env or []),
         "resources": _resources(spec),
         "volumeMounts": mounts,
-        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",
         "securityContext": {
             "allowPrivilegeEscalation": False,

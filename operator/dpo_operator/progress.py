@@ -11,97 +11,24 @@ shape); a line that fails is ignored like any other log line, so no line can sto
 from __future__ import annotations
 
 import json
-import math
-import re
-import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any, Literal
+from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import ValidationError
 
-PROGRESS_KIND = "dpo-trainer/progress"
-
-# Trainer stage ids -> the stages users see in status.stage.
-DISPLAY_STAGE = {
-    "data": "data",
-    "sft": "sft",
-    "sft_merge": "merge",
-    "dpo": "dpo",
-    "dpo_merge": "merge",
-    "model_card": "push",
-    "gates": "push",
-    "push": "push",
-}
-# Share of the whole run each trainer stage covers, for status.progress.percent (training dominates).
-_STAGE_WEIGHTS = {
-    "data": 2,
-    "sft": 40,
-    "sft_merge": 3,
-    "dpo": 50,
-    "dpo_merge": 3,
-    "model_card": 1,
-    "gates": 1,
-    "push": 1,
-}
-_STAGE_ORDER = list(_STAGE_WEIGHTS)
-REWARD_KEYS = {
-    "rewards/chosen": "chosen",
-    "rewards/rejected": "rejected",
-    "rewards/accuracies": "accuracies",
-    "rewards/margins": "margins",
-}
-
+from dpojob_api.progress import (
+    DISPLAY_STAGE,
+    PROGRESS_KIND,
+    REWARD_KEYS,
+    STAGE_WEIGHTS,
+    TRAINER_STAGES,
+    ProgressEvent,
+    bounded_metrics,
+    finite,
+)
 
 _MARKER = '{"kind": "' + PROGRESS_KIND + '"'
-MAX_METRICS = 64
-"""Metric keys kept per event: the Trainer logs about 20; status must stay far below the object size limit."""
-_METRIC_KEY = re.compile(r"[A-Za-z0-9_./-]{1,64}")
-_MAX_STEP = 10**9
-MAX_CLOCK_SKEW_S = 300.0
-"""An event time further ahead of the operator's clock than this is not believed (it would freeze replays)."""
-
-
-def _metrics(value: Any) -> dict[str, float]:
-    """Finite numbers under plausible keys, at most MAX_METRICS (rewards and loss first); others dropped."""
-    if not isinstance(value, dict):
-        raise ValueError("metrics must be an object")
-    kept = {key: float(number) for key, number in value.items() if _METRIC_KEY.fullmatch(key) and _finite(number)}
-    ranked = sorted(kept, key=lambda key: (key not in REWARD_KEYS and key != "loss", key))
-    return {key: kept[key] for key in ranked[:MAX_METRICS]}
-
-
-class ProgressEvent(BaseModel):
-    """One progress line as the operator accepts it (the trainer's contract: dpo_trainer/progress.py)."""
-
-    model_config = ConfigDict(extra="ignore")
-
-    kind: Literal["dpo-trainer/progress"]
-    event: Literal["stage_start", "log", "stage_end", "done", "error"]
-    time: float | None = Field(None, ge=0)
-    stage: str | None = Field(None, max_length=64)
-    step: int = Field(0, ge=0, le=_MAX_STEP)
-    totalSteps: int = Field(0, ge=0, le=_MAX_STEP)
-    skipped: bool = False
-    metrics: dict[str, float] = Field(default_factory=dict)
-    summary_metrics: dict[str, float] = Field(default_factory=dict)
-
-    @field_validator("time")
-    @classmethod
-    def _not_in_the_future(cls, value: float | None) -> float | None:
-        if value is not None and not (math.isfinite(value) and value <= time.time() + MAX_CLOCK_SKEW_S):
-            raise ValueError("time must be a Unix time no later than now")
-        return value
-
-    @field_validator("step", "totalSteps", mode="before")
-    @classmethod
-    def _null_is_zero(cls, value: Any) -> Any:
-        return 0 if value is None else value
-
-    @field_validator("metrics", "summary_metrics", mode="before")
-    @classmethod
-    def _bounded_metrics(cls, value: Any) -> dict[str, float]:
-        return _metrics({} if value is None else value)
 
 
 def parse_line(line: str) -> dict[str, Any] | None:
@@ -127,10 +54,6 @@ def _rfc3339(timestamp: float) -> str:
     return datetime.fromtimestamp(timestamp, UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
-def _finite(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
-
-
 @dataclass
 class TrainerProgress:
     """What the trainer has reported so far for one pod, folded from its events in order."""
@@ -148,21 +71,21 @@ class TrainerProgress:
         """Fold one progress event (in log order), as parse_line validated it."""
         self.events_seen += 1
         kind, stage, when = event.get("event"), event.get("stage"), event.get("time")
-        if _finite(when):
+        if finite(when):
             self.updated = float(when)
-        if kind == "stage_start" and stage in _STAGE_WEIGHTS:
+        if kind == "stage_start" and stage in STAGE_WEIGHTS:
             self.stage, self.stage_started, self.step, self.total_steps = stage, self.updated, 0, 0
             if stage in ("sft", "dpo"):
                 self.metrics = {}  # each training stage reports its own loss; don't mix SFT's into DPO's
         elif kind == "log":
-            if stage in _STAGE_WEIGHTS:
+            if stage in STAGE_WEIGHTS:
                 self.stage = stage
             self.step, self.total_steps = event["step"], event["totalSteps"]
-            self.metrics = _metrics({**self.metrics, **event["metrics"]})
+            self.metrics = bounded_metrics({**self.metrics, **event["metrics"]})
         elif kind == "done":
             self.done = True
             self.stage = "push"
-            self.metrics = _metrics({**self.metrics, **event["summary_metrics"]})
+            self.metrics = bounded_metrics({**self.metrics, **event["summary_metrics"]})
 
     def percent(self) -> int:
         """Share of the whole run done, weighting stages by how long they usually take."""
@@ -170,9 +93,9 @@ class TrainerProgress:
             return 100
         if self.stage is None:
             return 0
-        before = sum(_STAGE_WEIGHTS[s] for s in _STAGE_ORDER[: _STAGE_ORDER.index(self.stage)])
+        before = sum(STAGE_WEIGHTS[s] for s in TRAINER_STAGES[: TRAINER_STAGES.index(self.stage)])
         within = self.step / self.total_steps if self.total_steps else 0.0
-        return min(99, int(100 * (before + within * _STAGE_WEIGHTS[self.stage]) / sum(_STAGE_WEIGHTS.values())))
+        return min(99, int(100 * (before + within * STAGE_WEIGHTS[self.stage]) / sum(STAGE_WEIGHTS.values())))
 
     def eta_seconds(self) -> int | None:
         """Seconds left in the current stage at the rate seen so far."""

@@ -17,6 +17,8 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
+from dpojob_api.spec import DPOJobSpec, describe_validation_error, legacy_spec_hash, spec_hash
+
 from . import manifests, metrics
 from .followers import LogFollowers
 from .health import Health
@@ -30,7 +32,6 @@ from .kube import (
     untrusted_job_message,
 )
 from .settings import OperatorSettings
-from .spec import DPOJobSpec, describe_validation_error
 from .status import Observed, compute_status, run_finished, transition_events, utc_from_rfc3339
 
 log = logging.getLogger(__name__)
@@ -75,9 +76,9 @@ def current_run(dpojob: dict[str, Any]) -> dict[str, Any]:
     status = dpojob.get("status") or {}
     previous = status.get("run") or {}
     spec = dpojob["spec"]
-    digest = manifests.spec_hash(spec)
+    digest = spec_hash(spec)
     retry = (dpojob["metadata"].get("annotations") or {}).get(RETRY_ANNOTATION)
-    if previous.get("specHash") not in (digest, manifests.legacy_spec_hash(spec)):
+    if previous.get("specHash") not in (digest, legacy_spec_hash(spec)):
         return {"generation": dpojob["metadata"]["generation"], "specHash": digest, "retryToken": retry}
     if retry and retry != previous.get("retryToken") and status.get("phase") == "Failed":
         return {**previous, "attempt": previous.get("attempt", 0) + 1, "retryToken": retry}

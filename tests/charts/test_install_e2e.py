@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dpo_operator.dev.stack import RELEASE, LocalStack, kubectl, quickstart_for_cluster
+from dpo_dev.stack import RELEASE, LocalStack, kubectl, quickstart_for_cluster
 
 NS = "helm-e2e"
 OTHER_NS = "helm-e2e-unwatched"

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from dpo_operator.dev.hub import LocalHub
+from dpo_dev.hub import LocalHub
 
 HUB_TOKEN = "hf_local_test_token"
 HUB_USER = "tester"

@@ -17,7 +17,7 @@ import pytest
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from dpo_operator.dev.cluster import (
+from dpo_dev.cluster import (
     Binaries,
     LocalCluster,
     StepError,
@@ -245,7 +245,7 @@ def test_failed_step_is_named_with_its_log_tail(local_only: None, tmp_path: Path
 
 def test_cli_up_detach_status_down(local_only: None, tmp_path: Path) -> None:
     name = f"t{uuid.uuid4().hex[:6]}"
-    cli = [sys.executable, "-m", "dpo_operator.dev.cluster_cli", "--name", name]
+    cli = [sys.executable, "-m", "dpo_dev.cluster_cli", "--name", name]
     env = {k: v for k, v in os.environ.items() if k != "KUBECONFIG"}
     up = subprocess.run([*cli, "up", "--detach", "--node", "cli-gpu-0:gpus=1", "--cwd", str(tmp_path)],
                         capture_output=True, text=True, env=env, timeout=120)  # fmt: skip

@@ -14,9 +14,9 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from dpo_operator.dev.cluster import processes_in_groups
-from dpo_operator.dev.images import ImageInfo, ensure_images
-from dpo_operator.dev.nodesim import (
+from dpo_dev.cluster import processes_in_groups
+from dpo_dev.images import ImageInfo, ensure_images
+from dpo_dev.nodesim import (
     SERVICE_ACCOUNT_DIR,
     ContainerConfigError,
     ContainerRun,

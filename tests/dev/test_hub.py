@@ -15,7 +15,7 @@ from huggingface_hub import HfApi, HfFileSystem, hf_hub_download, snapshot_downl
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from safetensors.numpy import load_file, save_file
 
-from dpo_operator.dev.hub import LocalHub
+from dpo_dev.hub import LocalHub
 
 COMMIT_URL = re.compile(r"/commit/[0-9a-f]{40}$")
 
@@ -205,7 +205,7 @@ def test_load_dataset_from_hub(local_hub: LocalHub, tmp_path: Path) -> None:
 @pytest.mark.usefixtures("hub_client_env")
 def test_standalone_server_cli(tmp_path: Path) -> None:
     process = subprocess.Popen(
-        [sys.executable, "-m", "dpo_operator.dev.hub", "--root", str(tmp_path), "--port", "0", "--token", "t0k"],
+        [sys.executable, "-m", "dpo_dev.hub", "--root", str(tmp_path), "--port", "0", "--token", "t0k"],
         stdout=subprocess.PIPE,
         text=True,
     )

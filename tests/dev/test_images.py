@@ -1,4 +1,4 @@
-"""The real images, built with podman from the repository's Dockerfiles (dpo_operator.dev.images), run the way
+"""The real images, built with podman from the repository's Dockerfiles (dpo_dev.images), run the way
 the pod runs them: read-only root, uid 1000, no capabilities, no new privileges, no network."""
 
 from __future__ import annotations
@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dpo_operator.dev import images
-from dpo_operator.dev.images import ImageInfo, ImageSpec, ensure_images, inputs_key, podman_env
+from dpo_dev import images
+from dpo_dev.images import ImageInfo, ImageSpec, ensure_images, inputs_key, podman_env
 
 # A cold build (base, both images, the trainer's ML stack from PyPI) takes about three minutes; later calls
 # find the images in place.

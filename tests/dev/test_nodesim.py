@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 from kubernetes import client, watch
 
-from dpo_operator.dev.cluster import processes_in_groups
-from dpo_operator.dev.nodesim import SERVICE_ACCOUNT_DIR, NodeSimulator, Outcome
+from dpo_dev.cluster import processes_in_groups
+from dpo_dev.nodesim import SERVICE_ACCOUNT_DIR, NodeSimulator, Outcome
 
 from .conftest import wait_for
 
@@ -547,7 +547,7 @@ def test_image_pull_failure_is_reported(node_simulator: NodeSimulator, api_clien
 
 
 def test_env_expansion_follows_kubernetes_rules() -> None:
-    from dpo_operator.dev.nodesim import _expand
+    from dpo_dev.nodesim import _expand
 
     env = {"A": "1", "B": "two"}
     assert _expand("$(A)-$(B)", env) == "1-two"
@@ -555,7 +555,7 @@ def test_env_expansion_follows_kubernetes_rules() -> None:
 
 
 def test_path_rewriting_respects_path_boundaries(tmp_path: Path) -> None:
-    from dpo_operator.dev.nodesim import _path_rewriter
+    from dpo_dev.nodesim import _path_rewriter
 
     spec = {"volumeMounts": [{"name": "data", "mountPath": "/data"}, {"name": "cfg", "mountPath": "/data/cfg/"}]}
     rewrite = _path_rewriter(spec, {"data": tmp_path / "d", "cfg": tmp_path / "c"}, tmp_path / "msg")
@@ -565,7 +565,7 @@ def test_path_rewriting_respects_path_boundaries(tmp_path: Path) -> None:
 
 
 def test_node_option_parsing() -> None:
-    from dpo_operator.dev.nodesim import parse_node
+    from dpo_dev.nodesim import parse_node
 
     node = parse_node("gpu-0:gpus=2,cpu=4,memory=8Gi,label.pool=a,taint.nvidia.com/gpu=present:NoExecute,taint.x=y")
     assert (node.name, node.gpus, node.cpu, node.memory, node.labels) == ("gpu-0", 2, "4", "8Gi", {"pool": "a"})

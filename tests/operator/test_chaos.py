@@ -20,8 +20,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpo_operator.dev.nodesim import Outcome
-from dpo_operator.dev.stack import LocalStack, kubectl
+from dpo_dev.nodesim import Outcome
+from dpo_dev.stack import LocalStack, kubectl
 
 NS = "chaos"
 COUNT, KILLS = 50, 20

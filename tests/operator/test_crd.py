@@ -6,7 +6,7 @@ import jsonschema
 import yaml
 
 from dpo_operator import crd
-from dpo_operator.spec import DPOJobSpec
+from dpojob_api.spec import DPOJobSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -81,9 +81,9 @@ def test_no_ml_stack_in_the_image() -> None:
     trainer_only = set(requirements(("trainer",))) - set(requirements(("operator",)))
     text = DOCKERFILE.read_text().lower() + CONSTRAINTS.read_text().lower()
     assert not [name for name in trainer_only if re.search(rf"\b{re.escape(name)}\b", text)]
-    # setuptools' package discovery needs the trainer package to exist; its code stays out.
-    trainer_sources = [s for s in copy_sources(COMMANDS) if s.startswith("trainer_image")]
-    assert trainer_sources == ["trainer_image/dpo_trainer/__init__.py"]
+    # The shared API and the operator; no trainer code, no development tools.
+    sources = [s for s in copy_sources(COMMANDS) if s.startswith(("operator/dpo", "trainer_image"))]
+    assert sources == ["operator/dpojob_api", "operator/dpo_operator"]
 
 
 def test_no_secrets_and_a_clean_build_context() -> None:

@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import BaseModel
 
 from dpo_operator import docs
-from dpo_operator.spec import DPOJobSpec
+from dpojob_api.spec import DPOJobSpec
 
 ROOT = Path(__file__).resolve().parents[2]
 

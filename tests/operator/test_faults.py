@@ -21,9 +21,9 @@ import pytest
 import yaml
 from fault_proxy import FaultProxy
 
-from dpo_operator.dev.cluster import write_sa_kubeconfig
-from dpo_operator.dev.nodesim import Outcome
-from dpo_operator.dev.stack import (
+from dpo_dev.cluster import write_sa_kubeconfig
+from dpo_dev.nodesim import Outcome
+from dpo_dev.stack import (
     OPERATOR_ACCOUNT,
     OPERATOR_NAMESPACE,
     OperatorDeployment,

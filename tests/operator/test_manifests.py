@@ -5,7 +5,7 @@ import copy
 import yaml
 
 from dpo_operator import manifests
-from dpo_operator.spec import DPOJob, DPOJobSpec
+from dpojob_api.spec import DPOJob, DPOJobSpec, spec_hash
 
 DPOJOB = {
     "apiVersion": "dpo-operator.io/v1alpha1",
@@ -104,8 +104,8 @@ def test_config_map_holds_a_dpojob_the_trainer_reads() -> None:
 
 def test_spec_hash_ignores_suspend_and_runtime() -> None:
     base = DPOJOB["spec"]
-    assert manifests.spec_hash(base) == manifests.spec_hash({**base, "suspend": True, "runtime": {"gpus": 8}})
-    assert manifests.spec_hash(base) != manifests.spec_hash({**base, "dpo": {"beta": 0.2}})
+    assert spec_hash(base) == spec_hash({**base, "suspend": True, "runtime": {"gpus": 8}})
+    assert spec_hash(base) != spec_hash({**base, "dpo": {"beta": 0.2}})
 
 
 def test_long_dpojob_names_give_valid_unique_labels_and_keep_the_full_name() -> None:

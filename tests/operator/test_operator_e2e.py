@@ -19,8 +19,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpo_operator.dev.nodesim import Outcome
-from dpo_operator.dev.stack import LocalStack, kubectl, quickstart_for_cluster
+from dpo_dev.nodesim import Outcome
+from dpo_dev.stack import LocalStack, kubectl, quickstart_for_cluster
 from dpo_operator.progress import parse_line
 
 NS = "e2e"

@@ -2,7 +2,8 @@
 
 import json
 
-from dpo_operator.progress import MAX_METRICS, TrainerProgress, parse_line
+from dpo_operator.progress import TrainerProgress, parse_line
+from dpojob_api.progress import MAX_METRICS
 
 
 def line(event: str, **fields) -> str:
@@ -90,8 +91,8 @@ def test_metric_keys_are_bounded() -> None:
 
 def test_every_trainer_stage_has_a_display_stage_and_a_weight() -> None:
     """The trainer's stage table is the source of truth; the operator must know each stage it can report."""
-    from dpo_operator.progress import _STAGE_WEIGHTS, DISPLAY_STAGE
     from dpo_trainer.pipeline import STAGES
+    from dpojob_api.progress import DISPLAY_STAGE, STAGE_WEIGHTS
 
     names = [stage.name for stage in STAGES]
-    assert list(DISPLAY_STAGE) == names and list(_STAGE_WEIGHTS) == names
+    assert list(DISPLAY_STAGE) == names and list(STAGE_WEIGHTS) == names

@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 from dpo_operator import manifests
 from dpo_operator.reconciler import RETRY_ANNOTATION, current_run, stopping_pod, validate_spec
+from dpojob_api.spec import legacy_spec_hash, spec_hash
 
 SPEC = {
     "model": {"name": "tiny"},
@@ -22,7 +23,7 @@ def dpojob(spec: dict, generation: int, status: dict | None = None, retry: str |
 
 
 def recorded(spec: dict, phase: str = "Running", **run: object) -> dict:
-    return {"run": {"generation": 1, "specHash": manifests.spec_hash(spec), **run}, "phase": phase}
+    return {"run": {"generation": 1, "specHash": spec_hash(spec), **run}, "phase": phase}
 
 
 def test_edits_that_do_not_change_the_model_keep_the_run() -> None:
@@ -41,7 +42,7 @@ def test_edits_that_do_not_change_the_model_keep_the_run() -> None:
 
 
 def test_runs_recorded_by_the_previous_release_are_kept_after_an_upgrade() -> None:
-    legacy = {"run": {"generation": 1, "specHash": manifests.legacy_spec_hash(SPEC)}, "phase": "Succeeded"}
+    legacy = {"run": {"generation": 1, "specHash": legacy_spec_hash(SPEC)}, "phase": "Succeeded"}
     assert current_run(dpojob(SPEC, 3, legacy)) == legacy["run"]
 
 

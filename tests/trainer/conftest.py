@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 import yaml
 
-from dpo_operator.dev.hub import LocalHub
+from dpo_dev.hub import LocalHub
 from dpo_trainer.errors import ALL_ERRORS
 
 REPO = Path(__file__).resolve().parents[2]

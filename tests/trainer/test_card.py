@@ -7,10 +7,10 @@ from pathlib import Path
 
 import yaml
 
-from dpo_operator.spec import DPOJob, DPOJobSpec, model_identity
 from dpo_trainer.card import metrics_table, plot_training_curves, recorded_run, render_card
 from dpo_trainer.context import RunContext, RunState
 from dpo_trainer.progress import Reporter
+from dpojob_api.spec import DPOJob, DPOJobSpec, model_identity
 
 from .conftest import CliRun
 

@@ -10,8 +10,7 @@ import pytest
 import yaml
 from datasets import Dataset, load_from_disk
 
-from dpo_operator.dev.hub import LocalHub
-from dpo_operator.spec import DatasetSource, DPOJob, DPOJobSpec
+from dpo_dev.hub import LocalHub
 from dpo_trainer.context import RunContext, RunState
 from dpo_trainer.data import Template, drop_long_prompts, hold_out, limit, load_source, render
 from dpo_trainer.data import run as data_stage
@@ -19,6 +18,7 @@ from dpo_trainer.errors import DatasetError
 from dpo_trainer.models import load_tokenizer
 from dpo_trainer.progress import Reporter
 from dpo_trainer.specfile import load_job, resolve_local_paths
+from dpojob_api.spec import DatasetSource, DPOJob, DPOJobSpec
 
 from .conftest import QUICKSTART, TINY_DATA, TINY_MODEL, hub_env, quickstart_job, run_cli
 

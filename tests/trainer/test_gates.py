@@ -15,11 +15,10 @@ from typing import Any
 
 import pytest
 
-from dpo_operator.dev.hub import LocalHub
-from dpo_operator.manifests import spec_hash
-from dpo_operator.spec import QualityGates
+from dpo_dev.hub import LocalHub
 from dpo_trainer.card import recorded_run
 from dpo_trainer.gates import check
+from dpojob_api.spec import QualityGates, spec_hash
 
 from .conftest import HUB_TOKEN, HUB_USER, CliRun, assert_failed, hub_env, quickstart_job, run_cli
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from dpo_operator.dev.hub import LocalHub
+from dpo_dev.hub import LocalHub
 from dpo_trainer.errors import HubError
 from dpo_trainer.hub import tag_commit
 

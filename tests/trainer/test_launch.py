@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from dpo_operator.dev.hub import LocalHub
+from dpo_dev.hub import LocalHub
 from dpo_trainer.errors import DatasetError, Interrupted, InvalidSpec, OutOfMemory, TrainingError
 from dpo_trainer.launch import NPROC_ENV, Exit, Report, processes, root_cause
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from dpo_operator.spec import DPOSpec, SFTSpec
 from dpo_trainer.models import load_model, load_tokenizer, lora_config, trainer_arguments
 from dpo_trainer.specfile import load_job
 from dpo_trainer.training import dpo_config, sft_config
+from dpojob_api.spec import DPOSpec, SFTSpec
 
 from .conftest import QUICKSTART, TINY_MODEL
 

@@ -13,8 +13,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from dpo_operator.dev.hub import LocalHub
-from dpo_operator.spec import DPOJobSpec, HubOutput, OutputSpec
+from dpo_dev.hub import LocalHub
 from dpo_trainer import pipeline
 from dpo_trainer.context import RunContext
 from dpo_trainer.errors import Interrupted
@@ -22,6 +21,7 @@ from dpo_trainer.pipeline import STAGES, Stage, plan
 from dpo_trainer.progress import Reporter
 from dpo_trainer.specfile import load_job
 from dpo_trainer.training import latest_checkpoint
+from dpojob_api.spec import DPOJobSpec, HubOutput, OutputSpec
 
 from .conftest import (
     DPO_KEYS,

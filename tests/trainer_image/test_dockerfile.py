@@ -34,7 +34,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 from dpo_operator import manifests
-from dpo_operator.spec import DPOJobSpec
+from dpojob_api.spec import DPOJobSpec
 
 DOCKERFILE = ROOT / "trainer_image" / "Dockerfile"
 CONSTRAINTS = ROOT / "trainer_image" / "constraints.txt"
@@ -176,3 +176,8 @@ def test_build_context_holds_what_the_dockerfile_copies_and_nothing_else() -> No
 def test_hadolint_is_clean() -> None:
     result = hadolint(DOCKERFILE)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_image_carries_the_shared_api_and_the_trainer_only() -> None:
+    sources = [s for s in copy_sources(COMMANDS) if s.startswith(("operator", "trainer_image/dpo"))]
+    assert sorted(sources) == ["operator/dpojob_api", "trainer_image/dpo_trainer"]

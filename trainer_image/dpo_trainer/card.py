@@ -15,12 +15,12 @@ from typing import Any
 
 import yaml
 
-from dpo_operator.spec import NOT_ABOUT_THE_MODEL, model_identity
 from dpo_trainer import hub
 from dpo_trainer.context import RunContext
 from dpo_trainer.errors import scrub
 from dpo_trainer.specfile import looks_like_path
 from dpo_trainer.training import LOG_HISTORY, stage_metrics
+from dpojob_api.spec import NOT_ABOUT_THE_MODEL, model_identity
 
 CARD = "README.md"
 PLOT = "training_curves.png"

@@ -20,8 +20,8 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from dpo_operator.spec import DPOJobSpec
 from dpo_trainer.progress import Reporter
+from dpojob_api.spec import DPOJobSpec
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup

@@ -14,9 +14,9 @@ import glob
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
-from dpo_operator.spec import DatasetSource, template_fields
 from dpo_trainer.context import RunContext
 from dpo_trainer.errors import DatasetError, reraise
+from dpojob_api.spec import DatasetSource, template_fields
 
 if TYPE_CHECKING:
     from datasets import Dataset

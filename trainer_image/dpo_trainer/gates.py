@@ -13,12 +13,12 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from dpo_operator.spec import QualityGates
 from dpo_trainer.card import TARGET
 from dpo_trainer.context import RunContext
 from dpo_trainer.errors import QualityGateFailed
 from dpo_trainer.pipeline import model_location
 from dpo_trainer.training import stage_metrics
+from dpojob_api.spec import QualityGates
 
 RESULT = "result.json"
 THRESHOLDS = (  # (field, name in the spec, metric, higher is better)

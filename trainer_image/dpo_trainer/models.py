@@ -10,8 +10,8 @@ from __future__ import annotations
 from functools import cache
 from typing import TYPE_CHECKING, Any
 
-from dpo_operator.spec import DPOJobSpec, LoRASpec, TrainingSpec
 from dpo_trainer.errors import ModelLoadError, reraise
+from dpojob_api.spec import DPOJobSpec, LoRASpec, TrainingSpec
 
 if TYPE_CHECKING:
     import torch

@@ -35,7 +35,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpo_operator.spec import DPOJobSpec, model_identity
 from dpo_trainer.context import (
     STATE_FILE,
     SUMMARY_FILE,
@@ -48,6 +47,7 @@ from dpo_trainer.context import (
 from dpo_trainer.progress import Reporter
 from dpo_trainer.specfile import spec_as_yaml_dict
 from dpo_trainer.training import PARALLELISM, stage_metrics
+from dpojob_api.spec import DPOJobSpec, model_identity
 
 KEY_METRICS_PREFIXES = ("rewards/", "eval_")
 

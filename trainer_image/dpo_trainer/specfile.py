@@ -13,15 +13,15 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from dpo_operator.manifests import spec_hash
-from dpo_operator.spec import (
+from dpo_trainer.errors import DatasetError, InvalidSpec, ModelLoadError
+from dpojob_api.spec import (
     KIND,
     DatasetSource,
     DPOJob,
     DPOJobSpec,
     describe_validation_error,
+    spec_hash,
 )
-from dpo_trainer.errors import DatasetError, InvalidSpec, ModelLoadError
 
 
 def read_job(path: Path) -> dict[str, Any]:

@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from transformers import Trainer, TrainingArguments
     from trl import DPOConfig, SFTConfig
 
-    from dpo_operator.spec import DPOJobSpec
+    from dpojob_api.spec import DPOJobSpec
 
 ADAPTER_DIR = "adapter"
 LOG_HISTORY = "log_history.json"

@@ -1,4 +1,4 @@
-"""The local end-to-end demo: `python -m dpo_operator.dev.demo`.
+"""The local end-to-end demo: `python -m dpo_dev.demo`.
 
 Starts the embedded control plane (building it once), a simulated GPU node and a local Hub; installs the
 operator with `helm install` from charts/ (the simulated node runs its pod); applies examples/quickstart.yaml

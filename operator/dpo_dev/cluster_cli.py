@@ -130,7 +130,7 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 def _detach(args: argparse.Namespace, run: Path) -> int:
     """Re-run ``up`` in the background (its own session) and wait until its state file says it is ready."""
-    argv = [sys.executable, "-m", "dpo_operator.dev.cluster_cli", "--name", args.name, "up"]
+    argv = [sys.executable, "-m", "dpo_dev.cluster_cli", "--name", args.name, "up"]
     argv += ["--mode", args.mode, "--cwd", str(Path(args.cwd).resolve())]
     argv += ["--no-nodes"] if args.no_nodes else [a for n in args.node or [] for a in ("--node", n)]
     run.mkdir(parents=True, exist_ok=True)

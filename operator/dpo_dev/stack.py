@@ -28,8 +28,9 @@ from typing import Any
 
 import yaml
 
-from .. import crd
-from ..spec import RuntimeSpec
+from dpo_operator import crd
+from dpojob_api.spec import RuntimeSpec
+
 from .cluster import ensure_helm
 from .hub import LocalHub
 from .images import VERSION, ensure_images

@@ -8,6 +8,8 @@ operator can both use it cheaply.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import re
 import string
 from typing import Annotated, Any, Literal
@@ -626,3 +628,19 @@ def describe_validation_error(exc: ValidationError, prefix: str = "spec") -> str
 def model_identity(spec: dict[str, Any]) -> dict[str, Any]:
     """A spec dict (camelCase, as written or dumped by alias) less NOT_ABOUT_THE_MODEL: what decides the model."""
     return {k: v for k, v in spec.items() if k not in NOT_ABOUT_THE_MODEL}
+
+
+def digest(value: Any) -> str:
+    """A short stable hash of JSON-able data (run identities, Job contents)."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def spec_hash(spec: dict[str, Any]) -> str:
+    """Hash of what decides the trained model (spec.model_identity, shared with the trainer): a run's identity."""
+    return digest(model_identity(spec))
+
+
+def legacy_spec_hash(spec: dict[str, Any]) -> str:
+    """The run identity recorded by 0.1.0 (the spec less suspend and runtime), so that its runs are recognised
+    after an operator upgrade instead of all being trained again."""
+    return digest({k: v for k, v in spec.items() if k not in ("suspend", "runtime")})

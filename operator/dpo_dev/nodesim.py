@@ -1413,7 +1413,7 @@ class NodeSimulator:
 
     # --- podman
     def podman_env(self) -> dict[str, str]:
-        """podman's environment: the project's containers.conf and storage.conf (dpo_operator.dev.images)."""
+        """podman's environment: the project's containers.conf and storage.conf (dpo_dev.images)."""
         with self._lock:
             if self._podman_env is None:
                 self._podman_env = images.podman_env()

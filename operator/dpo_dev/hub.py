@@ -1093,7 +1093,7 @@ class LocalHub:
 
 def main(argv: list[str] | None = None) -> None:
     """Serve a LocalHub until SIGINT/SIGTERM (the local demo runs it standalone)."""
-    parser = argparse.ArgumentParser(prog="python -m dpo_operator.dev.hub", description=main.__doc__)
+    parser = argparse.ArgumentParser(prog="python -m dpo_dev.hub", description=main.__doc__)
     parser.add_argument("--root", required=True, type=Path, help="directory holding repos and objects")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")

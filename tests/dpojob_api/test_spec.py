@@ -6,7 +6,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from dpo_operator.spec import DPOJob, DPOJobSpec, describe_validation_error, template_fields
+from dpojob_api.spec import DPOJob, DPOJobSpec, describe_validation_error, template_fields
 
 OUT = {"output": {"directory": "/output/model"}}
 LLAMA2_EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "llama2-stack-exchange.yaml"
