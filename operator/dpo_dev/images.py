@@ -29,7 +29,7 @@ from typing import Any, Literal
 
 from .cluster import DEBIAN_SUITE, Progress, StepError, _cache_lock, _quiet, _run_step, cache_dir, debian_mirror
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 VERSION = "0.1.0"
 # Executables podman needs, by the Debian package that ships them (crun comes along but cannot run here).
 TOOLS = {

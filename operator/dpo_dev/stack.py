@@ -36,7 +36,7 @@ from .hub import LocalHub
 from .images import VERSION, ensure_images
 from .nodesim import NodeSimulator, NodeSpec
 
-REPO_ROOT = Path(__file__).resolve().parents[3]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "charts" / "dpo-operator"
 RELEASE = "dpo-operator"
 OPERATOR_NAMESPACE = "dpo-operator-system"
