@@ -22,6 +22,10 @@ import yaml
 
 from dpo_dev.hub import LocalHub
 from dpo_trainer.errors import ALL_ERRORS
+from dpo_trainer.layout import RunLayout
+from dpojob_api.progress import TERMINATION_PATH_ENV
+
+from .preemption.sitecustomize import KILL_AT_ENV
 
 REPO = Path(__file__).resolve().parents[2]
 ASSETS = REPO / "examples" / "assets"
@@ -61,6 +65,10 @@ class CliRun:
     termination_path: Path
 
     @property
+    def layout(self) -> RunLayout:
+        return RunLayout(self.out_dir)
+
+    @property
     def events(self) -> list[dict[str, Any]]:
         return [json.loads(line) for line in self.stdout.splitlines() if line.strip()]
 
@@ -76,7 +84,7 @@ class CliRun:
         return json.loads(self.termination_path.read_text())
 
     def summary(self) -> dict[str, Any]:
-        return json.loads((self.out_dir / "summary.json").read_text())
+        return json.loads(self.layout.summary.read_text())
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +134,7 @@ def cli_command(
     full_env.update(CLI_ENV)
     full_env.update(
         {
-            "DPO_TERMINATION_MESSAGE_PATH": str(termination),
+            TERMINATION_PATH_ENV: str(termination),
             "HF_HOME": str(tmp / "hf-home"),
             "MPLCONFIGDIR": str(tmp / "mpl"),
             **(env or {}),
@@ -134,6 +142,14 @@ def cli_command(
     )
     command = [sys.executable, "-m", "dpo_trainer.cli", "run", str(spec_path), "--output", str(out_dir), *args]
     return command, full_env, out_dir, termination
+
+
+def killed_at(stage: str, step: int, rank: int | None = None) -> dict[str, str]:
+    """Environment of a CLI run whose process (only that rank's, when given) is SIGKILLed right after that optimizer
+    step of that stage: the startup hook in tests/trainer/preemption, inherited by torchrun's workers."""
+    hooks = str(Path(__file__).with_name("preemption"))
+    at = f"{stage}:{step}" if rank is None else f"{stage}:{step}:{rank}"
+    return {KILL_AT_ENV: at, "PYTHONPATH": os.pathsep.join(filter(None, [hooks, os.environ.get("PYTHONPATH")]))}
 
 
 def hub_env(hub: LocalHub, token: str = HUB_TOKEN) -> dict[str, str]:

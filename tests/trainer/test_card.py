@@ -9,6 +9,7 @@ import yaml
 
 from dpo_trainer.card import metrics_table, plot_training_curves, recorded_run, render_card
 from dpo_trainer.context import RunContext, RunState
+from dpo_trainer.layout import CARD_FILE, PLOT_FILE, RunLayout
 from dpo_trainer.progress import Reporter
 from dpojob_api.spec import DPOJob, DPOJobSpec, model_identity
 
@@ -17,12 +18,13 @@ from .conftest import CliRun
 
 def _context(tmp_path: Path, spec: DPOJobSpec, token: str | None = None, **run: object) -> RunContext:
     given = spec.model_dump(mode="json", by_alias=True)
+    layout = RunLayout(tmp_path)
     return RunContext(
         spec,
-        tmp_path,
+        layout,
         Reporter(io.StringIO()),
         token,
-        RunState(tmp_path / "state.json"),
+        RunState(layout.state),
         {"name": "llama2-se", "given_spec": given, **run},
     )
 
@@ -135,15 +137,16 @@ def test_plot_is_a_png_even_without_eval(tmp_path: Path) -> None:
 
 
 def test_model_card_holds_front_matter_metrics_plot_and_spec(quickstart_run: CliRun) -> None:
-    card = (quickstart_run.out_dir / "model" / "README.md").read_text()
+    model = quickstart_run.layout.model
+    card = (model / CARD_FILE).read_text()
     _, front_text, body = card.split("---\n", 2)
     front = yaml.safe_load(front_text)
     assert front["library_name"] == "transformers"
     assert {"trl", "dpo"} <= set(front["tags"])
     margins = quickstart_run.summary()["metrics"]["rewards/margins"]
     assert f"| rewards/margins | {margins:.4g} |" in body
-    assert "](training_curves.png)" in body
-    png = (quickstart_run.out_dir / "model" / "training_curves.png").read_bytes()
+    assert f"]({PLOT_FILE})" in body
+    png = (model / PLOT_FILE).read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 10_000
     spec_yaml = body.split("```yaml\n", 1)[1].split("```", 1)[0]
     written = yaml.safe_load((quickstart_run.out_dir.parent / "quickstart.yaml").read_text())

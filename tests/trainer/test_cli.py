@@ -10,8 +10,8 @@ from typing import Any
 
 import pytest
 
-from dpo_trainer.context import DEBUG_LOG
 from dpo_trainer.errors import ALL_ERRORS
+from dpojob_api.progress import TERMINATION_PATH_ENV
 
 from .conftest import REPO, assert_failed, quickstart_job, run_cli
 
@@ -76,13 +76,11 @@ def test_missing_dataset_column_names_it_and_the_columns_that_exist(tmp_path: Pa
 def test_missing_model_on_the_hub_offline(tmp_path: Path) -> None:
     run = run_cli(_with(["model", "name"], "no-such-org/no-such-model"), tmp_path)
     assert_failed(run, "ModelLoadError", "no-such-org/no-such-model")
-    assert "Traceback" in (run.out_dir / DEBUG_LOG).read_text()
+    assert "Traceback" in run.layout.debug_log.read_text()
 
 
 def test_unwritable_termination_path_is_skipped(tmp_path: Path) -> None:
-    run = run_cli(
-        _with(["dpo", "betaa"], 1), tmp_path, env={"DPO_TERMINATION_MESSAGE_PATH": "/proc/no/such/termination-log"}
-    )
+    run = run_cli(_with(["dpo", "betaa"], 1), tmp_path, env={TERMINATION_PATH_ENV: "/proc/no/such/termination-log"})
     assert run.returncode == 2
     assert run.stderr.strip().splitlines()[-1].startswith("dpo-trainer: InvalidSpec: ")
 
@@ -93,9 +91,10 @@ def test_help_is_fast_and_documents_exit_codes() -> None:
     result = subprocess.run([*command, "--help"], capture_output=True, text=True, timeout=60, check=True)
     assert "run" in result.stdout
     assert "InvalidSpec=2" in result.stdout and "Interrupted=143" in result.stdout
-    probe = "import sys, dpo_trainer.cli, dpo_trainer.pipeline; print(sorted({'torch', 'trl'} & set(sys.modules)))"
+    heavy = {"torch", "transformers", "trl", "peft", "datasets", "huggingface_hub", "matplotlib"}
+    probe = f"import sys, dpo_trainer.cli, dpo_trainer.pipeline; print(sorted({heavy!r} & set(sys.modules)))"
     light = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
-    assert light.stdout.strip() == "[]"
+    assert light.stdout.strip() == "[]", "the stage table imports the stages: they must import these lazily"
 
 
 def test_exit_codes_are_distinct() -> None:
@@ -109,7 +108,7 @@ def test_sigterm_is_ignored_once_the_outcome_is_reported(tmp_path: Path, monkeyp
 
     from dpo_trainer import cli
 
-    monkeypatch.setenv("DPO_TERMINATION_MESSAGE_PATH", str(tmp_path / "termination-log"))
+    monkeypatch.setenv(TERMINATION_PATH_ENV, str(tmp_path / "termination-log"))
     previous = signal.getsignal(signal.SIGTERM)
     try:
         assert cli.main(["run", str(tmp_path / "missing.yaml")]) == 2

@@ -1,4 +1,4 @@
-"""Stage bookkeeping in state.json."""
+"""Stage bookkeeping in state.json, and where each stage keeps its files."""
 
 from __future__ import annotations
 
@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 
 from dpo_trainer.context import RunState, fingerprint
+from dpo_trainer.layout import STAGE_DIRECTORIES, RunLayout
+from dpojob_api.progress import TRAINER_STAGES
 
 
 def test_fingerprints_chain() -> None:
@@ -15,7 +17,7 @@ def test_fingerprints_chain() -> None:
 
 
 def test_state_round_trip(tmp_path: Path) -> None:
-    path = tmp_path / "state.json"
+    path = RunLayout(tmp_path).state
     state = RunState.load(path)
     assert not state.is_done("data", "f1") and not state.is_resumable("data", "f1")
     state.mark("data", "f1", "done", seconds=1.5)
@@ -29,10 +31,22 @@ def test_state_round_trip(tmp_path: Path) -> None:
 
 
 def test_starting_a_stage_forgets_the_later_ones(tmp_path: Path) -> None:
-    state = RunState.load(tmp_path / "state.json")
+    layout = RunLayout(tmp_path)
+    state = RunState.load(layout.state)
     for stage in ("data", "sft", "dpo"):
         state.mark(stage, f"fp-{stage}", "done")
     state.start("sft", "fp-sft-2", later=["sft_merge", "dpo"])
-    again = RunState.load(tmp_path / "state.json")
+    again = RunState.load(layout.state)
     assert {k: v["status"] for k, v in again.stages.items()} == {"data": "done", "sft": "running"}
     assert again.is_resumable("sft", "fp-sft-2") and not again.is_done("dpo", "fp-dpo")
+
+
+def test_every_stage_owns_a_directory_of_its_own(tmp_path: Path) -> None:
+    """A stage whose inputs changed wipes its directory: it must hold nothing another stage made."""
+    layout = RunLayout(tmp_path)
+    assert list(STAGE_DIRECTORIES) == list(TRAINER_STAGES)
+    directories = [layout.stage_dir(stage) for stage in TRAINER_STAGES]
+    assert len(set(directories)) == len(directories) and all(d.parent == tmp_path for d in directories)
+    assert layout.model == tmp_path / "model" and layout.stage_dir("dpo_merge") == layout.model
+    for path in (layout.state, layout.summary, layout.debug_log):
+        assert path.parent == tmp_path and path not in directories

@@ -15,6 +15,7 @@ from dpo_trainer.context import RunContext, RunState
 from dpo_trainer.data import Template, drop_long_prompts, hold_out, limit, load_source, render
 from dpo_trainer.data import run as data_stage
 from dpo_trainer.errors import DatasetError
+from dpo_trainer.layout import CARD_FILE, RunLayout
 from dpo_trainer.models import load_tokenizer
 from dpo_trainer.progress import Reporter
 from dpo_trainer.specfile import load_job, resolve_local_paths
@@ -79,9 +80,9 @@ def test_long_prompts_are_dropped_by_token_count_as_trl_tokenizes_them() -> None
 
 def _data_stage(spec: DPOJobSpec, out_dir: Path) -> dict[str, int]:
     """Run the data stage alone; its row counts."""
-    ctx = RunContext(spec, out_dir, Reporter(io.StringIO()), None, RunState(out_dir / "state.json"))
-    data_stage(ctx)
-    return ctx.read_json("data", "stats.json")
+    layout = RunLayout(out_dir)
+    data_stage(RunContext(spec, layout, Reporter(io.StringIO()), None, RunState(layout.state)))
+    return json.loads(layout.data_stats.read_text())
 
 
 def test_eval_size_caps_a_separate_eval_source(tmp_path: Path) -> None:
@@ -96,7 +97,7 @@ def test_eval_size_caps_a_separate_eval_source(tmp_path: Path) -> None:
         "dpo_train_dropped_long_prompts": 0,
     }
     first_rows = [json.loads(line) for line in TINY_DATA.read_text().splitlines()[:10]]
-    evaluation = load_from_disk(str(tmp_path / "capped" / "data" / "dpo_eval"))
+    evaluation = load_from_disk(str(RunLayout(tmp_path / "capped").split("dpo", "eval")))
     assert evaluation["chosen"] == [row["response_j"] for row in first_rows]
     spec.data.dpo.eval_size = 0
     assert _data_stage(spec, tmp_path / "all")["dpo_eval"] == 320
@@ -137,7 +138,7 @@ def test_preset_dataset_from_the_hub_without_sft(hub: LocalHub, stack_exchange_o
     summary = run.summary()
     assert summary["data"] == {"dpo_train": 200, "dpo_eval": 40, "dpo_train_dropped_long_prompts": 0}
     assert summary["sftMetrics"] == {} and "eval_rewards/margins" in summary["metrics"]
-    card = (tmp_path / "final-model" / "README.md").read_text()
+    card = (tmp_path / "final-model" / CARD_FILE).read_text()
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["datasets"] == [stack_exchange_on_hub] and "sft" not in front["tags"]
     assert "## SFT results" not in card

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import get_args
 
 import pytest
 
 from dpo_trainer.errors import (
+    ALL_ERRORS,
     DatasetError,
     HubAuthError,
     HubError,
@@ -19,6 +21,7 @@ from dpo_trainer.errors import (
     reraise,
     scrub,
 )
+from dpojob_api.progress import Reason
 
 
 class FakeHTTPError(Exception):
@@ -100,3 +103,8 @@ def test_reraise_chains_library_errors_but_not_trainer_errors() -> None:
     with pytest.raises(DatasetError) as passed:
         reraise(original, TrainingError)
     assert passed.value is original and passed.value.__cause__ is None
+
+
+def test_the_error_reasons_are_the_shared_contract() -> None:
+    """Every reason the trainer reports is one the operator knows, and every failure the operator knows exists."""
+    assert sorted(error.reason for error in ALL_ERRORS) == sorted(set(get_args(Reason)) - {"Succeeded"})

@@ -7,7 +7,6 @@ other run merges, writes the card, checks the gates and pushes, or just the last
 
 from __future__ import annotations
 
-import json
 import shutil
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -18,6 +17,7 @@ import pytest
 from dpo_dev.hub import LocalHub
 from dpo_trainer.card import recorded_run
 from dpo_trainer.gates import check
+from dpo_trainer.layout import CARD_FILE
 from dpojob_api.spec import QualityGates, spec_hash
 
 from .conftest import HUB_TOKEN, HUB_USER, CliRun, assert_failed, hub_env, quickstart_job, run_cli
@@ -121,7 +121,7 @@ def history(quickstart_run: CliRun, hub: LocalHub, tmp_path_factory: pytest.Temp
     for step, (name, job) in runs.items():
         run = run_cli(job, tmp, name, env=hub_env(hub))
         run = replace(run, termination_path=shutil.copy(run.termination_path, tmp / f"step {step}.json"))
-        summary = json.loads((run.out_dir / "summary.json").read_text()) if run.returncode == 0 else None
+        summary = run.summary() if run.returncode == 0 else None
         refs = api.list_repo_refs(REPO_ID) if api.repo_exists(REPO_ID) else None
         tags = {t.name: t.target_commit for t in refs.tags} if refs else {}
         branches = {b.name: b.target_commit for b in refs.branches} if refs else {}
@@ -145,13 +145,13 @@ def test_a_failed_gate_pushes_nothing_and_keeps_the_merged_model(history: dict[s
     line = assert_failed(gated.run, "QualityGateFailed", "< minEvalRewardMargin 100", "not pushed")
     margin = history["good"].summary["metrics"]["eval_rewards/margins"]  # the same model, passed once relaxed
     expected = f"eval rewards/margins {margin:.4g} < minEvalRewardMargin 100 (not pushed; the merged model is in "
-    assert gated.run.termination["message"] == expected + f"{gated.run.out_dir / 'model'})"
+    assert gated.run.termination["message"] == expected + f"{gated.run.layout.model})"
     assert gated.run.returncode == 9 and line.endswith(gated.run.termination["message"])
     assert "dpo-trainer: gate passed: eval rewards/accuracies " in gated.run.stderr
     assert gated.rerun == ["dpo_merge", "model_card"], "no training; gates failed"
     assert "push" not in [e.get("stage") for e in gated.run.events]
     assert (gated.tags, gated.branches) == (weak.tags, weak.branches)
-    assert (gated.run.out_dir / "model" / "model.safetensors").is_file()
+    assert (gated.run.layout.model / "model.safetensors").is_file()
 
 
 def test_a_passed_gate_pushes_and_the_card_records_the_run_and_the_model_it_beat(
@@ -177,7 +177,7 @@ def test_a_passed_gate_pushes_and_the_card_records_the_run_and_the_model_it_beat
     ]
 
     api = HfApi(endpoint=hub.url, token=HUB_TOKEN)
-    card = Path(api.hf_hub_download(REPO_ID, "README.md", revision="run-g2")).read_text()
+    card = Path(api.hf_hub_download(REPO_ID, CARD_FILE, revision="run-g2")).read_text()
     recorded = recorded_run(card)
     assert recorded["generation"] == 2 and recorded["specHash"] == spec_hash(good.job["spec"])
     assert recorded["metrics"]["eval_rewards/margins"] == pytest.approx(metrics["eval_rewards/margins"])

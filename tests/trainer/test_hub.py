@@ -10,6 +10,7 @@ import pytest
 from dpo_dev.hub import LocalHub
 from dpo_trainer.errors import HubError
 from dpo_trainer.hub import tag_commit
+from dpo_trainer.layout import CARD_FILE, PLOT_FILE
 
 from .conftest import HUB_TOKEN, PUSH_BRANCH, PUSH_REPO, CliRun, assert_failed, hub_env, quickstart_job, run_cli
 
@@ -21,14 +22,14 @@ def test_pushed_files_download_identical(quickstart_run: CliRun, hub: LocalHub, 
     assert api.model_info(PUSH_REPO).private is True
     head = api.list_repo_commits(PUSH_REPO, revision=PUSH_BRANCH)[0].commit_id
     assert head == quickstart_run.summary()["model"]["commitSha"]
-    local = quickstart_run.out_dir / "model"
+    local = quickstart_run.layout.model
     downloaded = Path(
         snapshot_download(PUSH_REPO, revision=PUSH_BRANCH, endpoint=hub.url, token=HUB_TOKEN, cache_dir=tmp_path)
     )
     expected = {p.name: p.read_bytes() for p in local.iterdir() if p.is_file()}
     got = {p.name: p.read_bytes() for p in downloaded.iterdir() if p.is_file() and p.name != ".gitattributes"}
     assert got == expected
-    assert {"model.safetensors", "tokenizer.json", "README.md", "training_curves.png"} <= set(got)
+    assert {"model.safetensors", "tokenizer.json", CARD_FILE, PLOT_FILE} <= set(got)
 
 
 @pytest.mark.parametrize(("token", "fragment"), [("bad-token-0123456789", "HTTP 401"), ("", "HF_TOKEN is empty")])

@@ -13,7 +13,7 @@ from dpo_dev.hub import LocalHub
 from dpo_trainer.errors import DatasetError, Interrupted, InvalidSpec, OutOfMemory, TrainingError
 from dpo_trainer.launch import NPROC_ENV, Exit, Report, processes, root_cause
 
-from .conftest import CliRun, assert_failed, deep_merge, hub_env, quickstart_job, run_cli
+from .conftest import CliRun, assert_failed, deep_merge, hub_env, killed_at, quickstart_job, run_cli
 
 NPROC = ["--nproc", "2"]
 PER_DEVICE_BATCH = 4  # quickstart's batchSize, gradientAccumulationSteps 1
@@ -71,7 +71,7 @@ def test_data_prepared_and_model_merged_once_by_rank_0(two_workers: CliRun) -> N
 
 
 def test_a_rank_that_dies_is_named_with_a_reason(tmp_path: Path) -> None:
-    run = run_cli(small_job(), tmp_path, env={"DPO_TRAINER_TEST_KILL_AT": "sft:1:1"}, args=NPROC)
+    run = run_cli(small_job(), tmp_path, env=killed_at("sft", 1, rank=1), args=NPROC)
     assert_failed(run, "TrainingError", "rank 1 was killed by SIGKILL")
     assert [e["event"] for e in run.events].count("error") == 1
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from dpo_trainer.layout import CARD_FILE, PLOT_FILE
+
 from .conftest import TINY_MODEL, CliRun
 
 
@@ -12,8 +14,8 @@ def test_merged_model_reloads_and_differs_from_base(quickstart_run: CliRun) -> N
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     final = Path(quickstart_run.summary()["model"]["directory"])
-    work_copy = quickstart_run.out_dir / "model"
-    for name in ("model.safetensors", "config.json", "tokenizer.json", "README.md", "training_curves.png"):
+    work_copy = quickstart_run.layout.model
+    for name in ("model.safetensors", "config.json", "tokenizer.json", CARD_FILE, PLOT_FILE):
         assert (final / name).read_bytes() == (work_copy / name).read_bytes(), name
     base = AutoModelForCausalLM.from_pretrained(TINY_MODEL).state_dict()
     merged_model = AutoModelForCausalLM.from_pretrained(final)
@@ -35,9 +37,10 @@ def test_final_model_holds_the_sft_change_too(quickstart_run: CliRun) -> None:
     from transformers import AutoModelForCausalLM
 
     base = AutoModelForCausalLM.from_pretrained(TINY_MODEL).state_dict()
-    sft = AutoModelForCausalLM.from_pretrained(quickstart_run.out_dir / "sft_merge").state_dict()
-    final = AutoModelForCausalLM.from_pretrained(quickstart_run.out_dir / "model").state_dict()
-    adapter = quickstart_run.out_dir / "dpo" / "adapter"
+    layout = quickstart_run.layout
+    sft = AutoModelForCausalLM.from_pretrained(layout.sft_model).state_dict()
+    final = AutoModelForCausalLM.from_pretrained(layout.model).state_dict()
+    adapter = layout.adapter("dpo")
     dpo_on_base = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(TINY_MODEL), adapter)
     seed_style = dpo_on_base.merge_and_unload(safe_merge=True).state_dict()
     assert set(sft) == set(final) == set(seed_style) == set(base)

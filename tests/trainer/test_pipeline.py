@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
 import io
 import json
 import os
 import signal
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -17,10 +20,12 @@ from dpo_dev.hub import LocalHub
 from dpo_trainer import pipeline
 from dpo_trainer.context import RunContext
 from dpo_trainer.errors import Interrupted
-from dpo_trainer.pipeline import STAGES, Stage, plan
+from dpo_trainer.layout import RunLayout
+from dpo_trainer.pipeline import STAGES, plan
 from dpo_trainer.progress import Reporter
 from dpo_trainer.specfile import load_job
 from dpo_trainer.training import latest_checkpoint
+from dpojob_api.progress import PROGRESS_KIND, TRAINER_STAGES
 from dpojob_api.spec import DPOJobSpec, HubOutput, OutputSpec
 
 from .conftest import (
@@ -34,6 +39,7 @@ from .conftest import (
     cli_command,
     deep_merge,
     hub_env,
+    killed_at,
     quickstart_job,
     run_cli,
 )
@@ -41,9 +47,13 @@ from .conftest import (
 ALL_STAGES = ["data", "sft", "sft_merge", "dpo", "dpo_merge", "model_card", "push"]
 
 
+def test_the_stage_table_is_the_stage_sequence_the_operator_knows() -> None:
+    assert tuple(stage.name for stage in STAGES) == TRAINER_STAGES
+
+
 def test_stdout_holds_only_progress_events_in_stage_order(quickstart_run: CliRun) -> None:
     events = quickstart_run.events  # every line parses as JSON, or this raises
-    assert all(e["kind"] == "dpo-trainer/progress" and isinstance(e["time"], float) for e in events)
+    assert all(e["kind"] == PROGRESS_KIND and isinstance(e["time"], float) for e in events)
     starts = [e["stage"] for e in events if e["event"] == "stage_start"]
     assert starts == ALL_STAGES
     ends = quickstart_run.stage_ends()
@@ -175,8 +185,9 @@ def test_sigterm_during_dpo_saves_a_checkpoint_and_exits_interrupted(tmp_path: P
     assert stderr.strip().splitlines()[-1].startswith("dpo-trainer: Interrupted: dpo stopped at step ")
     assert json.loads(termination.read_text())["reason"] == "Interrupted"
     assert json.loads(stdout.splitlines()[-1])["event"] == "error"
-    assert latest_checkpoint(out_dir / "dpo") is not None  # saveSteps alone would not have saved any yet
-    assert json.loads((out_dir / "state.json").read_text())["stages"]["dpo"]["status"] == "running"
+    layout = RunLayout(out_dir)
+    assert latest_checkpoint(layout.stage_dir("dpo")) is not None  # saveSteps alone would not have saved any yet
+    assert json.loads(layout.state.read_text())["stages"]["dpo"]["status"] == "running"
 
 
 def test_resume_after_a_kill_during_dpo(tmp_path: Path) -> None:
@@ -188,17 +199,17 @@ def test_resume_after_a_kill_during_dpo(tmp_path: Path) -> None:
         checkpointing={"saveSteps": 4},
         output={"directory": str(tmp_path / "final-model")},
     )
-    first = run_cli(job, tmp_path, "resume", env={"DPO_TRAINER_TEST_KILL_AT": "dpo:6"})
+    first = run_cli(job, tmp_path, "resume", env=killed_at("dpo", 6))
     assert first.returncode == -9, first.stderr[-3000:]
     assert [e["step"] for e in first.logs("dpo")] == [2, 4]
-    state = json.loads((first.out_dir / "state.json").read_text())["stages"]
+    state = json.loads(first.layout.state.read_text())["stages"]
     assert {k: v["status"] for k, v in state.items()} == {
         "data": "done",
         "sft": "done",
         "sft_merge": "done",
         "dpo": "running",
     }
-    assert (first.out_dir / "dpo" / "checkpoint-4" / "trainer_state.json").exists()
+    assert latest_checkpoint(first.layout.stage_dir("dpo")) == str(first.layout.stage_dir("dpo") / "checkpoint-4")
 
     second = run_cli(job, tmp_path, "resume")
     assert second.returncode == 0, second.stderr[-3000:]
@@ -206,21 +217,26 @@ def test_resume_after_a_kill_during_dpo(tmp_path: Path) -> None:
     assert [s for s, e in ends.items() if e["skipped"]] == ["data", "sft", "sft_merge"]
     assert not second.logs("sft")
     assert [e["step"] for e in second.logs("dpo")] == [6, 8, 10]
-    history = json.loads((second.out_dir / "dpo" / "log_history.json").read_text())
+    history = json.loads(second.layout.log_history("dpo").read_text())
     assert [e["step"] for e in history if "loss" in e] == [2, 4, 6, 8, 10]
+
+
+def _stubbed(stub: Callable[[str, RunContext], None]) -> tuple[pipeline.Stage, ...]:
+    """The stage table with every stage running stub(stage name, ctx) instead."""
+    return tuple(dataclasses.replace(stage, run=functools.partial(stub, stage.name)) for stage in STAGES)
 
 
 def _run_stubbed(spec: DPOJobSpec, out_dir: Path, fail_at: str | None = None) -> list[str]:
     """pipeline.run with every stage replaced by a stub; the stages that ran (fail_at raises Interrupted)."""
     ran: list[str] = []
 
-    def stub(stage: Stage, ctx: RunContext) -> None:
-        ran.append(stage.name)
-        if stage.name == fail_at:
-            raise Interrupted(f"{stage.name} stopped")
+    def stub(name: str, ctx: RunContext) -> None:
+        ran.append(name)
+        if name == fail_at:
+            raise Interrupted(f"{name} stopped")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(Stage, "run", stub)
+        patch.setattr(pipeline, "STAGES", _stubbed(stub))
         patch.setattr("dpo_trainer.hub.check_token", lambda ctx: None)
         with contextlib.suppress(Interrupted):
             pipeline.run(spec, out_dir, Reporter(io.StringIO()), None, {})
@@ -235,7 +251,7 @@ def test_a_stage_that_reruns_invalidates_every_later_stage(tmp_path: Path) -> No
     spec_b.dpo.beta = 0.2
     assert _run_stubbed(spec_a, tmp_path) == ALL_STAGES
     assert _run_stubbed(spec_b, tmp_path, fail_at="dpo") == ["dpo"]
-    assert set(json.loads((tmp_path / "state.json").read_text())["stages"]) == {"data", "sft", "sft_merge", "dpo"}
+    assert set(json.loads(RunLayout(tmp_path).state.read_text())["stages"]) == {"data", "sft", "sft_merge", "dpo"}
     assert _run_stubbed(spec_a, tmp_path) == ["dpo", "dpo_merge", "model_card", "push"]
     assert _run_stubbed(spec_a, tmp_path) == []
 
@@ -244,7 +260,7 @@ def test_only_rank_0_checks_the_token(tmp_path: Path, monkeypatch: pytest.Monkey
     """One whoami per run, not one per GPU (the launcher stops the other ranks when rank 0's check fails)."""
     checked_by: list[str] = []
     monkeypatch.setattr("dpo_trainer.hub.check_token", lambda ctx: checked_by.append(os.environ["RANK"]))
-    monkeypatch.setattr(Stage, "run", lambda stage, ctx: None)
+    monkeypatch.setattr(pipeline, "STAGES", _stubbed(lambda name, ctx: None))
     spec = load_job(QUICKSTART).spec.model_copy(update={"output": OutputSpec(hub=HubOutput(repo_id="me/model"))})
     for rank in ("1", "0"):
         monkeypatch.setenv("RANK", rank)

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from dpo_trainer.progress import KIND, Reporter, fit_termination_message, write_termination_message
+from dpo_trainer.progress import Reporter, fit_termination_message, write_termination_message
+from dpojob_api.progress import PROGRESS_KIND, TERMINATION_MESSAGE_LIMIT, TERMINATION_PATH_ENV, ProgressEvent
 
 
 def test_events_are_flushed_json_lines_with_nan_as_null() -> None:
@@ -18,9 +19,10 @@ def test_events_are_flushed_json_lines_with_nan_as_null() -> None:
     reporter.emit("stage_end", stage="dpo", seconds=1.5, skipped=False)
     lines = stream.getvalue().splitlines()
     first, second = (json.loads(line) for line in lines)
-    assert first["kind"] == KIND and first["event"] == "log" and isinstance(first["time"], float)
+    assert first["kind"] == PROGRESS_KIND and first["event"] == "log" and isinstance(first["time"], float)
     assert first["metrics"] == {"loss": None, "x": None, "note": "***"}
     assert second == {**second, "event": "stage_end", "stage": "dpo", "seconds": 1.5, "skipped": False}
+    assert ProgressEvent.model_validate(second).skipped is False  # what the operator accepts
 
 
 def test_disabled_reporter_is_silent() -> None:
@@ -38,7 +40,7 @@ def test_oversized_metrics_drop_least_important_first() -> None:
     metrics = {f"eval_extra_metric_{i:03d}": float(i) for i in range(300)}
     metrics |= {"rewards/margins": 0.5, "rewards/accuracies": 1.0, "loss": 0.4, "eval_loss": 0.41}
     data = fit_termination_message({"reason": "Succeeded", "metrics": metrics, "model": {"directory": "/out"}})
-    assert len(data) <= 4096
+    assert len(data) <= TERMINATION_MESSAGE_LIMIT
     kept = json.loads(data)
     assert {"rewards/margins", "rewards/accuracies", "loss", "eval_loss"} <= set(kept["metrics"])
     assert kept["model"] == {"directory": "/out"}
@@ -46,15 +48,15 @@ def test_oversized_metrics_drop_least_important_first() -> None:
 
 def test_oversized_message_is_shortened() -> None:
     data = fit_termination_message({"reason": "TrainingError", "message": "é" * 10_000})
-    assert len(data) <= 4096
+    assert len(data) <= TERMINATION_MESSAGE_LIMIT
     decoded = json.loads(data)
     assert decoded["reason"] == "TrainingError" and decoded["message"].endswith("...")
 
 
 def test_write_termination_message(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     target = tmp_path / "termination-log"
-    monkeypatch.setenv("DPO_TERMINATION_MESSAGE_PATH", str(target))
+    monkeypatch.setenv(TERMINATION_PATH_ENV, str(target))
     write_termination_message({"reason": "HubError", "message": "push\nfailed with secret-abcdef"}, ("secret-abcdef",))
     assert json.loads(target.read_text()) == {"reason": "HubError", "message": "push failed with ***"}
-    monkeypatch.setenv("DPO_TERMINATION_MESSAGE_PATH", str(tmp_path / "missing-dir" / "log"))
+    monkeypatch.setenv(TERMINATION_PATH_ENV, str(tmp_path / "missing-dir" / "log"))
     write_termination_message({"reason": "HubError", "message": "x"})  # unwritable: skipped, no exception

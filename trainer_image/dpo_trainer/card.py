@@ -3,14 +3,15 @@
 Written to DIR/model_card/ and copied next to the weights (DIR/model and output.directory) so the
 pushed folder is self-describing. The front matter records the run for the next one: the final DPO eval
 metrics as the Hub's `model-index`, and `dpo_operator: {generation, spec_hash}`. With output.hub, the card
-at the target revision is read first (DIR/model_card/target.json): the new card compares with its metrics,
-and the `gates` stage's notWorseThanTarget reads the same file.
+at the target revision is read first (RunLayout.target): the new card compares with its metrics, and the
+`gates` stage's notWorseThanTarget reads the same file.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -18,14 +19,12 @@ import yaml
 from dpo_trainer import hub
 from dpo_trainer.context import RunContext
 from dpo_trainer.errors import scrub
+from dpo_trainer.layout import PLOT_FILE
 from dpo_trainer.specfile import looks_like_path
-from dpo_trainer.training import LOG_HISTORY, stage_metrics
+from dpo_trainer.training import stage_metrics
 from dpojob_api.spec import NOT_ABOUT_THE_MODEL, model_identity
 
-CARD = "README.md"
-PLOT = "training_curves.png"
 PLOTTED = ("rewards/margins", "rewards/accuracies")
-TARGET = "target.json"
 RECORD = "dpo_operator"
 """Front-matter key of the run record; a card without it was not written by dpo-operator and is not compared."""
 EVAL_TASK = "text-generation"
@@ -198,7 +197,7 @@ def render_card(
         run_line(ctx),
         "## DPO results (final)",
         metrics_table(dpo_metrics) if dpo_metrics else "No metrics were logged.",
-        f"![Reward margins and accuracies over training steps]({PLOT})",
+        f"![Reward margins and accuracies over training steps]({PLOT_FILE})",
     ]
     if target and target.get("metrics"):
         before = f", generation {target['generation']}" if target.get("generation") is not None else ""
@@ -220,16 +219,15 @@ def render_card(
 
 
 def run(ctx: RunContext) -> None:
-    out = ctx.stage_dir("model_card")
-    history = ctx.read_json("dpo", LOG_HISTORY) or []
-    plot_training_curves(history, str(out / PLOT))
+    layout = ctx.layout
+    plot_training_curves(ctx.read_json(layout.log_history("dpo")) or [], str(layout.plot))
     sft_metrics = stage_metrics(ctx, "sft") if ctx.spec.sft.enabled else {}
     target = read_target(ctx) if ctx.spec.output.hub is not None else None
     if target is not None:
-        ctx.write_json("model_card", TARGET, target)
+        ctx.write_json(layout.target, target)
     card = render_card(ctx, stage_metrics(ctx, "dpo"), sft_metrics, target)
-    (out / CARD).write_text(card, encoding="utf-8")
-    folders = [ctx.out_dir / "model"] + ([ctx.spec.output.directory] if ctx.spec.output.directory else [])
+    layout.card.write_text(card, encoding="utf-8")
+    folders = [layout.model] + ([Path(ctx.spec.output.directory)] if ctx.spec.output.directory else [])
     for folder in folders:
-        for name in (CARD, PLOT):
-            shutil.copy2(out / name, f"{folder}/{name}")
+        for written in (layout.card, layout.plot):
+            shutil.copy2(written, folder / written.name)

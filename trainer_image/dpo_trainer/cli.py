@@ -40,8 +40,9 @@ from types import FrameType
 from typing import Any, TextIO
 
 from dpo_trainer import launch, pipeline
-from dpo_trainer.context import DEBUG_LOG, is_main_process, world_size
+from dpo_trainer.context import is_main_process, world_size
 from dpo_trainer.errors import ALL_ERRORS, TrainerError, classify, one_line, scrub
+from dpo_trainer.layout import RunLayout
 from dpo_trainer.progress import Reporter, write_termination_message
 from dpo_trainer.specfile import parse_job, read_job, resolve_local_paths, run_metadata
 
@@ -126,7 +127,7 @@ def fail(
     prog = f"dpo-trainer[rank {os.environ.get('RANK', '0')}]" if world_size() > 1 else "dpo-trainer"
     wraps_a_library_error = exc.__cause__ is not None or not isinstance(exc, TrainerError | KeyboardInterrupt)
     if out_dir is not None and out_dir.is_dir() and wraps_a_library_error:
-        log = out_dir / DEBUG_LOG
+        log = RunLayout(out_dir).debug_log
         try:
             with log.open("a", encoding="utf-8") as f:
                 f.write(f"--- {time.strftime('%Y-%m-%dT%H:%M:%S')} {prog} {error.reason}\n")

@@ -20,16 +20,13 @@ from functools import cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from dpo_trainer.layout import RunLayout
 from dpo_trainer.progress import Reporter
+from dpojob_api.progress import TrainerStage
 from dpojob_api.spec import DPOJobSpec
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
-
-STATE_FILE = "state.json"
-SUMMARY_FILE = "summary.json"
-DEBUG_LOG = "debug.log"
-
 
 STAGE_BARRIER_TIMEOUT = timedelta(hours=24)
 """How long ranks wait for rank 0 between stages: preparing a large dataset, merging or pushing a big model
@@ -120,10 +117,10 @@ class RunState:
 
 @dataclass
 class RunContext:
-    """Everything a stage needs; stages read their inputs from earlier stages' directories."""
+    """Everything a stage needs; stages read their inputs from earlier stages' paths in `layout`."""
 
     spec: DPOJobSpec
-    out_dir: Path
+    layout: RunLayout
     reporter: Reporter
     token: str | None
     state: RunState
@@ -134,24 +131,25 @@ class RunContext:
     def secrets(self) -> tuple[str, ...]:
         return (self.token,) if self.token else ()
 
-    def stage_dir(self, stage: str) -> Path:
-        path = self.out_dir / stage
-        path.mkdir(parents=True, exist_ok=True)
-        return path
+    @property
+    def model_directory(self) -> Path:
+        """Where users find the final model: output.directory when set, else DIR/model."""
+        return Path(self.spec.output.directory) if self.spec.output.directory else self.layout.model
 
-    def reset_stage_dir(self, stage: str) -> None:
-        """Drop outputs of a stage whose inputs changed, so no stale checkpoint is resumed."""
-        path = self.out_dir / stage
-        if is_main_process() and path.exists():
-            shutil.rmtree(path)
+    def prepare_stage_dir(self, stage: TrainerStage, *, wipe: bool) -> None:
+        """Give a stage its directory; `wipe` drops what it holds (its inputs changed: no stale checkpoint is
+        resumed). Every rank waits until the main process has done it."""
+        path = self.layout.stage_dir(stage)
+        if is_main_process():
+            if wipe and path.exists():
+                shutil.rmtree(path)
+            path.mkdir(parents=True, exist_ok=True)
         wait_for_everyone()
 
-    def read_json(self, stage: str, name: str) -> Any:
-        path = self.out_dir / stage / name
+    def read_json(self, path: Path) -> Any:
         return json.loads(path.read_text()) if path.exists() else None
 
-    def write_json(self, stage: str, name: str, payload: Any) -> Path:
-        path = self.stage_dir(stage) / name
+    def write_json(self, path: Path, payload: Any) -> None:
         if is_main_process():
+            path.parent.mkdir(parents=True, exist_ok=True)
             path.write_text(json.dumps(payload, indent=2, default=str))
-        return path

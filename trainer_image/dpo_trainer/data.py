@@ -1,21 +1,22 @@
 """The `data` stage: load rows, render the spec's templates, enforce maxPromptLength, pick the eval rows.
 
-The rendered splits are saved with `save_to_disk` under DIR/data so later stages (and resumed runs)
+The rendered splits are saved with `save_to_disk` (RunLayout.split) so later stages (and resumed runs)
 never touch the source again:
 
-    DIR/data/sft_train, sft_eval   column "text"                       (when SFT is enabled)
-    DIR/data/dpo_train, dpo_eval   columns "prompt", "chosen", "rejected"
-    DIR/data/stats.json            row counts, including prompts dropped as too long
+    sft_train, sft_eval   column "text"                       (when SFT is enabled)
+    dpo_train, dpo_eval   columns "prompt", "chosen", "rejected"
+
+and their row counts, including prompts dropped as too long, go to RunLayout.data_stats.
 """
 
 from __future__ import annotations
 
 import glob
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from dpo_trainer.context import RunContext
 from dpo_trainer.errors import DatasetError, reraise
+from dpo_trainer.layout import SplitPart, TrainingStage
 from dpojob_api.spec import DatasetSource, template_fields
 
 if TYPE_CHECKING:
@@ -121,8 +122,7 @@ def run(ctx: RunContext) -> None:
     from dpo_trainer.models import load_tokenizer
 
     spec = ctx.spec
-    out = ctx.stage_dir("data")
-    splits: dict[str, Dataset | None] = {}
+    splits: dict[tuple[TrainingStage, SplitPart], Dataset | None] = {}
     stats: dict[str, int] = {}
     if spec.sft.enabled:
         assert spec.data.sft is not None
@@ -133,7 +133,7 @@ def run(ctx: RunContext) -> None:
             "data.sft",
         )
         train, evaluation = hold_out(rows, sft.eval_size, "data.sft")
-        splits["sft_train"], splits["sft_eval"] = limit(train, spec.data.max_samples), evaluation
+        splits["sft", "train"], splits["sft", "eval"] = limit(train, spec.data.max_samples), evaluation
 
     dpo = spec.data.dpo
     assert dpo is not None
@@ -158,20 +158,21 @@ def run(ctx: RunContext) -> None:
             f"no DPO pairs left after dropping prompts longer than dpo.maxPromptLength "
             f"({spec.dpo.max_prompt_length} tokens): raise it or shorten promptTemplate"
         )
-    splits["dpo_train"] = train
-    splits["dpo_eval"] = (
+    splits["dpo", "train"] = train
+    splits["dpo", "eval"] = (
         drop_long_prompts(evaluation, tokenizer, spec.dpo.max_prompt_length) if evaluation is not None else None
     )
-    for name, dataset in splits.items():
+    for (stage, part), dataset in splits.items():
         if dataset is not None and len(dataset) > 0:
-            dataset.save_to_disk(str(out / name))
-            stats[name] = len(dataset)
-    ctx.write_json("data", "stats.json", stats)
+            path = ctx.layout.split(stage, part)
+            dataset.save_to_disk(str(path))
+            stats[path.name] = len(dataset)
+    ctx.write_json(ctx.layout.data_stats, stats)
 
 
-def load_split(ctx: RunContext, name: str) -> Dataset | None:
+def load_split(ctx: RunContext, stage: TrainingStage, part: SplitPart) -> Dataset | None:
     """A split saved by the data stage, or None when the stage produced none."""
     from datasets import load_from_disk
 
-    path: Path = ctx.out_dir / "data" / name
+    path = ctx.layout.split(stage, part)
     return load_from_disk(str(path)) if path.exists() else None

@@ -1,7 +1,7 @@
 """Failure reasons, their exit codes, and turning any exception into one clear, token-free line.
 
 The operator reads the reason from the container's termination message and the exit code from the
-pod status, so both are part of the trainer's contract:
+pod status, so both are part of the trainer's contract (the reasons are dpojob_api.progress.Reason):
 
     =================  =========  ============================================================================
     reason             exit code  meaning
@@ -25,6 +25,8 @@ import re
 from collections.abc import Iterable, Iterator
 from typing import ClassVar, NoReturn
 
+from dpojob_api.progress import Reason
+
 MAX_MESSAGE_CHARS = 1000
 _HF_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
@@ -32,7 +34,7 @@ _HF_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}")
 class TrainerError(Exception):
     """A failure with a reason code the operator understands; str() is one human-readable line."""
 
-    reason: ClassVar[str] = "TrainingError"
+    reason: ClassVar[Reason] = "TrainingError"
     exit_code: ClassVar[int] = 8
 
     def __init__(self, message: str) -> None:

@@ -2,10 +2,10 @@
 
 A stage of its own so a failed gate stops the run before anything is pushed, and so resume treats it like
 every other step: it reruns when the gate settings (or anything before them) change. Thresholds compare the
-final eval metrics (DIR/dpo/log_history.json); notWorseThanTarget compares eval rewards/accuracies and
-margins with what the card at output.hub.revision records (DIR/model_card/target.json, read by the card
-stage). The verdict goes to DIR/gates/result.json: every check with its numbers, and notes on comparisons
-that could not be made (no model or card at the target: the gate passes).
+final eval metrics (the dpo stage's log history); notWorseThanTarget compares eval rewards/accuracies and
+margins with what the card at output.hub.revision records (RunLayout.target, read by the card stage). The
+verdict goes to RunLayout.gates_result: every check with its numbers, and notes on comparisons that could not
+be made (no model or card at the target: the gate passes).
 """
 
 from __future__ import annotations
@@ -13,14 +13,11 @@ from __future__ import annotations
 import sys
 from typing import Any
 
-from dpo_trainer.card import TARGET
 from dpo_trainer.context import RunContext
 from dpo_trainer.errors import QualityGateFailed
-from dpo_trainer.pipeline import model_location
 from dpo_trainer.training import stage_metrics
 from dpojob_api.spec import QualityGates
 
-RESULT = "result.json"
 THRESHOLDS = (  # (field, name in the spec, metric, higher is better)
     ("min_eval_reward_accuracy", "minEvalRewardAccuracy", "eval_rewards/accuracies", True),
     ("min_eval_reward_margin", "minEvalRewardMargin", "eval_rewards/margins", True),
@@ -89,12 +86,11 @@ def check(
 def run(ctx: RunContext) -> None:
     """Check, record the verdict, say it on stderr; any failed check fails the run before the push."""
     assert ctx.spec.output.gates is not None
-    checks, notes = check(ctx.spec.output.gates, stage_metrics(ctx, "dpo"), ctx.read_json("model_card", TARGET))
+    checks, notes = check(ctx.spec.output.gates, stage_metrics(ctx, "dpo"), ctx.read_json(ctx.layout.target))
     failed = [c["message"] for c in checks if not c["passed"]]
-    ctx.write_json("gates", RESULT, {"passed": not failed, "checks": checks, "notes": notes})
+    ctx.write_json(ctx.layout.gates_result, {"passed": not failed, "checks": checks, "notes": notes})
     for line in [*(f"gate passed: {c['message']}" for c in checks if c["passed"]), *(f"note: {n}" for n in notes)]:
         print(f"dpo-trainer: {line}", file=sys.stderr, flush=True)
     if failed:
         pushed = "not pushed; " if ctx.spec.output.hub else ""
-        where = model_location(ctx)["directory"]
-        raise QualityGateFailed(f"{'; '.join(failed)} ({pushed}the merged model is in {where})")
+        raise QualityGateFailed(f"{'; '.join(failed)} ({pushed}the merged model is in {ctx.model_directory})")

@@ -17,12 +17,10 @@ from typing import TYPE_CHECKING, Any
 
 from dpo_trainer.context import RunContext
 from dpo_trainer.errors import HubAuthError, HubError, classify, reraise
+from dpo_trainer.layout import CARD_FILE
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
-
-RESULT = "result.json"
-CARD_FILE = "README.md"
 
 
 def check_token(ctx: RunContext) -> None:
@@ -131,7 +129,7 @@ def run(ctx: RunContext) -> None:
             api.create_branch(hub.repo_id, branch=branch, revision=hub.revision, exist_ok=True, repo_type="model")
         commit = api.upload_folder(
             repo_id=hub.repo_id,
-            folder_path=str(ctx.out_dir / "model"),
+            folder_path=str(ctx.layout.model),
             revision=branch,
             commit_message=hub.commit_message,
             repo_type="model",
@@ -148,4 +146,4 @@ def run(ctx: RunContext) -> None:
     }
     if tag:
         result["tag"] = tag
-    ctx.write_json("push", RESULT, result)
+    ctx.write_json(ctx.layout.push_result, result)

@@ -14,7 +14,7 @@ from pathlib import Path
 from dpo_trainer.context import RunContext
 from dpo_trainer.errors import TrainingError, reraise
 from dpo_trainer.models import load_model, load_tokenizer
-from dpo_trainer.training import ADAPTER_DIR, dpo_input
+from dpo_trainer.training import dpo_input
 
 
 def merge_adapter(ctx: RunContext, base: str, revision: str | None, adapter: Path, out: Path) -> None:
@@ -33,19 +33,16 @@ def merge_adapter(ctx: RunContext, base: str, revision: str | None, adapter: Pat
 
 def run_sft_merge(ctx: RunContext) -> None:
     spec = ctx.spec
-    merge_adapter(
-        ctx, spec.model.name, spec.model.revision, ctx.out_dir / "sft" / ADAPTER_DIR, ctx.stage_dir("sft_merge")
-    )
+    merge_adapter(ctx, spec.model.name, spec.model.revision, ctx.layout.adapter("sft"), ctx.layout.sft_model)
 
 
 def run_dpo_merge(ctx: RunContext) -> None:
     """Merge the DPO adapter; DIR/model is what the card describes and the push uploads."""
     base, revision = dpo_input(ctx)
-    out = ctx.stage_dir("model")
-    merge_adapter(ctx, base, revision, ctx.out_dir / "dpo" / ADAPTER_DIR, out)
+    merge_adapter(ctx, base, revision, ctx.layout.adapter("dpo"), ctx.layout.model)
     target = ctx.spec.output.directory
     if target:
         try:
-            shutil.copytree(out, target, dirs_exist_ok=True)
+            shutil.copytree(ctx.layout.model, target, dirs_exist_ok=True)
         except OSError as exc:
             raise TrainingError(f"output.directory: cannot copy the model to {target}: {exc}") from exc

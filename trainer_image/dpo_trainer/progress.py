@@ -1,18 +1,7 @@
-"""The trainer's machine-readable channel: JSON progress lines on stdout and the termination message.
+"""The trainer's side of the trainer → operator contract: JSON progress lines on stdout and the termination message.
 
-The operator has no other view into the pod than its log and its termination message, so both
-formats are a contract. Every stdout line is one JSON object:
-
-    {"kind": "dpo-trainer/progress", "event": <event>, "time": <unix seconds, float>, ...fields}
-
-    stage_start  {"stage"}
-    log          {"stage", "step", "totalSteps", "epoch", "metrics": {every key the Trainer logged}}
-    stage_end    {"stage", "seconds", "skipped"}
-    done         {"summary"}
-    error        {"reason", "message"}
-
-Stage names: data, sft, sft_merge, dpo, dpo_merge, model_card, gates, push. Non-finite floats become null so
-every line is strict JSON.
+The formats, kinds, reasons and limits are dpojob_api.progress's, shared with the operator that reads them.
+Non-finite floats become null so every line is strict JSON.
 """
 
 from __future__ import annotations
@@ -26,10 +15,13 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from dpo_trainer.errors import one_line, scrub
-
-KIND = "dpo-trainer/progress"
-TERMINATION_MESSAGE_LIMIT = 4096
-DEFAULT_TERMINATION_PATH = "/dev/termination-log"
+from dpojob_api.progress import (
+    PROGRESS_KIND,
+    TERMINATION_MESSAGE_LIMIT,
+    TERMINATION_MESSAGE_PATH,
+    TERMINATION_PATH_ENV,
+    EventKind,
+)
 
 
 def to_json_safe(value: Any) -> Any:
@@ -53,10 +45,10 @@ class Reporter:
         self.enabled = enabled
         self.secrets = secrets
 
-    def emit(self, event: str, **fields: Any) -> None:
+    def emit(self, event: EventKind, **fields: Any) -> None:
         if not self.enabled:
             return
-        record = {"kind": KIND, "event": event, "time": time.time(), **to_json_safe(fields)}
+        record = {"kind": PROGRESS_KIND, "event": event, "time": time.time(), **to_json_safe(fields)}
         line = scrub(json.dumps(record, allow_nan=False, ensure_ascii=False), self.secrets)
         self.stream.write(line + "\n")
         self.stream.flush()
@@ -103,8 +95,8 @@ def fit_termination_message(payload: dict[str, Any], limit: int = TERMINATION_ME
 
 
 def write_termination_message(payload: dict[str, Any], secrets: tuple[str, ...] = ()) -> None:
-    """Write the message to $DPO_TERMINATION_MESSAGE_PATH (default /dev/termination-log); skip if unwritable."""
-    path = Path(os.environ.get("DPO_TERMINATION_MESSAGE_PATH", DEFAULT_TERMINATION_PATH))
+    """Write the message where TERMINATION_PATH_ENV says (default TERMINATION_MESSAGE_PATH); skip if unwritable."""
+    path = Path(os.environ.get(TERMINATION_PATH_ENV, TERMINATION_MESSAGE_PATH))
     if "message" in payload:
         payload = {**payload, "message": one_line(scrub(str(payload["message"]), secrets))}
     data = scrub(fit_termination_message(payload).decode(), secrets).encode()

@@ -2,9 +2,9 @@
 
 Both write Trainer checkpoints under their stage directory and resume from the newest complete one,
 so a restarted pod loses at most `checkpointing.saveSteps` steps (or nothing, when SIGTERM leaves time
-for the just-in-time checkpoint). The final adapter goes to DIR/<stage>/adapter and the Trainer's
-log history to DIR/<stage>/log_history.json (the model card plots it). DIR/<stage>/parallelism.json
-records how many processes trained and the resulting global batch (summary.json repeats it).
+for the just-in-time checkpoint). Each stage saves its final adapter, the Trainer's log history (the model
+card plots it) and how many processes trained with the resulting global batch (summary.json repeats it);
+dpo_trainer.layout says where.
 """
 
 from __future__ import annotations
@@ -15,16 +15,13 @@ from typing import TYPE_CHECKING, Any
 from dpo_trainer.context import RunContext
 from dpo_trainer.data import load_split
 from dpo_trainer.errors import DatasetError, Interrupted, TrainingError, reraise
+from dpo_trainer.layout import TrainingStage
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainingArguments
     from trl import DPOConfig, SFTConfig
 
     from dpojob_api.spec import DPOJobSpec
-
-ADAPTER_DIR = "adapter"
-LOG_HISTORY = "log_history.json"
-PARALLELISM = "parallelism.json"
 
 
 def latest_checkpoint(stage_dir: Path) -> str | None:
@@ -64,10 +61,9 @@ def parallelism(args: TrainingArguments) -> dict[str, Any]:
     }
 
 
-def train_and_save(ctx: RunContext, stage: str, trainer: Trainer) -> None:
+def train_and_save(ctx: RunContext, stage: TrainingStage, trainer: Trainer) -> None:
     """Train (resuming when a checkpoint exists), evaluate once more if the last step missed an eval, save."""
-    out = ctx.stage_dir(stage)
-    checkpoint = latest_checkpoint(out)
+    checkpoint = latest_checkpoint(ctx.layout.stage_dir(stage))
     trainer.train(resume_from_checkpoint=checkpoint)
     state = trainer.state
     if state.global_step < state.max_steps:
@@ -78,9 +74,9 @@ def train_and_save(ctx: RunContext, stage: str, trainer: Trainer) -> None:
     evaluated_at = [e.get("step") for e in state.log_history if "eval_loss" in e]
     if trainer.eval_dataset is not None and (not evaluated_at or evaluated_at[-1] != state.global_step):
         trainer.evaluate()
-    trainer.save_model(str(out / ADAPTER_DIR))
-    ctx.write_json(stage, LOG_HISTORY, state.log_history)
-    ctx.write_json(stage, PARALLELISM, parallelism(trainer.args))
+    trainer.save_model(str(ctx.layout.adapter(stage)))
+    ctx.write_json(ctx.layout.log_history(stage), state.log_history)
+    ctx.write_json(ctx.layout.parallelism(stage), parallelism(trainer.args))
 
 
 def sft_config(spec: DPOJobSpec, output_dir: str, has_eval: bool) -> SFTConfig:
@@ -114,15 +110,15 @@ def dpo_config(spec: DPOJobSpec, output_dir: str, has_eval: bool) -> DPOConfig:
     )
 
 
-def _stage_inputs(ctx: RunContext, stage: str, model_path: str, revision: str | None, missing: str) -> tuple:
+def _stage_inputs(ctx: RunContext, stage: TrainingStage, model_path: str, revision: str | None, missing: str) -> tuple:
     """What a training stage starts from: its train/eval splits, the tokenizer and the (quantized) model."""
     from dpo_trainer.models import load_model, load_tokenizer
 
     spec = ctx.spec
-    train = load_split(ctx, f"{stage}_train")
+    train = load_split(ctx, stage, "train")
     if train is None:
         raise DatasetError(missing)
-    evaluation = load_split(ctx, f"{stage}_eval")
+    evaluation = load_split(ctx, stage, "eval")
     tokenizer = load_tokenizer(spec, model_path, revision, ctx.token)
     model = load_model(spec, model_path, revision=revision, token=ctx.token, quantized=spec.quantization.mode == "4bit")
     return train, evaluation, tokenizer, model
@@ -142,7 +138,7 @@ def run_sft(ctx: RunContext) -> None:
     try:
         trainer = SFTTrainer(
             model=model,
-            args=sft_config(spec, str(ctx.stage_dir("sft")), evaluation is not None),
+            args=sft_config(spec, str(ctx.layout.stage_dir("sft")), evaluation is not None),
             train_dataset=train,
             eval_dataset=evaluation,
             processing_class=tokenizer,
@@ -157,7 +153,7 @@ def run_sft(ctx: RunContext) -> None:
 def dpo_input(ctx: RunContext) -> tuple[str, str | None]:
     """DPO starts from the merged SFT model, or from the base when SFT is disabled."""
     if ctx.spec.sft.enabled:
-        return str(ctx.out_dir / "sft_merge"), None
+        return str(ctx.layout.sft_model), None
     return ctx.spec.model.name, ctx.spec.model.revision
 
 
@@ -177,7 +173,7 @@ def run_dpo(ctx: RunContext) -> None:
         trainer = DPOTrainer(
             model=model,
             ref_model=None,
-            args=dpo_config(spec, str(ctx.stage_dir("dpo")), evaluation is not None),
+            args=dpo_config(spec, str(ctx.layout.stage_dir("dpo")), evaluation is not None),
             train_dataset=train,
             eval_dataset=evaluation,
             processing_class=tokenizer,
@@ -189,6 +185,6 @@ def run_dpo(ctx: RunContext) -> None:
         reraise(exc, TrainingError, "dpo")
 
 
-def stage_metrics(ctx: RunContext, stage: str) -> dict[str, float]:
-    history = ctx.read_json(stage, LOG_HISTORY) or []
+def stage_metrics(ctx: RunContext, stage: TrainingStage) -> dict[str, float]:
+    history = ctx.read_json(ctx.layout.log_history(stage)) or []
     return final_metrics(history)

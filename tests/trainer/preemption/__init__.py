@@ -1,0 +1,1 @@
+"""A startup hook for CLI runs that simulates preemption (see sitecustomize.py); never shipped."""
