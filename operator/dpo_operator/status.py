@@ -1,7 +1,8 @@
 """Compute a DPOJob's status from what is observed in the cluster. Pure functions, no API calls.
 
 `compute_status` folds the trainer Job, its pods, the trainer's progress (from the pod log) and the previous
-status into the new status; `transition_events` says which Events the change deserves.
+status into the new status, a `DPOJobStatus` (the schema the CRD declares; `to_document()` gives what the API
+server stores); `transition_events` says which Events the change between two stored statuses deserves.
 """
 
 from __future__ import annotations
@@ -9,7 +10,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Literal
+
+from dpojob_api.status import Condition, DPOJobStatus, ModelLocation, Progress, Rewards, Run, RunRef, TrainerRef
 
 from .progress import REWARD_KEYS
 
@@ -24,7 +27,7 @@ _WAITING_PROBLEMS = {
     "CreateContainerError": "CreateContainerConfigError",
 }
 # Carried from the previous status while the run is the same; reset when a new run starts.
-_RUN_FIELDS = ("stage", "progress", "metrics", "rewards", "model", "startTime", "completionTime", "retries")
+_RUN_FIELDS = ("stage", "progress", "metrics", "rewards", "model", "start_time", "completion_time", "retries")
 
 
 def now_rfc3339(now: datetime | None = None) -> str:
@@ -176,7 +179,7 @@ def observe_outcome(obs: Observed) -> Outcome:
     return Outcome("Pending", "PodPending", f"trainer pod {name} is {phase or 'Pending'}", name)
 
 
-def _conditions(old: list[dict[str, Any]], outcome: Outcome, generation: int, now: str) -> list[dict[str, Any]]:
+def _conditions(old: list[Condition], outcome: Outcome, generation: int, now: str) -> list[Condition]:
     """All five conditions, keeping lastTransitionTime where a condition's status did not change."""
     truth = {
         "Ready": outcome.phase == "Succeeded",
@@ -185,141 +188,149 @@ def _conditions(old: list[dict[str, Any]], outcome: Outcome, generation: int, no
         "Failed": outcome.phase == "Failed",
         "Suspended": outcome.phase == "Suspended",
     }
-    previous = {c.get("type"): c for c in old}
+    previous = {c.type: c for c in old}
     conditions = []
     for kind in CONDITION_TYPES:
-        status = "True" if truth[kind] else "False"
-        before = previous.get(kind, {})
+        status: Literal["True", "False"] = "True" if truth[kind] else "False"
+        before = previous.get(kind)
         if truth[kind] or kind == "Ready":  # Ready=False explains why: Running, Unschedulable, OutOfMemory...
             reason, message = outcome.reason, outcome.message
         else:
             reason, message = f"Not{kind}", ""
         conditions.append(
-            {
-                "type": kind,
-                "status": status,
-                "reason": reason,
-                "message": message,
-                "lastTransitionTime": before.get("lastTransitionTime") if before.get("status") == status else now,
-                "observedGeneration": generation,
-            }
+            Condition(
+                type=kind,
+                status=status,
+                reason=reason,
+                message=message,
+                last_transition_time=before.last_transition_time if before and before.status == status else now,
+                observed_generation=generation,
+            )
         )
     return conditions
 
 
-def archived_run(status: dict[str, Any]) -> dict[str, Any]:
-    """The history entry for the run a status describes."""
-    run = status.get("run") or {}
+def archived_run(status: DPOJobStatus, run: RunRef) -> Run:
+    """The history entry for `run`, the run `status` describes."""
     entry = {
-        "generation": run.get("generation"),
-        "specHash": run.get("specHash"),
-        "phase": status.get("phase"),
+        "phase": status.phase,
         "reason": _reason(status),
-        "startTime": status.get("startTime"),
-        "completionTime": status.get("completionTime"),
-        "rewards": status.get("rewards"),
-        "metrics": status.get("metrics"),
-        "model": status.get("model"),
-        "retries": status.get("retries", 0),
+        "start_time": status.start_time,
+        "completion_time": status.completion_time,
+        "rewards": status.rewards,
+        "metrics": status.metrics,
+        "model": status.model,
     }
-    return {k: v for k, v in entry.items() if v is not None}
+    known = {name: value for name, value in entry.items() if value is not None}  # what the status lacks stays out
+    return Run(generation=run.generation, spec_hash=run.spec_hash, retries=status.retries, **known)
 
 
-def _reason(status: dict[str, Any]) -> str | None:
-    for condition in status.get("conditions") or []:
-        if condition.get("status") == "True" and condition.get("type") in ("Succeeded", "Failed"):
-            return condition.get("reason")
-    return None
+def _reason(status: DPOJobStatus) -> str | None:
+    """The reason of a finished run's outcome (its true Succeeded or Failed condition)."""
+    final = (c for c in status.conditions if c.status == "True" and c.type in ("Succeeded", "Failed"))
+    return next((c.reason for c in final), None)
 
 
-def _model_location(details: dict[str, Any]) -> dict[str, Any] | None:
+def _model_location(details: dict[str, Any]) -> ModelLocation | None:
     model = details.get("model")
     if not isinstance(model, dict):
         return None
-    keys = ("directory", "repoId", "revision", "tag", "commitUrl", "commitSha")
-    location = {k: str(model[k]) for k in keys if model.get(k) is not None}
-    return location or None
+    fields = ModelLocation.model_fields.items()
+    location = {name: str(model[f.alias]) for name, f in fields if model.get(f.alias) is not None}
+    return ModelLocation(**location) if location else None
 
 
 def run_finished(old: dict[str, Any], run: dict[str, Any]) -> bool:
+    """`_finished` for the status document the API server holds and the run dict the reconciler works with."""
+    return _finished(DPOJobStatus.from_document(old), RunRef.model_validate(run))
+
+
+def _finished(status: DPOJobStatus, run: RunRef) -> bool:
     """The status already holds this run's final outcome, so nothing may change it any more.
 
     InvalidSpec is not final: the spec can be fixed through fields (runtime) that do not start a new run.
     """
-    return old.get("run") == run and old.get("phase") in TERMINAL and _reason(old) != "InvalidSpec"
+    return status.run == run and status.phase in TERMINAL and _reason(status) != "InvalidSpec"
 
 
-def _is_newer(progress: dict[str, Any], old: dict[str, Any]) -> bool:
+def _is_newer(reported: DPOJobStatus, old: DPOJobStatus) -> bool:
     """A replayed log (operator restart) must not move the status back to an earlier report."""
-    new_at = (progress.get("progress") or {}).get("updatedAt")
-    old_at = (old.get("progress") or {}).get("updatedAt")
+    new_at = reported.progress and reported.progress.updated_at
+    old_at = old.progress and old.progress.updated_at
     return not (new_at and old_at) or utc_from_rfc3339(new_at) >= utc_from_rfc3339(old_at)
 
 
-def compute_status(old: dict[str, Any], obs: Observed) -> dict[str, Any]:
-    """The new status. Progress and history are carried over; the run's outcome is recomputed."""
+def compute_status(old: dict[str, Any], obs: Observed) -> DPOJobStatus:
+    """The new status, from the one the API server holds (`old`). Progress and history are carried over; the run's
+    outcome is recomputed. Its to_document() is what the server is to store."""
     now = now_rfc3339(obs.now)
-    same_run = (old.get("run") or {}) == obs.run
-    status: dict[str, Any] = {k: old[k] for k in _RUN_FIELDS if k in old and same_run}
-    runs = list(old.get("runs") or [])
-    if old.get("run") and not same_run:
-        runs = [*runs, archived_run(old)][-MAX_RUN_HISTORY:]
-    status.update(observedGeneration=obs.generation, run=obs.run, runs=runs)
-
-    frozen = run_finished(old, obs.run)
-    outcome = Outcome(old["phase"], _reason(old) or old["phase"], _message(old)) if frozen else observe_outcome(obs)
-    status["phase"] = outcome.phase
-    status["conditions"] = _conditions(old.get("conditions") or [] if same_run else [], outcome, obs.generation, now)
+    previous = DPOJobStatus.from_document(old)
+    run = RunRef.model_validate(obs.run)
+    same_run = previous.run == run
+    carried = {name: getattr(previous, name) for name in _RUN_FIELDS if same_run and name in previous.model_fields_set}
+    runs = list(previous.runs)
+    if previous.run and not same_run:
+        runs = [*runs, archived_run(previous, previous.run)][-MAX_RUN_HISTORY:]
+    frozen = _finished(previous, run)
+    if frozen:
+        outcome = Outcome(previous.phase, _reason(previous) or previous.phase, _message(previous))
+    else:
+        outcome = observe_outcome(obs)
+    status = DPOJobStatus(
+        **carried,
+        observed_generation=obs.generation,
+        run=run,
+        runs=runs,
+        phase=outcome.phase,
+        conditions=_conditions(previous.conditions if same_run else [], outcome, obs.generation, now),
+    )
 
     if obs.job is not None:
         latest = _latest(obs.pods)
-        pod_name = outcome.pod_name or (latest["metadata"]["name"] if latest else None)
         name = obs.job["metadata"]["name"]
-        status["trainer"] = {
-            "jobName": name,
-            "configMapName": name,
-            **({"jobContentHash": obs.job_content_hash} if obs.job_content_hash else {}),
-            **({"podName": pod_name} if pod_name else {}),
-        }
+        status.trainer = TrainerRef(
+            job_name=name,
+            config_map_name=name,
+            job_content_hash=obs.job_content_hash,
+            pod_name=outcome.pod_name or (latest["metadata"]["name"] if latest else None),
+        )
         # A Job recreated on resume starts counting again; the run's count never goes down.
-        status["retries"] = max(int(obs.job.get("status", {}).get("failed") or 0), status.get("retries", 0))
-    elif same_run and old.get("trainer"):
-        status["trainer"] = old["trainer"]
+        status.retries = max(int(obs.job.get("status", {}).get("failed") or 0), status.retries)
+    elif same_run and previous.trainer:
+        status.trainer = previous.trainer
 
     if outcome.phase in ("Running", "Succeeded", "Failed") and obs.spec_error is None:
-        started = (obs.job or {}).get("status", {}).get("startTime")
-        status.setdefault("startTime", started or now)
-    if obs.progress and not frozen and (not same_run or _is_newer(obs.progress, old)):
-        status.update(obs.progress)
+        status.start_time = status.start_time or (obs.job or {}).get("status", {}).get("startTime") or now
+    if obs.progress and not frozen:
+        reported = DPOJobStatus.from_document(obs.progress)
+        if not same_run or _is_newer(reported, previous):
+            status = status.model_copy(update={name: getattr(reported, name) for name in reported.model_fields_set})
     if outcome.phase not in TERMINAL:
-        status.pop("completionTime", None)  # e.g. an InvalidSpec fixed through runtime: the run goes on
+        status.completion_time = None  # e.g. an InvalidSpec fixed through runtime: the run goes on
     else:
-        status.setdefault("completionTime", now)
+        status.completion_time = status.completion_time or now
         if outcome.details:
             _apply_final(status, outcome.details)
     return status
 
 
-def _message(status: dict[str, Any]) -> str:
-    for condition in status.get("conditions") or []:
-        if condition.get("type") == status.get("phase"):
-            return condition.get("message", "")
-    return ""
+def _message(status: DPOJobStatus) -> str:
+    return next((c.message for c in status.conditions if c.type == status.phase), "")
 
 
-def _apply_final(status: dict[str, Any], details: dict[str, Any]) -> None:
+def _apply_final(status: DPOJobStatus, details: dict[str, Any]) -> None:
     """Fold the trainer's termination message (final metrics, model location) into the status."""
     metrics = {k: float(v) for k, v in (details.get("metrics") or {}).items() if isinstance(v, int | float)}
     if metrics:
-        status["metrics"] = {**(status.get("metrics") or {}), **metrics}
+        status.metrics = {**(status.metrics or {}), **metrics}
         rewards = {short: round(metrics[key], 4) for key, short in REWARD_KEYS.items() if key in metrics}
         if rewards:
-            status["rewards"] = {**(status.get("rewards") or {}), **rewards}
+            status.rewards = (status.rewards or Rewards()).model_copy(update=rewards)
     if location := _model_location(details):
-        status["model"] = location
-    if status.get("phase") == "Succeeded":
-        status["stage"] = "push"
-        status["progress"] = {**(status.get("progress") or {}), "percent": 100, "etaSeconds": 0}
+        status.model = location
+    if status.phase == "Succeeded":
+        status.stage = "push"
+        status.progress = (status.progress or Progress()).model_copy(update={"percent": 100, "eta_seconds": 0})
 
 
 @dataclass(frozen=True)

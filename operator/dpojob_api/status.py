@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
 Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
@@ -13,9 +13,17 @@ ConditionType = Literal["Ready", "Running", "Succeeded", "Failed", "Suspended"]
 
 
 class StatusModel(BaseModel):
-    """Base of status objects: camelCase, tolerant of fields written by newer operator versions."""
+    """Base of status objects: camelCase; fields written by other operator versions are kept (extra="allow"), so a
+    status read, recomputed and written back loses none of them; assignments are validated, so the operator
+    cannot build a status the CRD would refuse."""
 
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, use_attribute_docstrings=True)
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        use_attribute_docstrings=True,
+        extra="allow",
+        validate_assignment=True,
+    )
 
 
 class Condition(StatusModel):
@@ -130,3 +138,37 @@ class DPOJobStatus(StatusModel):
     """The current run."""
     runs: list[Run] = Field(default_factory=list)
     """Previous runs, oldest first (capped)."""
+
+    @classmethod
+    def from_document(cls, document: dict[str, Any]) -> DPOJobStatus:
+        """Parse a status document such as the API server holds. A value this version cannot read (another
+        version's enum value, say) is left out with its top-level field or list item rather than failing every
+        reconcile of the DPOJob: the status is recomputed from the cluster anyway."""
+        try:
+            return cls.model_validate(document)
+        except ValidationError as error:
+            bad = {_holder(e["loc"]) for e in error.errors()}
+        readable = {
+            key: [item for i, item in enumerate(value) if (key, i) not in bad] if isinstance(value, list) else value
+            for key, value in document.items()
+            if (key,) not in bad
+        }
+        return cls.model_validate(readable)
+
+    def to_document(self) -> dict[str, Any]:
+        """The status as the API server stores it: camelCase, only the fields that were set, and no None or "" (the
+        server reads "" back as null), so that comparing it with the stored status finds real changes only."""
+        return _without_empty(self.model_dump(by_alias=True, exclude_unset=True))
+
+
+def _holder(loc: tuple[int | str, ...]) -> tuple[int | str, ...]:
+    """Where an invalid value sits: its top-level field, or that field's list item."""
+    return loc[:2] if len(loc) > 1 and isinstance(loc[1], int) else loc[:1]
+
+
+def _without_empty(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _without_empty(v) for k, v in value.items() if v is not None and v != ""}
+    if isinstance(value, list):
+        return [_without_empty(v) for v in value]
+    return value

@@ -1,10 +1,20 @@
-"""Computing status and events from observed Jobs and pods (no cluster)."""
+"""Computing status and events from observed Jobs and pods (no cluster), and the status documents stored."""
 
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
+import jsonschema
+import pytest
+import yaml
+from pydantic import ValidationError
+
+from dpo_operator.crd import CRD_FILE
 from dpo_operator.kube import merge_patch
 from dpo_operator.status import Observed, compute_status, transition_events
+from dpojob_api.status import Condition, DPOJobStatus, Progress
+
+ROOT = Path(__file__).resolve().parents[2]
 
 RUN = {"generation": 1, "specHash": "abc"}
 NOW = datetime(2026, 1, 1, tzinfo=UTC)
@@ -22,7 +32,8 @@ def pod(name: str, phase: str, created: str = "2026-01-01T00:00:00Z", **containe
 
 
 def observe(old: dict | None = None, **kwargs) -> dict:
-    return compute_status(old or {}, Observed(generation=1, run=RUN, now=NOW, **kwargs))
+    """The status document the operator stores for this observation of run RUN."""
+    return compute_status(old or {}, Observed(generation=1, run=RUN, now=NOW, **kwargs)).to_document()
 
 
 def condition(status: dict, kind: str) -> dict:
@@ -97,7 +108,7 @@ def test_transition_time_is_kept_while_a_condition_holds() -> None:
             job=job(active=1),
             pods=[pod("p1", "Running", running={})],
         ),
-    )
+    ).to_document()
     assert condition(later, "Running")["lastTransitionTime"] == condition(running, "Running")["lastTransitionTime"]
     assert merge_patch(running, later) == {}, "an unchanged observation must not patch"
 
@@ -106,7 +117,9 @@ def test_progress_from_the_log_is_used_and_carried() -> None:
     fields = {"stage": "dpo", "progress": {"step": 3, "totalSteps": 10, "percent": 60}, "rewards": {"margins": 0.2}}
     running = observe(job=job(active=1), pods=[pod("p1", "Running", running={})], progress=fields)
     assert running["stage"] == "dpo" and running["rewards"] == {"margins": 0.2}
-    carried = compute_status(running, Observed(generation=2, run=RUN, now=NOW, job=job(active=1), pods=[]))
+    carried = compute_status(
+        running, Observed(generation=2, run=RUN, now=NOW, job=job(active=1), pods=[])
+    ).to_document()
     assert carried["rewards"] == {"margins": 0.2} and carried["observedGeneration"] == 2
 
 
@@ -115,7 +128,7 @@ def test_a_new_run_archives_the_previous_one() -> None:
     done = pod("p1", "Succeeded", terminated={"exitCode": 0, "message": message})
     finished = observe(job=job(conditions=[{"type": "Complete", "status": "True"}]), pods=[done])
     new_run = {"generation": 4, "specHash": "def"}
-    status = compute_status(finished, Observed(generation=4, run=new_run, now=NOW))
+    status = compute_status(finished, Observed(generation=4, run=new_run, now=NOW)).to_document()
     assert status["phase"] == "Pending" and "rewards" not in status and status["run"] == new_run
     assert status["runs"][0]["phase"] == "Succeeded" and status["runs"][0]["model"] == {"repoId": "o/m"}
     assert status["runs"][0]["generation"] == 1
@@ -220,7 +233,8 @@ def test_the_pushed_revision_and_tag_survive_into_the_run_history() -> None:
     finished = observe(job=job(conditions=[{"type": "Complete", "status": "True"}]), pods=[done])
     assert finished["model"] == model
     assert transition_events({}, finished)[-1].message == f"training finished; merged model at {model['commitUrl']}"
-    status = compute_status(finished, Observed(generation=2, run={"generation": 2, "specHash": "def"}, now=NOW))
+    new_run = Observed(generation=2, run={"generation": 2, "specHash": "def"}, now=NOW)
+    status = compute_status(finished, new_run).to_document()
     assert status["runs"][0]["model"] == model and "model" not in status
 
 
@@ -243,3 +257,112 @@ def test_a_refused_child_is_invalid_spec_for_422_and_create_rejected_for_403() -
     assert condition(invalid, "Failed")["message"].startswith("the API server refused the trainer Job")
     forbidden = observe(rejected=(403, "the API server refused the trainer Job j-g1 (403): exceeded quota"))
     assert forbidden["phase"] == "Pending" and condition(forbidden, "Ready")["reason"] == "CreateRejected"
+
+
+def succeeded() -> dict:
+    """A run that pushed its model, with progress, metrics, retries and the Job's content hash."""
+    model = {"directory": "/o/m", "repoId": "org/m", "revision": "main", "tag": "run-g1", "commitSha": "abc"}
+    message = json.dumps({"reason": "Succeeded", "metrics": {"rewards/margins": 0.4, "loss": 1}, "model": model})
+    done = pod("p2", "Succeeded", "2026-01-01T00:05:00Z", terminated={"exitCode": 0, "message": message})
+    complete = job(failed=1, startTime="2026-01-01T00:00:01Z", conditions=[{"type": "Complete", "status": "True"}])
+    progress = {"stage": "dpo", "progress": {"step": 9, "totalSteps": 10, "percent": 90, "etaSeconds": 4}}
+    return observe(job=complete, pods=[done], progress=progress, job_content_hash="h1")
+
+
+def test_status_documents_validate_against_the_crd_status_schema() -> None:
+    """What the operator writes is what the CRD declares (the server would prune or refuse anything else)."""
+    crd = yaml.safe_load((ROOT / CRD_FILE).read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    finished = succeeded()
+    retry = {"generation": 1, "specHash": "abc", "attempt": 1, "retryToken": "t1"}
+    documents = [
+        finished,
+        compute_status(finished, Observed(generation=2, run=retry, now=NOW)).to_document(),
+        observe(job=job(active=1), pods=[pod("p1", "Pending", waiting={"reason": "ErrImagePull"})]),
+        observe(job=job(failed=1, conditions=[{"type": "Failed", "status": "True"}]), pods=[pod("p1", "Failed")]),
+        observe(suspended=True),
+        observe(spec_error="spec.output.directory: not on a volume"),
+    ]
+    assert set(finished) == set(schema["properties"]), "the documents must exercise every status field"
+    validator = jsonschema.Draft4Validator(schema)
+    for document in documents:
+        assert not [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(document)], document
+
+
+def test_a_status_document_holds_only_what_was_observed() -> None:
+    """No default-valued fields the operator did not write: each one would be a status patch of its own."""
+    assert observe(job=job(active=1), pods=[]) == {
+        "observedGeneration": 1,
+        "run": RUN,
+        "runs": [],
+        "phase": "Pending",
+        "conditions": [
+            {
+                "type": kind,
+                "status": "False",
+                "reason": "PodCreating" if kind == "Ready" else f"Not{kind}",
+                **({"message": "waiting for the Job controller to create the trainer pod"} if kind == "Ready" else {}),
+                "lastTransitionTime": "2026-01-01T00:00:00Z",
+                "observedGeneration": 1,
+            }
+            for kind in ("Ready", "Running", "Succeeded", "Failed", "Suspended")
+        ],
+        "trainer": {"jobName": "j-g1", "configMapName": "j-g1"},
+        "retries": 0,
+    }
+
+
+def test_fields_written_by_another_operator_version_are_kept() -> None:
+    """A status read, recomputed and compared back must not patch away what this version does not know."""
+    running = observe(job=job(active=1), pods=[pod("p1", "Running", running={})], progress={"stage": "dpo"})
+    running["progress"] = {"percent": 50, "tokensPerSecond": 900}
+    running["runs"] = [{"generation": 0, "specHash": "old", "phase": "Failed", "message": "from an older version"}]
+    later = observe(running, job=job(active=1), pods=[pod("p1", "Running", running={})])
+    assert merge_patch(running, later) == {}
+
+
+def test_the_document_is_camel_case_and_holds_only_what_was_set() -> None:
+    status = DPOJobStatus(phase="Running", run=RUN, progress=Progress(step=3, eta_seconds=None))
+    assert status.to_document() == {"phase": "Running", "run": RUN, "progress": {"step": 3}}
+
+
+def test_empty_strings_are_left_out_like_none() -> None:
+    """The API server reads "" in a status back as null: writing it would differ from the stored status forever."""
+    condition = Condition(type="Running", status="False", reason="NotRunning", message="", last_transition_time="t")
+    assert DPOJobStatus(conditions=[condition]).to_document() == {
+        "conditions": [{"type": "Running", "status": "False", "reason": "NotRunning", "lastTransitionTime": "t"}]
+    }
+
+
+def test_a_stored_status_reads_back_to_the_same_document() -> None:
+    document = {
+        "phase": "Succeeded",
+        "retries": 0,
+        "run": {**RUN, "attempt": 1},
+        "metrics": {"loss": 0.5},
+        "progress": {"percent": 100, "tokensPerSecond": 900},
+        "runs": [{**RUN, "phase": "Failed", "message": "a field of an older version"}],
+        "futureField": {"kept": True},
+    }
+    assert DPOJobStatus.from_document(document).to_document() == document
+
+
+def test_an_unreadable_value_is_left_out_with_its_field_or_list_item() -> None:
+    """Another version's enum value must not fail every reconcile: the rest of the status is still read."""
+    document = {
+        "phase": "Running",
+        "stage": "evaluate",
+        "progress": {"step": "many"},
+        "runs": [{**RUN, "phase": "Archived"}, {**RUN, "phase": "Succeeded"}],
+    }
+    assert DPOJobStatus.from_document(document).to_document() == {
+        "phase": "Running",
+        "runs": [{**RUN, "phase": "Succeeded"}],
+    }
+
+
+def test_assignments_are_validated() -> None:
+    """The operator cannot build a status the CRD would refuse."""
+    status = DPOJobStatus()
+    with pytest.raises(ValidationError):
+        status.phase = "Done"
