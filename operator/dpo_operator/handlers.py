@@ -10,9 +10,11 @@ from typing import Any
 import kopf
 from kubernetes import client
 
+from .cache import ObjectCache
 from .kube import Kube
 from .manifests import ANNOTATION_DPOJOB, LABEL_DPOJOB, MANAGED_BY
 from .reconciler import Reconciler
+from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
 EVENT_LOOP = "kopf-event-loop"
@@ -31,13 +33,16 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
     """
     settings.posting.enabled = False
     settings.networking.error_backoffs = API_ERROR_BACKOFFS
-    settings.execution.max_workers = memo.settings.workers
-    # Namespaced: exactly the configured namespaces, without listing all namespaces (which needs cluster rights).
-    settings.scanning.disabled = bool(memo.settings.namespaces)
+    # The watched resources are fixed (DPOJobs, Jobs, pods): discover them once at startup. Scanning would also
+    # watch every CRD and namespace and re-read API discovery on each change, where Kopf 1.45 does not retry a
+    # truncated response body: one dropped connection there ended the operator. Namespaced mode also must not
+    # list namespaces (that needs cluster rights).
+    settings.scanning.disabled = True
     for resource in ("jobs", "pods"):
         settings.watching.label_selectors[resource] = f"app.kubernetes.io/managed-by={MANAGED_BY}"
     kube = Kube(client.ApiClient())
-    memo.reconciler = Reconciler(kube, memo.settings, memo.health, kube.server_features())
+    memo.cache, memo.queue = ObjectCache(), WorkQueue()
+    memo.reconciler = Reconciler(kube, memo.cache, memo.queue, memo.settings, memo.health, kube.server_features())
     memo.reconciler.start()
     memo.health.ready.set()
 
@@ -64,14 +69,31 @@ def cleanup(memo: kopf.Memo) -> None:
         memo.elector.release()
 
 
+def hold(body: kopf.Body, memo: kopf.Memo) -> None:
+    """Index function for every watched resource: keep the object in the cache (see cache.py). Kopf holds all
+    handlers back until the initial listing of every indexed resource is in, so no reconcile sees a cluster
+    half-listed."""
+    memo.cache.put(body)
+
+
 def on_dpojob(event: dict[str, Any], namespace: str, name: str, memo: kopf.Memo) -> None:
     if event.get("type") == "DELETED":
+        memo.cache.remove("DPOJob", namespace, name)
         memo.reconciler.forget(namespace, name)
         return
-    memo.reconciler.reconcile_safely(namespace, name)
+    memo.queue.add((namespace, name))
 
 
-def on_child(namespace: str, labels: dict[str, str], annotations: dict[str, str], memo: kopf.Memo) -> None:
+def on_child(
+    event: dict[str, Any],
+    namespace: str,
+    name: str,
+    labels: dict[str, str],
+    annotations: dict[str, str],
+    memo: kopf.Memo,
+) -> None:
     """A trainer Job or pod changed: reconcile the DPOJob it belongs to (its full name is an annotation; the
     label may be shortened)."""
-    memo.reconciler.reconcile_safely(namespace, annotations.get(ANNOTATION_DPOJOB) or labels[LABEL_DPOJOB])
+    if event.get("type") == "DELETED":
+        memo.cache.remove(event["object"]["kind"], namespace, name, labels)
+    memo.queue.add((namespace, annotations.get(ANNOTATION_DPOJOB) or labels[LABEL_DPOJOB]))

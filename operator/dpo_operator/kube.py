@@ -14,7 +14,7 @@ from kubernetes.client.exceptions import ApiException
 
 from dpojob_api.spec import API_GROUP, API_VERSION, KIND, PLURAL
 
-from .manifests import ServerFeatures, job_content_hash
+from .manifests import MANAGED_BY, ServerFeatures, job_content_hash
 
 log = logging.getLogger(__name__)
 
@@ -96,16 +96,6 @@ class Kube:
                 return None
             raise
 
-    def list_dpojobs(self, namespaces: list[str]) -> list[dict[str, Any]]:
-        """DPOJobs of the given namespaces (all when empty): a namespaced operator may not list cluster-wide."""
-        if not namespaces:
-            return self.custom.list_cluster_custom_object(API_GROUP, API_VERSION, PLURAL)["items"]
-        return [
-            item
-            for namespace in namespaces
-            for item in self.custom.list_namespaced_custom_object(API_GROUP, API_VERSION, namespace, PLURAL)["items"]
-        ]
-
     def server_features(self) -> ServerFeatures:
         """The Job features of this API server's version."""
         version = client.VersionApi(self.api_client).get_code()
@@ -120,13 +110,35 @@ class Kube:
             API_GROUP, API_VERSION, meta["namespace"], PLURAL, meta["name"], body
         )
 
-    def list_jobs(self, namespace: str, selector: str) -> list[dict[str, Any]]:
-        jobs = self.batch.list_namespaced_job(namespace, label_selector=selector).items
-        return [self.api_client.sanitize_for_serialization(j) for j in jobs]
-
-    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
-        pods = self.core.list_namespaced_pod(namespace, label_selector=selector).items
-        return [self.api_client.sanitize_for_serialization(p) for p in pods]
+    def list_all(self, kind: str, namespaces: list[str]) -> tuple[list[dict[str, Any]], str | None]:
+        """Every DPOJob, or every Job or pod managed by the operator, in the given namespaces (all when empty:
+        a namespaced operator may not list cluster-wide), and the oldest resourceVersion of the lists."""
+        selector = None if kind == "DPOJob" else f"app.kubernetes.io/managed-by={MANAGED_BY}"
+        items: list[dict[str, Any]] = []
+        revisions: list[str] = []
+        for namespace in namespaces or [None]:
+            if kind == "DPOJob":
+                args = (API_GROUP, API_VERSION, namespace, PLURAL) if namespace else (API_GROUP, API_VERSION, PLURAL)
+                listing = (
+                    self.custom.list_namespaced_custom_object(*args)
+                    if namespace
+                    else self.custom.list_cluster_custom_object(*args)
+                )
+            else:
+                api = self.batch if kind == "Job" else self.core
+                plural = "job" if kind == "Job" else "pod"
+                method = (
+                    getattr(api, f"list_namespaced_{plural}")
+                    if namespace
+                    else getattr(api, f"list_{plural}_for_all_namespaces")
+                )
+                listing = self.api_client.sanitize_for_serialization(
+                    method(namespace, label_selector=selector) if namespace else method(label_selector=selector)
+                )
+            items += [{**item, "kind": kind} for item in listing["items"]]
+            revisions.append(listing["metadata"].get("resourceVersion") or "")
+        numeric = [int(r) for r in revisions if r.isdigit()]
+        return items, str(min(numeric)) if len(numeric) == len(revisions) else None
 
     def pod_creation_error(self, job: dict[str, Any]) -> str | None:
         """Why the Job controller cannot create the Job's pod (its newest FailedCreate Event: a quota, a missing

@@ -38,19 +38,38 @@ def cleanup(memo: kopf.Memo, **_: object) -> None:
     handlers.cleanup(memo)
 
 
+@kopf.index(API_GROUP, API_VERSION, PLURAL)
+async def dpojob_cache(body: kopf.Body, memo: kopf.Memo, **_: object) -> None:
+    handlers.hold(body, memo)
+
+
+@kopf.index("batch", "v1", "jobs", labels=CHILDREN)
+async def job_cache(body: kopf.Body, memo: kopf.Memo, **_: object) -> None:
+    handlers.hold(body, memo)
+
+
+@kopf.index("", "v1", "pods", labels=CHILDREN)
+async def pod_cache(body: kopf.Body, memo: kopf.Memo, **_: object) -> None:
+    handlers.hold(body, memo)
+
+
 @kopf.on.event(API_GROUP, API_VERSION, PLURAL)
-def dpojob_event(event: dict, namespace: str, name: str, memo: kopf.Memo, **_: object) -> None:
+async def dpojob_event(event: dict, namespace: str, name: str, memo: kopf.Memo, **_: object) -> None:
     handlers.on_dpojob(event, namespace, name, memo)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILDREN)
-def job_event(namespace: str, labels: dict, annotations: dict, memo: kopf.Memo, **_: object) -> None:
-    handlers.on_child(namespace, labels, annotations, memo)
+async def job_event(
+    event: dict, namespace: str, name: str, labels: dict, annotations: dict, memo: kopf.Memo, **_: object
+) -> None:
+    handlers.on_child(event, namespace, name, labels, annotations, memo)
 
 
 @kopf.on.event("", "v1", "pods", labels=CHILDREN)
-def pod_event(namespace: str, labels: dict, annotations: dict, memo: kopf.Memo, **_: object) -> None:
-    handlers.on_child(namespace, labels, annotations, memo)
+async def pod_event(
+    event: dict, namespace: str, name: str, labels: dict, annotations: dict, memo: kopf.Memo, **_: object
+) -> None:
+    handlers.on_child(event, namespace, name, labels, annotations, memo)
 
 
 def load_cluster_credentials() -> str:

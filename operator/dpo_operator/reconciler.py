@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import logging
 import posixpath
-import threading
 import time
-from collections import defaultdict
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -20,6 +18,7 @@ from pydantic import ValidationError
 from dpojob_api.spec import DPOJobSpec, describe_validation_error, legacy_spec_hash, spec_hash
 
 from . import manifests, metrics
+from .cache import Key, ObjectCache
 from .followers import LogFollowers
 from .health import Health
 from .kube import (
@@ -33,9 +32,9 @@ from .kube import (
 )
 from .settings import OperatorSettings
 from .status import Observed, compute_status, run_finished, transition_events, utc_from_rfc3339
+from .workqueue import Resync, Workers, WorkQueue
 
 log = logging.getLogger(__name__)
-FLUSH_LOOP, RESYNC_LOOP = "flush", "resync"
 
 
 def validate_spec(raw: dict[str, Any]) -> tuple[DPOJobSpec | None, str | None]:
@@ -108,89 +107,68 @@ def stopping_pod(pods: list[dict[str, Any]], job_name: str, now: datetime) -> di
 
 
 class Reconciler:
-    """Owns the per-DPOJob locks, the trainer log followers and the background loops."""
+    """Converges DPOJobs, reading the cluster from the ObjectCache; owns the trainer log followers.
+
+    Its threads and what they share are described in workqueue.py."""
 
     def __init__(
-        self, kube: Kube, settings: OperatorSettings, health: Health, features: manifests.ServerFeatures
+        self,
+        kube: Kube,
+        cache: ObjectCache,
+        queue: WorkQueue,
+        settings: OperatorSettings,
+        health: Health,
+        features: manifests.ServerFeatures,
     ) -> None:
         self.kube = kube
+        self.cache = cache
+        self.queue = queue
         self.settings = settings
         self.health = health
         self.features = features
-        self._rejected: dict[tuple[str, str], tuple[int, float, ChildRejectedError]] = {}
+        self._rejected: dict[Key, tuple[int, float, ChildRejectedError]] = {}
         """Per DPOJob: the metadata.generation whose children the API server refused, when, and why. A 400/422
         (the spec is wrong) is not sent again until the spec changes; another 4xx (quota, RBAC, an admission
         policy: the cluster may change) at most once per resync period."""
-        self.phases: dict[tuple[str, str], str] = {}
+        self.phases: dict[Key, str] = {}
         """Each known DPOJob's phase as last written (the dpo_operator_dpojobs gauge)."""
-        self._locks: defaultdict[tuple[str, str], threading.Lock] = defaultdict(threading.Lock)
-        self._dirty: set[tuple[str, str]] = set()
-        self._dirty_lock = threading.Condition()
-        self._stopped = threading.Event()
         self.followers = LogFollowers(kube.core, self.mark_dirty)
         self._collector = metrics.StateCollector(lambda: list(self.phases.values()), self.followers.active)
+        self._loops = (
+            Workers(queue, lambda key: self.reconcile_safely(*key), settings.workers, health),
+            Resync(queue, cache, self.relist, settings.resync_seconds, health),
+        )
 
-    # --- background loops -------------------------------------------------------------------------------
     def start(self) -> None:
-        """Start the flusher (reconciles what log followers marked) and the periodic resync, both watched by
-        /healthz: a loop whose thread died or that stopped beating makes the replica unhealthy."""
+        """Start the workers and the periodic resync (see workqueue.py)."""
         metrics.REGISTRY.register(self._collector)
-        resync_allowance = self.settings.resync_seconds + 300  # one pass over every DPOJob may take a while
-        for target, name, allowance in (
-            (self._flush_loop, FLUSH_LOOP, 120.0),
-            (self._resync_loop, RESYNC_LOOP, resync_allowance),
-        ):
-            thread = threading.Thread(target=target, name=name, daemon=True)
-            self.health.register(name, allowance, thread)
-            thread.start()
+        for loop in self._loops:
+            loop.start()
 
     def stop(self) -> None:
-        self._stopped.set()
-        with self._dirty_lock:
-            self._dirty_lock.notify_all()
+        for loop in self._loops:
+            loop.stop()
         self.followers.stop_all()
-        for name in (FLUSH_LOOP, RESYNC_LOOP):
-            self.health.unregister(name)
         metrics.REGISTRY.unregister(self._collector)
 
     def forget(self, namespace: str, name: str) -> None:
-        """A DPOJob was deleted: stop following its pods, drop its lock and its metric series."""
+        """A DPOJob was deleted: stop following its pods, drop its metric series."""
         self.followers.forget(namespace, name)
-        self._locks.pop((namespace, name), None)
         self._rejected.pop((namespace, name), None)
         self.phases.pop((namespace, name), None)
         metrics.forget_dpojob(namespace, name)
 
     def mark_dirty(self, namespace: str, name: str) -> None:
-        """Ask for a reconcile soon (coalesced): called by log followers on every progress event."""
-        with self._dirty_lock:
-            self._dirty.add((namespace, name))
-            self._dirty_lock.notify()
+        """Reconcile soon: log followers call this on every progress event; the delay coalesces a burst of
+        lines into one status patch per second."""
+        self.queue.add_after((namespace, name), 1.0)
 
-    def _flush_loop(self) -> None:
-        while not self._stopped.is_set():
-            self.health.beat(FLUSH_LOOP)
-            with self._dirty_lock:
-                if not self._dirty:
-                    self._dirty_lock.wait(timeout=10.0)  # wake now and then to beat while idle
-                keys, self._dirty = self._dirty, set()
-            for namespace, name in keys:
-                self.reconcile_safely(namespace, name)
-            if keys:
-                self._stopped.wait(1.0)  # coalesce bursts of log lines into at most one patch per second
-
-    def _resync_loop(self) -> None:
-        while not self._stopped.wait(self.settings.resync_seconds):
-            self.health.beat(RESYNC_LOOP)
-            try:
-                items = self.kube.list_dpojobs(self.settings.namespaces)
-            except Exception as exc:  # ApiException, or no connection at all (urllib3 MaxRetryError): try again
-                metrics.RESYNC_ERRORS.inc()
-                log.warning("resync could not list DPOJobs: %s", getattr(exc, "reason", None) or exc)
-                continue
-            for item in items:
-                self.reconcile_safely(item["metadata"]["namespace"], item["metadata"]["name"])
-                self.health.beat(RESYNC_LOOP)
+    def relist(self) -> None:
+        """Replace the cache with fresh LISTs (see ObjectCache.replace_all)."""
+        for kind in ("DPOJob", "Job", "Pod"):
+            items, revision = self.kube.list_all(kind, self.settings.namespaces)
+            if dropped := self.cache.replace_all(kind, items, revision):
+                log.warning("relist: %d %s(s) the watch had not reported deleted were dropped", dropped, kind)
 
     def reconcile_safely(self, namespace: str, name: str) -> None:
         """Reconcile, logging instead of raising (background callers have nobody to raise to)."""
@@ -206,18 +184,23 @@ class Reconciler:
 
     # --- the loop -----------------------------------------------------------------------------------------
     def reconcile(self, namespace: str, name: str) -> None:
-        """Converge one DPOJob; a status write conflict (someone changed it meanwhile) re-reads and retries."""
-        with self._locks[(namespace, name)]:
-            for attempt in range(3):
-                try:
-                    self._reconcile(namespace, name)
+        """Converge one DPOJob. A status write conflict (the cached DPOJob was stale: someone changed it
+        meanwhile) re-reads it from the API server and retries."""
+        for attempt in range(3):
+            try:
+                self._reconcile(namespace, name)
+                return
+            except ApiException as exc:
+                if exc.status != 409 or attempt == 2:
+                    raise
+                fresh = self.kube.get_dpojob(namespace, name)
+                if fresh is None:
+                    self.cache.remove("DPOJob", namespace, name)
                     return
-                except ApiException as exc:
-                    if exc.status != 409 or attempt == 2:
-                        raise
+                self.cache.put(fresh)
 
     def _reconcile(self, namespace: str, name: str) -> None:
-        dpojob = self.kube.get_dpojob(namespace, name)
+        dpojob = self.cache.dpojob(namespace, name)
         if dpojob is None or dpojob["metadata"].get("deletionTimestamp"):
             self.followers.forget(namespace, name)
             return  # children go with it through ownerReferences
@@ -245,11 +228,10 @@ class Reconciler:
         if job is not None and not self._created_by_us(dpojob, old, spec, job, generation, attempt):
             observed.not_owned = untrusted_job_message(job["metadata"]["name"])
             job = None
-        selector = f"{manifests.LABEL_DPOJOB}={manifests.label_value(name)}"
-        pods = self.kube.list_pods(namespace, f"{selector},{manifests.LABEL_RUN}={generation}")
+        pods = self.cache.pods(namespace, manifests.label_value(name), generation)
         if error is None and spec is not None and not finished:
             if observed.suspended and job is not None:
-                self.kube.delete("Job", namespace, job["metadata"]["name"])
+                self._delete_child(job)
                 job = None
             elif not observed.suspended and job is None:
                 stopping = stopping_pod(pods, job_name, datetime.now(UTC))
@@ -286,13 +268,13 @@ class Reconciler:
 
     def _write_status(self, dpojob: dict[str, Any], old: dict[str, Any], observed: Observed) -> None:
         """Patch the status if it changed, then post the Events its transitions deserve."""
-        new = prune_none(compute_status(old, observed))
+        new = compute_status(old, observed).to_document()
         meta = dpojob["metadata"]
         self.phases[(meta["namespace"], meta["name"])] = new.get("phase", "Pending")
         metrics.record_rewards(meta["namespace"], meta["name"], new.get("rewards") or {})
         if patch := merge_patch(old, new):
             with metrics.STATUS_PATCH_SECONDS.time():
-                self.kube.patch_status(dpojob, patch)
+                self.cache.put(self.kube.patch_status(dpojob, patch))
             for event in transition_events(old, new):
                 self.kube.post_event(dpojob, event.type, event.reason, event.message)
 
@@ -302,6 +284,7 @@ class Reconciler:
         self.kube.create_or_adopt(manifests.build_config_map(dpojob, generation, attempt), uid)
         job_manifest = self._job_manifest(dpojob, spec, generation, attempt)
         job, created = self.kube.create_or_adopt(job_manifest, uid)
+        self.cache.put({"kind": "Job", **job})
         if created:
             metrics.JOBS_CREATED.inc()
             if not (dpojob.get("status") or {}).get("runs"):  # the DPOJob's first run
@@ -364,16 +347,21 @@ class Reconciler:
         the run then reports why it waits.
         """
         found = None
-        for job in self.kube.list_jobs(namespace, f"{manifests.LABEL_DPOJOB}={manifests.label_value(name)}"):
-            job_name = job["metadata"]["name"]
+        for job in self.cache.jobs(namespace, manifests.label_value(name)):
             if not owned_by(job, uid):
                 continue
-            if job_name == current:
+            if job["metadata"]["name"] == current:
                 found = job
             else:
-                self.kube.delete("Job", namespace, job_name)
-                self.kube.delete("ConfigMap", namespace, job_name)
+                self._delete_child(job)
         return found
+
+    def _delete_child(self, job: dict[str, Any]) -> None:
+        """Delete a run's Job and ConfigMap (same name), and stop holding the Job as if it still ran."""
+        meta = job["metadata"]
+        self.kube.delete("Job", meta["namespace"], meta["name"])
+        self.kube.delete("ConfigMap", meta["namespace"], meta["name"])
+        self.cache.remove("Job", meta["namespace"], meta["name"], meta.get("labels"))
 
     def _expire(self, dpojob: dict[str, Any], spec: DPOJobSpec, job: dict[str, Any] | None) -> None:
         """ttlSecondsAfterFinished: delete the finished Job and ConfigMap, never the DPOJob (GitOps-safe)."""
@@ -382,9 +370,7 @@ class Reconciler:
         if ttl is None or job is None or not completed:
             return
         if datetime.now(UTC) >= utc_from_rfc3339(completed) + timedelta(seconds=ttl):
-            meta = dpojob["metadata"]
-            self.kube.delete("Job", meta["namespace"], job["metadata"]["name"])
-            self.kube.delete("ConfigMap", meta["namespace"], job["metadata"]["name"])
+            self._delete_child(job)
             self.kube.post_event(
                 dpojob, "Normal", "Cleaned", f"deleted trainer Job {job['metadata']['name']} after {ttl}s TTL"
             )

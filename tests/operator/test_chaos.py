@@ -115,5 +115,11 @@ def test_sigkills_never_duplicate_a_job_and_every_dpojob_finishes(stack: LocalSt
         assert status["trainer"]["jobName"] == job.metadata.name and job.status.succeeded == 1, name
         assert status["model"] == {"repoId": f"demo/{name}"} and status["run"]["generation"] == 1, name
         assert not status.get("runs"), f"{name}: a crash must not start a second run"
-    restarts = stack.operator.pods()[0]["status"]["containerStatuses"][0]["restartCount"]
-    assert restarts >= KILLS
+
+    def restarts() -> int:
+        return stack.operator.pods()[0]["status"]["containerStatuses"][0]["restartCount"]
+
+    deadline = time.monotonic() + 120  # the last kill may still be in its CrashLoopBackOff back-off
+    while restarts() < KILLS and time.monotonic() < deadline:
+        time.sleep(2)
+    assert restarts() >= KILLS

@@ -1,6 +1,6 @@
 """/healthz and /readyz over real HTTP: a dead or stalled background loop turns the replica unhealthy.
 
-The resync loop is driven with a Kube stand-in whose list fails the way a real outage does (urllib3's
+The resync loop is driven with a Kube stand-in whose relist fails the way a real outage does (urllib3's
 MaxRetryError, not an ApiException): the loop must survive it (it used to die for good, invisibly).
 """
 
@@ -18,9 +18,11 @@ import pytest
 from urllib3.exceptions import MaxRetryError
 
 from dpo_operator import health, metrics
+from dpo_operator.cache import ObjectCache
 from dpo_operator.manifests import ServerFeatures
-from dpo_operator.reconciler import RESYNC_LOOP, Reconciler
+from dpo_operator.reconciler import Reconciler
 from dpo_operator.settings import OperatorSettings
+from dpo_operator.workqueue import Resync, WorkQueue
 
 
 def get(server: object, path: str) -> tuple[int, dict | str]:
@@ -56,7 +58,7 @@ class FailingKube:
         self.lists = 0
         self.crash = threading.Event()
 
-    def list_dpojobs(self, namespaces: list[str]) -> list[dict]:
+    def list_all(self, kind: str, namespaces: list[str]) -> tuple[list[dict], str]:
         self.lists += 1
         if self.crash.is_set():
             raise SystemExit("simulated bug escaping the loop")
@@ -64,10 +66,12 @@ class FailingKube:
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")  # the killed loop's exit
-def test_resync_survives_connection_errors_and_a_killed_loop_turns_healthz_red(served) -> None:
+def test_resync_survives_connection_errors_and_a_killed_loop_turns_healthz_red(served, monkeypatch) -> None:
     status, server = served
     kube = FailingKube()
-    reconciler = Reconciler(kube, OperatorSettings(resync_seconds=0.05), status, ServerFeatures())
+    monkeypatch.setattr(Resync, "RELIST_EVERY", 1)
+    settings = OperatorSettings(resync_seconds=0.05, workers=2)
+    reconciler = Reconciler(kube, ObjectCache(), WorkQueue(), settings, status, ServerFeatures())
     errors_before = metrics.RESYNC_ERRORS._value.get()
     reconciler.start()
     try:
@@ -76,7 +80,7 @@ def test_resync_survives_connection_errors_and_a_killed_loop_turns_healthz_red(s
         assert metrics.RESYNC_ERRORS._value.get() - errors_before >= 3
         kube.crash.set()
         wait_until(lambda: get(server, "/healthz")[0] == 500)
-        assert get(server, "/healthz")[1]["problems"] == [f"{RESYNC_LOOP}: its thread has exited"]
+        assert get(server, "/healthz")[1]["problems"] == [f"{Resync.name}: its thread has exited"]
     finally:
         reconciler.stop()
 

@@ -15,10 +15,12 @@ from typing import Any
 import pytest
 
 from dpo_operator import manifests
+from dpo_operator.cache import ObjectCache
 from dpo_operator.health import Health
 from dpo_operator.manifests import KUEUE_QUEUE_LABEL, ServerFeatures
 from dpo_operator.reconciler import Reconciler
 from dpo_operator.settings import OperatorSettings
+from dpo_operator.workqueue import WorkQueue
 
 NS, NAME = "team-a", "aligned"
 INJECTED = {"cloud.example.com/accelerator": "h100"}
@@ -34,11 +36,6 @@ def merge(target: dict[str, Any], patch: dict[str, Any]) -> None:
             merge(target[key], value)
         else:
             target[key] = copy.deepcopy(value)
-
-
-def matches(obj: dict[str, Any], selector: str) -> bool:
-    labels = obj["metadata"].get("labels") or {}
-    return all(labels.get(k) == v for k, v in (term.split("=", 1) for term in selector.split(",")))
 
 
 class Cluster:
@@ -58,11 +55,11 @@ class Cluster:
         merge(self.dpojob.setdefault("status", {}), patch)
         return copy.deepcopy(self.dpojob)
 
-    def list_jobs(self, namespace: str, selector: str) -> list[dict[str, Any]]:
-        return [copy.deepcopy(o) for (kind, _), o in self.objects.items() if kind == "Job" and matches(o, selector)]
-
-    def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
-        return [copy.deepcopy(o) for (kind, _), o in self.objects.items() if kind == "Pod" and matches(o, selector)]
+    def feed(self, cache: ObjectCache) -> None:
+        """What the operator's watches would deliver: the current objects into its cache."""
+        cache.replace_all("DPOJob", [self.dpojob], None)
+        for wanted in ("Job", "Pod"):
+            cache.replace_all(wanted, [o for (kind, _), o in self.objects.items() if kind == wanted], None)
 
     def create_or_adopt(self, body: dict[str, Any], owner_uid: str) -> tuple[dict[str, Any], bool]:
         key = (body["kind"], body["metadata"]["name"])
@@ -101,6 +98,7 @@ class Cluster:
             "kind": "Pod",
             "metadata": {
                 "name": f"{job['metadata']['name']}-{next(_uids)}",
+                "namespace": NS,
                 "labels": dict(job["spec"]["template"]["metadata"]["labels"]),
                 "ownerReferences": [{"uid": job["metadata"]["uid"], "controller": True}],
                 "creationTimestamp": "2026-12-02T00:00:02Z",
@@ -139,9 +137,16 @@ def dpojob(checkpoint_volume: bool) -> dict[str, Any]:
     }
 
 
-def settle(reconciler: Reconciler) -> None:
+def settle(cluster: Cluster, reconciler: Reconciler) -> None:
     for _ in range(3):  # the first pass records the run; later passes create and observe
+        cluster.feed(reconciler.cache)
         reconciler.reconcile(NS, NAME)
+
+
+def new_reconciler(cluster: Cluster) -> Reconciler:
+    return Reconciler(
+        cluster, ObjectCache(), WorkQueue(), OperatorSettings(), Health(), ServerFeatures(job_suspend=True)
+    )
 
 
 def ready(cluster: Cluster) -> tuple[str, str]:
@@ -153,13 +158,12 @@ def ready(cluster: Cluster) -> tuple[str, str]:
 @pytest.fixture
 def run_with_kueue() -> tuple[Cluster, Reconciler]:
     cluster = Cluster(dpojob(checkpoint_volume=True))
-    reconciler = Reconciler(cluster, OperatorSettings(), Health(), ServerFeatures(job_suspend=True))
-    return cluster, reconciler
+    return cluster, new_reconciler(cluster)
 
 
 def test_queued_admitted_preempted_resumed_without_fighting_kueue(run_with_kueue) -> None:
     cluster, reconciler = run_with_kueue
-    settle(reconciler)
+    settle(cluster, reconciler)
     job = cluster.job()
     assert job["spec"]["suspend"] is True, "created suspended: Kueue decides when it runs"
     assert job["metadata"]["labels"][KUEUE_QUEUE_LABEL] == "gpu-queue"
@@ -168,21 +172,21 @@ def test_queued_admitted_preempted_resumed_without_fighting_kueue(run_with_kueue
     assert ("Normal", "Queued") in [(t, r) for t, r, _ in cluster.events]
 
     cluster.admit()
-    settle(reconciler)
+    settle(cluster, reconciler)
     assert ready(cluster) == ("Running", "Running")
     job = cluster.job()
     assert job["spec"]["suspend"] is False and job["spec"]["template"]["spec"]["nodeSelector"] == INJECTED
 
     cluster.preempt()
-    settle(reconciler)
+    settle(cluster, reconciler)
     assert ready(cluster) == ("Pending", "Queued"), "preempted by Kueue: queued again, not suspended by the user"
     assert cluster.job()["spec"]["suspend"] is True, "the operator does not unsuspend what Kueue suspended"
     assert [r for _, r, _ in cluster.events].count("Queued") == 2
 
     cluster.admit()
-    settle(reconciler)
+    settle(cluster, reconciler)
     cluster.finish()
-    settle(reconciler)
+    settle(cluster, reconciler)
     assert ready(cluster) == ("Succeeded", "Succeeded")
     assert cluster.job_writes == [f"create {manifests.run_name(NAME, 1)}"], "one Job, never updated or replaced"
     assert "PreemptionRestartsTraining" not in [r for _, r, _ in cluster.events]
@@ -190,7 +194,7 @@ def test_queued_admitted_preempted_resumed_without_fighting_kueue(run_with_kueue
 
 def test_a_queued_run_without_checkpoint_volume_is_warned_about_preemption() -> None:
     cluster = Cluster(dpojob(checkpoint_volume=False))
-    settle(Reconciler(cluster, OperatorSettings(), Health(), ServerFeatures(job_suspend=True)))
+    settle(cluster, new_reconciler(cluster))
     warning = next(e for e in cluster.events if e[1] == "PreemptionRestartsTraining")
     assert warning[0] == "Warning" and "checkpointVolume" in warning[2]
 

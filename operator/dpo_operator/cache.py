@@ -1,0 +1,167 @@
+"""What the operator knows of the cluster: every DPOJob, and its trainer Jobs and pods, as Kopf's watches
+delivered them. The reconciler reads here instead of asking the API server (one GET and two LISTs per wake-up
+before), so a reconcile costs API requests only for what it writes.
+
+Fed by Kopf index functions (main.py), which Kopf calls for every watch event before any handler runs, and
+it holds every handler back until the initial listing of all three resources is in: no reconcile ever sees a
+half-filled cache. The reconciler also writes through what the API server returns from its own writes, so
+the next reconcile does not act on the state before them. A watch event older than what is held (by
+resourceVersion, an etcd revision on every supported server) never replaces it.
+
+Objects are stored as the API server's JSON, less `metadata.managedFields` and kubectl's last-applied
+annotation (together often more than half of an object), and are returned as copies: callers may not share
+them across threads.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from .manifests import LABEL_DPOJOB, LABEL_RUN
+
+Key = tuple[str, str]
+"""(namespace, name) of a DPOJob."""
+_LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+
+
+def slim(body: Mapping[str, Any]) -> dict[str, Any]:
+    """A plain copy of an object without what the operator never reads."""
+    result = copy.deepcopy(dict(body))
+    meta = result.setdefault("metadata", {})
+    meta.pop("managedFields", None)
+    if _LAST_APPLIED in (meta.get("annotations") or {}):
+        meta["annotations"] = {k: v for k, v in meta["annotations"].items() if k != _LAST_APPLIED}
+    return result
+
+
+def _revision(obj: Mapping[str, Any]) -> int | None:
+    try:
+        return int(obj["metadata"]["resourceVersion"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _newer_or_same(candidate: Mapping[str, Any], held: Mapping[str, Any] | None) -> bool:
+    if held is None:
+        return True
+    new, old = _revision(candidate), _revision(held)
+    return new is None or old is None or new >= old
+
+
+class ObjectCache:
+    """DPOJobs by (namespace, name); Jobs and pods by (namespace, their dpo-operator.io/dpojob label).
+
+    One lock guards all three maps; every method holds it only for dict operations (copies are made outside
+    it where possible)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._dpojobs: dict[Key, dict[str, Any]] = {}
+        self._children: dict[str, dict[Key, dict[str, dict[str, Any]]]] = {"Job": {}, "Pod": {}}
+
+    # --- writes: watch events (main.py, handlers.py) and write-through (reconciler) -----------------------
+    def put(self, body: Mapping[str, Any]) -> None:
+        """Hold an object (a DPOJob, or a Job or pod carrying our label) unless a newer one is held."""
+        obj = slim(body)
+        meta = obj["metadata"]
+        with self._lock:
+            if obj.get("kind") in self._children:
+                group = self._children[obj["kind"]].setdefault(self._group(meta), {})
+                if _newer_or_same(obj, group.get(meta["name"])):
+                    group[meta["name"]] = obj
+            else:
+                key = (meta["namespace"], meta["name"])
+                if _newer_or_same(obj, self._dpojobs.get(key)):
+                    self._dpojobs[key] = obj
+
+    def remove(self, kind: str, namespace: str, name: str, labels: Mapping[str, str] | None = None) -> None:
+        """Forget a deleted object (a child needs its labels to be found)."""
+        with self._lock:
+            if kind in self._children:
+                key = (namespace, (labels or {}).get(LABEL_DPOJOB, ""))
+                group = self._children[kind].get(key, {})
+                group.pop(name, None)
+                if not group:
+                    self._children[kind].pop(key, None)
+            else:
+                self._dpojobs.pop((namespace, name), None)
+
+    def replace_all(self, kind: str, items: Iterable[Mapping[str, Any]], revision: str | None) -> int:
+        """Reconcile the cache with a full LIST of `kind` (for the watched namespaces): hold what it returned,
+        and drop what it lacks unless that was written after the list was taken. A watch that missed a
+        DELETED event (a reconnect after a compaction) would otherwise keep a ghost forever. Returns the
+        number of ghosts dropped."""
+        listed = [slim(item) for item in items]
+        cutoff = int(revision) if revision and revision.isdigit() else None
+        with self._lock:
+            present = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in listed}
+            dropped = 0
+            for obj in list(self._objects(kind)):
+                meta = obj["metadata"]
+                revision_held = _revision(obj)
+                stale = cutoff is None or revision_held is None or revision_held <= cutoff
+                if (meta["namespace"], meta["name"]) not in present and stale:
+                    dropped += 1
+                    self._drop(kind, obj)
+        for obj in listed:
+            obj.setdefault("kind", kind)
+            self.put(obj)
+        return dropped
+
+    # --- reads (reconciler, resync) -------------------------------------------------------------------------
+    def dpojob(self, namespace: str, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            held = self._dpojobs.get((namespace, name))
+        return copy.deepcopy(held) if held is not None else None
+
+    def dpojob_keys(self) -> list[Key]:
+        with self._lock:
+            return list(self._dpojobs)
+
+    def jobs(self, namespace: str, label: str) -> list[dict[str, Any]]:
+        """Jobs labelled dpo-operator.io/dpojob=<label> (manifests.label_value of the DPOJob's name)."""
+        return self._children_of("Job", namespace, label)
+
+    def pods(self, namespace: str, label: str, run: int) -> list[dict[str, Any]]:
+        """Pods of one run of a DPOJob (any pod carrying the labels: ownership is checked by the caller)."""
+        return [
+            pod
+            for pod in self._children_of("Pod", namespace, label)
+            if (pod["metadata"].get("labels") or {}).get(LABEL_RUN) == str(run)
+        ]
+
+    def counts(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "DPOJob": len(self._dpojobs),
+                **{kind: sum(len(g) for g in groups.values()) for kind, groups in self._children.items()},
+            }
+
+    # --- internals (lock held) --------------------------------------------------------------------------------
+    @staticmethod
+    def _group(meta: Mapping[str, Any]) -> Key:
+        return meta["namespace"], (meta.get("labels") or {}).get(LABEL_DPOJOB, "")
+
+    def _children_of(self, kind: str, namespace: str, label: str) -> list[dict[str, Any]]:
+        with self._lock:
+            held = list(self._children[kind].get((namespace, label), {}).values())
+        return copy.deepcopy(held)
+
+    def _objects(self, kind: str) -> Iterable[dict[str, Any]]:
+        if kind in self._children:
+            return [obj for group in self._children[kind].values() for obj in group.values()]
+        return list(self._dpojobs.values())
+
+    def _drop(self, kind: str, obj: Mapping[str, Any]) -> None:
+        meta = obj["metadata"]
+        if kind in self._children:
+            key = self._group(meta)
+            group = self._children[kind].get(key, {})
+            group.pop(meta["name"], None)
+            if not group:
+                self._children[kind].pop(key, None)
+        else:
+            self._dpojobs.pop((meta["namespace"], meta["name"]), None)

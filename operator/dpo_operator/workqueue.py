@@ -1,0 +1,192 @@
+"""The operator's concurrency model, in one place.
+
+What runs where:
+
+- Kopf's event loop (the main thread) runs the watches of DPOJobs, trainer Jobs and trainer pods. Its index
+  functions fill the ObjectCache (cache.py); its event handlers only enqueue the DPOJob concerned
+  (handlers.py). Nothing there blocks on the API server.
+- `Workers` (settings.workers threads) take DPOJob keys from the WorkQueue and reconcile them. The queue hands
+  a key to one worker at a time, so two reconciles of the same DPOJob never overlap (no per-DPOJob locks);
+  a key added while it is being reconciled is reconciled once more afterwards; many adds before a worker
+  gets to it coalesce into one reconcile.
+- `Resync` (one thread) enqueues every cached DPOJob each settings.resync_seconds (TTL clean-up, retries
+  after a refused child, progress of a quiet pod), and every RELIST_EVERY passes replaces the cache with a
+  fresh LIST (one request per kind, not per DPOJob) so that a missed DELETED event leaves no ghost.
+- Log followers (followers.py, their own event-loop thread) stream trainer pod logs and enqueue the DPOJob
+  with a delay (`add_after`), so a burst of progress lines costs at most one reconcile per second.
+
+Every thread is registered with the Health registry and beats while idle: one that dies or hangs turns
+/healthz red and the kubelet restarts the pod.
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+
+from . import metrics
+from .cache import Key, ObjectCache
+from .health import Health
+
+log = logging.getLogger(__name__)
+_IDLE_WAKE_S = 5.0
+
+
+class WorkQueue:
+    """Keys to reconcile: deduplicated while waiting, exclusive while processed, optionally delayed.
+
+    The same contract as client-go's workqueue: get() marks a key processing until done(key); an add during
+    processing is remembered and re-queued by done()."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._ready: deque[Key] = deque()
+        self._waiting: set[Key] = set()
+        self._processing: set[Key] = set()
+        self._again: set[Key] = set()
+        self._delayed: list[tuple[float, Key]] = []
+        self._shut_down = False
+
+    def add(self, key: Key) -> None:
+        with self._cond:
+            self._add_locked(key)
+
+    def add_after(self, key: Key, delay: float) -> None:
+        """Add the key `delay` seconds from now (a key already waiting is not delayed further)."""
+        with self._cond:
+            if key in self._waiting:
+                return
+            heapq.heappush(self._delayed, (time.monotonic() + delay, key))
+            self._cond.notify()
+
+    def get(self, timeout: float) -> Key | None:
+        """The next key to reconcile (now marked processing), or None after `timeout` or on shut-down."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while not self._shut_down:
+                now = time.monotonic()
+                while self._delayed and self._delayed[0][0] <= now:
+                    self._add_locked(heapq.heappop(self._delayed)[1])
+                if self._ready:
+                    key = self._ready.popleft()
+                    self._waiting.discard(key)
+                    self._processing.add(key)
+                    return key
+                wake = min([deadline] + [due for due, _ in self._delayed[:1]])
+                if now >= deadline:
+                    return None
+                self._cond.wait(wake - now)
+            return None
+
+    def done(self, key: Key) -> None:
+        with self._cond:
+            self._processing.discard(key)
+            if key in self._again:
+                self._again.discard(key)
+                self._add_locked(key)
+
+    @property
+    def closed(self) -> bool:
+        return self._shut_down
+
+    def depth(self) -> int:
+        with self._cond:
+            return len(self._ready)
+
+    def shut_down(self) -> None:
+        with self._cond:
+            self._shut_down = True
+            self._cond.notify_all()
+
+    def _add_locked(self, key: Key) -> None:
+        if self._shut_down:
+            return
+        if key in self._processing:
+            self._again.add(key)
+        elif key not in self._waiting:
+            self._waiting.add(key)
+            self._ready.append(key)
+            self._cond.notify()
+
+
+class Workers:
+    """settings.workers threads running `reconcile(key)` for keys from the queue."""
+
+    max_silence = 600.0
+    """A reconcile is a handful of API calls, each retried for at most a few minutes while the API server is
+    unreachable; a worker silent for longer than this is stuck."""
+
+    def __init__(self, queue: WorkQueue, reconcile: Callable[[Key], None], count: int, health: Health) -> None:
+        self.queue, self.reconcile, self.count, self.health = queue, reconcile, count, health
+        self.names = [f"worker-{index}" for index in range(count)]
+
+    def start(self) -> None:
+        for name in self.names:
+            thread = threading.Thread(target=self._run, args=(name,), name=name, daemon=True)
+            self.health.register(name, self.max_silence, thread)
+            thread.start()
+
+    def stop(self) -> None:
+        self.queue.shut_down()
+        for name in self.names:
+            self.health.unregister(name)
+
+    def _run(self, name: str) -> None:
+        while True:
+            self.health.beat(name)
+            key = self.queue.get(timeout=_IDLE_WAKE_S)
+            if key is None:
+                if self.queue.closed:
+                    return
+                continue
+            try:
+                self.reconcile(key)
+            finally:
+                self.queue.done(key)
+
+
+class Resync:
+    """Every `period` seconds: enqueue every cached DPOJob; every RELIST_EVERY passes, relist first."""
+
+    RELIST_EVERY = 10
+    name = "resync"
+
+    def __init__(
+        self,
+        queue: WorkQueue,
+        cache: ObjectCache,
+        relist: Callable[[], None],
+        period: float,
+        health: Health,
+    ) -> None:
+        self.queue, self.cache, self.relist, self.period, self.health = queue, cache, relist, period, health
+        self._stopped = threading.Event()
+
+    def start(self) -> None:
+        thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        # A relist of every DPOJob, Job and pod may take a while on a big cluster.
+        self.health.register(self.name, self.period + 300.0, thread)
+        thread.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self.health.unregister(self.name)
+
+    def _run(self) -> None:
+        passes = 0
+        while not self._stopped.wait(self.period):
+            self.health.beat(self.name)
+            passes += 1
+            if passes % self.RELIST_EVERY == 0:
+                try:
+                    self.relist()
+                except Exception as exc:  # ApiException, or no connection at all (urllib3 MaxRetryError)
+                    metrics.RESYNC_ERRORS.inc()
+                    log.warning("relist failed: %s; the watches keep the cache current meanwhile", exc)
+            for key in self.cache.dpojob_keys():
+                self.queue.add(key)
+            self.health.beat(self.name)
