@@ -30,7 +30,7 @@ class OperatorSettings(BaseModel):
     resync_seconds: float = Field(30.0, gt=0)
     """How often every DPOJob is re-examined (TTL expiry, missed events)."""
     workers: int = Field(8, ge=1)
-    """Kopf's handler thread pool."""
+    """Reconcile worker threads (see workqueue.py)."""
     trainer_env: list[dict[str, Any]] = Field(default_factory=list)
     """Extra env for every trainer pod: Kubernetes EnvVar objects (a value, or valueFrom a Secret/ConfigMap key)."""
     listen_address: str = "0.0.0.0"
