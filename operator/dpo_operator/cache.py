@@ -8,9 +8,10 @@ half-filled cache. The reconciler also writes through what the API server return
 the next reconcile does not act on the state before them. A watch event older than what is held (by
 resourceVersion, an etcd revision on every supported server) never replaces it.
 
-Objects are stored as the API server's JSON, less `metadata.managedFields` and kubectl's last-applied
-annotation (together often more than half of an object), and are returned as copies: callers may not share
-them across threads.
+Objects are stored as the API server's JSON, less `metadata.managedFields`, kubectl's last-applied
+annotation and a pod's spec (together most of an object; the operator reads a pod's metadata and status only,
+and its own Job holds the pod template), and are returned as copies: callers may not share them across
+threads.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ _LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
 
 def slim(body: Mapping[str, Any]) -> dict[str, Any]:
     """A plain copy of an object without what the operator never reads."""
-    result = copy.deepcopy(dict(body))
+    result = copy.deepcopy({k: v for k, v in body.items() if not (k == "spec" and body.get("kind") == "Pod")})
     meta = result.setdefault("metadata", {})
     meta.pop("managedFields", None)
     if _LAST_APPLIED in (meta.get("annotations") or {}):

@@ -48,7 +48,9 @@ def test_held_objects_are_slim_private_copies() -> None:
 
 def test_children_are_found_by_their_dpojob_label_and_run() -> None:
     cache = ObjectCache()
-    cache.put(child("Job", "a-g1", "a", "5"))
+    cache.put({**child("Job", "a-g1", "a", "5"), "spec": {"template": {}}})
+    cache.put({**child("Pod", "a-g1-x", "a", "6", run=1), "spec": {"containers": []}})
+    assert "spec" in cache.jobs(NS, "a")[0] and "spec" not in cache.pods(NS, "a", 1)[0], "a pod's spec is not kept"
     cache.put(child("Pod", "a-g1-x", "a", "6", run=1))
     cache.put(child("Pod", "a-g2-y", "a", "7", run=2))
     cache.put(child("Pod", "b-g1-z", "b", "8"))
