@@ -132,7 +132,7 @@ class Reconciler:
         policy: the cluster may change) at most once per resync period."""
         self.phases: dict[Key, str] = {}
         """Each known DPOJob's phase as last written (the dpo_operator_dpojobs gauge)."""
-        self.followers = LogFollowers(kube.core, self.mark_dirty)
+        self.followers = LogFollowers(kube.core, self.mark_dirty, health=health)
         self._collector = metrics.StateCollector(lambda: list(self.phases.values()), self.followers.active)
         self._loops = (
             Workers(queue, lambda key: self.reconcile_safely(*key), settings.workers, health),

@@ -101,7 +101,14 @@ def test_standby_takes_over_from_a_killed_leader_with_one_job_and_live_status(st
     assert metric(text, "dpo_operator_dpojobs", '{phase="Running"}') >= 1
     assert metric(text, "dpo_operator_leader") == 1
     labels = f'{{name="failover",namespace="{NS}"}}'
-    assert metric(text, "dpo_operator_dpojob_rewards_accuracies", labels) == in_dpo["rewards"]["accuracies"]
+
+    def gauge_matches_status() -> bool:
+        # Training goes on meanwhile: compare a gauge and a status read together, until one pair agrees.
+        gauge = metric(stack.operator.get(leader_pod, "/metrics")[1], "dpo_operator_dpojob_rewards_accuracies", labels)
+        return gauge == (status_of(stack, "failover").get("rewards") or {}).get("accuracies")
+
+    assert in_dpo["rewards"]["accuracies"] is not None
+    wait(gauge_matches_status, 30, "the rewards/accuracies gauge equal to status")
 
     stack.operator.kill(leader)
     killed_at = time.monotonic()
