@@ -1,5 +1,5 @@
 """API faults: the operator talks to the API server through a proxy that, for a minute, answers with 500s,
-429s with Retry-After, dropped connections and 30 s stalls (tests/fault_proxy.py). It must back off, never
+429s with Retry-After, dropped connections and 30 s stalls (dpo_dev/api_proxy.py). It must back off, never
 crash, and bring every DPOJob to its end once the faults stop.
 
 The chart installs the CRD, RBAC and ServiceAccount (with no replicas); the operator runs as a local process
@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 import yaml
-from fault_proxy import FaultProxy
 
+from dpo_dev.api_proxy import ApiProxy
 from dpo_dev.cluster import write_sa_kubeconfig
 from dpo_dev.nodesim import Outcome
 from dpo_dev.stack import (
@@ -46,7 +46,7 @@ def free_port() -> int:
 @pytest.fixture(scope="module")
 def operator_behind_proxy(
     admin_kubeconfig: Path, node_simulator: object, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[tuple[FaultProxy, OperatorProcess, int]]:
+) -> Iterator[tuple[ApiProxy, OperatorProcess, int]]:
     workdir = tmp_path_factory.mktemp("faults")
     chart = OperatorDeployment(admin_kubeconfig, node_simulator, workdir)
     chart.install({"replicas": 0})
@@ -54,7 +54,7 @@ def operator_behind_proxy(
     server = config["clusters"][0]["cluster"]["server"]
     ca = workdir / "ca.crt"
     ca.write_bytes(_ca_pem(config["clusters"][0]["cluster"]))
-    proxy = FaultProxy(server, ca, workdir / "proxy").start()
+    proxy = ApiProxy(server, ca, workdir / "proxy").start()
     kubeconfig = write_sa_kubeconfig(admin_kubeconfig, OPERATOR_NAMESPACE, OPERATOR_ACCOUNT, workdir / "sa.yaml")
     sa = yaml.safe_load(kubeconfig.read_text())
     sa["clusters"][0]["cluster"] = {"server": proxy.url, "insecure-skip-tls-verify": True}
