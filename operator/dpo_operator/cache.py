@@ -9,8 +9,9 @@ the next reconcile does not act on the state before them. A watch event older th
 resourceVersion, an etcd revision on every supported server) never replaces it.
 
 Objects are stored as the API server's JSON, less `metadata.managedFields`, kubectl's last-applied
-annotation and a pod's spec (together most of an object; the operator reads a pod's metadata and status only,
-and its own Job holds the pod template), and are returned as copies: callers may not share them across
+annotation, a pod's spec and a Job's pod template (together most of an object): the operator reads a pod's
+metadata and status only, and of a Job's spec only `suspend` and the hash of what it runs, which is computed
+once here and held as CONTENT_HASH. Objects are returned as copies: callers may not share them across
 threads.
 """
 
@@ -21,16 +22,24 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .manifests import LABEL_DPOJOB, LABEL_RUN
+from .manifests import LABEL_DPOJOB, LABEL_RUN, job_content_hash
 
 Key = tuple[str, str]
 """(namespace, name) of a DPOJob."""
 _LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
+CONTENT_HASH = "contentHash"
+"""Key of a held Job's manifests.job_content_hash (its pod template itself is not held)."""
 
 
 def slim(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A plain copy of an object without what the operator never reads."""
-    result = copy.deepcopy({k: v for k, v in body.items() if not (k == "spec" and body.get("kind") == "Pod")})
+    """A plain copy of an object without what the operator never reads (an already slim one unchanged)."""
+    kind = body.get("kind")
+    if CONTENT_HASH in body:
+        return copy.deepcopy(dict(body))
+    result = copy.deepcopy({k: v for k, v in body.items() if not (k == "spec" and kind in ("Pod", "Job"))})
+    if kind == "Job" and "spec" in body:
+        result["spec"] = {"suspend": body["spec"].get("suspend")}
+        result[CONTENT_HASH] = job_content_hash(dict(body))
     meta = result.setdefault("metadata", {})
     meta.pop("managedFields", None)
     if _LAST_APPLIED in (meta.get("annotations") or {}):
@@ -64,8 +73,9 @@ class ObjectCache:
         self._children: dict[str, dict[Key, dict[str, dict[str, Any]]]] = {"Job": {}, "Pod": {}}
 
     # --- writes: watch events (main.py, handlers.py) and write-through (reconciler) -----------------------
-    def put(self, body: Mapping[str, Any]) -> None:
-        """Hold an object (a DPOJob, or a Job or pod carrying our label) unless a newer one is held."""
+    def put(self, body: Mapping[str, Any]) -> dict[str, Any]:
+        """Hold an object (a DPOJob, or a Job or pod carrying our label) unless a newer one is held; returns
+        it as held (slimmed)."""
         obj = slim(body)
         meta = obj["metadata"]
         with self._lock:
@@ -77,6 +87,7 @@ class ObjectCache:
                 key = (meta["namespace"], meta["name"])
                 if _newer_or_same(obj, self._dpojobs.get(key)):
                     self._dpojobs[key] = obj
+        return copy.deepcopy(obj)
 
     def remove(self, kind: str, namespace: str, name: str, labels: Mapping[str, str] | None = None) -> None:
         """Forget a deleted object (a child needs its labels to be found)."""

@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from dpojob_api.spec import DPOJobSpec, describe_validation_error, legacy_spec_hash, spec_hash
 
 from . import manifests, metrics
-from .cache import Key, ObjectCache
+from .cache import CONTENT_HASH, Key, ObjectCache
 from .followers import LogFollowers
 from .health import Health
 from .kube import (
@@ -32,7 +32,7 @@ from .kube import (
 )
 from .settings import OperatorSettings
 from .status import Observed, compute_status, run_finished, transition_events, utc_from_rfc3339
-from .workqueue import Resync, Workers, WorkQueue
+from .workqueue import EventPoster, Resync, Workers, WorkQueue
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ def current_run(dpojob: dict[str, Any]) -> dict[str, Any]:
     return previous
 
 
+POD_CREATION_GRACE = timedelta(seconds=10)
 STUCK_TERMINATING = timedelta(minutes=5)
 """How long past its deletion deadline a pod is still waited for; after that its node is taken to be lost."""
 
@@ -134,9 +135,11 @@ class Reconciler:
         """Each known DPOJob's phase as last written (the dpo_operator_dpojobs gauge)."""
         self.followers = LogFollowers(kube.core, self.mark_dirty, health=health)
         self._collector = metrics.StateCollector(lambda: list(self.phases.values()), self.followers.active)
+        self.events = EventPoster(kube.post_event, health)
         self._loops = (
             Workers(queue, lambda key: self.reconcile_safely(*key), settings.workers, health),
             Resync(queue, cache, self.relist, settings.resync_seconds, health),
+            self.events,
         )
 
     def start(self) -> None:
@@ -219,9 +222,10 @@ class Reconciler:
         )
         if old.get("run") != run:
             # Record a new run before creating anything for it: its Job is named after run.generation, which
-            # must not drift if the spec changes again (or the operator dies) before the Job exists.
-            self._write_status(dpojob, old, observed)
-            return  # the status write brings this DPOJob back through its watch event
+            # must not drift if the spec changes again (or the operator dies) before the Job exists. Then go on
+            # from what the API server answered (no round trip through the watch).
+            dpojob = self._write_status(dpojob, old, observed)
+            old = dpojob.get("status") or {}
 
         job_name = manifests.run_name(name, generation, attempt)
         job = self._current_job(namespace, name, uid, job_name)
@@ -256,27 +260,43 @@ class Reconciler:
                         self._rejected[(namespace, name)] = (dpojob["metadata"]["generation"], time.monotonic(), exc)
                         observed.rejected = (exc.code, str(exc))
         observed.job = job
-        observed.job_content_hash = manifests.job_content_hash(job) if job is not None else None
+        observed.job_content_hash = job[CONTENT_HASH] if job is not None else None
         observed.pods = [p for p in pods if job is not None and owned_by(p, job["metadata"]["uid"])]
         if job is not None and not observed.pods and not finished and not (job.get("spec") or {}).get("suspend"):
-            observed.pod_creation_error = self.kube.pod_creation_error(job)
+            observed.pod_creation_error = self._pod_creation_error(job)
         self.followers.ensure(namespace, name, observed.pods)
         observed.progress = self.followers.latest_progress(namespace, observed.pods)
         self._write_status(dpojob, old, observed)
         if finished and spec is not None:
             self._expire(dpojob, spec, job)
 
-    def _write_status(self, dpojob: dict[str, Any], old: dict[str, Any], observed: Observed) -> None:
-        """Patch the status if it changed, then post the Events its transitions deserve."""
+    def _pod_creation_error(self, job: dict[str, Any]) -> str | None:
+        """Why the Job has no pod yet (its FailedCreate Event), asked of the API server only once the Job is
+        POD_CREATION_GRACE old: a new Job has no pod for a moment, and asking at once would cost every DPOJob
+        a LIST of Events. A younger Job is looked at again when the grace ends."""
+        age = datetime.now(UTC) - utc_from_rfc3339(job["metadata"]["creationTimestamp"])
+        if age < POD_CREATION_GRACE:
+            meta = job["metadata"]
+            dpojob = (meta.get("annotations") or {}).get(manifests.ANNOTATION_DPOJOB)
+            if dpojob:
+                self.queue.add_after((meta["namespace"], dpojob), (POD_CREATION_GRACE - age).total_seconds() + 0.5)
+            return None
+        return self.kube.pod_creation_error(job)
+
+    def _write_status(self, dpojob: dict[str, Any], old: dict[str, Any], observed: Observed) -> dict[str, Any]:
+        """Patch the status if it changed, then post the Events its transitions deserve. Returns the DPOJob as
+        it now is."""
         new = compute_status(old, observed).to_document()
         meta = dpojob["metadata"]
         self.phases[(meta["namespace"], meta["name"])] = new.get("phase", "Pending")
         metrics.record_rewards(meta["namespace"], meta["name"], new.get("rewards") or {})
         if patch := merge_patch(old, new):
             with metrics.STATUS_PATCH_SECONDS.time():
-                self.cache.put(self.kube.patch_status(dpojob, patch))
+                dpojob = self.kube.patch_status(dpojob, patch)
+            self.cache.put(dpojob)
             for event in transition_events(old, new):
-                self.kube.post_event(dpojob, event.type, event.reason, event.message)
+                self.events.post(dpojob, event.type, event.reason, event.message)
+        return dpojob
 
     def _create_run(self, dpojob: dict[str, Any], spec: DPOJobSpec, generation: int, attempt: int) -> dict[str, Any]:
         """ConfigMap then Job for this run; an existing one (operator restart, race) is adopted, never duplicated."""
@@ -284,7 +304,7 @@ class Reconciler:
         self.kube.create_or_adopt(manifests.build_config_map(dpojob, generation, attempt), uid)
         job_manifest = self._job_manifest(dpojob, spec, generation, attempt)
         job, created = self.kube.create_or_adopt(job_manifest, uid)
-        self.cache.put({"kind": "Job", **job})
+        job = self.cache.put({"kind": "Job", **job})
         if created:
             metrics.JOBS_CREATED.inc()
             if not (dpojob.get("status") or {}).get("runs"):  # the DPOJob's first run
@@ -292,11 +312,11 @@ class Reconciler:
                     dpojob["metadata"]["creationTimestamp"]
                 )
                 metrics.JOB_CREATION_DELAY.observe(max(delay.total_seconds(), 0.0))
-            self.kube.post_event(
+            self.events.post(
                 dpojob, "Normal", "JobCreated", f"created trainer Job {job['metadata']['name']} (run {generation})"
             )
             if manifests.queue_name(dpojob) and spec.runtime.checkpoint_volume is None:
-                self.kube.post_event(
+                self.events.post(
                     dpojob,
                     "Warning",
                     "PreemptionRestartsTraining",
@@ -332,7 +352,7 @@ class Reconciler:
             expected = manifests.job_content_hash(self._job_manifest(dpojob, spec, generation, attempt))
         else:
             return False
-        return manifests.job_content_hash(job) == expected
+        return job[CONTENT_HASH] == expected
 
     def _job_manifest(self, dpojob: dict[str, Any], spec: DPOJobSpec, generation: int, attempt: int) -> dict[str, Any]:
         return manifests.build_job(
@@ -371,6 +391,6 @@ class Reconciler:
             return
         if datetime.now(UTC) >= utc_from_rfc3339(completed) + timedelta(seconds=ttl):
             self._delete_child(job)
-            self.kube.post_event(
+            self.events.post(
                 dpojob, "Normal", "Cleaned", f"deleted trainer Job {job['metadata']['name']} after {ttl}s TTL"
             )

@@ -12,6 +12,7 @@ What runs where:
 - `Resync` (one thread) enqueues every cached DPOJob each settings.resync_seconds (TTL clean-up, retries
   after a refused child, progress of a quiet pod), and every RELIST_EVERY passes replaces the cache with a
   fresh LIST (one request per kind, not per DPOJob) so that a missed DELETED event leaves no ghost.
+- `EventPoster` (one thread) posts the Events reconciles ask for, off the reconcile's critical path.
 - Log followers (followers.py, their own event-loop thread) stream trainer pod logs and enqueue the DPOJob
   with a delay (`add_after`), so a burst of progress lines costs at most one reconcile per second.
 
@@ -23,10 +24,12 @@ from __future__ import annotations
 
 import heapq
 import logging
+import queue as stdlib_queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 from . import metrics
 from .cache import Key, ObjectCache
@@ -190,3 +193,51 @@ class Resync:
             for key in self.cache.dpojob_keys():
                 self.queue.add(key)
             self.health.beat(self.name)
+
+
+class EventPoster:
+    """Posts Kubernetes Events from one thread, in order: a reconcile only enqueues them. Events are for
+    people, so a full queue (the API server refusing them for long) drops the newest with a log line rather
+    than slowing reconciles down."""
+
+    name = "events"
+    capacity = 10_000
+
+    def __init__(self, post: Callable[[dict[str, Any], str, str, str], None], health: Health) -> None:
+        self._post, self.health = post, health
+        self._queue: stdlib_queue.Queue[tuple[dict[str, Any], str, str, str] | None] = stdlib_queue.Queue(self.capacity)
+
+    def post(self, dpojob: dict[str, Any], event_type: str, reason: str, message: str) -> None:
+        try:
+            self._queue.put_nowait(({"metadata": dict(dpojob["metadata"])}, event_type, reason, message))
+        except stdlib_queue.Full:
+            log.warning("event queue full; dropped %s %s on %s", event_type, reason, dpojob["metadata"]["name"])
+
+    def join(self) -> None:
+        """Wait until every Event enqueued so far was posted (tests)."""
+        self._queue.join()
+
+    def start(self) -> None:
+        thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self.health.register(self.name, 120.0, thread)
+        thread.start()
+
+    def stop(self) -> None:
+        self._queue.put(None)
+        self.health.unregister(self.name)
+
+    def _run(self) -> None:
+        while True:
+            self.health.beat(self.name)
+            try:
+                item = self._queue.get(timeout=_IDLE_WAKE_S)
+            except stdlib_queue.Empty:
+                continue
+            try:
+                if item is None:
+                    return
+                self._post(*item)
+            except Exception as exc:  # no connection at all (urllib3 MaxRetryError): this Event is lost
+                log.warning("could not post event %s: %s", item[2] if item else None, exc)
+            finally:
+                self._queue.task_done()

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from dpo_operator.cache import ObjectCache
-from dpo_operator.manifests import LABEL_DPOJOB, LABEL_RUN
+from dpo_operator.cache import CONTENT_HASH, ObjectCache
+from dpo_operator.manifests import LABEL_DPOJOB, LABEL_RUN, job_content_hash
 
 NS = "team-a"
 
@@ -48,9 +48,17 @@ def test_held_objects_are_slim_private_copies() -> None:
 
 def test_children_are_found_by_their_dpojob_label_and_run() -> None:
     cache = ObjectCache()
-    cache.put({**child("Job", "a-g1", "a", "5"), "spec": {"template": {}}})
+    template = {"spec": {"containers": [{"name": "trainer", "image": "trainer:1"}]}}
+    job = {**child("Job", "a-g1", "a", "5"), "spec": {"suspend": True, "template": template}}
+    cache.put(job)
     cache.put({**child("Pod", "a-g1-x", "a", "6", run=1), "spec": {"containers": []}})
-    assert "spec" in cache.jobs(NS, "a")[0] and "spec" not in cache.pods(NS, "a", 1)[0], "a pod's spec is not kept"
+    (held,) = cache.jobs(NS, "a")
+    assert held["spec"] == {"suspend": True} and held[CONTENT_HASH] == job_content_hash(job), (
+        "the hash, not the template"
+    )
+    assert "spec" not in cache.pods(NS, "a", 1)[0], "a pod's spec is not kept"
+    cache.replace_all("Job", [held], None)
+    assert cache.jobs(NS, "a") == [held], "a held object put again stays as it is"
     cache.put(child("Pod", "a-g1-x", "a", "6", run=1))
     cache.put(child("Pod", "a-g2-y", "a", "7", run=2))
     cache.put(child("Pod", "b-g1-z", "b", "8"))

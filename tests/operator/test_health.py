@@ -58,6 +58,9 @@ class FailingKube:
         self.lists = 0
         self.crash = threading.Event()
 
+    def post_event(self, *event: object) -> None:
+        """Nothing to post: no DPOJob is ever reconciled here."""
+
     def list_all(self, kind: str, namespaces: list[str]) -> tuple[list[dict], str]:
         self.lists += 1
         if self.crash.is_set():

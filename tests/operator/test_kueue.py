@@ -141,12 +141,15 @@ def settle(cluster: Cluster, reconciler: Reconciler) -> None:
     for _ in range(3):  # the first pass records the run; later passes create and observe
         cluster.feed(reconciler.cache)
         reconciler.reconcile(NS, NAME)
+    reconciler.events.join()
 
 
 def new_reconciler(cluster: Cluster) -> Reconciler:
-    return Reconciler(
+    reconciler = Reconciler(
         cluster, ObjectCache(), WorkQueue(), OperatorSettings(), Health(), ServerFeatures(job_suspend=True)
     )
+    reconciler.events.start()  # the workers stay off: the test reconciles itself
+    return reconciler
 
 
 def ready(cluster: Cluster) -> tuple[str, str]:
