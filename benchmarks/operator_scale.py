@@ -294,7 +294,7 @@ class Operator:
             "DPO_OPERATOR_LISTEN_ADDRESS": "127.0.0.1",
             "DPO_OPERATOR_PORT": str(self.port),
         }
-        self.process = OperatorProcess(kubeconfig, workdir / "operator.log", env)
+        self.process = OperatorProcess(kubeconfig, workdir / "operator.log", env, verbose=False)
 
     @property
     def pid(self) -> int:

@@ -77,15 +77,16 @@ def install(admin_kubeconfig: Path) -> None:
 class OperatorProcess:
     """`dpo-operator` as a child process (so tests can kill and restart it like a pod)."""
 
-    def __init__(self, kubeconfig: Path, log: Path, env: dict[str, str]) -> None:
-        self.kubeconfig, self.log, self.env = kubeconfig, log, env
+    def __init__(self, kubeconfig: Path, log: Path, env: dict[str, str], verbose: bool = True) -> None:
+        """verbose: debug logging (tests read it); off, as the chart's default, for measurements."""
+        self.kubeconfig, self.log, self.env, self.verbose = kubeconfig, log, env, verbose
         self.process: subprocess.Popen | None = None
 
     def start(self) -> None:
         env = {**os.environ, **self.env, "KUBECONFIG": str(self.kubeconfig)}
         with self.log.open("ab") as log:
             self.process = subprocess.Popen(
-                [str(Path(sys.executable).parent / "dpo-operator"), "--verbose"],
+                [str(Path(sys.executable).parent / "dpo-operator"), *(["--verbose"] if self.verbose else [])],
                 env=env,
                 stdout=log,
                 stderr=subprocess.STDOUT,
