@@ -1,8 +1,8 @@
 """Health and metrics endpoints: /healthz, /readyz, /metrics on one port, served from a thread of its own.
 
 Why not Kopf's liveness endpoint: a standby replica waits for the leader Lease before Kopf even starts and
-must still answer its probes, and the loops that matter (Kopf's event loop, the resync, the flusher, the
-Lease renewal) live in different threads. Each loop registers here and beats; /healthz fails, naming the
+must still answer its probes, and the loops that matter (Kopf's event loop, the workers, the resync, the log
+followers, the Lease renewal) live in different threads. Each loop registers here and beats; /healthz fails, naming the
 loop, when a loop's thread has died or it has not beaten within its allowance, so the kubelet restarts a
 replica whose background work stopped instead of leaving it green.
 """
