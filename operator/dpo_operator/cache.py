@@ -73,40 +73,23 @@ class ObjectCache:
         self._children: dict[str, dict[Key, dict[str, dict[str, Any]]]] = {"Job": {}, "Pod": {}}
 
     # --- writes: watch events (main.py, handlers.py) and write-through (reconciler) -----------------------
-    def put(self, body: Mapping[str, Any]) -> dict[str, Any]:
-        """Hold an object (a DPOJob, or a Job or pod carrying our label) unless a newer one is held; returns
-        it as held (slimmed)."""
+    def put(self, body: Mapping[str, Any]) -> None:
+        """Hold an object (a DPOJob, or a Job or pod carrying our label) unless a newer one is held."""
         obj = slim(body)
-        meta = obj["metadata"]
         with self._lock:
-            if obj.get("kind") in self._children:
-                group = self._children[obj["kind"]].setdefault(self._group(meta), {})
-                if _newer_or_same(obj, group.get(meta["name"])):
-                    group[meta["name"]] = obj
-            else:
-                key = (meta["namespace"], meta["name"])
-                if _newer_or_same(obj, self._dpojobs.get(key)):
-                    self._dpojobs[key] = obj
-        return copy.deepcopy(obj)
+            self._store(obj)
 
     def remove(self, kind: str, namespace: str, name: str, labels: Mapping[str, str] | None = None) -> None:
         """Forget a deleted object (a child needs its labels to be found)."""
         with self._lock:
-            if kind in self._children:
-                key = (namespace, (labels or {}).get(LABEL_DPOJOB, ""))
-                group = self._children[kind].get(key, {})
-                group.pop(name, None)
-                if not group:
-                    self._children[kind].pop(key, None)
-            else:
-                self._dpojobs.pop((namespace, name), None)
+            self._drop(kind, namespace, name, (labels or {}).get(LABEL_DPOJOB, ""))
 
     def replace_all(self, kind: str, items: Iterable[Mapping[str, Any]], revision: str | None) -> int:
         """Reconcile the cache with a full LIST of `kind` (for the watched namespaces): hold what it returned,
         and drop what it lacks unless that was written after the list was taken. A watch that missed a
         DELETED event (a reconnect after a compaction) would otherwise keep a ghost forever. Returns the
         number of ghosts dropped."""
-        listed = [slim(item) for item in items]
+        listed = [slim({**item, "kind": kind}) for item in items]
         cutoff = int(revision) if revision and revision.isdigit() else None
         with self._lock:
             present = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in listed}
@@ -117,10 +100,9 @@ class ObjectCache:
                 stale = cutoff is None or revision_held is None or revision_held <= cutoff
                 if (meta["namespace"], meta["name"]) not in present and stale:
                     dropped += 1
-                    self._drop(kind, obj)
-        for obj in listed:
-            obj.setdefault("kind", kind)
-            self.put(obj)
+                    self._drop(kind, meta["namespace"], meta["name"], self._group(meta)[1])
+            for obj in listed:
+                self._store(obj)
         return dropped
 
     # --- reads (reconciler, resync) -------------------------------------------------------------------------
@@ -167,13 +149,22 @@ class ObjectCache:
             return [obj for group in self._children[kind].values() for obj in group.values()]
         return list(self._dpojobs.values())
 
-    def _drop(self, kind: str, obj: Mapping[str, Any]) -> None:
+    def _store(self, obj: dict[str, Any]) -> None:
         meta = obj["metadata"]
-        if kind in self._children:
-            key = self._group(meta)
-            group = self._children[kind].get(key, {})
-            group.pop(meta["name"], None)
-            if not group:
-                self._children[kind].pop(key, None)
+        if obj.get("kind") in self._children:
+            group = self._children[obj["kind"]].setdefault(self._group(meta), {})
+            if _newer_or_same(obj, group.get(meta["name"])):
+                group[meta["name"]] = obj
         else:
-            self._dpojobs.pop((meta["namespace"], meta["name"]), None)
+            key = (meta["namespace"], meta["name"])
+            if _newer_or_same(obj, self._dpojobs.get(key)):
+                self._dpojobs[key] = obj
+
+    def _drop(self, kind: str, namespace: str, name: str, label: str) -> None:
+        if kind in self._children:
+            group = self._children[kind].get((namespace, label), {})
+            group.pop(name, None)
+            if not group:
+                self._children[kind].pop((namespace, label), None)
+        else:
+            self._dpojobs.pop((namespace, name), None)

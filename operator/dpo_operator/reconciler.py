@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from dpojob_api.spec import DPOJobSpec, describe_validation_error, legacy_spec_hash, spec_hash
 
 from . import manifests, metrics
-from .cache import CONTENT_HASH, Key, ObjectCache
+from .cache import CONTENT_HASH, Key, ObjectCache, slim
 from .followers import LogFollowers
 from .health import Health
 from .kube import (
@@ -304,7 +304,8 @@ class Reconciler:
         self.kube.create_or_adopt(manifests.build_config_map(dpojob, generation, attempt), uid)
         job_manifest = self._job_manifest(dpojob, spec, generation, attempt)
         job, created = self.kube.create_or_adopt(job_manifest, uid)
-        job = self.cache.put({"kind": "Job", **job})
+        job = slim({"kind": "Job", **job})
+        self.cache.put(job)
         if created:
             metrics.JOBS_CREATED.inc()
             if not (dpojob.get("status") or {}).get("runs"):  # the DPOJob's first run
