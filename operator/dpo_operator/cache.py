@@ -8,8 +8,8 @@ half-filled cache. The reconciler also writes through what the API server return
 the next reconcile does not act on the state before them. A watch event older than what is held (by
 resourceVersion, an etcd revision on every supported server) never replaces it.
 
-Objects are stored as the API server's JSON, less `metadata.managedFields`, kubectl's last-applied
-annotation, a pod's spec and a Job's pod template (together most of an object): the operator reads a pod's
+Objects are stored as the API server's JSON (not copied: see slim), less `metadata.managedFields`, kubectl's
+last-applied annotation, a pod's spec and a Job's pod template (together most of an object): the operator reads a pod's
 metadata and status only, and of a Job's spec only `suspend` and the hash of what it runs, which is computed
 once here and held as CONTENT_HASH. Objects are returned as copies: callers may not share them across
 threads.
@@ -32,18 +32,19 @@ CONTENT_HASH = "contentHash"
 
 
 def slim(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A plain copy of an object without what the operator never reads (an already slim one unchanged)."""
+    """The object without what the operator never reads. Shallow: it shares the rest with `body`, which nobody
+    may modify afterwards (a watch event's body is parsed for this call alone; the reconciler hands over what
+    the API server answered). The cache never modifies what it holds and returns deep copies."""
     kind = body.get("kind")
-    if CONTENT_HASH in body:
-        return copy.deepcopy(dict(body))
-    result = copy.deepcopy({k: v for k, v in body.items() if not (k == "spec" and kind in ("Pod", "Job"))})
-    if kind == "Job" and "spec" in body:
+    already_slim = CONTENT_HASH in body
+    result = {k: v for k, v in body.items() if not (k == "spec" and kind in ("Pod", "Job") and not already_slim)}
+    if kind == "Job" and "spec" in body and not already_slim:
         result["spec"] = {"suspend": body["spec"].get("suspend")}
         result[CONTENT_HASH] = job_content_hash(dict(body))
-    meta = result.setdefault("metadata", {})
-    meta.pop("managedFields", None)
+    meta = {k: v for k, v in (body.get("metadata") or {}).items() if k != "managedFields"}
     if _LAST_APPLIED in (meta.get("annotations") or {}):
         meta["annotations"] = {k: v for k, v in meta["annotations"].items() if k != _LAST_APPLIED}
+    result["metadata"] = meta
     return result
 
 

@@ -112,9 +112,10 @@ class Kube:
         """Merge-patch the status subresource, conditional on the resourceVersion we computed from (409 if stale)."""
         meta = dpojob["metadata"]
         body = {"metadata": {"resourceVersion": meta["resourceVersion"]}, "status": patch}
-        return self.custom.patch_namespaced_custom_object_status(
-            API_GROUP, API_VERSION, meta["namespace"], PLURAL, meta["name"], body
+        response = self.custom.patch_namespaced_custom_object_status(
+            API_GROUP, API_VERSION, meta["namespace"], PLURAL, meta["name"], body, _preload_content=False
         )
+        return _json(response)
 
     def list_all(self, kind: str, namespaces: list[str]) -> tuple[list[dict[str, Any]], str | None]:
         """Every DPOJob, or every Job or pod managed by the operator, in the given namespaces (all when empty:
@@ -203,27 +204,27 @@ class Kube:
     def post_event(self, dpojob: dict[str, Any], event_type: str, reason: str, message: str) -> None:
         """A core/v1 Event on the DPOJob (kubectl describe shows it). Failures are logged, not raised."""
         meta = dpojob["metadata"]
-        now = datetime.now(UTC)
-        body = client.CoreV1Event(
-            metadata=client.V1ObjectMeta(generate_name=f"{meta['name']}.", namespace=meta["namespace"]),
-            involved_object=client.V1ObjectReference(
-                api_version=f"{API_GROUP}/{API_VERSION}",
-                kind=KIND,
-                name=meta["name"],
-                namespace=meta["namespace"],
-                uid=meta["uid"],
-            ),
-            type=event_type,
-            reason=reason,
-            message=message[:1024],
-            source=client.V1EventSource(component="dpo-operator"),
-            reporting_component="dpo-operator",
-            reporting_instance=self.instance,
-            first_timestamp=now,
-            last_timestamp=now,
-            count=1,
-        )
+        now = datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        body = {
+            "metadata": {"generateName": f"{meta['name']}.", "namespace": meta["namespace"]},
+            "involvedObject": {
+                "apiVersion": f"{API_GROUP}/{API_VERSION}",
+                "kind": KIND,
+                "name": meta["name"],
+                "namespace": meta["namespace"],
+                "uid": meta["uid"],
+            },
+            "type": event_type,
+            "reason": reason,
+            "message": message[:1024],
+            "source": {"component": "dpo-operator"},
+            "reportingComponent": "dpo-operator",
+            "reportingInstance": self.instance,
+            "firstTimestamp": now,
+            "lastTimestamp": now,
+            "count": 1,
+        }
         try:
-            self.core.create_namespaced_event(meta["namespace"], body)
+            self.core.create_namespaced_event(meta["namespace"], body, _preload_content=False).drain_conn()
         except ApiException as exc:
             log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc.reason)

@@ -94,7 +94,12 @@ def cli() -> None:
         sys.exit(f"dpo-operator: {exc}")
     if args.namespace:
         settings.namespaces = args.namespace
-    kopf.configure(verbose=args.verbose or settings.verbose)
+    verbose = args.verbose or settings.verbose
+    kopf.configure(verbose=verbose)
+    if not verbose:
+        # Kopf logs "Handler … succeeded" at INFO for every watch event (a sixth of its CPU at 1,000 DPOJobs);
+        # its warnings and errors still show.
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     status = health.Health()
     health.serve(status, settings.listen_address, settings.port)
     log.info("credentials: %s", load_cluster_credentials())

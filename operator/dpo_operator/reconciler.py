@@ -135,7 +135,7 @@ class Reconciler:
         """Each known DPOJob's phase as last written (the dpo_operator_dpojobs gauge)."""
         self.followers = LogFollowers(kube.core, self.mark_dirty, health=health)
         self._collector = metrics.StateCollector(lambda: list(self.phases.values()), self.followers.active)
-        self.events = EventPoster(kube.post_event, health)
+        self.events = EventPoster(kube.post_event, health, busy=queue.urgent_waiting)
         self._loops = (
             Workers(queue, lambda key: self.reconcile_safely(*key), settings.workers, health),
             Resync(queue, cache, self.relist, settings.resync_seconds, health),
@@ -220,10 +220,12 @@ class Reconciler:
             spec_error=error,
             suspended=bool(spec and spec.suspend) and not finished,
         )
-        if old.get("run") != run:
-            # Record a new run before creating anything for it: its Job is named after run.generation, which
-            # must not drift if the spec changes again (or the operator dies) before the Job exists. Then go on
-            # from what the API server answered (no round trip through the watch).
+        if old.get("run") and old.get("run") != run:
+            # Record a run that replaces another before creating anything for it: its Job is named after
+            # run.generation, which must not drift if the spec changes again (or the operator dies) before the Job
+            # exists. Then go on from what the API server answered (no round trip through the watch). A first
+            # run is recorded with its Job, in one write: should the operator die in between and the spec change
+            # meanwhile, the next reconcile supersedes that Job, which had run for moments at most.
             dpojob = self._write_status(dpojob, old, observed)
             old = dpojob.get("status") or {}
 

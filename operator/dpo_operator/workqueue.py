@@ -12,7 +12,8 @@ What runs where:
 - `Resync` (one thread) enqueues every cached DPOJob each settings.resync_seconds (TTL clean-up, retries
   after a refused child, progress of a quiet pod), and every RELIST_EVERY passes replaces the cache with a
   fresh LIST (one request per kind, not per DPOJob) so that a missed DELETED event leaves no ghost.
-- `EventPoster` (one thread) posts the Events reconciles ask for, off the reconcile's critical path.
+- `EventPoster` (one thread) posts the Events reconciles ask for, off the reconcile's critical path, and
+  after the urgent work (WorkQueue's urgent lane: DPOJobs whose spec was not acted on yet).
 - Log followers (followers.py, their own event-loop thread) stream trainer pod logs and enqueue the DPOJob
   with a delay (`add_after`), so a burst of progress lines costs at most one reconcile per second.
 
@@ -40,23 +41,30 @@ _IDLE_WAKE_S = 5.0
 
 
 class WorkQueue:
-    """Keys to reconcile: deduplicated while waiting, exclusive while processed, optionally delayed.
+    """Keys to reconcile: deduplicated while waiting, exclusive while processed, optionally delayed, in two
+    lanes.
 
     The same contract as client-go's workqueue: get() marks a key processing until done(key); an add during
-    processing is remembered and re-queued by done()."""
+    processing is remembered and re-queued by done(). Keys added `urgent` (a DPOJob whose spec the operator has
+    not acted on yet: a new one, a changed one) are handed out before the others (status refreshes from Job
+    and pod events, progress lines, resync), so a burst of status work never delays the start of a training
+    run, and Events wait for them too (EventPoster)."""
 
     def __init__(self) -> None:
         self._cond = threading.Condition()
+        self._urgent: deque[Key] = deque()
         self._ready: deque[Key] = deque()
-        self._waiting: set[Key] = set()
+        self._waiting: dict[Key, bool] = {}
+        """Waiting keys → urgent. A key moved to the urgent lane stays in the other deque too; get() skips
+        what is no longer waiting."""
         self._processing: set[Key] = set()
-        self._again: set[Key] = set()
+        self._again: dict[Key, bool] = {}
         self._delayed: list[tuple[float, Key]] = []
         self._shut_down = False
 
-    def add(self, key: Key) -> None:
+    def add(self, key: Key, urgent: bool = False) -> None:
         with self._cond:
-            self._add_locked(key)
+            self._add_locked(key, urgent)
 
     def add_after(self, key: Key, delay: float) -> None:
         """Add the key `delay` seconds from now (a key already waiting is not delayed further)."""
@@ -73,12 +81,13 @@ class WorkQueue:
             while not self._shut_down:
                 now = time.monotonic()
                 while self._delayed and self._delayed[0][0] <= now:
-                    self._add_locked(heapq.heappop(self._delayed)[1])
-                if self._ready:
-                    key = self._ready.popleft()
-                    self._waiting.discard(key)
-                    self._processing.add(key)
-                    return key
+                    self._add_locked(heapq.heappop(self._delayed)[1], False)
+                for lane in (self._urgent, self._ready):
+                    while lane:
+                        key = lane.popleft()
+                        if self._waiting.pop(key, None) is not None:
+                            self._processing.add(key)
+                            return key
                 wake = min([deadline] + [due for due, _ in self._delayed[:1]])
                 if now >= deadline:
                     return None
@@ -89,8 +98,7 @@ class WorkQueue:
         with self._cond:
             self._processing.discard(key)
             if key in self._again:
-                self._again.discard(key)
-                self._add_locked(key)
+                self._add_locked(key, self._again.pop(key))
 
     @property
     def closed(self) -> bool:
@@ -98,21 +106,26 @@ class WorkQueue:
 
     def depth(self) -> int:
         with self._cond:
-            return len(self._ready)
+            return len(self._waiting)
+
+    def urgent_waiting(self) -> bool:
+        """Whether a DPOJob waits for its spec to be acted on."""
+        with self._cond:
+            return any(self._waiting.get(key) for key in self._urgent)
 
     def shut_down(self) -> None:
         with self._cond:
             self._shut_down = True
             self._cond.notify_all()
 
-    def _add_locked(self, key: Key) -> None:
+    def _add_locked(self, key: Key, urgent: bool) -> None:
         if self._shut_down:
             return
         if key in self._processing:
-            self._again.add(key)
-        elif key not in self._waiting:
-            self._waiting.add(key)
-            self._ready.append(key)
+            self._again[key] = self._again.get(key, False) or urgent
+        elif key not in self._waiting or (urgent and not self._waiting[key]):
+            self._waiting[key] = urgent
+            (self._urgent if urgent else self._ready).append(key)
             self._cond.notify()
 
 
@@ -197,19 +210,30 @@ class Resync:
 
 class EventPoster:
     """Posts Kubernetes Events from one thread, in order: a reconcile only enqueues them. Events are for
-    people, so a full queue (the API server refusing them for long) drops the newest with a log line rather
-    than slowing reconciles down."""
+    people: they wait while DPOJobs wait for their spec to be acted on (`busy`, at most MAX_DEFER_S), and a
+    full queue (the API server refusing them for long) drops the newest with a log line rather than slowing
+    reconciles down."""
 
     name = "events"
     capacity = 10_000
+    MAX_DEFER_S = 30.0
 
-    def __init__(self, post: Callable[[dict[str, Any], str, str, str], None], health: Health) -> None:
-        self._post, self.health = post, health
-        self._queue: stdlib_queue.Queue[tuple[dict[str, Any], str, str, str] | None] = stdlib_queue.Queue(self.capacity)
+    def __init__(
+        self,
+        post: Callable[[dict[str, Any], str, str, str], None],
+        health: Health,
+        busy: Callable[[], bool] = lambda: False,
+    ) -> None:
+        self._post, self.health, self._busy = post, health, busy
+        self._queue: stdlib_queue.Queue[tuple[float, tuple[dict[str, Any], str, str, str]] | None] = stdlib_queue.Queue(
+            self.capacity
+        )
+        self._stopped = threading.Event()
 
     def post(self, dpojob: dict[str, Any], event_type: str, reason: str, message: str) -> None:
         try:
-            self._queue.put_nowait(({"metadata": dict(dpojob["metadata"])}, event_type, reason, message))
+            item = ({"metadata": dict(dpojob["metadata"])}, event_type, reason, message)
+            self._queue.put_nowait((time.monotonic(), item))
         except stdlib_queue.Full:
             log.warning("event queue full; dropped %s %s on %s", event_type, reason, dpojob["metadata"]["name"])
 
@@ -223,6 +247,7 @@ class EventPoster:
         thread.start()
 
     def stop(self) -> None:
+        self._stopped.set()
         self._queue.put(None)
         self.health.unregister(self.name)
 
@@ -230,14 +255,19 @@ class EventPoster:
         while True:
             self.health.beat(self.name)
             try:
-                item = self._queue.get(timeout=_IDLE_WAKE_S)
+                entry = self._queue.get(timeout=_IDLE_WAKE_S)
             except stdlib_queue.Empty:
                 continue
             try:
-                if item is None:
+                if entry is None:
                     return
+                enqueued, item = entry
+                while self._busy() and time.monotonic() - enqueued < self.MAX_DEFER_S:
+                    if self._stopped.wait(0.2):
+                        return
+                    self.health.beat(self.name)
                 self._post(*item)
             except Exception as exc:  # no connection at all (urllib3 MaxRetryError): this Event is lost
-                log.warning("could not post event %s: %s", item[2] if item else None, exc)
+                log.warning("could not post event %s: %s", entry[1][2] if entry else None, exc)
             finally:
                 self._queue.task_done()

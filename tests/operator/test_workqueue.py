@@ -7,7 +7,7 @@ import threading
 import time
 
 from dpo_operator.health import Health
-from dpo_operator.workqueue import Workers, WorkQueue
+from dpo_operator.workqueue import EventPoster, Workers, WorkQueue
 
 A, B = ("ns", "a"), ("ns", "b")
 
@@ -73,3 +73,45 @@ def test_workers_never_reconcile_one_key_concurrently() -> None:
     assert calls and not any(overlaps)
     assert len(calls) < 100, "adds coalesced"
     assert health.problems() == []
+
+
+def test_urgent_keys_go_first_and_a_waiting_key_can_become_urgent() -> None:
+    C = ("ns", "c")
+    queue = WorkQueue()
+    queue.add(A)
+    queue.add(B)
+    queue.add(C, urgent=True)
+    queue.add(B, urgent=True)
+    assert queue.urgent_waiting()
+    assert [queue.get(timeout=1) for _ in range(2)] == [C, B], "urgent lane first, B moved there"
+    assert not queue.urgent_waiting()
+    assert queue.get(timeout=1) == A
+    assert queue.get(timeout=0.05) is None, "B was handed out once, not again from the other lane"
+    assert queue.depth() == 0
+    queue.add(A, urgent=True)
+    queue.done(A)
+    assert queue.urgent_waiting(), "urgency of an add during processing is kept"
+    assert queue.get(timeout=1) == A
+
+
+def test_events_wait_for_urgent_work_at_most_max_defer() -> None:
+    posted: list[tuple[str, float]] = []
+    busy = threading.Event()
+    busy.set()
+    poster = EventPoster(lambda _d, _t, reason, _m: posted.append((reason, time.monotonic())), Health(), busy.is_set)
+    poster.MAX_DEFER_S = 0.6
+    poster.start()
+    try:
+        dpojob = {"metadata": {"name": "a", "namespace": "ns"}}
+        started = time.monotonic()
+        poster.post(dpojob, "Normal", "Deferred", "m")
+        time.sleep(0.3)
+        assert posted == [], "urgent work waits: the Event waits too"
+        poster.join()
+        assert posted[0][0] == "Deferred" and posted[0][1] - started >= 0.55, "posted once MAX_DEFER_S passed"
+        busy.clear()
+        poster.post(dpojob, "Normal", "Prompt", "m")
+        poster.join()
+        assert posted[1][0] == "Prompt" and posted[1][1] - posted[0][1] < 0.5
+    finally:
+        poster.stop()
