@@ -5,8 +5,12 @@ writes, what it costs in memory and API requests, and how fast trainer metrics r
 
 (`--count 50 --running 30` takes about 2 minutes on a 2-core machine.) On the local control plane
 (dpo_dev.cluster.LocalCluster), with the operator as a local process under its ServiceAccount (resync as the
-chart's default, 30 s) and its API traffic through a counting proxy (dpo_dev.api_proxy, in a process of its own;
---no-proxy for timings without it):
+chart's default, 30 s) talking straight to the API server, as the baseline's client does. The operator's
+requests are counted from the API server's audit log (LocalCluster(audit_users=...)): only the operator's user
+(system:serviceaccount:<its namespace>:<its account>) is audited, at level Metadata, so nothing stands between
+the operator and the API server and the baseline's requests cost nothing extra. They are named as
+dpo_dev.api_proxy names them ("PATCH dpojobs/status", "WATCH pods", "GET pods/log", "GET /version"); a watch or
+a log stream counts once, when it opens, any other request when it completes.
 
 1. baseline: before the operator starts, a bare kubernetes client writes what the operator writes per DPOJob,
    the DPOJob, its ConfigMap and its Job (built by dpo_operator.manifests), from --threads threads; time for N.
@@ -14,9 +18,9 @@ chart's default, 30 s) and its API traffic through a counting proxy (dpo_dev.api
 2. operator: the same threaded client creates N DPOJobs only. Measured: first DPOJob submitted -> last trainer
    Job exists (a watch in this process), and its ratio to (1); per DPOJob the delay DPOJob -> Job from the
    server's creationTimestamps (1 s resolution) and from this process's watch arrival times (sub-second); the
-   operator's RSS (VmRSS, VmHWM) and CPU time; its API requests per DPOJob by verb and resource, up to the last
-   Job and up to quiescence (nothing but open watches/log streams for --quiet-seconds). The trainer pods ask for
-   a GPU and stay Pending: no node has one.
+   operator's RSS (VmRSS, VmHWM) and CPU time; its API requests per DPOJob by verb and resource (the audit
+   log), up to the last Job and up to quiescence (no request but watches/log streams for --quiet-seconds).
+   The trainer pods ask for a GPU and stay Pending: no node has one.
 3. metric lag (--running M > 0): a simulated node (dpo_dev.nodesim, simulate mode) runs the pods of M more
    DPOJobs forever, and this process appends a progress line to each pod's container log (the simulator's
    LogFile of that container) every --line-interval seconds, staggered, as the trainer's stdout would:
@@ -27,8 +31,9 @@ chart's default, 30 s) and its API traffic through a counting proxy (dpo_dev.api
    p50/p95/max over the lines written in a --lag-seconds window that starts once every DPOJob's status shows
    its first line.
 
-Prints a Markdown table and writes every number as JSON (--json). Everything it starts (operator, proxy,
-simulator, control plane) is stopped at the end, also on failure (its work dir is then kept for the logs).
+Prints a Markdown table and writes every number as JSON (--json). Everything it starts (operator, simulator,
+control plane) is stopped at the end, also on failure (its work dir, with the logs and the audit log, is then
+kept).
 """
 
 from __future__ import annotations
@@ -45,15 +50,16 @@ import tempfile
 import threading
 import time
 import urllib.request
+from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from kubernetes import client, config
 from kubernetes.watch.watch import iter_resp_lines
 
-from dpo_dev.api_proxy import ApiProxyProcess, upstream_of
 from dpo_dev.cluster import LocalCluster, write_sa_kubeconfig
 from dpo_dev.nodesim import RUN_FOREVER, NodeSimulator, NodeSpec
 from dpo_dev.stack import OPERATOR_ACCOUNT, OPERATOR_NAMESPACE, OperatorProcess, install, kubectl
@@ -63,8 +69,13 @@ from dpojob_api.spec import API_GROUP, API_VERSION, PLURAL, DPOJobSpec
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASELINE_NS, OPERATOR_NS, LAG_NS = "bench-baseline", "bench-operator", "bench-lag"
 TOTAL_STEPS = 1_000_000
+OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}"
+"""Who the API server sees when the operator (under its ServiceAccount's token) calls: the one audited user."""
 STREAMS = ("WATCH", "GET pods/log")
 """Long-lived requests: counted when opened, and not activity for the quiescence test."""
+AUDIT_VERBS = {"create": "POST", "update": "PUT", "patch": "PATCH"}
+"""Audit verbs named by their HTTP method, as the proxy names them; the others (get, list, watch, delete,
+deletecollection, and a non-resource request's method) are upper-cased."""
 
 
 # --- small helpers ----------------------------------------------------------------------------------------
@@ -276,18 +287,87 @@ class FirstSeen:
                 self.times.setdefault(obj["metadata"]["name"], arrived)
 
 
-# --- the operator, behind the proxy ---------------------------------------------------------------------------
+# --- the operator's requests, from the audit log ------------------------------------------------------------
+
+
+def audit_key(event: dict[str, Any]) -> str:
+    """An audit event's request as dpo_dev.api_proxy counts it: "VERB resource[/subresource]" (no group, no
+    namespace: "PATCH dpojobs/status", "WATCH jobs", "GET pods/log"), a non-resource URL by its path
+    ("GET /version", "GET /apis/dpo.dev/v1")."""
+    ref = event.get("objectRef") or {}
+    verb = event["verb"]
+    if not ref.get("resource"):
+        path = urlsplit(event["requestURI"]).path
+        return f"{verb.upper()} /" + "/".join(part for part in path.split("/") if part)
+    resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
+    return f"{AUDIT_VERBS.get(verb, verb.upper())} {resource}"
+
+
+class AuditCounter:
+    """Requests by "VERB resource", from the JSON lines the API server appended to its audit log since the last
+    read; the interface of dpo_dev.api_proxy's counters (counts, reset).
+
+    A long-running request logs an event when it opens (a watch its RequestReceived, a log stream its
+    ResponseStarted: see LocalCluster.audit_log) and ResponseComplete when it ends: it is counted once, when it
+    opens (as the proxy counts it on arrival). Any other request logs only ResponseComplete, and counts then.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._offset = 0
+        self._partial = b""
+        self._open: set[str] = set()  # auditIDs of long-running requests counted when they opened
+        self._requests: Counter[str] = Counter()
+        self._lock = threading.Lock()
+
+    def _read(self) -> None:
+        try:
+            with self.path.open("rb") as log:
+                log.seek(self._offset)
+                data = log.read()
+        except FileNotFoundError:  # the API server creates it with its first event
+            return
+        self._offset += len(data)
+        *lines, self._partial = (self._partial + data).split(b"\n")
+        for line in lines:
+            if line.strip():
+                self._event(json.loads(line))
+
+    def _event(self, event: dict[str, Any]) -> None:
+        stage, audit_id = event.get("stage"), event.get("auditID", "")
+        if audit_id in self._open:  # a later stage of a watch/log stream counted when it opened
+            if stage in ("ResponseComplete", "Panic"):
+                self._open.discard(audit_id)
+            return
+        if stage in ("RequestReceived", "ResponseStarted"):
+            self._open.add(audit_id)
+        elif stage not in ("ResponseComplete", "Panic"):
+            return
+        self._requests[audit_key(event)] += 1
+
+    def counts(self) -> dict[str, int]:
+        """Requests so far by "VERB resource", most frequent first."""
+        with self._lock:
+            self._read()
+            return dict(self._requests.most_common())
+
+    def reset(self) -> dict[str, int]:
+        """The counts so far; counting starts again from zero."""
+        with self._lock:
+            self._read()
+            counts = dict(self._requests.most_common())
+            self._requests.clear()
+            return counts
+
+
+# --- the operator ------------------------------------------------------------------------------------------------
 
 
 class Operator:
-    def __init__(self, admin: Path, workdir: Path, use_proxy: bool, resync_seconds: float) -> None:
+    def __init__(self, admin: Path, workdir: Path, audit_log: Path, resync_seconds: float) -> None:
         self.workdir = workdir
         kubeconfig = write_sa_kubeconfig(admin, OPERATOR_NAMESPACE, OPERATOR_ACCOUNT, workdir / "operator.kubeconfig")
-        self.proxy: ApiProxyProcess | None = None
-        if use_proxy:
-            upstream = upstream_of(kubeconfig, workdir / "apiserver-ca.crt")
-            self.proxy = ApiProxyProcess(upstream, workdir / "apiserver-ca.crt", workdir / "proxy").start()
-            kubeconfig = self.proxy.kubeconfig(kubeconfig, workdir / "operator-via-proxy.kubeconfig")
+        self.requests = AuditCounter(audit_log)
         self.port = free_port()
         env = {
             "DPO_OPERATOR_RESYNC_SECONDS": str(resync_seconds),
@@ -319,22 +399,15 @@ class Operator:
 
     def stop(self) -> None:
         self.process.stop()
-        if self.proxy is not None:
-            self.proxy.stop()
-
-    def proxy_cpu(self) -> float | None:
-        """CPU time of the proxy process so far (its own cost on this machine, not the operator's)."""
-        process = self.proxy.process if self.proxy else None
-        return cpu_seconds(process.pid) if process is not None else None
 
     def memory(self) -> dict[str, float]:
         return proc_status(self.pid)
 
     def counts(self) -> dict[str, int]:
-        return self.proxy.counts() if self.proxy else {}
+        return self.requests.counts()
 
     def reset(self) -> dict[str, int]:
-        return self.proxy.reset() if self.proxy else {}
+        return self.requests.reset()
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.process.logs().splitlines()[-lines:])
@@ -356,7 +429,7 @@ def active_requests(counts: dict[str, int]) -> int:
 
 
 def wait_quiet(operator: Operator, watchers: list[Watcher], quiet: float, timeout: float) -> float:
-    """Until neither the proxy counts a request (other than watches/log streams) nor a watch sees an event for
+    """Until neither the audit log shows a request (other than watches/log streams) nor a watch sees an event for
     `quiet` seconds; returns when the last activity was (monotonic)."""
     deadline = time.monotonic() + timeout
     last_count, last_change = active_requests(operator.counts()), time.monotonic()
@@ -396,7 +469,7 @@ def measure_operator(admin: Path, operator: Operator, count: int, threads: int, 
         watcher.start()
         watcher.listed.wait(30)
     expected = {manifests.run_name(f"job-{i}", 1): f"job-{i}" for i in range(count)}
-    cpu_before, proxy_cpu_before = cpu_seconds(operator.pid), operator.proxy_cpu()
+    cpu_before = cpu_seconds(operator.pid)
     operator.reset()
     start, submit = run_parallel(admin, threads, count, create_dpojob(OPERATOR_NS))
     print(f"operator: {count} DPOJobs submitted in {submit:.2f}s", flush=True)
@@ -416,7 +489,6 @@ def measure_operator(admin: Path, operator: Operator, count: int, threads: int, 
     print(f"operator: last Job seen {elapsed:.2f}s after the first DPOJob was submitted", flush=True)
     quiet_at = wait_quiet(operator, watchers, args.quiet_seconds, timeout=args.timeout)
     to_quiet = {"counts": operator.counts(), "memory": operator.memory(), "cpu": cpu_seconds(operator.pid)}
-    proxy_cpu = operator.proxy_cpu()
     for watcher in watchers:
         watcher.stopping.set()
 
@@ -443,7 +515,6 @@ def measure_operator(admin: Path, operator: Operator, count: int, threads: int, 
         "rss_mib_settled": to_quiet["memory"],
         "cpu_seconds_to_last_job": round(at_last_job["cpu"] - cpu_before, 2),
         "cpu_seconds_to_settled": round(to_quiet["cpu"] - cpu_before, 2),
-        "proxy_cpu_seconds_to_settled": round(proxy_cpu - proxy_cpu_before, 2) if proxy_cpu is not None else None,
         "requests_to_last_job": requests_summary(at_last_job["counts"], count),
         "requests_to_settled": requests_summary(to_quiet["counts"], count),
     }
@@ -558,7 +629,7 @@ def measure_lag(admin: Path, operator: Operator, workdir: Path, running: int, ar
                 time.sleep(0.2)
             warmup = time.monotonic() - feeding_since
             print(f"lag: every status shows progress {warmup:.1f}s after the first line; measuring", flush=True)
-            operator.reset()
+            before_window = operator.reset()  # the phase so far: the pods' log streams opened, the first lines
             cpu_before = cpu_seconds(operator.pid)
             window_start = time.monotonic()
             time.sleep(args.lag_seconds)
@@ -599,6 +670,7 @@ def measure_lag(admin: Path, operator: Operator, workdir: Path, running: int, ar
             sum(v for k, v in window_counts.items() if not k.startswith("WATCH")) / seconds, 1
         ),
         "requests_in_window": window_counts,
+        "requests_before_window": before_window,
     }
 
 
@@ -653,26 +725,24 @@ def table(results: dict[str, Any]) -> str:
             "≤ 100 MiB at 1,000",
         ),
         (
-            "operator CPU time: to the last Job / to settled (the counting proxy's own)",
-            f"{fmt(op['cpu_seconds_to_last_job'])} / {fmt(op['cpu_seconds_to_settled'])}"
-            f" ({fmt(op['proxy_cpu_seconds_to_settled'])})",
+            "operator CPU time: to the last Job / to settled",
+            f"{fmt(op['cpu_seconds_to_last_job'])} / {fmt(op['cpu_seconds_to_settled'])}",
             "—",
         ),
     ]
-    if results["config"]["proxy"]:
-        last, settled = op["requests_to_last_job"], op["requests_to_settled"]
-        rows.append(
-            (
-                f"API requests per DPOJob: to the last Job / settled (quiet from {fmt(op['settled_after_seconds'])})",
-                f"{last['per_dpojob']:g} / **{settled['per_dpojob']:g}** (+ {settled['watches_opened']} watches)",
-                "—",
-            )
+    last, settled = op["requests_to_last_job"], op["requests_to_settled"]
+    rows.append(
+        (
+            f"API requests per DPOJob: to the last Job / settled (quiet from {fmt(op['settled_after_seconds'])})",
+            f"{last['per_dpojob']:g} / **{settled['per_dpojob']:g}** (+ {settled['watches_opened']} watches)",
+            "—",
         )
-        for name, per in settled["per_dpojob_by_verb_resource"].items():
-            if not name.startswith("WATCH"):
-                rows.append(
-                    (f"  {name}", f"{per:g} (to the last Job {last['per_dpojob_by_verb_resource'].get(name, 0):g})", "")
-                )
+    )
+    for name, per in settled["per_dpojob_by_verb_resource"].items():
+        if not name.startswith("WATCH"):
+            rows.append(
+                (f"  {name}", f"{per:g} (to the last Job {last['per_dpojob_by_verb_resource'].get(name, 0):g})", "")
+            )
     lag = results.get("lag")
     if lag:
         lags = lag["lag_seconds"]
@@ -706,7 +776,6 @@ def main() -> None:
     parser.add_argument("--quiet-seconds", type=float, default=5.0, help="idle this long = the operator settled")
     parser.add_argument("--resync-seconds", type=float, default=30.0, help="the operator's resync (chart default)")
     parser.add_argument("--timeout", type=float, help="per phase (default: 300 s + 1 s per DPOJob)")
-    parser.add_argument("--no-proxy", action="store_true", help="operator straight to the API server (no counts)")
     parser.add_argument("--json", type=Path, help="results file (default: out/operator_scale-<count>.json)")
     args = parser.parse_args()
     args.timeout = args.timeout or 300.0 + args.count + args.running
@@ -721,23 +790,26 @@ def main() -> None:
             "line_interval_seconds": args.line_interval,
             "lag_window_seconds": args.lag_seconds,
             "resync_seconds": args.resync_seconds,
-            "proxy": not args.no_proxy,
+            "requests_counted_by": f"kube-apiserver audit log of {OPERATOR_USER}",
             "cpus": os.cpu_count(),
             "loadavg_at_start": loadavg(),
             "date": datetime.now().isoformat(timespec="seconds"),
         }
     }
     try:
-        with LocalCluster(workdir / "cluster") as cluster:
+        with LocalCluster(workdir / "cluster", audit_users=[OPERATOR_USER]) as cluster:
             admin = cluster.kubeconfig
             install(admin)
             results["baseline"] = measure_baseline(admin, args.count, args.threads)
-            operator = Operator(admin, workdir, not args.no_proxy, args.resync_seconds)
+            assert cluster.audit_log is not None
+            operator = Operator(admin, workdir, cluster.audit_log, args.resync_seconds)
             try:
                 operator.start()
                 time.sleep(5)  # Kopf's watches open; its idle footprint is the first figure
                 results["operator_idle_rss_mib"] = operator.memory()
                 results["startup_requests"] = operator.reset()
+                if not results["startup_requests"]:
+                    raise RuntimeError(f"{cluster.audit_log} shows no request of {OPERATOR_USER}")
                 results["operator"] = measure_operator(admin, operator, args.count, args.threads, args)
                 results["ratio_operator_to_baseline"] = round(
                     results["operator"]["first_submit_to_last_job_seconds"] / results["baseline"]["seconds"], 2
@@ -751,7 +823,7 @@ def main() -> None:
             finally:
                 operator.stop()
     except BaseException:
-        print(f"failed; the logs (operator, proxy, control plane) are kept in {workdir}")
+        print(f"failed; the logs (operator, control plane, audit log) are kept in {workdir}")
         raise
     shutil.rmtree(workdir, ignore_errors=True)
     results["config"]["loadavg_at_end"] = loadavg()
