@@ -272,18 +272,18 @@ class LogFollowers:
 
     def __init__(
         self,
-        core: Any,
+        api: Any,
         mark_dirty: Callable[[str, str], None],
         *,
         max_streams: int = DEFAULT_MAX_STREAMS,
         health: Health | None = None,
         configuration: client.Configuration | None = None,
     ) -> None:
-        """`configuration`: the credentials; by default those of `core`'s ApiClient (a CoreV1Api), else the
-        kubernetes client's default Configuration (what main.py loaded: in-cluster or a kubeconfig)."""
+        """`configuration`: the credentials; by default those of `api`'s ApiClient (the reconciler's Kube), else
+        the kubernetes client's default Configuration (what main.py loaded: in-cluster or a kubeconfig)."""
         if max_streams < 1:
             raise ValueError("max_streams must be at least 1")
-        self.core = core
+        self.api = api
         self.mark_dirty = mark_dirty
         self.max_streams = max_streams
         self.health = health
@@ -415,7 +415,7 @@ class LogFollowers:
 
     async def _main(self, runtime: _Runtime, ready: threading.Event) -> None:
         """Connect (on this loop), then beat until stop_all."""
-        configuration = self._configuration or _configuration_of(self.core)
+        configuration = self._configuration or _configuration_of(self.api)
         stopping = runtime.stopping = asyncio.Event()
         runtime.api = _Api(configuration, self.max_streams, self.connect_timeout, self.read_timeout)
         ready.set()
@@ -520,9 +520,9 @@ class LogFollowers:
         return any(s.get("name") == CONTAINER and (s.get("state") or {}).get("terminated") for s in statuses)
 
 
-def _configuration_of(core: Any) -> client.Configuration:
+def _configuration_of(api: Any) -> client.Configuration:
     """A private copy of the credentials the kubernetes client uses (its refresh hook keeps working)."""
-    configuration = getattr(getattr(core, "api_client", None), "configuration", None)
+    configuration = getattr(getattr(api, "api_client", None), "configuration", None)
     if isinstance(configuration, client.Configuration):
         return copy.deepcopy(configuration)
     return client.Configuration.get_default_copy()

@@ -133,7 +133,7 @@ class Reconciler:
         policy: the cluster may change) at most once per resync period."""
         self.phases: dict[Key, str] = {}
         """Each known DPOJob's phase as last written (the dpo_operator_dpojobs gauge)."""
-        self.followers = LogFollowers(kube.core, self.mark_dirty, health=health)
+        self.followers = LogFollowers(kube, self.mark_dirty, health=health)
         self._collector = metrics.StateCollector(lambda: list(self.phases.values()), self.followers.active)
         self.events = EventPoster(kube.post_event, health, busy=queue.urgent_waiting)
         self._loops = (
@@ -255,6 +255,11 @@ class Reconciler:
                 else:
                     try:
                         job = self._create_run(dpojob, spec, generation, attempt)
+                        if self.queue.urgent_waiting():
+                            # Other DPOJobs still wait for their Job: those first, this status write after them
+                            # (the next reconcile, in the normal lane). Without a burst it happens at once.
+                            self.queue.add((namespace, name))
+                            return
                     except NotOwnedError as exc:
                         observed.not_owned = str(exc)
                     except ChildRejectedError as exc:

@@ -29,6 +29,7 @@ from kubernetes.config.incluster_config import InClusterConfigLoader
 from dpo_operator import followers as followers_module
 from dpo_operator.followers import LOOP_NAME, MAX_LINE_BYTES, LineSplitter, LogFollowers
 from dpo_operator.health import Health
+from dpo_operator.kube import Kube
 
 
 def progress_line(step: int) -> bytes:
@@ -556,7 +557,7 @@ def test_a_service_account_token_kubeconfig(serve, follow, pki, tmp_path, defaul
     config.load_kube_config(
         config_file=str(write_kubeconfig(tmp_path / "sa", server.url, cluster, {"token": "sa-token"}))
     )
-    followers = LogFollowers(client.CoreV1Api(client.ApiClient()), lambda namespace, name: None)  # as the reconciler
+    followers = LogFollowers(Kube(client.ApiClient()), lambda namespace, name: None)  # as the reconciler
     try:
         followers.ensure("ns", "job", [running_pod("pod")])
         wait_until(lambda: step_of(followers, "pod") == 4)

@@ -1,0 +1,89 @@
+"""The operator's API requests (kube.Kube: JSON over the kubernetes client's ApiClient, no typed API classes)
+against the real control plane: what each answers, and how refusals and conflicts surface."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from kubernetes import client
+from kubernetes.client.exceptions import ApiException
+
+from dpo_dev.stack import install, quickstart_for_cluster
+from dpo_operator import manifests
+from dpo_operator.kube import ChildRejectedError, Kube, NotOwnedError, resource_path
+
+
+@pytest.fixture(scope="module")
+def kube(admin_kubeconfig: Path, api_client: client.ApiClient) -> Iterator[Kube]:
+    install(admin_kubeconfig)
+    yield Kube(api_client)
+
+
+def new_dpojob(kube: Kube, namespace: str, name: str = "dpo") -> dict[str, Any]:
+    document = quickstart_for_cluster(namespace, name)
+    return kube.request("POST", resource_path("DPOJob", namespace), body=document)
+
+
+def test_paths() -> None:
+    assert resource_path("Job", "ns", "a") == "/apis/batch/v1/namespaces/ns/jobs/a"
+    assert resource_path("Pod", None) == "/api/v1/pods"
+    assert (
+        resource_path("DPOJob", "ns", "a", "status") == "/apis/dpo-operator.io/v1alpha1/namespaces/ns/dpojobs/a/status"
+    )
+
+
+def test_create_adopt_and_refuse_children(kube: Kube, namespace: str) -> None:
+    dpojob = new_dpojob(kube, namespace)
+    uid = dpojob["metadata"]["uid"]
+    config_map = manifests.build_config_map(dpojob, 1)
+    created, was_created = kube.create_or_adopt(config_map, uid)
+    assert was_created and created["kind"] == "ConfigMap" and created["metadata"]["uid"]
+    adopted, was_created = kube.create_or_adopt(config_map, uid)
+    assert not was_created and adopted["metadata"]["uid"] == created["metadata"]["uid"], "409: ours, adopted"
+    with pytest.raises(NotOwnedError):
+        kube.create_or_adopt(config_map, "another-uid")
+    bad = {**config_map, "metadata": {**config_map["metadata"], "name": "Not_A_Name"}}
+    with pytest.raises(ChildRejectedError) as refused:
+        kube.create_or_adopt(bad, uid)
+    assert refused.value.code == 422 and "Not_A_Name" in str(refused.value)
+    assert kube.delete("ConfigMap", namespace, config_map["metadata"]["name"]) is True
+    assert kube.delete("ConfigMap", namespace, config_map["metadata"]["name"]) is False, "already gone"
+
+
+def test_status_patch_is_conditional_and_lists_and_events_read_json(kube: Kube, namespace: str) -> None:
+    dpojob = new_dpojob(kube, namespace)
+    patched = kube.patch_status(dpojob, {"phase": "Pending", "observedGeneration": 1})
+    assert patched["status"]["phase"] == "Pending"
+    assert patched["metadata"]["resourceVersion"] != dpojob["metadata"]["resourceVersion"]
+    with pytest.raises(ApiException) as stale:
+        kube.patch_status(dpojob, {"phase": "Failed"})
+    assert stale.value.status == 409
+    assert kube.get_dpojob(namespace, "dpo")["status"]["phase"] == "Pending"
+    assert kube.get_dpojob(namespace, "missing") is None
+    items, revision = kube.list_all("DPOJob", [namespace])
+    assert [i["metadata"]["name"] for i in items] == ["dpo"] and items[0]["kind"] == "DPOJob" and revision
+    kube.post_event(patched, "Warning", "Testing", "an event from the operator")
+    events = kube.request("GET", resource_path("Event", namespace), {"fieldSelector": "reason=Testing"})["items"]
+    assert [(e["involvedObject"]["uid"], e["message"]) for e in events] == [
+        (dpojob["metadata"]["uid"], "an event from the operator")
+    ]
+    job = {"metadata": {"namespace": namespace, "uid": dpojob["metadata"]["uid"]}}
+    assert kube.pod_creation_error(job) is None
+    features = kube.server_features()
+    assert features.job_suspend in (True, False)
+
+
+def test_no_typed_api_class_is_imported() -> None:
+    """What the operator saves by not using the typed API: their modules (and models) are never imported."""
+    import subprocess
+
+    code = (
+        "import sys, dpo_operator.main, dpo_operator.reconciler; "
+        "print(sorted(m for m in sys.modules if m.startswith('kubernetes.client.api.') and 'v1_api' in m))"
+    )
+    loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert loaded.strip() in ("[]", "['kubernetes.client.api.coordination_v1_api']"), loaded
