@@ -8,7 +8,8 @@ What runs where:
 - `Workers` (settings.workers threads) take DPOJob keys from the WorkQueue and reconcile them. The queue hands
   a key to one worker at a time, so two reconciles of the same DPOJob never overlap (no per-DPOJob locks);
   a key added while it is being reconciled is reconciled once more afterwards; many adds before a worker
-  gets to it coalesce into one reconcile.
+  gets to it coalesce into one reconcile. Keys of DPOJobs whose spec was not acted on yet go to an urgent lane
+  that workers drain first (handlers.on_dpojob decides; the reconciler defers a status write behind it).
 - `Resync` (one thread) enqueues every cached DPOJob each settings.resync_seconds (TTL clean-up, retries
   after a refused child, progress of a quiet pod), and every RELIST_EVERY passes replaces the cache with a
   fresh LIST (one request per kind, not per DPOJob) so that a missed DELETED event leaves no ghost.
