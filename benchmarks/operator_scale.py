@@ -17,9 +17,11 @@ a log stream counts once, when it opens, any other request when it completes.
    Its namespace is deleted (and gone) before the operator starts.
 2. operator: the same threaded client creates N DPOJobs only. Measured: first DPOJob submitted -> last trainer
    Job exists (a watch in this process), and its ratio to (1); per DPOJob the delay DPOJob -> Job from the
-   server's creationTimestamps (1 s resolution) and from this process's watch arrival times (sub-second); the
-   operator's RSS (VmRSS, VmHWM) and CPU time; its API requests per DPOJob by verb and resource (the audit
-   log), up to the last Job and up to quiescence (no request but watches/log streams for --quiet-seconds).
+   server's creationTimestamps (1 s resolution) and from this process's watch arrival times (sub-second), and
+   DPOJob -> its first status (the first watch event of it with status.phase set, on the same DPOJob watch;
+   the phase waits for every DPOJob's first status before it settles); the operator's RSS (VmRSS, VmHWM) and
+   CPU time; its API requests per DPOJob by verb and resource (the audit log), up to the last Job and up to
+   quiescence (no request but watches/log streams for --quiet-seconds).
    The trainer pods ask for a GPU and stay Pending: no node has one.
 3. metric lag (--running M > 0): a simulated node (dpo_dev.nodesim, simulate mode) runs the pods of M more
    DPOJobs forever, and this process appends a progress line to each pod's container log (the simulator's
@@ -275,16 +277,22 @@ class Watcher(threading.Thread):
 
 
 class FirstSeen:
-    """The watch arrival time of each object's ADDED event."""
+    """The watch arrival time of each object's ADDED event and, with `status_too`, of its first event whose
+    status.phase is set."""
 
-    def __init__(self) -> None:
+    def __init__(self, status_too: bool = False) -> None:
         self.times: dict[str, float] = {}
+        self.status_times: dict[str, float] = {}
+        self.status_too = status_too
         self.lock = threading.Lock()
 
     def __call__(self, kind: str, obj: dict, arrived: float) -> None:
-        if kind == "ADDED":
-            with self.lock:
-                self.times.setdefault(obj["metadata"]["name"], arrived)
+        name = obj["metadata"]["name"]
+        with self.lock:
+            if kind == "ADDED":
+                self.times.setdefault(name, arrived)
+            if self.status_too and kind != "DELETED" and (obj.get("status") or {}).get("phase"):
+                self.status_times.setdefault(name, arrived)
 
 
 # --- the operator's requests, from the audit log ------------------------------------------------------------
@@ -463,7 +471,7 @@ def measure_baseline(admin: Path, count: int, threads: int) -> dict[str, Any]:
 def measure_operator(admin: Path, operator: Operator, count: int, threads: int, args: argparse.Namespace) -> dict:
     kubectl(admin, "create", "namespace", OPERATOR_NS)
     api = api_client(admin)
-    dpojobs_seen, jobs_seen = FirstSeen(), FirstSeen()
+    dpojobs_seen, jobs_seen = FirstSeen(status_too=True), FirstSeen()
     watchers = [Watcher(api, "dpojobs", OPERATOR_NS, dpojobs_seen), Watcher(api, "jobs", OPERATOR_NS, jobs_seen)]
     for watcher in watchers:
         watcher.start()
@@ -487,6 +495,18 @@ def measure_operator(admin: Path, operator: Operator, count: int, threads: int, 
     at_last_job = {"counts": operator.counts(), "memory": operator.memory(), "cpu": cpu_seconds(operator.pid)}
     elapsed = last_job - start
     print(f"operator: last Job seen {elapsed:.2f}s after the first DPOJob was submitted", flush=True)
+    names = list(expected.values())
+    while True:  # every DPOJob's first status (the operator writes them after the Jobs under a burst)
+        with dpojobs_seen.lock:
+            statused = sum(name in dpojobs_seen.status_times for name in names)
+        if statused == count:
+            break
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{statused}/{count} DPOJobs with a status after {args.timeout}s\n{operator.log_tail()}")
+        time.sleep(0.1)
+    with dpojobs_seen.lock:
+        last_status = max(dpojobs_seen.status_times[name] for name in names)
+    print(f"operator: every DPOJob has a status {last_status - start:.2f}s after the first was submitted", flush=True)
     quiet_at = wait_quiet(operator, watchers, args.quiet_seconds, timeout=args.timeout)
     to_quiet = {"counts": operator.counts(), "memory": operator.memory(), "cpu": cpu_seconds(operator.pid)}
     for watcher in watchers:
@@ -502,6 +522,7 @@ def measure_operator(admin: Path, operator: Operator, count: int, threads: int, 
     }
     server_delays = [server_time(job_created[job]) - server_time(created[name]) for job, name in expected.items()]
     watch_delays = [jobs_seen.times[job] - dpojobs_seen.times[name] for job, name in expected.items()]
+    status_delays = [dpojobs_seen.status_times[name] - dpojobs_seen.times[name] for name in names]
     server_span = max(server_time(t) for t in job_created.values()) - min(server_time(t) for t in created.values())
     api.close()
     return {
@@ -510,6 +531,8 @@ def measure_operator(admin: Path, operator: Operator, count: int, threads: int, 
         "server_span_seconds": round(server_span, 1),
         "dpojob_to_job_server_seconds": summary(server_delays, 50, 99),
         "dpojob_to_job_watch_seconds": summary(watch_delays, 50, 99),
+        "first_submit_to_last_first_status_seconds": round(last_status - start, 2),
+        "dpojob_to_first_status_watch_seconds": summary(status_delays, 50, 99),
         "settled_after_seconds": round(quiet_at - start, 1),
         "rss_mib_at_last_job": at_last_job["memory"],
         "rss_mib_settled": to_quiet["memory"],
@@ -700,6 +723,7 @@ def table(results: dict[str, Any]) -> str:
         ("ratio operator / baseline", f"**{ratio:g}x**", "≤ 1.5x"),
     ]
     server, watch = op["dpojob_to_job_server_seconds"], op["dpojob_to_job_watch_seconds"]
+    first_status = op["dpojob_to_first_status_watch_seconds"]
     rows += [
         (
             "DPOJob → Job, creationTimestamps (1 s resolution) p50 / p99",
@@ -709,6 +733,11 @@ def table(results: dict[str, Any]) -> str:
         (
             "DPOJob → Job, watch arrival p50 / p99 / max",
             f"{fmt(watch['p50'])} / {fmt(watch['p99'])} / {fmt(watch['max'])}",
+            "—",
+        ),
+        (
+            "DPOJob → first status (phase set), watch arrival p50 / p99 / max",
+            f"{fmt(first_status['p50'])} / {fmt(first_status['p99'])} / {fmt(first_status['max'])}",
             "—",
         ),
         (
