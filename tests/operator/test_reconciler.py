@@ -1,4 +1,5 @@
-"""Run identity (pure parts of the reconciler): what starts a new run, and retrying a Failed one."""
+"""Run identity (pure parts of the reconciler): what starts a new run, and retrying a Failed one; the order of
+writes under a burst."""
 
 from __future__ import annotations
 
@@ -96,3 +97,34 @@ def test_pod_level_fields_are_validated_before_any_job_is_built() -> None:
             assert error is not None and field in error, (edit, error)
     assert validate_spec({**base, "checkpointing": {"directory": "/tmp/dpo/work"}})[1] is None
     assert validate_spec({**base, "runtime": {"nodeSelector": {"nvidia.com/gpu.product": "H100"}}})[1] is None
+
+
+def test_under_a_burst_a_new_dpojob_gets_its_job_first_and_its_status_in_one_write_after() -> None:
+    """Against the in-memory cluster of test_kueue (the reconciler's Kube boundary), without Kueue labels."""
+    from test_kueue import NAME, NS, Cluster, new_reconciler
+    from test_kueue import dpojob as kueue_dpojob
+
+    document = kueue_dpojob(checkpoint_volume=True)
+    document["metadata"]["labels"] = {}
+    cluster = Cluster(document)
+    patches: list[dict] = []
+    patch_status = cluster.patch_status
+    cluster.patch_status = lambda dpojob, patch: patches.append(patch) or patch_status(dpojob, patch)
+    reconciler = new_reconciler(cluster)
+    cluster.feed(reconciler.cache)
+    other = (NS, "submitted-just-before")
+    reconciler.queue.add(other, urgent=True)
+
+    reconciler.reconcile(NS, NAME)
+    assert cluster.job_writes == [f"create {manifests.run_name(NAME, 1)}"], "the Job comes first"
+    assert patches == [] and "status" not in cluster.dpojob, "its status write waits for the other new DPOJob"
+    assert reconciler.queue.get(timeout=1) == other, "the urgent lane first"
+    reconciler.queue.done(other)
+    assert reconciler.queue.get(timeout=1) == (NS, NAME), "then the deferred status write"
+
+    reconciler.reconcile(NS, NAME)
+    assert len(patches) == 1, "a first run is recorded with its Job, in one write"
+    status = cluster.dpojob["status"]
+    assert status["run"]["generation"] == 1 and status["trainer"]["jobName"] == manifests.run_name(NAME, 1)
+    assert cluster.job_writes == [f"create {manifests.run_name(NAME, 1)}"], "created once"
+    reconciler.events.stop()
