@@ -12,15 +12,25 @@ import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
-from dpo_dev.stack import install, quickstart_for_cluster
+from dpo_dev.stack import OperatorDeployment, quickstart_for_cluster
 from dpo_operator import manifests
 from dpo_operator.kube import ChildRejectedError, Kube, NotOwnedError, resource_path
 
 
 @pytest.fixture(scope="module")
-def kube(admin_kubeconfig: Path, api_client: client.ApiClient) -> Iterator[Kube]:
-    install(admin_kubeconfig)
-    yield Kube(api_client)
+def kube(
+    admin_kubeconfig: Path,
+    api_client: client.ApiClient,
+    node_simulator: object,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Kube]:
+    """The CRD as the chart installs it (no operator runs: replicas 0), and the admin's ApiClient."""
+    chart = OperatorDeployment(admin_kubeconfig, node_simulator, tmp_path_factory.mktemp("kube"))
+    chart.install({"replicas": 0})
+    try:
+        yield Kube(api_client)
+    finally:
+        chart.uninstall()
 
 
 def new_dpojob(kube: Kube, namespace: str, name: str = "dpo") -> dict[str, Any]:
