@@ -436,6 +436,20 @@ def active_requests(counts: dict[str, int]) -> int:
     return sum(v for k, v in counts.items() if not k.startswith(STREAMS))
 
 
+def wait_for_all(
+    lock: threading.Lock, times: dict[str, float], names: list[str], deadline: float, what: str, operator: Any
+) -> float:
+    """Until every name has a time in `times` (filled by a watch thread); the latest of them."""
+    while True:
+        with lock:
+            done = sum(name in times for name in names)
+            if done == len(names):
+                return max(times[name] for name in names)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{done}/{len(names)} {what} after the deadline\n{operator.log_tail()}")
+        time.sleep(0.1)
+
+
 def wait_quiet(operator: Operator, watchers: list[Watcher], quiet: float, timeout: float) -> float:
     """Until neither the audit log shows a request (other than watches/log streams) nor a watch sees an event for
     `quiet` seconds; returns when the last activity was (monotonic)."""
@@ -482,30 +496,15 @@ def measure_operator(admin: Path, operator: Operator, count: int, threads: int, 
     start, submit = run_parallel(admin, threads, count, create_dpojob(OPERATOR_NS))
     print(f"operator: {count} DPOJobs submitted in {submit:.2f}s", flush=True)
     deadline = start + args.timeout
-    while True:
-        with jobs_seen.lock:
-            done = sum(name in jobs_seen.times for name in expected)
-        if done == count:
-            break
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{done}/{count} Jobs after {args.timeout}s\n{operator.log_tail()}")
-        time.sleep(0.1)
-    with jobs_seen.lock:
-        last_job = max(jobs_seen.times[name] for name in expected)
+    last_job = wait_for_all(jobs_seen.lock, jobs_seen.times, list(expected), deadline, "Jobs", operator)
     at_last_job = {"counts": operator.counts(), "memory": operator.memory(), "cpu": cpu_seconds(operator.pid)}
     elapsed = last_job - start
     print(f"operator: last Job seen {elapsed:.2f}s after the first DPOJob was submitted", flush=True)
     names = list(expected.values())
-    while True:  # every DPOJob's first status (the operator writes them after the Jobs under a burst)
-        with dpojobs_seen.lock:
-            statused = sum(name in dpojobs_seen.status_times for name in names)
-        if statused == count:
-            break
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"{statused}/{count} DPOJobs with a status after {args.timeout}s\n{operator.log_tail()}")
-        time.sleep(0.1)
-    with dpojobs_seen.lock:
-        last_status = max(dpojobs_seen.status_times[name] for name in names)
+    # every DPOJob's first status (the operator writes them after the Jobs under a burst)
+    last_status = wait_for_all(
+        dpojobs_seen.lock, dpojobs_seen.status_times, names, deadline, "DPOJobs with a status", operator
+    )
     print(f"operator: every DPOJob has a status {last_status - start:.2f}s after the first was submitted", flush=True)
     quiet_at = wait_quiet(operator, watchers, args.quiet_seconds, timeout=args.timeout)
     to_quiet = {"counts": operator.counts(), "memory": operator.memory(), "cpu": cpu_seconds(operator.pid)}

@@ -40,13 +40,21 @@ _UNREAD = {
 """Fields of a held object that nothing in the operator reads (beside a pod's spec and a Job's template)."""
 
 
+_SHARED_MAX = 24
+"""Strings up to this length are interned as values too: phases, reasons, condition types, kinds, label values,
+timestamps repeat across objects; names, uids and messages are longer or unique."""
+
+
 def _compact(value: Any, drop: frozenset[str] | set[str] = frozenset()) -> Any:
-    """A copy of JSON data whose dict keys are interned: every held object would otherwise carry its own copy
-    of each key ("metadata", "creationTimestamp", …), about half of what a small object takes."""
+    """A copy of JSON data whose dict keys and short strings are interned: every held object would otherwise
+    carry its own copy of each key ("metadata", "creationTimestamp", …), about half of what a small object
+    takes."""
     if isinstance(value, dict):
         return {sys.intern(k): _compact(v) for k, v in value.items() if k not in drop}
     if isinstance(value, list):
         return [_compact(v) for v in value]
+    if isinstance(value, str) and len(value) <= _SHARED_MAX:
+        return sys.intern(value)
     return value
 
 
