@@ -110,9 +110,9 @@ class WorkQueue:
             return len(self._waiting)
 
     def urgent_waiting(self) -> bool:
-        """Whether a DPOJob waits for its spec to be acted on."""
+        """Whether a DPOJob waits for its spec to be acted on (a key leaves the urgent lane when it is taken)."""
         with self._cond:
-            return any(self._waiting.get(key) for key in self._urgent)
+            return bool(self._urgent)
 
     def shut_down(self) -> None:
         with self._cond:
