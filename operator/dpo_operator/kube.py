@@ -102,7 +102,6 @@ class Kube:
     operator reads the API server's JSON anyway."""
 
     api_client: client.ApiClient
-    request_timeout: float | tuple[float, float] | None = None
 
     def __post_init__(self) -> None:
         self.instance = socket.gethostname()
@@ -124,7 +123,7 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
-        response = self.api_client.call_api(*params, _request_timeout=self.request_timeout)
+        response = self.api_client.call_api(*params)
         data = response.read()
         if not 200 <= response.status <= 299:
             raise ApiException.from_response(http_resp=response, body=None, data=None)
