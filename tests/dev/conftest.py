@@ -58,3 +58,16 @@ def wait_for(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "c
             return value
         assert time.monotonic() < deadline, f"timed out after {timeout}s waiting for {what}"
         time.sleep(0.2)
+
+
+def allowed(call: Callable[[], Any]) -> bool:
+    """Whether the API server lets the caller do `call` (False on 403; other errors raise)."""
+    from kubernetes.client.exceptions import ApiException
+
+    try:
+        call()
+    except ApiException as exc:
+        if exc.status != 403:
+            raise
+        return False
+    return True

@@ -26,7 +26,7 @@ from dpo_dev.cluster import (
     processes_in_groups,
 )
 
-from .conftest import wait_for
+from .conftest import allowed, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -130,22 +130,12 @@ def test_rbac_service_account_denied_then_allowed_by_role(
                 "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}],
             },
         )
-        wait_for(lambda: _allowed(lambda: sa_core.list_namespaced_pod(namespace)), what="the Role to apply")
+        wait_for(lambda: allowed(lambda: sa_core.list_namespaced_pod(namespace)), what="the Role to apply")
         with pytest.raises(ApiException) as still_denied:  # the Role grants pods only, in this namespace only
             sa_core.list_namespaced_secret(namespace)
         assert still_denied.value.status == 403
         with pytest.raises(ApiException):
             sa_core.list_namespaced_pod("default")
-
-
-def _allowed(call: Callable[[], Any]) -> bool:
-    try:
-        call()
-    except ApiException as exc:
-        if exc.status != 403:
-            raise
-        return False
-    return True
 
 
 def test_kubectl_create_token_works_too(cluster: Any, namespace: str) -> None:

@@ -20,7 +20,7 @@ from kubernetes.client.rest import ApiException
 from dpo_dev.api_proxy import ApiProxy, upstream_of
 from dpo_dev.cluster import LocalCluster
 
-from .conftest import wait_for
+from .conftest import allowed, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -106,7 +106,7 @@ def test_audit_counts_match_the_counting_proxy(audited: LocalCluster, tmp_path: 
         proxied = proxy.kubeconfig(kubeconfig, tmp_path / "proxied.kubeconfig")
         with config.new_client_from_config(config_file=str(proxied)) as api:
             core = client.CoreV1Api(api)
-            wait_for(lambda: _allowed(lambda: core.list_namespaced_config_map(namespace)), what="the binding")
+            wait_for(lambda: allowed(lambda: core.list_namespaced_config_map(namespace)), what="the binding")
             proxy.reset()
             counter.reset()
             client.VersionApi(api).get_code()
@@ -146,13 +146,3 @@ def test_audit_counts_match_the_counting_proxy(audited: LocalCluster, tmp_path: 
 
     wait_for(watch_ended, what="the open watch's ResponseComplete")
     assert counter.counts() == {}, "a watch's end must not count again"
-
-
-def _allowed(call: Any) -> bool:
-    try:
-        call()
-    except ApiException as exc:
-        if exc.status != 403:
-            raise
-        return False
-    return True
