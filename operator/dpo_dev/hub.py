@@ -11,7 +11,7 @@ GET /api/{kinds}/{repo}[/revision/{rev}]; GET .../tree/{rev}[/{path}]; POST .../
 GET .../refs; GET .../commits/{rev}; POST|DELETE .../branch/{name}; POST .../tag/{rev}; DELETE .../tag/{name};
 POST .../preupload/{rev};
 POST .../commit/{rev} (NDJSON); POST /{repo}.git/info/lfs/objects/batch and .../verify; PUT /lfs-upload/{sha256}
-(signed URL); GET|HEAD /{repo}/resolve/{rev}/{path} (with Range).
+(signed URL); GET|HEAD /{repo}/resolve/{rev}/{path} (with Range). `LocalHub.requests` logs every request answered.
 
 Clients need ``HF_HUB_DISABLE_XET=1`` (uploads otherwise go through Xet storage, which this server does not speak)
 and offline mode off; pass the endpoint explicitly (``HfApi(endpoint=hub.url)``) or set ``HF_ENDPOINT`` before
@@ -518,13 +518,26 @@ def _route(methods: str, pattern: str) -> Callable[[_RouteFn], _RouteFn]:
     return register
 
 
+@dataclass(frozen=True)
+class HubRequest:
+    """One request the server answered: tests assert from these what a client fetched (GET of .../resolve/...)."""
+
+    method: str
+    path: str
+    """The URL path, without the query."""
+    status: int
+
+
 class _HubServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, address: tuple[str, int], store: _Store, tokens: Mapping[str, str]) -> None:
+    def __init__(
+        self, address: tuple[str, int], store: _Store, tokens: Mapping[str, str], requests: list[HubRequest]
+    ) -> None:
         super().__init__(address, _Handler)
         self.store = store
         self.tokens = dict(tokens)
+        self.requests = requests
         # Signs LFS upload URLs: like S3 presigned URLs, the PUT carries no Authorization header.
         self.secret = secrets.token_bytes(32)
 
@@ -542,6 +555,10 @@ class _Handler(BaseHTTPRequestHandler):
     # -- plumbing --
     def log_message(self, format: str, *args: Any) -> None:
         log.debug("%s %s", self.address_string(), format % args)
+
+    def log_request(self, code: int | str = "-", size: int | str = "-") -> None:
+        self.server.requests.append(HubRequest(self.command or "", urlsplit(self.path).path, int(code)))
+        super().log_request(code, size)
 
     def do_GET(self) -> None:
         self._dispatch()
@@ -1053,6 +1070,8 @@ class LocalHub:
         self.port = port
         self._server: _HubServer | None = None
         self._thread: threading.Thread | None = None
+        self.requests: list[HubRequest] = []
+        """Every request answered, in order (appended by the server's threads)."""
 
     @property
     def url(self) -> str:
@@ -1066,7 +1085,7 @@ class LocalHub:
         if self._server is not None:
             raise RuntimeError("LocalHub is already started")
         self.root_dir.mkdir(parents=True, exist_ok=True)
-        self._server = _HubServer((self.host, self.port), _Store(self.root_dir), self.tokens)
+        self._server = _HubServer((self.host, self.port), _Store(self.root_dir), self.tokens, self.requests)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="local-hub", daemon=True
         )

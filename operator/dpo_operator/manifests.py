@@ -12,15 +12,20 @@ from dataclasses import dataclass
 from typing import Any
 
 import yaml
+from kubernetes.utils import parse_quantity
 
 from dpojob_api.progress import TERMINATION_MESSAGE_PATH, TERMINATION_PATH_ENV
-from dpojob_api.spec import API_GROUP, API_VERSION, KIND, DPOJobSpec, digest
+from dpojob_api.spec import API_GROUP, API_VERSION, KIND, DPOJobSpec, VolumeClaim, digest
 
 CONFIG_MOUNT = "/etc/dpo-operator"
 SPEC_FILE = "dpojob.yaml"
 DATA_MOUNT = "/data"
 OUTPUT_MOUNT = "/output"
-RESERVED_PATHS = frozenset({"/", "/tmp", "/dev", "/dev/shm", "/proc", "/sys", CONFIG_MOUNT, DATA_MOUNT, OUTPUT_MOUNT})
+CACHE_MOUNT = "/cache"
+SCRATCH_MOUNT = "/tmp"
+RESERVED_PATHS = frozenset(
+    {"/", SCRATCH_MOUNT, "/dev", "/dev/shm", "/proc", "/sys", CONFIG_MOUNT, DATA_MOUNT, OUTPUT_MOUNT, CACHE_MOUNT}
+)
 """Paths the trainer pod mounts something else at (or must not hide): not a place for the work volume."""
 CONTAINER = "trainer"
 LABEL_DPOJOB = f"{API_GROUP}/dpojob"
@@ -35,6 +40,14 @@ KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 KUEUE_LABELS = (KUEUE_QUEUE_LABEL, "kueue.x-k8s.io/priority-class")
 """DPOJob labels copied to the trainer Job: Kueue manages a plain batch/v1 Job that carries them."""
 _NAME_LIMIT = 52  # Job names feed pod names and the job-name label (63) plus the Job's 5-char pod suffix.
+HF_HOME_ON_SCRATCH = f"{SCRATCH_MOUNT}/hf-home"
+HF_HOME_ON_CACHE = f"{CACHE_MOUNT}/huggingface"
+SCRATCH_SIZE_WITH_HF_HOME = "50Gi"
+"""Default scratch size while /tmp holds the Hugging Face cache: a 7B model (13.5 GB) and the dataset files."""
+SCRATCH_SIZE = "10Gi"
+"""Default scratch size with a cache volume: HOME, compiler caches, temporary files."""
+LOG_ALLOWANCE = "1Gi"
+"""Ephemeral storage beyond the emptyDirs: the container's log files (the root filesystem is read-only)."""
 
 
 @dataclass(frozen=True)
@@ -152,28 +165,48 @@ def job_content_hash(job: dict[str, Any]) -> str:
     return digest(content)
 
 
-def _claim_volume(name: str, claim: Any) -> dict[str, Any]:
+def _claim_volume(name: str, claim: VolumeClaim) -> dict[str, Any]:
     return {"name": name, "persistentVolumeClaim": {"claimName": claim.claim_name, "readOnly": claim.read_only}}
 
 
-def _volumes(spec: DPOJobSpec, config_map: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """Volumes and mounts: spec file, checkpoints (PVC to survive restarts), data, output, scratch."""
+def _cache_claim(spec: DPOJobSpec, default_claim: str | None) -> VolumeClaim | None:
+    """The Hugging Face cache PVC of the pod: the DPOJob's runtime.cacheVolume, else the operator's default."""
+    if spec.runtime.cache_volume is not None:
+        return spec.runtime.cache_volume
+    return VolumeClaim(claim_name=default_claim) if default_claim else None
+
+
+def _scratch_dirs(spec: DPOJobSpec, cache: VolumeClaim | None) -> dict[str, str]:
+    """Every emptyDir on node disk the trainer writes to, with its size limit: the pod requests their sum."""
     runtime = spec.runtime
+    dirs = {"tmp": runtime.scratch_size or (SCRATCH_SIZE if cache else SCRATCH_SIZE_WITH_HF_HOME)}
+    if runtime.checkpoint_volume is None:
+        dirs["checkpoints"] = runtime.work_dir_size
+    return dirs
+
+
+def _volumes(
+    spec: DPOJobSpec, config_map: str, cache: VolumeClaim | None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Volumes and mounts: spec file, checkpoints (PVC to survive restarts), scratch, data, output, HF cache."""
+    runtime = spec.runtime
+    scratch = _scratch_dirs(spec, cache)
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": config_map}},
         _claim_volume("checkpoints", runtime.checkpoint_volume)
         if runtime.checkpoint_volume
-        else {"name": "checkpoints", "emptyDir": {}},
-        {"name": "tmp", "emptyDir": {}},
+        else {"name": "checkpoints", "emptyDir": {"sizeLimit": scratch["checkpoints"]}},
+        {"name": "tmp", "emptyDir": {"sizeLimit": scratch["tmp"]}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "config", "mountPath": CONFIG_MOUNT, "readOnly": True},
         {"name": "checkpoints", "mountPath": spec.checkpointing.directory},
-        {"name": "tmp", "mountPath": "/tmp"},
+        {"name": "tmp", "mountPath": SCRATCH_MOUNT},
     ]
     for name, claim, path in (
         ("data", runtime.data_volume, DATA_MOUNT),
         ("output", runtime.output_volume, OUTPUT_MOUNT),
+        ("cache", cache, CACHE_MOUNT),
     ):
         if claim is not None:
             volumes.append(_claim_volume(name, claim))
@@ -184,14 +217,19 @@ def _volumes(spec: DPOJobSpec, config_map: str) -> tuple[list[dict[str, Any]], l
     return volumes, mounts
 
 
-def _env(spec: DPOJobSpec, extra_env: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The trainer's env: fixed settings, the operator's extra env (values or Secret/ConfigMap key refs), the token."""
+def _env(spec: DPOJobSpec, extra_env: list[dict[str, Any]], cache: VolumeClaim | None) -> list[dict[str, Any]]:
+    """The trainer's env: fixed settings, the operator's extra env (values or Secret/ConfigMap key refs), the token.
+
+    HF_HOME is on the cache volume when there is one. `datasets` writes its own cache (Arrow files) under HF_HOME
+    even when every file is cached, so with a read-only cache volume that one goes to scratch."""
     env: list[dict[str, Any]] = [
         {"name": "PYTHONUNBUFFERED", "value": "1"},
-        {"name": "HF_HOME", "value": "/tmp/hf-home"},
+        {"name": "HF_HOME", "value": HF_HOME_ON_CACHE if cache else HF_HOME_ON_SCRATCH},
         {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
         {"name": TERMINATION_PATH_ENV, "value": TERMINATION_MESSAGE_PATH},
     ]
+    if cache is not None and cache.read_only:
+        env.append({"name": "HF_DATASETS_CACHE", "value": f"{SCRATCH_MOUNT}/hf-datasets"})
     env += extra_env
     if spec.hub_token_secret_ref is not None:
         ref = spec.hub_token_secret_ref
@@ -199,13 +237,24 @@ def _env(spec: DPOJobSpec, extra_env: list[dict[str, Any]]) -> list[dict[str, An
     return env
 
 
-def _resources(spec: DPOJobSpec) -> dict[str, Any]:
+def _resources(spec: DPOJobSpec, cache: VolumeClaim | None) -> dict[str, Any]:
+    """CPU, memory and GPUs from the spec; ephemeral storage (request = limit) covering every emptyDir on node disk
+    plus the logs, so the scheduler places the pod where the disk is and the kubelet bounds it."""
     runtime = spec.runtime
-    requests = {"cpu": runtime.cpu, "memory": runtime.memory}
-    limits = {"memory": runtime.memory}
+    storage = sum(parse_quantity(size) for size in [*_scratch_dirs(spec, cache).values(), LOG_ALLOWANCE])
+    requests = {"cpu": runtime.cpu, "memory": runtime.memory, "ephemeral-storage": _bytes_quantity(int(storage))}
+    limits = {"memory": runtime.memory, "ephemeral-storage": requests["ephemeral-storage"]}
     if runtime.gpus:
         requests["nvidia.com/gpu"] = limits["nvidia.com/gpu"] = str(runtime.gpus)
     return {"requests": requests, "limits": limits}
+
+
+def _bytes_quantity(size: int) -> str:
+    """A byte count as a quantity in the largest binary unit that holds it exactly: 96Gi, not 103079215104."""
+    for unit, shift in (("Ti", 40), ("Gi", 30), ("Mi", 20), ("Ki", 10)):
+        if size % (1 << shift) == 0:
+            return f"{size >> shift}{unit}"
+    return str(size)
 
 
 def build_job(
@@ -216,8 +265,12 @@ def build_job(
     *,
     attempt: int = 0,
     features: ServerFeatures = ServerFeatures(),
+    default_cache_claim: str | None = None,
 ) -> dict[str, Any]:
     """The batch/v1 Job that runs `dpo-trainer` for one run of the DPOJob.
+
+    default_cache_claim: the PVC mounted as the Hugging Face cache when the DPOJob names none (the chart value
+    trainerDefaults.cacheClaimName).
 
     On servers with podFailurePolicy (>= 1.26) a pod evicted or preempted is replaced without spending a
     retry; the trainer resumes from its checkpoint. A DPOJob with a Kueue queue label gets a Job with the
@@ -227,7 +280,8 @@ def build_job(
     meta = dpojob["metadata"]
     name = run_name(meta["name"], generation, attempt)
     runtime = spec.runtime
-    volumes, mounts = _volumes(spec, name)
+    cache = _cache_claim(spec, default_cache_claim)
+    volumes, mounts = _volumes(spec, name, cache)
     container = {
         "name": CONTAINER,
         "image": runtime.image,
@@ -239,8 +293,8 @@ def build_job(
             "--output",
             posixpath.join(spec.checkpointing.directory, name),
         ],
-        "env": _env(spec, extra_env or []),
-        "resources": _resources(spec),
+        "env": _env(spec, extra_env or [], cache),
+        "resources": _resources(spec, cache),
         "volumeMounts": mounts,
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
         "terminationMessagePolicy": "FallbackToLogsOnError",

@@ -364,7 +364,13 @@ class Reconciler:
 
     def _job_manifest(self, dpojob: dict[str, Any], spec: DPOJobSpec, generation: int, attempt: int) -> dict[str, Any]:
         return manifests.build_job(
-            dpojob, spec, generation, self.settings.trainer_env, attempt=attempt, features=self.features
+            dpojob,
+            spec,
+            generation,
+            self.settings.trainer_env,
+            attempt=attempt,
+            features=self.features,
+            default_cache_claim=self.settings.trainer_cache_claim,
         )
 
     def _current_job(self, namespace: str, name: str, uid: str, current: str) -> dict[str, Any] | None:

@@ -15,6 +15,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
+from dpojob_api.spec import K8sName
+
 ENV_PREFIX = "DPO_OPERATOR_"
 
 
@@ -33,6 +35,9 @@ class OperatorSettings(BaseModel):
     """Reconcile worker threads (see workqueue.py)."""
     trainer_env: list[dict[str, Any]] = Field(default_factory=list)
     """Extra env for every trainer pod: Kubernetes EnvVar objects (a value, or valueFrom a Secret/ConfigMap key)."""
+    trainer_cache_claim: K8sName | None = None
+    """PVC (in each DPOJob's namespace) mounted as the Hugging Face cache of trainer pods whose DPOJob names no
+    spec.runtime.cacheVolume (the chart value trainerDefaults.cacheClaimName; empty: none)."""
     listen_address: str = "0.0.0.0"
     """Where /healthz, /readyz and /metrics are served (the chart value listenAddress)."""
     port: int = Field(8080, ge=0, le=65535)
@@ -56,6 +61,11 @@ class OperatorSettings(BaseModel):
         if isinstance(value, str):
             return [n.strip() for n in value.split(",") if n.strip()]
         return value
+
+    @field_validator("trainer_cache_claim", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return value or None
 
     @field_validator("trainer_env", mode="before")
     @classmethod

@@ -55,6 +55,8 @@ LABEL_KEY = re.compile(
 )
 """A label key: an optional DNS-subdomain prefix (at most 253 characters) and '/', then a name of at most 63."""
 LabelValue = Annotated[str, Field(max_length=63, pattern=r"^([A-Za-z0-9]([-A-Za-z0-9_.]*[A-Za-z0-9])?)?$")]
+ByteQuantity = Annotated[str, Field(pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")]
+"""A Kubernetes quantity of bytes (memory, disk): 32Gi, 500M, 1.5Ti."""
 
 
 class SpecModel(BaseModel):
@@ -513,7 +515,7 @@ class RuntimeSpec(SpecModel):
     """nvidia.com/gpu per pod; more than one trains data-parallel inside the pod."""
     cpu: str = Field(default="4", pattern=r"^([0-9]+m?|[0-9]*\.[0-9]+)$")
     """CPU request (Kubernetes quantity)."""
-    memory: str = Field(default="32Gi", pattern=r"^[0-9]+(\.[0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+    memory: ByteQuantity = "32Gi"
     """Memory request and limit (Kubernetes quantity)."""
     node_selector: dict[str, LabelValue] = Field(default_factory=dict)
     """Node labels the pod must match."""
@@ -531,6 +533,12 @@ class RuntimeSpec(SpecModel):
     """PVC mounted at /data for file-based datasets and local models."""
     output_volume: VolumeClaim | None = None
     """PVC mounted at /output for output.directory."""
+    cache_volume: VolumeClaim | None = None
+    """PVC at /cache holding HF_HOME: model and datasets download once per claim. Default: the operator's, if set."""
+    scratch_size: ByteQuantity | None = None
+    """Size limit of the pod's /tmp emptyDir. Default: 50Gi while it holds HF_HOME (no cacheVolume), else 10Gi."""
+    work_dir_size: ByteQuantity = "40Gi"
+    """Size limit of the emptyDir at checkpointing.directory without a checkpointVolume: both merged models, data."""
     backoff_limit: int = Field(default=2, ge=0, le=20)
     """Pod retries before the DPOJob fails."""
     active_deadline_seconds: int | None = Field(default=None, ge=1)

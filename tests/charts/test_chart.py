@@ -29,6 +29,7 @@ CONTRACT_ENV = [
     "DPO_OPERATOR_RESYNC_SECONDS",
     "DPO_OPERATOR_WORKERS",
     "DPO_OPERATOR_TRAINER_ENV",
+    "DPO_OPERATOR_TRAINER_CACHE_CLAIM",
     "DPO_OPERATOR_LEADER_ELECTION",
     "DPO_OPERATOR_LEASE_NAME",
     "DPO_OPERATOR_LEASE_DURATION",
@@ -148,8 +149,17 @@ def test_no_wildcards_in_any_rule(helm: Path, values: tuple[str, ...]) -> None:
         (("--set", "leaderElection.enabled=false", "--set", "replicas=2"), "replicas"),
         (("--set", "trainerEnv[0].name=HF_TOKEN", "--set", "trainerEnv[0].valueFrom.secretKeyRef.name=hf"), "key"),
         (("--set", "watchNamespaces={Bad_NS}"), "watchNamespaces"),
+        (("--set", "trainerDefaults.cacheClaimName=HF_Cache"), "cacheClaimName"),
     ],
-    ids=["replicas-type", "unknown-key", "enum", "replicas-without-le", "secret-ref-without-key", "namespace"],
+    ids=[
+        "replicas-type",
+        "unknown-key",
+        "enum",
+        "replicas-without-le",
+        "secret-ref-without-key",
+        "namespace",
+        "cache-claim",
+    ],
 )
 def test_bad_values_fail_naming_the_value(helm: Path, values: tuple[str, ...], named: str) -> None:
     message = render_error(helm, *values)
@@ -229,6 +239,7 @@ def test_env_carries_the_contract(helm: Path) -> None:
         "DPO_OPERATOR_NAMESPACES": "",
         "DPO_OPERATOR_RESYNC_SECONDS": "30",
         "DPO_OPERATOR_WORKERS": "8",
+        "DPO_OPERATOR_TRAINER_CACHE_CLAIM": "",
         "DPO_OPERATOR_LEADER_ELECTION": "true",
         "DPO_OPERATOR_LEASE_DURATION": "15",
         "DPO_OPERATOR_RENEW_DEADLINE": "10",
@@ -248,6 +259,8 @@ def test_the_operator_accepts_the_rendered_env(helm: Path) -> None:
         'trainerEnv=[{"name": "HF_ENDPOINT", "value": "http://hub/$x"}]',
         "--set",
         "listenAddress=$(POD_IP)",
+        "--set",
+        "trainerDefaults.cacheClaimName=hf-cache",
     )
     pod = {"POD_NAME": "r-dpo-operator-0", "POD_NAMESPACE": NAMESPACE, "POD_IP": "10.0.0.7"}
     environ = {
@@ -259,7 +272,13 @@ def test_the_operator_accepts_the_rendered_env(helm: Path) -> None:
     assert settings.listen_address == "10.0.0.7" and settings.port == 8080
     assert settings.leader_election and settings.lease_name == FULLNAME and settings.lease_namespace == NAMESPACE
     assert settings.trainer_env == [{"name": "HF_ENDPOINT", "value": "http://hub/$x"}]
+    assert settings.trainer_cache_claim == "hf-cache"
     assert settings.namespaces == []
+
+
+def test_values_of_a_release_before_trainer_defaults_still_render(helm: Path) -> None:
+    """`helm upgrade --reuse-values` takes the old release's values, which have no trainerDefaults."""
+    assert env(render(helm, "--set", "trainerDefaults=null"))["DPO_OPERATOR_TRAINER_CACHE_CLAIM"] == ""
 
 
 def test_strategy_follows_leader_election(helm: Path) -> None:

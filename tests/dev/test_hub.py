@@ -217,3 +217,20 @@ def test_standalone_server_cli(tmp_path: Path) -> None:
     finally:
         process.terminate()
         assert process.wait(timeout=10) == 0
+
+
+def test_the_request_log_shows_a_cached_file_is_not_fetched_again(local_hub: LocalHub, tmp_path: Path) -> None:
+    token, _ = _credentials(local_hub)
+    api = HfApi(endpoint=local_hub.url, token=token)
+    repo_id = api.create_repo("policy").repo_id
+    api.upload_folder(repo_id=repo_id, folder_path=_model_folder(tmp_path / "checkpoint"))
+    cache = tmp_path / "cache"
+    resolve = f"/{repo_id}/resolve/main/model.safetensors"
+
+    def download() -> list[tuple[str, int]]:
+        start = len(local_hub.requests)
+        hf_hub_download(repo_id, "model.safetensors", endpoint=local_hub.url, token=token, cache_dir=cache)
+        return [(r.method, r.status) for r in local_hub.requests[start:] if r.path == resolve]
+
+    assert ("GET", 200) in download()
+    assert download() == [("HEAD", 200)], "a cached file: only its metadata is asked for"

@@ -55,7 +55,7 @@ def dpojob(index: int) -> dict:
         "metadata": {"name": f"chaos-{index:02d}", "namespace": NS},
         "spec": {
             "output": {"hub": {"repoId": f"demo/chaos-{index:02d}"}},
-            "runtime": {"gpus": 0, "cpu": "100m", "memory": "64Mi"},
+            "runtime": {"gpus": 0, "cpu": "100m", "memory": "64Mi", "scratchSize": "100Mi", "workDirSize": "100Mi"},
         },
     }
 

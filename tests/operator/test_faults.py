@@ -116,7 +116,14 @@ def test_every_dpojob_converges_after_a_minute_of_api_faults(
             "metadata": {"name": f"faulty-{index}", "namespace": namespace},
             "spec": {
                 "output": {"hub": {"repoId": f"d/faulty-{index}"}},
-                "runtime": {"gpus": 0, "cpu": "100m", "memory": "64Mi", "tolerations": TOLERATE_FIXTURE_NODES},
+                "runtime": {
+                    "gpus": 0,
+                    "cpu": "100m",
+                    "memory": "64Mi",
+                    "scratchSize": "100Mi",  # the node's disk holds them all at once (the pods write nothing)
+                    "workDirSize": "100Mi",
+                    "tolerations": TOLERATE_FIXTURE_NODES,
+                },
             },
         }
         kubectl(admin_kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump(document))

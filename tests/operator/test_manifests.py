@@ -141,3 +141,67 @@ def test_job_content_hash_ignores_server_defaults_and_kueue_but_not_what_runs() 
         forged = copy.deepcopy(created)
         tamper(forged["spec"]["template"]["spec"])
         assert manifests.job_content_hash(forged) != manifests.job_content_hash(created)
+
+
+# --- where the trainer writes: the Hugging Face cache, scratch and work emptyDirs, ephemeral storage ---------
+
+
+def pod_of(runtime: dict, default_cache_claim: str | None = None) -> dict:
+    spec = DPOJobSpec.model_validate({"output": {"hub": {"repoId": "org/m"}}, "runtime": runtime})
+    job = manifests.build_job(DPOJOB, spec, 1, default_cache_claim=default_cache_claim)
+    return job["spec"]["template"]["spec"]
+
+
+def storage(pod: dict) -> tuple[dict, dict, dict, dict]:
+    """(volumes, mounts by name, env, resources) of the trainer container."""
+    container = pod["containers"][0]
+    return (
+        {v["name"]: v for v in pod["volumes"]},
+        {m["name"]: m for m in container["volumeMounts"]},
+        {e["name"]: e.get("value") for e in container["env"]},
+        container["resources"],
+    )
+
+
+def test_without_a_cache_volume_hf_home_is_on_scratch_sized_for_the_model_and_every_emptydir_is_requested() -> None:
+    volumes, mounts, env, resources = storage(pod_of({}))
+    assert env["HF_HOME"] == "/tmp/hf-home" and "cache" not in volumes and "cache" not in mounts
+    assert volumes["tmp"] == {"name": "tmp", "emptyDir": {"sizeLimit": "50Gi"}}
+    assert volumes["checkpoints"] == {"name": "checkpoints", "emptyDir": {"sizeLimit": "40Gi"}}
+    # 50Gi scratch + 40Gi work directory + 1Gi of logs, requested and enforced alike.
+    assert resources["requests"]["ephemeral-storage"] == resources["limits"]["ephemeral-storage"] == "91Gi"
+
+
+def test_a_cache_volume_holds_hf_home_and_leaves_scratch_small() -> None:
+    pod = pod_of({"cacheVolume": {"claimName": "hf-cache"}, "checkpointVolume": {"claimName": "ckpt"}})
+    volumes, mounts, env, resources = storage(pod)
+    assert volumes["cache"] == {"name": "cache", "persistentVolumeClaim": {"claimName": "hf-cache", "readOnly": False}}
+    assert mounts["cache"] == {"name": "cache", "mountPath": "/cache", "readOnly": False}
+    assert env["HF_HOME"] == "/cache/huggingface" and "HF_DATASETS_CACHE" not in env
+    assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "10Gi"}
+    assert resources["requests"]["ephemeral-storage"] == "11Gi", "scratch and logs only: checkpoints are on a PVC"
+
+
+def test_the_operator_default_cache_claim_applies_unless_the_dpojob_names_its_own() -> None:
+    volumes, _, env, _ = storage(pod_of({}, default_cache_claim="team-cache"))
+    assert volumes["cache"]["persistentVolumeClaim"]["claimName"] == "team-cache"
+    assert env["HF_HOME"] == "/cache/huggingface" and volumes["tmp"]["emptyDir"] == {"sizeLimit": "10Gi"}
+    volumes, _, _, _ = storage(pod_of({"cacheVolume": {"claimName": "mine"}}, default_cache_claim="team-cache"))
+    assert volumes["cache"]["persistentVolumeClaim"]["claimName"] == "mine"
+
+
+def test_explicit_sizes_and_a_read_only_cache() -> None:
+    runtime = {"scratchSize": "2Gi", "workDirSize": "500Mi", "cacheVolume": {"claimName": "c", "readOnly": True}}
+    volumes, mounts, env, resources = storage(pod_of(runtime))
+    assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "2Gi"}
+    assert volumes["checkpoints"]["emptyDir"] == {"sizeLimit": "500Mi"}
+    assert resources["limits"]["ephemeral-storage"] == "3572Mi"  # 2048 + 500 + 1024
+    assert mounts["cache"]["readOnly"] and env["HF_HOME"] == "/cache/huggingface"
+    # datasets writes its Arrow cache under HF_HOME even when every file is cached: it goes to scratch.
+    assert env["HF_DATASETS_CACHE"].startswith("/tmp/")
+
+
+def test_the_content_hash_covers_the_cache_claim() -> None:
+    spec = DPOJobSpec.model_validate({"output": {"hub": {"repoId": "org/m"}}})
+    ours, theirs = (manifests.build_job(DPOJOB, spec, 1, default_cache_claim=c) for c in ("cache", "other-cache"))
+    assert manifests.job_content_hash(ours) != manifests.job_content_hash(theirs)

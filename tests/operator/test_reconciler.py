@@ -82,7 +82,9 @@ def test_pod_level_fields_are_validated_before_any_job_is_built() -> None:
     """What the API server would refuse for the Job (and so stay Pending without a word) is InvalidSpec at once."""
     base = {**SPEC, "hubTokenSecretRef": {"name": "hf-token", "key": "token"}}
     cases = {
-        "spec.checkpointing.directory": [{"checkpointing": {"directory": d}} for d in ("/tmp", "/data", "work")],
+        "spec.checkpointing.directory": [
+            {"checkpointing": {"directory": d}} for d in ("/tmp", "/data", "/cache", "work")
+        ],
         "tolerationSeconds": [
             {"runtime": {"tolerations": [{"key": "k", "effect": "NoSchedule", "tolerationSeconds": 30}]}}
         ],
@@ -90,6 +92,7 @@ def test_pod_level_fields_are_validated_before_any_job_is_built() -> None:
         "spec.runtime.nodeSelector": [{"runtime": {"nodeSelector": {"bad key!": "x"}}}],
         "spec.runtime.priorityClassName": [{"runtime": {"priorityClassName": "Not_A_Name"}}],
         "spec.runtime.serviceAccountName": [{"runtime": {"serviceAccountName": "UPPER"}}],
+        "spec.runtime.scratchSize": [{"runtime": {"scratchSize": "lots"}}],
     }
     for field, edits in cases.items():
         for edit in edits:

@@ -19,6 +19,7 @@ def test_chart_environment_is_read() -> None:
             "DPO_OPERATOR_TRAINER_ENV": json.dumps([{"name": "HF_ENDPOINT", "value": "http://hub"}, SECRET_VAR]),
             "DPO_OPERATOR_LEADER_ELECTION": "true",
             "DPO_OPERATOR_LISTEN_ADDRESS": "10.0.0.7",
+            "DPO_OPERATOR_TRAINER_CACHE_CLAIM": "hf-cache",
             "POD_NAME": "dpo-operator-abc",
             "POD_NAMESPACE": "dpo-operator-system",
         }
@@ -27,6 +28,8 @@ def test_chart_environment_is_read() -> None:
     assert settings.trainer_env[1] == SECRET_VAR
     assert settings.leader_election and settings.identity.startswith("dpo-operator-abc_")
     assert settings.lease_namespace == "dpo-operator-system" and settings.listen_address == "10.0.0.7"
+    assert settings.trainer_cache_claim == "hf-cache"
+    assert OperatorSettings.from_env({"DPO_OPERATOR_TRAINER_CACHE_CLAIM": ""}).trainer_cache_claim is None
 
 
 @pytest.mark.parametrize(
@@ -37,6 +40,7 @@ def test_chart_environment_is_read() -> None:
         ({"DPO_OPERATOR_TRAINER_ENV": '[{"name": "T", "value": 3}]'}, "secretKeyRef"),
         ({"DPO_OPERATOR_TRAINER_ENV": '[{"name": "T", "valueFrom": {"fieldRef": {}}}]'}, "secretKeyRef"),
         ({"DPO_OPERATOR_LEADER_ELECTION": "true"}, "POD_NAMESPACE"),
+        ({"DPO_OPERATOR_TRAINER_CACHE_CLAIM": "HF_Cache"}, "DPO_OPERATOR_TRAINER_CACHE_CLAIM"),
         (
             {"DPO_OPERATOR_LEADER_ELECTION": "true", "POD_NAMESPACE": "x", "DPO_OPERATOR_RENEW_DEADLINE": "20"},
             "LEASE_DURATION > RENEW_DEADLINE",
