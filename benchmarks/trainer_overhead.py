@@ -6,7 +6,7 @@
 Both sides train examples/quickstart.yaml's tiny Llama on its bundled data with the same hyperparameters
 (read from that file: LoRA, 4-bit NF4, max steps, eval/save cadence, seed), each run in a fresh subprocess
 with OMP_NUM_THREADS=1 and HF_HUB_OFFLINE=1, alternating which side goes first in each round. The bare
-script (BARE_SCRIPT below) uses datasets, SFTTrainer, DPOTrainer and PEFT directly, in one process, with
+script (benchmarks/bare_trl.py) uses datasets, SFTTrainer, DPOTrainer and PEFT directly, in one process, with
 every import at the top; it does what our data, sft, sft_merge, dpo and dpo_merge stages do, and nothing
 of what is ours alone (progress events, resumable state, model card, summary). Measured per run:
 
@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import bare_trl
 import yaml
 
 from dpojob_api.spec import DPOJobSpec
@@ -47,178 +48,6 @@ ENV = {
     "TOKENIZERS_PARALLELISM": "false",
 }
 COMPARED_METRICS = ("loss", "rewards/margins", "rewards/accuracies", "eval_loss")
-
-BARE_SCRIPT = r'''
-"""Bare TRL: SFT (QLoRA) -> merge -> DPO (fresh LoRA, 4-bit) -> merge, configured by a JSON file."""
-import time
-
-started = time.time()
-import json
-import sys
-from pathlib import Path
-
-import torch
-from datasets import load_dataset
-from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
-from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
-
-imported = time.time()
-cfg = json.loads(Path(sys.argv[1]).read_text())
-out = cfg["out"]
-dtype = getattr(torch, cfg["dtype"])
-tokenizer = AutoTokenizer.from_pretrained(cfg["model"])
-if tokenizer.pad_token is None:
-    tokenizer.pad_token = tokenizer.eos_token
-
-
-def load(path, quantized):
-    quant = None
-    if quantized:
-        quant = BitsAndBytesConfig(
-            load_in_4bit=True,
-            bnb_4bit_quant_type=cfg["quant_type"],
-            bnb_4bit_compute_dtype=getattr(torch, cfg["compute_dtype"]),
-            bnb_4bit_use_double_quant=cfg["double_quant"],
-        )
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, quantization_config=quant)
-    if quantized:
-        for module in model.modules():  # the same bitsandbytes CPU workaround the trainer applies
-            if hasattr(module, "support_avx512bf16_for_cpu"):
-                module.support_avx512bf16_for_cpu = False
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
-    return model
-
-
-def lora(stage):
-    return LoraConfig(bias="none", task_type="CAUSAL_LM", **cfg[stage]["lora"])
-
-
-def merge(base, adapter, target):
-    merged = PeftModel.from_pretrained(load(base, False), adapter).merge_and_unload(safe_merge=True)
-    merged.save_pretrained(target)
-    tokenizer.save_pretrained(target)
-
-
-rows = load_dataset("json", data_files=cfg["data"], split="train")
-sft_rows = rows.map(lambda r: {"text": cfg["text_template"].format(**r)}, remove_columns=rows.column_names)
-n = cfg["sft_eval_size"]
-sft_train, sft_eval = sft_rows.select(range(n, len(sft_rows))), sft_rows.select(range(n))
-templates = {"prompt": cfg["prompt_template"], "chosen": cfg["chosen_template"], "rejected": cfg["rejected_template"]}
-pairs = rows.map(lambda r: {k: t.format(**r) for k, t in templates.items()}, remove_columns=rows.column_names)
-n = cfg["dpo_eval_size"]
-
-
-def short_prompts(batch):
-    ids = tokenizer(batch["prompt"])["input_ids"]
-    return [len(x) <= cfg["max_prompt_length"] for x in ids]
-
-
-dpo_train = pairs.select(range(n, len(pairs))).filter(short_prompts, batched=True)
-dpo_eval = pairs.select(range(n)).filter(short_prompts, batched=True)
-
-sft = SFTTrainer(
-    model=load(cfg["model"], cfg["quantized"]),
-    args=SFTConfig(output_dir=f"{out}/sft", **cfg["sft"]["args"], packing=cfg["packing"],
-                   packing_strategy="wrapped", dataset_text_field="text"),
-    train_dataset=sft_train,
-    eval_dataset=sft_eval,
-    processing_class=tokenizer,
-    peft_config=lora("sft"),
-)
-sft.train()
-sft.save_model(f"{out}/sft/adapter")
-merge(cfg["model"], f"{out}/sft/adapter", f"{out}/sft_merge")
-
-dpo = DPOTrainer(
-    model=load(f"{out}/sft_merge", cfg["quantized"]),
-    ref_model=None,
-    args=DPOConfig(output_dir=f"{out}/dpo", **cfg["dpo"]["args"], **cfg["dpo_only"]),
-    train_dataset=dpo_train,
-    eval_dataset=dpo_eval,
-    processing_class=tokenizer,
-    peft_config=lora("dpo"),
-)
-dpo.train()
-dpo.save_model(f"{out}/dpo/adapter")
-merge(f"{out}/sft_merge", f"{out}/dpo/adapter", f"{out}/model")
-result = {
-    "times": {"started": started, "imported": imported, "finished": time.time()},
-    "sft_log_history": sft.state.log_history,
-    "dpo_log_history": dpo.state.log_history,
-}
-Path(f"{out}/bare_result.json").write_text(json.dumps(result))
-'''
-
-
-def stage_args(spec: DPOJobSpec, stage: str) -> dict[str, Any]:
-    """TrainingArguments of one stage as the quickstart spec sets them (CPU: no mixed precision)."""
-    s = getattr(spec, stage)
-    return {
-        "max_steps": s.max_steps,
-        "num_train_epochs": s.num_train_epochs,
-        "learning_rate": s.learning_rate,
-        "lr_scheduler_type": s.lr_scheduler_type,
-        "warmup_steps": s.warmup_steps,
-        "per_device_train_batch_size": s.batch_size,
-        "per_device_eval_batch_size": s.batch_size,
-        "gradient_accumulation_steps": s.gradient_accumulation_steps,
-        "max_length": s.max_length,
-        "optim": s.optimizer,
-        "weight_decay": s.weight_decay,
-        "activation_checkpointing": s.gradient_checkpointing,
-        "logging_steps": s.logging_steps,
-        "eval_strategy": "steps",
-        "eval_steps": s.eval_steps,
-        "save_strategy": "steps",
-        "save_steps": spec.checkpointing.save_steps,
-        "save_total_limit": spec.checkpointing.save_total_limit,
-        "report_to": "none",
-        "seed": spec.seed,
-        "data_seed": spec.seed,
-        "use_cpu": True,
-        "bf16": False,
-        "fp16": False,
-    }
-
-
-def bare_config(spec: DPOJobSpec, out: Path) -> dict[str, Any]:
-    """Everything the bare script needs, taken from the same validated spec our CLI runs."""
-    data = spec.data
-    assert data.sft is not None and data.dpo is not None and data.sft.source.files and data.dpo.source.files
-    assert data.sft.source.files.paths == data.dpo.source.files.paths and data.dpo.eval_source is None
-    return {
-        "out": str(out),
-        "model": spec.model.name,
-        "dtype": spec.model.dtype,
-        "quantized": spec.quantization.mode == "4bit",
-        "quant_type": spec.quantization.quant_type,
-        "compute_dtype": spec.quantization.compute_dtype,
-        "double_quant": spec.quantization.double_quant,
-        "data": data.sft.source.files.paths,
-        "text_template": data.sft.text_template,
-        "sft_eval_size": data.sft.eval_size,
-        "prompt_template": data.dpo.prompt_template,
-        "chosen_template": data.dpo.chosen_template,
-        "rejected_template": data.dpo.rejected_template,
-        "dpo_eval_size": data.dpo.eval_size,
-        "max_prompt_length": spec.dpo.max_prompt_length,
-        "packing": spec.sft.packing,
-        "sft": {"args": stage_args(spec, "sft"), "lora": lora_kwargs(spec, "sft")},
-        "dpo": {"args": stage_args(spec, "dpo"), "lora": lora_kwargs(spec, "dpo")},
-        "dpo_only": {
-            "beta": spec.dpo.beta,
-            "loss_type": list(spec.dpo.loss_type),
-            "loss_weights": spec.dpo.loss_weights,
-            "label_smoothing": spec.dpo.label_smoothing,
-            "precompute_ref_log_probs": spec.dpo.precompute_ref_log_probs,
-        },
-    }
-
-
-def lora_kwargs(spec: DPOJobSpec, stage: str) -> dict[str, Any]:
-    lora = getattr(spec, stage).lora
-    return {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": lora.target_modules}
 
 
 def quickstart_in(work: Path) -> tuple[Path, DPOJobSpec]:
@@ -287,9 +116,9 @@ def run_bare(root: Path) -> dict[str, Any]:
     work = Path(tempfile.mkdtemp(prefix="bare-", dir=root))
     _, spec = quickstart_in(work)
     config = work / "bare.json"
-    config.write_text(json.dumps(bare_config(spec, work / "out")))
+    config.write_text(json.dumps(bare_trl.config(spec, str(work / "out"))))
     script = work / "bare_trl.py"
-    script.write_text(BARE_SCRIPT)
+    script.write_text(bare_trl.SCRIPT)
     started, ended = timed([sys.executable, str(script), str(config)], work)
     result = json.loads((work / "out" / "bare_result.json").read_text())
     times = result["times"]

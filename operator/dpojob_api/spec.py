@@ -503,7 +503,7 @@ class VolumeClaim(SpecModel):
 
 
 class RuntimeSpec(SpecModel):
-    """How the trainer pod runs on the cluster. Ignored by `dpo-trainer run` outside Kubernetes."""
+    """How the trainer pod runs on the cluster. Outside Kubernetes `dpo-trainer run` reads only gpus."""
 
     image: str = Field(default="ghcr.io/dpo-operator/trainer:0.1.0", min_length=1)
     """Trainer container image."""
@@ -512,7 +512,7 @@ class RuntimeSpec(SpecModel):
     image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list)
     """Pull secrets for private registries."""
     gpus: int = Field(default=1, ge=0, le=64)
-    """nvidia.com/gpu per pod; more than one trains data-parallel inside the pod."""
+    """nvidia.com/gpu per pod, data-parallel when > 1; > 0 needs CUDA (else GPUUnavailable); 0 trains on CPU."""
     cpu: str = Field(default="4", pattern=r"^([0-9]+m?|[0-9]*\.[0-9]+)$")
     """CPU request (Kubernetes quantity)."""
     memory: ByteQuantity = "32Gi"

@@ -128,15 +128,17 @@ def test_processes_to_launch(monkeypatch: pytest.MonkeyPatch) -> None:
     for name in (NPROC_ENV, "LOCAL_RANK", "WORLD_SIZE"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 0)
-    assert processes(None) == 1 and processes(3) == 3  # CPU: only when asked for
+    assert processes(None, 1) == 1 and processes(3, 1) == 3  # CPU: only when asked for
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
-    assert processes(None) == 2 and processes(1) == 1
+    assert processes(None, 2) == 2 and processes(1, 2) == 1
+    assert processes(None, 1) == 1  # the spec's runtime.gpus bounds what a host shows
+    assert processes(None, 0) == 1  # no GPU asked for: one CPU process, not one per visible GPU
     with pytest.raises(InvalidSpec, match="only 2 CUDA devices"):
-        processes(4)
+        processes(4, 4)
     monkeypatch.setenv(NPROC_ENV, "1")
-    assert processes(None) == 1
+    assert processes(None, 2) == 1
     monkeypatch.setenv(NPROC_ENV, "two")
     with pytest.raises(InvalidSpec, match=NPROC_ENV):
-        processes(None)
+        processes(None, 2)
     monkeypatch.setenv("WORLD_SIZE", "2")  # already a worker: never launches again
-    assert processes(4) == 1
+    assert processes(4, 4) == 1

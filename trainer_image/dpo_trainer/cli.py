@@ -169,7 +169,7 @@ def _run(argv: list[str] | None) -> int:
         job = parse_job(document)
         spec = resolve_local_paths(job.spec)
         out_dir = (args.output or Path(spec.checkpointing.directory)).expanduser().absolute()
-        nproc = launch.processes(args.nproc)
+        nproc = launch.processes(args.nproc, spec.runtime.gpus)
         if nproc > 1:
             write_termination_message(
                 launch.run_workers(nproc, ["run", str(args.spec), "--output", str(out_dir)]), secrets

@@ -41,8 +41,9 @@ def in_distributed_launch() -> bool:
     return "LOCAL_RANK" in os.environ or "WORLD_SIZE" in os.environ
 
 
-def processes(requested: int | None) -> int:
-    """Worker processes to run: --nproc, else $DPO_TRAINER_NPROC, else one per visible CUDA device.
+def processes(requested: int | None, spec_gpus: int) -> int:
+    """Worker processes to run: --nproc, else $DPO_TRAINER_NPROC, else one per visible CUDA device up to the spec's
+    runtime.gpus (a spec asking for no GPU trains in one CPU process, whatever the host shows).
 
     Counting GPUs imports torch (seconds), so the CLI asks only once the spec has validated.
     """
@@ -53,13 +54,13 @@ def processes(requested: int | None) -> int:
         if not value.isdigit() or int(value) < 1:
             raise InvalidSpec(f"{NPROC_ENV} must be a positive integer, not {value!r}")
         requested = int(value)
-    if requested == 1:
+    if requested == 1 or (requested is None and spec_gpus == 0):
         return 1
     import torch
 
     gpus = torch.cuda.device_count()
     if requested is None:
-        return max(gpus, 1)
+        return max(min(gpus, spec_gpus), 1)
     if gpus and requested > gpus:
         raise InvalidSpec(f"{requested} processes asked for, but only {gpus} CUDA devices are visible (one per GPU)")
     return requested
