@@ -1,7 +1,8 @@
 """The baseline of the trainer benchmarks: a bare TRL script doing what `dpo-trainer run` does, and its config.
 
 `SCRIPT` uses datasets, SFTTrainer, DPOTrainer and PEFT directly, in one process, every import at the top:
-render the rows, hold out the eval rows, drop long prompts, QLoRA SFT, merge the SFT adapter into the base,
+render the rows, hold out the eval rows, shuffle the SFT rows as the seed did and keep what max_steps consume,
+drop long prompts and keep the pairs max_steps consume, QLoRA SFT, merge the SFT adapter into the base,
 DPO with a fresh LoRA on the merged model (reference: the adapter disabled), merge the DPO adapter. Nothing of
 what is ours alone (progress events, resumable state, model card, summary). `config()` derives every setting
 from the same validated DPOJob spec our CLI runs, so both sides train the same thing.
@@ -17,6 +18,9 @@ from typing import Any
 
 from dpojob_api.spec import DPOJobSpec
 
+SHUFFLE_BUFFER = 5000
+"""The seed's shuffle(buffer_size=5000) of its streamed SFT rows."""
+
 SCRIPT = r'''
 """Bare TRL: SFT (QLoRA) -> merge -> DPO (fresh LoRA, 4-bit) -> merge, configured by a JSON file."""
 import time
@@ -27,8 +31,9 @@ import sys
 from pathlib import Path
 
 import bitsandbytes.cextension
+import numpy as np
 import torch
-from datasets import load_dataset
+from datasets import Dataset, load_dataset
 from peft import LoraConfig, PeftModel, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, TrainerCallback
 from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
@@ -104,11 +109,33 @@ def train(trainer, stage):
     trainer.save_model(f"{out}/{stage}/adapter")
 
 
-rows = load_dataset("json", data_files=cfg["data"], split="train")
-sft_rows = rows.map(lambda r: {"text": cfg["text_template"].format(**r)}, remove_columns=rows.column_names)
-sft_train, sft_eval = split(sft_rows, cfg["sft_eval_size"])
-templates = {"prompt": cfg["prompt_template"], "chosen": cfg["chosen_template"], "rejected": cfg["rejected_template"]}
-pairs = rows.map(lambda r: {k: t.format(**r) for k, t in templates.items()}, remove_columns=rows.column_names)
+def buffer_shuffle(items, size, seed):
+    """datasets' IterableDataset.shuffle(buffer_size=size) with a seed: how the seed recipe streamed its SFT rows."""
+    rng = np.random.default_rng(seed)
+    buffer, slots = [], iter(())
+    for item in items:
+        if len(buffer) < size:
+            buffer.append(item)
+            continue
+        slot = next(slots, None)
+        if slot is None:
+            slots = iter(rng.integers(0, size, size=1000).tolist())
+            slot = next(slots)
+        yield buffer[slot]
+        buffer[slot] = item
+    for slot in rng.permutation(len(buffer)).tolist():
+        yield buffer[slot]
+
+
+def enough_tokens(texts, tokens):
+    """Shuffled SFT texts until they fill the packed sequences max_steps consume (each adds its tokens and EOS)."""
+    taken, count = [], 0
+    for text in texts:
+        if count >= tokens:
+            break
+        taken.append(text)
+        count += len(tokenizer(text)["input_ids"]) + 1
+    return taken
 
 
 def short_prompts(batch):
@@ -116,8 +143,16 @@ def short_prompts(batch):
     return [len(x) <= cfg["max_prompt_length"] for x in ids]
 
 
+rows = load_dataset("json", data_files=cfg["data"], split="train")
+sft_rows = rows.map(lambda r: {"text": cfg["text_template"].format(**r)}, remove_columns=rows.column_names)
+sft_train, sft_eval = split(sft_rows, cfg["sft_eval_size"])
+shuffled = buffer_shuffle(sft_train["text"], cfg["shuffle_buffer"], cfg["seed"])
+sft_train = Dataset.from_dict({"text": enough_tokens(shuffled, cfg["sft_tokens_needed"])})
+templates = {"prompt": cfg["prompt_template"], "chosen": cfg["chosen_template"], "rejected": cfg["rejected_template"]}
+pairs = rows.map(lambda r: {k: t.format(**r) for k, t in templates.items()}, remove_columns=rows.column_names)
 dpo_train, dpo_eval = split(pairs, cfg["dpo_eval_size"])
 dpo_train = dpo_train.filter(short_prompts, batched=True)
+dpo_train = dpo_train.select(range(min(cfg["dpo_pairs_needed"], len(dpo_train))))
 dpo_eval = dpo_eval.filter(short_prompts, batched=True) if dpo_eval is not None else None
 timelines = {"sft": Timeline(), "dpo": Timeline()}
 peaks = {}
@@ -201,12 +236,24 @@ def lora_kwargs(spec: DPOJobSpec, stage: str) -> dict[str, Any]:
     return {"r": lora.r, "lora_alpha": lora.alpha, "lora_dropout": lora.dropout, "target_modules": lora.target_modules}
 
 
+def examples(spec: DPOJobSpec, stage: str) -> int:
+    """Examples max_steps consume in one process: steps x batch x accumulation."""
+    s = getattr(spec, stage)
+    return s.max_steps * s.batch_size * s.gradient_accumulation_steps
+
+
 def config(spec: DPOJobSpec, out: str, *, cuda: bool = False) -> dict[str, Any]:
-    """Everything SCRIPT needs, from a spec that reads one set of local files for both stages."""
+    """Everything SCRIPT needs, from a spec that reads one set of local files for both stages, trains max_steps and
+    packs SFT (our data stage then saves exactly the rows the steps consume: SCRIPT takes the same ones)."""
     data = spec.data
     assert data.sft is not None and data.dpo is not None and data.sft.source.files and data.dpo.source.files
     assert data.sft.source.files.paths == data.dpo.source.files.paths and data.dpo.eval_source is None
+    assert spec.sft.max_steps > 0 and spec.dpo.max_steps > 0 and spec.sft.packing and data.max_samples is None
     return {
+        "seed": spec.seed,
+        "shuffle_buffer": SHUFFLE_BUFFER,
+        "sft_tokens_needed": examples(spec, "sft") * spec.sft.max_length,
+        "dpo_pairs_needed": examples(spec, "dpo"),
         "out": out,
         "model": spec.model.name,
         "dtype": spec.model.dtype,

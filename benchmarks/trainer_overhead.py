@@ -11,6 +11,7 @@ every import at the top; it does what our data, sft, sft_merge, dpo and dpo_merg
 of what is ours alone (progress events, resumable state, model card, summary). Measured per run:
 
     wall_s      the whole subprocess, interpreter start to exit
+    cpu_s       CPU seconds (user + system) the subprocess used: what it costs, little moved by other load
     train_s     the sum of the Trainer's own train_runtime for SFT and DPO (inside trainer.train():
                 steps, evaluations, checkpoint saves), i.e. training only, no imports or model loading
 
@@ -24,6 +25,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -65,13 +67,17 @@ def quickstart_in(work: Path) -> tuple[Path, DPOJobSpec]:
     return path, DPOJobSpec.model_validate(spec)
 
 
-def timed(command: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> tuple[float, float]:
-    """Run one subprocess (stdout to cwd/stdout.log, stderr to cwd/stderr.log); its start and end, Unix time."""
+def timed(command: list[str], cwd: Path, extra_env: dict[str, str] | None = None) -> tuple[float, float, float]:
+    """Run one subprocess (stdout to cwd/stdout.log, stderr to cwd/stderr.log): its start and end (Unix time) and
+    the CPU seconds it used (user + system, its children included): unlike wall time, hardly moved by other load."""
     env = {k: v for k, v in os.environ.items() if k != "HF_TOKEN"} | ENV | (extra_env or {})
     with (cwd / "stdout.log").open("w") as out, (cwd / "stderr.log").open("w") as err:
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.time()
         subprocess.run(command, cwd=cwd, env=env, stdout=out, stderr=err, check=True)
-        return started, time.time()
+        ended = time.time()
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return started, ended, after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
 
 
 def train_runtime(history: list[dict[str, Any]]) -> float:
@@ -93,7 +99,7 @@ def run_ours(root: Path) -> dict[str, Any]:
     spec_path, _ = quickstart_in(work)
     cli = Path(sys.executable).with_name("dpo-trainer")
     command = [str(cli), "run", str(spec_path), "--output", str(work / "work")]
-    started, ended = timed(command, work, {"DPO_TERMINATION_MESSAGE_PATH": str(work / "termination-log")})
+    started, ended, cpu = timed(command, work, {"DPO_TERMINATION_MESSAGE_PATH": str(work / "termination-log")})
     events = [json.loads(line) for line in (work / "stdout.log").read_text().splitlines()]
     summary = json.loads((work / "work" / "summary.json").read_text())
     histories = {s: json.loads((work / "work" / s / "log_history.json").read_text()) for s in ("sft", "dpo")}
@@ -106,6 +112,7 @@ def run_ours(root: Path) -> dict[str, Any]:
     phases["between_stages"] = ended - started - sum(phases.values())
     return {
         "wall_s": ended - started,
+        "cpu_s": cpu,
         "train_s": sum(train_runtime(h) for h in histories.values()),
         "phases_s": phases,
         "final": final_dpo_metrics(histories["dpo"]),
@@ -119,11 +126,12 @@ def run_bare(root: Path) -> dict[str, Any]:
     config.write_text(json.dumps(bare_trl.config(spec, str(work / "out"))))
     script = work / "bare_trl.py"
     script.write_text(bare_trl.SCRIPT)
-    started, ended = timed([sys.executable, str(script), str(config)], work)
+    started, ended, cpu = timed([sys.executable, str(script), str(config)], work)
     result = json.loads((work / "out" / "bare_result.json").read_text())
     times = result["times"]
     return {
         "wall_s": ended - started,
+        "cpu_s": cpu,
         "train_s": train_runtime(result["sft_log_history"]) + train_runtime(result["dpo_log_history"]),
         "phases_s": {
             "interpreter_start": times["started"] - started,
@@ -172,10 +180,12 @@ def main() -> int:
         "loadavg_after": [round(x, 2) for x in os.getloadavg()],
         "runs": args.runs,
         "wall_s": {"ours": summarize(ours, "wall_s"), "bare": summarize(bare, "wall_s")},
+        "cpu_s": {"ours": summarize(ours, "cpu_s"), "bare": summarize(bare, "cpu_s")},
         "train_s": {"ours": summarize(ours, "train_s"), "bare": summarize(bare, "train_s")},
         "ratio_wall": round(summarize(ours, "wall_s")["median"] / summarize(bare, "wall_s")["median"], 3),
         # Each round's two runs share the machine's load at that time; the median of their ratios resists drift.
         "ratio_wall_paired": median([o["wall_s"] / b["wall_s"] for o, b in zip(ours, bare, strict=True)]),
+        "ratio_cpu": round(summarize(ours, "cpu_s")["median"] / summarize(bare, "cpu_s")["median"], 3),
         "ratio_train": round(summarize(ours, "train_s")["median"] / summarize(bare, "train_s")["median"], 3),
         "phases_s": {"ours": phase_medians(ours), "bare": phase_medians(bare)},
         "same_final_dpo_metrics": all(r["final"] == ours[0]["final"] for r in ours + bare),

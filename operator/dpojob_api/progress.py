@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 PROGRESS_KIND = "dpo-trainer/progress"
 EventKind = Literal["stage_start", "log", "stage_end", "done", "error"]
-TrainerStage = Literal["data", "sft", "sft_merge", "dpo", "dpo_merge", "model_card", "gates", "push"]
+TrainerStage = Literal["data", "sft", "sft_merge", "dpo_data", "dpo", "dpo_merge", "model_card", "gates", "push"]
 TRAINER_STAGES: tuple[str, ...] = get_args(TrainerStage)
 Reason = Literal[
     "Succeeded",
@@ -38,6 +38,7 @@ Reason = Literal[
     "OutOfMemory",
     "TrainingError",
     "QualityGateFailed",
+    "GPUUnavailable",
     "Interrupted",
 ]
 """The reason in a termination message (and an `error` event); the trainer's exit code maps to the same."""
@@ -52,6 +53,7 @@ DISPLAY_STAGE: dict[str, str] = {
     "data": "data",
     "sft": "sft",
     "sft_merge": "merge",
+    "dpo_data": "data",
     "dpo": "dpo",
     "dpo_merge": "merge",
     "model_card": "push",
@@ -60,9 +62,10 @@ DISPLAY_STAGE: dict[str, str] = {
 }
 """Trainer stage -> the stage users see in status.stage."""
 STAGE_WEIGHTS: dict[str, int] = {
-    "data": 2,
+    "data": 1,
     "sft": 40,
     "sft_merge": 3,
+    "dpo_data": 1,
     "dpo": 50,
     "dpo_merge": 3,
     "model_card": 1,

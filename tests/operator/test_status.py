@@ -366,3 +366,18 @@ def test_assignments_are_validated() -> None:
     status = DPOJobStatus()
     with pytest.raises(ValidationError):
         status.phase = "Done"
+
+
+def test_a_trainer_that_cannot_use_its_gpu_fails_the_run_with_gpu_unavailable() -> None:
+    failure = {
+        "reason": "GPUUnavailable",
+        "message": "spec.runtime.gpus is 1 but torch cannot use CUDA: torch 2.13.0+cu130 is built for CUDA 13.0; "
+        "NVIDIA driver 535.104.05; 0 CUDA devices visible; ...; or set spec.runtime.gpus: 0 to train on CPU",
+    }
+    failed = pod("p1", "Failed", terminated={"exitCode": 10, "message": json.dumps(failure)})
+    status = observe(job=job(failed=1, conditions=[{"type": "Failed", "status": "True"}]), pods=[failed])
+    assert status["phase"] == "Failed"
+    assert condition(status, "Failed")["reason"] == condition(status, "Ready")["reason"] == "GPUUnavailable"
+    assert condition(status, "Failed")["message"] == failure["message"]
+    [event] = [e for e in transition_events({}, status) if e.type == "Warning"]
+    assert (event.reason, event.message) == ("GPUUnavailable", failure["message"])

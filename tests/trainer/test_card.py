@@ -152,3 +152,17 @@ def test_model_card_holds_front_matter_metrics_plot_and_spec(quickstart_run: Cli
     written = yaml.safe_load((quickstart_run.out_dir.parent / "quickstart.yaml").read_text())
     full = DPOJob.model_validate(written).spec.model_dump(mode="json", by_alias=True)
     assert yaml.safe_load(spec_yaml) == model_identity(full)  # the spec less what does not shape the model
+
+
+def test_gpu_memory_gets_a_table_of_its_own(tmp_path: Path) -> None:
+    """On CUDA the card lists each stage's GPU memory; the gpu/* metrics stay out of the results table."""
+    spec = DPOJobSpec.model_validate({"output": {"directory": "/o"}})
+    dpo = {"loss": 0.5, "gpu/peak_allocated_gib": 9.0}
+    gpu = {
+        "sft": {"allocated_at_start_gib": 0.0, "peak_allocated_gib": 6.25, "peak_reserved_gib": 7.0},
+        "dpo": {"allocated_at_start_gib": 0.002, "peak_allocated_gib": 9.0, "peak_reserved_gib": 10.5},
+    }
+    card = render_card(_context(tmp_path, spec), dpo, {}, gpu_memory=gpu)
+    assert "## GPU memory" in card and "| sft | 0 | 6.25 | 7 |\n| dpo | 0.002 | 9 | 10.5 |" in card
+    assert "| gpu/" not in card
+    assert "## GPU memory" not in render_card(_context(tmp_path, spec), {"loss": 0.5}, {})

@@ -115,3 +115,20 @@ def test_sigterm_is_ignored_once_the_outcome_is_reported(tmp_path: Path, monkeyp
         assert signal.getsignal(signal.SIGTERM) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+def test_gpus_asked_for_on_a_machine_without_cuda_fail_before_anything_runs(tmp_path: Path) -> None:
+    """No silent CPU fallback: this CPU-only torch cannot serve runtime.gpus: 1, so nothing is loaded or trained."""
+    job = _with(["runtime", "gpus"], 1)
+    run = run_cli(job, tmp_path, env={"NVIDIA_VISIBLE_DEVICES": "all"})
+    line = assert_failed(
+        run,
+        "GPUUnavailable",
+        "spec.runtime.gpus is 1 but torch cannot use CUDA: torch ",
+        " is a CPU-only build; ",
+        "0 CUDA devices visible; NVIDIA_VISIBLE_DEVICES='all'.",
+        "or set spec.runtime.gpus: 0 to train on CPU",
+    )
+    assert run.termination["message"] in line
+    assert not run.out_dir.exists()  # no stage directory, no state, no data
+    assert [e["event"] for e in run.events] == ["error"]

@@ -132,7 +132,7 @@ def history(quickstart_run: CliRun, hub: LocalHub, tmp_path_factory: pytest.Temp
 def test_not_worse_than_nothing_passes_and_the_commit_is_tagged_with_the_run(history: dict[str, Step]) -> None:
     weak = history["weak"]
     assert weak.run.returncode == 0, weak.run.stderr[-3000:]
-    assert weak.rerun == ["dpo", "dpo_merge", "model_card", "gates", "push"]
+    assert weak.rerun == ["dpo_data", "dpo", "dpo_merge", "model_card", "gates", "push"]
     assert f"dpo-trainer: note: notWorseThanTarget: nothing at {REPO_ID}@main yet: passed" in weak.run.stderr
     model = weak.run.termination["model"]
     assert model == weak.summary["model"] and model["revision"] == "main" and model["tag"] == "run-g1"

@@ -37,7 +37,7 @@ def two_workers(tmp_path_factory: pytest.TempPathFactory) -> CliRun:
 def test_rank_0_alone_reports_each_stage_once(two_workers: CliRun) -> None:
     events = two_workers.events
     starts = [e["stage"] for e in events if e["event"] == "stage_start"]
-    assert starts == ["data", "sft", "sft_merge", "dpo", "dpo_merge", "model_card"]
+    assert starts == ["data", "sft", "sft_merge", "dpo_data", "dpo", "dpo_merge", "model_card"]
     assert list(two_workers.stage_ends()) == starts
     for stage in ("sft", "dpo"):
         assert [e["step"] for e in two_workers.logs(stage)] == [2, 4, 6]
@@ -60,7 +60,7 @@ def test_data_prepared_and_model_merged_once_by_rank_0(two_workers: CliRun) -> N
     """Rank 1 skips the main-only stages; a second writer would show a second dataset or model save."""
     assert two_workers.stderr.count("Saving the dataset (0/1 shards)") == 4  # sft/dpo x train/eval
     summary = two_workers.summary()
-    assert summary["data"]["dpo_train"] == 312
+    assert summary["data"]["dpo_train"] == 6 * 4 * 2  # maxSteps x batchSize x 2 ranks: read once, for both
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(summary["model"]["directory"])

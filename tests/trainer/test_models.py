@@ -1,13 +1,29 @@
-"""Spec → Trainer/PEFT/bitsandbytes settings, and the 4-bit NF4 load on CPU."""
+"""Spec → device, precision, Trainer/PEFT/bitsandbytes settings, and the 4-bit NF4 load on CPU."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
-from dpo_trainer.models import load_model, load_tokenizer, lora_config, trainer_arguments
+from dpo_trainer import models
+from dpo_trainer.errors import GPUUnavailable
+from dpo_trainer.models import (
+    CudaProbe,
+    check_device,
+    gpu_unavailable_message,
+    load_model,
+    load_tokenizer,
+    lora_config,
+    nvidia_driver_version,
+    quantization_config,
+    select_precision,
+    trainable_in_fp32,
+    trainer_arguments,
+)
 from dpo_trainer.specfile import load_job
 from dpo_trainer.training import dpo_config, sft_config
-from dpojob_api.spec import DPOSpec, SFTSpec
+from dpojob_api.spec import DPOJobSpec, DPOSpec, SFTSpec
 
 from .conftest import QUICKSTART, TINY_MODEL
 
@@ -88,7 +104,7 @@ def test_four_bit_load_runs_on_cpu(quant_type: str) -> None:
 
     spec = load_job(QUICKSTART).spec
     spec.quantization.quant_type = quant_type
-    model = load_model(spec, str(TINY_MODEL), quantized=True)
+    model = load_model(spec, str(TINY_MODEL), training=True)
     assert model.is_loaded_in_4bit
     q_proj = model.model.layers[0].self_attn.q_proj
     assert type(q_proj).__name__ == "Linear4bit" and q_proj.weight.quant_type == quant_type
@@ -104,7 +120,7 @@ def test_qlora_gradients_survive_an_evaluation_on_cpu() -> None:
 
     spec = load_job(QUICKSTART).spec
     lora = LoraConfig(target_modules=["q_proj"], init_lora_weights=False)
-    model = get_peft_model(load_model(spec, str(TINY_MODEL), quantized=True), lora)
+    model = get_peft_model(load_model(spec, str(TINY_MODEL), training=True), lora)
     tokens = torch.tensor([[0, 5, 9, 33, 44, 55]])
     grads = []
     for _ in range(2):
@@ -116,3 +132,137 @@ def test_qlora_gradients_survive_an_evaluation_on_cpu() -> None:
         with torch.no_grad():
             model(tokens)
     assert grads[1] is not None and torch.allclose(grads[0], grads[1])
+
+
+SEED = DPOJobSpec.model_validate({"output": {"directory": "/o"}})  # bf16 model, 4-bit with bf16 compute
+QUICKSTART_SPEC = load_job(QUICKSTART).spec  # fp32 model, 4-bit with fp32 compute, runtime.gpus 0
+UNQUANTIZED_FP16 = DPOJobSpec.model_validate(
+    {"output": {"directory": "/o"}, "model": {"dtype": "float16"}, "quantization": {"mode": "none"}}
+)
+FALLBACK = "no native bfloat16"
+
+
+@pytest.mark.parametrize(
+    ("spec", "cuda", "bf16", "expected"),
+    [
+        (SEED, True, True, ("bf16", "bfloat16", "bfloat16", None)),
+        (SEED, True, False, ("fp16", "float16", "float16", FALLBACK)),  # T4, V100
+        (SEED, False, False, (None, "bfloat16", "bfloat16", None)),  # CPU computes in the loaded dtypes
+        (QUICKSTART_SPEC, True, False, (None, "float32", "float32", None)),
+        (QUICKSTART_SPEC, False, False, (None, "float32", "float32", None)),
+        (UNQUANTIZED_FP16, True, True, ("fp16", "bfloat16", "float16", None)),  # model.dtype decides without 4-bit
+        (UNQUANTIZED_FP16, True, False, ("fp16", "float16", "float16", FALLBACK)),
+    ],
+)
+def test_precision_follows_the_spec_and_the_gpu(
+    spec: DPOJobSpec, cuda: bool, bf16: bool, expected: tuple[str | None, str, str, str | None]
+) -> None:
+    chosen = select_precision(spec, cuda=cuda, bf16=bf16)
+    mixed, compute_dtype, model_dtype, note = expected
+    assert (chosen.mixed, chosen.compute_dtype, chosen.model_dtype) == (mixed, compute_dtype, model_dtype)
+    assert (note is None and chosen.note is None) or (note is not None and note in (chosen.note or ""))
+
+
+def test_a_gpu_without_bf16_trains_the_seed_recipe_in_fp16(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Trainer flags, the 4-bit compute dtype and the warning agree; the merges keep model.dtype."""
+    import torch
+
+    monkeypatch.setattr(models, "cuda_available", lambda: True)
+    monkeypatch.setattr(models, "bf16_supported", lambda: False)
+    check_device(SEED)
+    assert capsys.readouterr().err.startswith("dpo-trainer: warning: this GPU has no native bfloat16")
+    args = trainer_arguments(SEED, SEED.dpo, "/tmp/x", has_eval=True)
+    assert (args["use_cpu"], args["bf16"], args["fp16"]) == (False, False, True)
+    config = quantization_config(SEED)
+    assert config is not None and config.bnb_4bit_compute_dtype == torch.float16
+    assert models.precision(SEED).model_dtype == "float16" and SEED.model.dtype == "bfloat16"
+    monkeypatch.setattr(models, "bf16_supported", lambda: True)
+    args = trainer_arguments(SEED, SEED.dpo, "/tmp/x", has_eval=True)
+    assert (args["use_cpu"], args["bf16"], args["fp16"]) == (False, True, False)
+
+
+def test_runtime_gpus_zero_trains_on_cpu_even_where_cuda_works(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pod that requested no GPU must not use one the container runtime happens to show it."""
+    monkeypatch.setattr(models, "cuda_available", lambda: True)
+    spec = SEED.model_copy(deep=True)
+    spec.runtime.gpus = 0
+    check_device(spec)
+    args = trainer_arguments(spec, spec.dpo, "/tmp/x", has_eval=True)
+    assert (args["use_cpu"], args["bf16"], args["fp16"]) == (True, False, False)
+    assert models.device_map(spec) is None
+
+
+def test_gpus_asked_for_but_unusable_fail_with_gpu_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(models, "cuda_available", lambda: False)
+    monkeypatch.setattr(models, "probe_cuda", lambda: CudaProbe("2.13.0+cu130", "13.0", "570.86.15", 0, {}))
+    with pytest.raises(GPUUnavailable, match=r"spec.runtime.gpus is 1 but torch cannot use CUDA") as failed:
+        check_device(SEED)
+    assert "NVIDIA driver 570.86.15" in failed.value.message and ">= 580" in failed.value.message
+
+
+def test_gpu_unavailable_message_says_what_was_found_and_what_to_do() -> None:
+    cpu_build = gpu_unavailable_message(1, CudaProbe("2.13.0+cpu", None, None, 0, {}))
+    assert cpu_build == (
+        "spec.runtime.gpus is 1 but torch cannot use CUDA: torch 2.13.0+cpu is a CPU-only build; no NVIDIA driver "
+        "found; 0 CUDA devices visible; CUDA_VISIBLE_DEVICES and NVIDIA_VISIBLE_DEVICES unset. To use the GPU: a "
+        "CUDA build of torch, as in the trainer image (CUDA 13.0, an NVIDIA driver >= 580 on the node), and the "
+        "NVIDIA device plugin giving the pod nvidia.com/gpu; or set spec.runtime.gpus: 0 to train on CPU"
+    )
+    old_driver = gpu_unavailable_message(
+        2, CudaProbe("2.13.0+cu130", "13.0", "535.104.05", 0, {"NVIDIA_VISIBLE_DEVICES": "void"})
+    )
+    assert "torch 2.13.0+cu130 is built for CUDA 13.0; NVIDIA driver 535.104.05; 0 CUDA devices visible" in old_driver
+    assert "NVIDIA_VISIBLE_DEVICES='void'. To use the GPU: an NVIDIA driver >= 580 on the node, and" in old_driver
+    cuda12 = gpu_unavailable_message(1, CudaProbe("2.5.1+cu121", "12.1", None, 0, {"CUDA_VISIBLE_DEVICES": ""}))
+    assert "no NVIDIA driver found" in cuda12 and "CUDA_VISIBLE_DEVICES=''" in cuda12 and ">= 525" in cuda12
+    assert "\n" not in cuda12
+
+
+@pytest.mark.parametrize(
+    ("text", "version"),
+    [
+        (
+            "NVRM version: NVIDIA UNIX x86_64 Kernel Module  535.104.05  Sat Aug 19 01:15:15 UTC 2023\nGCC version:",
+            "535.104.05",
+        ),
+        (
+            "NVRM version: NVIDIA UNIX Open Kernel Module for x86_64  580.65.06  Release Build  (dvs-builder@U16)",
+            "580.65.06",
+        ),
+        ("NVRM version: NVIDIA UNIX aarch64 Kernel Module  575.57  Thu May 22 2025", "575.57"),
+    ],
+)
+def test_the_driver_version_is_read_from_proc(tmp_path: Path, text: str, version: str) -> None:
+    proc = tmp_path / "version"
+    proc.write_text(text)
+    assert nvidia_driver_version(proc) == version
+
+
+def test_no_driver_reads_as_none(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    assert nvidia_driver_version(tmp_path / "missing") is None
+
+
+def test_qlora_adapter_weights_train_in_fp32() -> None:
+    """TRL 1.16 casts a quantized model's trainable weights to bf16; the seed trained fp32 adapters."""
+    import torch
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    spec = QUICKSTART_SPEC
+    pairs = Dataset.from_list([{"prompt": "Question: q?\n\nAnswer: ", "chosen": "yes", "rejected": "no"}] * 4)
+    trainer = DPOTrainer(
+        model=load_model(spec, str(TINY_MODEL), training=True),
+        args=dpo_config(spec, "/tmp/x", has_eval=False),
+        train_dataset=pairs,
+        processing_class=load_tokenizer(spec, str(TINY_MODEL), None, None),
+        peft_config=lora_config(spec.dpo.lora),
+    )
+    trainable = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert trainable and {p.dtype for p in trainable} == {torch.bfloat16}  # what TRL does
+    trainable_in_fp32(trainer.model)
+    after = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert {p.dtype for p in after} == {torch.float32}
+    assert all(a is b for a, b in zip(trainable, after, strict=True))  # same Parameters: the optimizer gets these

@@ -44,7 +44,7 @@ from .conftest import (
     run_cli,
 )
 
-ALL_STAGES = ["data", "sft", "sft_merge", "dpo", "dpo_merge", "model_card", "push"]
+ALL_STAGES = ["data", "sft", "sft_merge", "dpo_data", "dpo", "dpo_merge", "model_card", "push"]
 
 
 def test_the_stage_table_is_the_stage_sequence_the_operator_knows() -> None:
@@ -79,8 +79,8 @@ def test_summary_and_termination_message(quickstart_run: CliRun) -> None:
     assert set(metrics) >= DPO_KEYS
     assert {"eval_loss", "eval_rewards/margins", "eval_rewards/accuracies"} <= set(metrics)
     assert set(summary["stages"]) == set(ALL_STAGES)
-    counts = {"sft_train": 288, "sft_eval": 32, "dpo_train": 288, "dpo_eval": 32, "dpo_train_dropped_long_prompts": 0}
-    assert summary["data"] == counts
+    counts = {"sft_train": 288, "sft_eval": 32, "dpo_train": 160, "dpo_eval": 32, "dpo_train_dropped_long_prompts": 0}
+    assert {k: v for k, v in summary["data"].items() if k != "sources"} == counts  # 160: 40 DPO steps x 4 pairs
     model = summary["model"]
     assert model["directory"].endswith("final-model")
     assert model["repoId"] == PUSH_REPO and model["revision"] == PUSH_BRANCH
@@ -125,7 +125,7 @@ def test_stage_plan_invalidates_only_what_changed() -> None:
     assert [n for n in before if before[n] != after[n]] == ["dpo", "dpo_merge", "model_card"]
     no_sft = spec.model_copy(deep=True)
     no_sft.sft.enabled = False
-    assert [stage.name for stage, _ in plan(no_sft)] == ["data", "dpo", "dpo_merge", "model_card"]
+    assert [stage.name for stage, _ in plan(no_sft)] == ["data", "dpo_data", "dpo", "dpo_merge", "model_card"]
 
 
 def test_settings_that_do_not_shape_the_model_invalidate_nothing() -> None:
@@ -207,6 +207,7 @@ def test_resume_after_a_kill_during_dpo(tmp_path: Path) -> None:
         "data": "done",
         "sft": "done",
         "sft_merge": "done",
+        "dpo_data": "done",
         "dpo": "running",
     }
     assert latest_checkpoint(first.layout.stage_dir("dpo")) == str(first.layout.stage_dir("dpo") / "checkpoint-4")
@@ -214,7 +215,7 @@ def test_resume_after_a_kill_during_dpo(tmp_path: Path) -> None:
     second = run_cli(job, tmp_path, "resume")
     assert second.returncode == 0, second.stderr[-3000:]
     ends = second.stage_ends()
-    assert [s for s, e in ends.items() if e["skipped"]] == ["data", "sft", "sft_merge"]
+    assert [s for s, e in ends.items() if e["skipped"]] == ["data", "sft", "sft_merge", "dpo_data"]
     assert not second.logs("sft")
     assert [e["step"] for e in second.logs("dpo")] == [6, 8, 10]
     history = json.loads(second.layout.log_history("dpo").read_text())
@@ -243,6 +244,19 @@ def _run_stubbed(spec: DPOJobSpec, out_dir: Path, fail_at: str | None = None) ->
     return ran
 
 
+def test_more_dpo_steps_read_more_pairs_and_keep_the_trained_sft_model(tmp_path: Path) -> None:
+    """DPO's pairs are prepared by a stage of their own: a DPO-only change that needs more rows (steps, batch shape)
+    prepares the pairs again, and SFT (hours on a GPU at the recipe's scale) is not trained again."""
+    spec = load_job(QUICKSTART).spec
+    assert _run_stubbed(spec, tmp_path) == ALL_STAGES[:-1]  # no push: the quickstart has no output.hub
+    longer = spec.model_copy(deep=True)
+    longer.dpo.max_steps *= 2
+    assert _run_stubbed(longer, tmp_path) == ["dpo_data", "dpo", "dpo_merge", "model_card"]
+    more_sft = longer.model_copy(deep=True)
+    more_sft.sft.max_steps *= 2
+    assert _run_stubbed(more_sft, tmp_path)[:2] == ["data", "sft"]
+
+
 def test_a_stage_that_reruns_invalidates_every_later_stage(tmp_path: Path) -> None:
     """Spec A finishes; B (another dpo.beta) is stopped during dpo; back to A, dpo trains again, so the merge, the
     card and the push must run again too, not be skipped on run A's records while DIR/model holds A's old model."""
@@ -251,7 +265,8 @@ def test_a_stage_that_reruns_invalidates_every_later_stage(tmp_path: Path) -> No
     spec_b.dpo.beta = 0.2
     assert _run_stubbed(spec_a, tmp_path) == ALL_STAGES
     assert _run_stubbed(spec_b, tmp_path, fail_at="dpo") == ["dpo"]
-    assert set(json.loads(RunLayout(tmp_path).state.read_text())["stages"]) == {"data", "sft", "sft_merge", "dpo"}
+    stages = set(json.loads(RunLayout(tmp_path).state.read_text())["stages"])
+    assert stages == {"data", "sft", "sft_merge", "dpo_data", "dpo"}
     assert _run_stubbed(spec_a, tmp_path) == ["dpo", "dpo_merge", "model_card", "push"]
     assert _run_stubbed(spec_a, tmp_path) == []
 
@@ -266,3 +281,40 @@ def test_only_rank_0_checks_the_token(tmp_path: Path, monkeypatch: pytest.Monkey
         monkeypatch.setenv("RANK", rank)
         pipeline.run(spec, tmp_path / rank, Reporter(io.StringIO()), None, {})
     assert checked_by == ["0"]
+
+
+def test_gpu_memory_per_stage_reaches_the_summary_metrics_and_termination_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On CUDA each stage's reading is recorded with it and a training stage's lands in its final metrics; a fake
+    reading stands in for the GPU. A rerun that skips the stages still reports what they used."""
+    from dpo_trainer import memory
+
+    peaks = {"sft": 6, "sft_merge": 14, "dpo": 9, "dpo_merge": 15}
+    current: list[str] = ["data"]
+
+    def reading() -> dict[str, int]:
+        gib = 2**30
+        peak = peaks.get(current[0], 1) * gib
+        return {"allocated": gib // 2, "peak_allocated": peak, "peak_reserved": peak + gib}
+
+    monkeypatch.setattr(memory, "cuda_reading", reading)
+    monkeypatch.setattr(pipeline, "STAGES", _stubbed(lambda name, ctx: current.__setitem__(0, name)))
+    spec = load_job(QUICKSTART).spec
+    summary = pipeline.run(spec, tmp_path, Reporter(io.StringIO()), None, {})
+    dpo = {"allocated_at_start_gib": 0.5, "peak_allocated_gib": 9.0, "peak_reserved_gib": 10.0}
+    assert summary["stages"]["dpo"] == {"seconds": summary["stages"]["dpo"]["seconds"], "skipped": False, "gpu": dpo}
+    assert summary["stages"]["sft_merge"]["gpu"]["peak_allocated_gib"] == 14.0
+    assert summary["metrics"] == {f"gpu/{k}": v for k, v in dpo.items()}
+    assert summary["sftMetrics"]["gpu/peak_reserved_gib"] == 7.0
+    assert pipeline.key_metrics(summary["metrics"]) == summary["metrics"]  # the termination message keeps them
+    again = pipeline.run(spec, tmp_path, Reporter(io.StringIO()), None, {})
+    assert again["stages"]["dpo"] == {**summary["stages"]["dpo"], "skipped": True}
+    assert again["metrics"] == summary["metrics"]
+
+
+def test_without_cuda_no_stage_has_gpu_memory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(pipeline, "STAGES", _stubbed(lambda name, ctx: None))
+    summary = pipeline.run(load_job(QUICKSTART).spec, tmp_path, Reporter(io.StringIO()), None, {})
+    assert not [stage for stage, entry in summary["stages"].items() if "gpu" in entry]
+    assert not [key for key in summary["metrics"] if key.startswith("gpu/")]

@@ -1,10 +1,12 @@
-"""Pure helpers of the training stages: final metrics and checkpoint choice."""
+"""The training stages: final metrics, checkpoint choice, and the adapters the shared quickstart run trained."""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 from dpo_trainer.training import final_metrics, latest_checkpoint
+
+from .conftest import CliRun
 
 
 def test_final_metrics_take_the_last_train_and_eval_logs() -> None:
@@ -35,3 +37,12 @@ def test_latest_checkpoint_skips_incomplete_ones(tmp_path: Path) -> None:
     (tmp_path / "checkpoint-14").mkdir()  # killed before trainer_state.json was written
     (tmp_path / "checkpoint-final").mkdir()
     assert latest_checkpoint(tmp_path) == str(tmp_path / "checkpoint-10")
+
+
+def test_the_adapters_were_trained_in_fp32(quickstart_run: CliRun) -> None:
+    """As in the seed, whatever TRL does with a quantized model's adapter weights (it casts them to bf16)."""
+    from safetensors import safe_open
+
+    for stage in ("sft", "dpo"):
+        with safe_open(quickstart_run.layout.adapter(stage) / "adapter_model.safetensors", "pt") as weights:
+            assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"F32"}, stage  # noqa: SIM118

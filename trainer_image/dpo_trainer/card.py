@@ -20,8 +20,10 @@ from dpo_trainer import hub
 from dpo_trainer.context import RunContext
 from dpo_trainer.errors import scrub
 from dpo_trainer.layout import PLOT_FILE
+from dpo_trainer.memory import GPU_METRIC_PREFIX
 from dpo_trainer.specfile import looks_like_path
 from dpo_trainer.training import stage_metrics
+from dpojob_api.progress import TRAINER_STAGES
 from dpojob_api.spec import NOT_ABOUT_THE_MODEL, model_identity
 
 PLOTTED = ("rewards/margins", "rewards/accuracies")
@@ -63,8 +65,10 @@ def hub_datasets(ctx: RunContext) -> list[str]:
 
 
 def metrics_table(metrics: dict[str, float]) -> str:
-    """Train and eval side by side, rewards/* and loss first; throughput counters are left to summary.json."""
-    names = {k.removeprefix("eval_") for k in metrics} - {"runtime", "samples_per_second", "steps_per_second"}
+    """Train and eval side by side, rewards/* and loss first; throughput counters are left to summary.json, GPU
+    memory to its own table."""
+    names = {k.removeprefix("eval_") for k in metrics if not k.startswith(GPU_METRIC_PREFIX)}
+    names -= {"runtime", "samples_per_second", "steps_per_second"}
     order = sorted(names, key=lambda k: (not k.startswith("rewards/"), k != "loss", k))
 
     def cell(key: str) -> str:
@@ -73,6 +77,16 @@ def metrics_table(metrics: dict[str, float]) -> str:
 
     rows = ["| metric | train | eval |", "|---|---|---|"]
     rows += [f"| {k} | {cell(k)} | {cell('eval_' + k)} |" for k in order]
+    return "\n".join(rows)
+
+
+def gpu_memory_table(records: dict[str, dict[str, float]]) -> str:
+    """Each stage's GPU memory (dpo_trainer.memory): allocated when it started, peaks while it ran."""
+    rows = ["| stage | allocated at start (GiB) | peak allocated (GiB) | peak reserved (GiB) |", "|---|---|---|---|"]
+    rows += [
+        f"| {stage} | {r['allocated_at_start_gib']:g} | {r['peak_allocated_gib']:g} | {r['peak_reserved_gib']:g} |"
+        for stage, r in records.items()
+    ]
     return "\n".join(rows)
 
 
@@ -166,10 +180,12 @@ def render_card(
     dpo_metrics: dict[str, float],
     sft_metrics: dict[str, float],
     target: dict[str, Any] | None = None,
+    gpu_memory: dict[str, dict[str, float]] | None = None,
 ) -> str:
     """The README text; the spec is included verbatim (it holds no secrets: tokens come from a Secret), less the
     sections that do not shape the model, so editing those never calls for a new card and push. `target` (see
-    read_target) adds a comparison with the model at the target revision."""
+    read_target) adds a comparison with the model at the target revision, `gpu_memory` (stage → "gpu" record,
+    on CUDA) a table of each stage's GPU memory."""
     spec = ctx.spec
     given = ctx.metadata.get("given_spec", {})
     model_name = given.get("model", {}).get("name", spec.model.name)
@@ -209,6 +225,8 @@ def render_card(
         ]
     if sft_metrics:
         sections += ["## SFT results (final)", metrics_table(sft_metrics)]
+    if gpu_memory:
+        sections += ["## GPU memory", gpu_memory_table(gpu_memory)]
     spec_yaml = yaml.safe_dump(model_identity(given), sort_keys=False)
     sections += [
         "## Training spec",
@@ -225,7 +243,9 @@ def run(ctx: RunContext) -> None:
     target = read_target(ctx) if ctx.spec.output.hub is not None else None
     if target is not None:
         ctx.write_json(layout.target, target)
-    card = render_card(ctx, stage_metrics(ctx, "dpo"), sft_metrics, target)
+    recorded = {stage: ctx.state.stages.get(stage, {}).get("gpu") for stage in TRAINER_STAGES}
+    gpu_memory = {stage: record for stage, record in recorded.items() if record}
+    card = render_card(ctx, stage_metrics(ctx, "dpo"), sft_metrics, target, gpu_memory)
     layout.card.write_text(card, encoding="utf-8")
     folders = [layout.model] + ([Path(ctx.spec.output.directory)] if ctx.spec.output.directory else [])
     for folder in folders:

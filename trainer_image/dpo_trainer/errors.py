@@ -15,6 +15,7 @@ pod status, so both are part of the trainer's contract (the reasons are dpojob_a
     OutOfMemory        7          host or accelerator memory ran out
     TrainingError      8          anything else that failed while training, merging or writing
     QualityGateFailed  9          a quality gate (output.gates) failed: nothing pushed, the merged model kept
+    GPUUnavailable     10         runtime.gpus > 0 but torch cannot use CUDA: failed before loading anything
     Interrupted        143        SIGTERM/SIGINT: a checkpoint was saved when possible; rerun resumes
     =================  =========  ============================================================================
 """
@@ -82,6 +83,11 @@ class QualityGateFailed(TrainerError):
     exit_code = 9
 
 
+class GPUUnavailable(TrainerError):
+    reason = "GPUUnavailable"
+    exit_code = 10
+
+
 class Interrupted(TrainerError):
     reason = "Interrupted"
     exit_code = 143
@@ -96,6 +102,7 @@ ALL_ERRORS: tuple[type[TrainerError], ...] = (
     OutOfMemory,
     TrainingError,
     QualityGateFailed,
+    GPUUnavailable,
     Interrupted,
 )
 

@@ -1,9 +1,10 @@
 """Where a run keeps everything under its work directory DIR: the one place that names those paths.
 
     DIR/state.json, summary.json, debug.log   stage bookkeeping, the run summary, tracebacks of failures
-    DIR/data/         {sft,dpo}_{train,eval}/ (save_to_disk), stats.json
+    DIR/data/         sft_{train,eval}/ (save_to_disk), stats.json
     DIR/sft/          checkpoint-*/, adapter/, log_history.json, parallelism.json
     DIR/sft_merge/    base + SFT adapter merged, with tokenizer
+    DIR/dpo_data/     dpo_{train,eval}/ (save_to_disk), stats.json
     DIR/dpo/          checkpoint-*/, adapter/, log_history.json, parallelism.json
     DIR/model/        the final model + tokenizer (the dpo_merge stage's directory), card and plot copied in
     DIR/model_card/   README.md, training_curves.png, target.json
@@ -31,6 +32,8 @@ PLOT_FILE = "training_curves.png"
 
 STAGE_DIRECTORIES: dict[str, str] = {stage: stage for stage in TRAINER_STAGES} | {"dpo_merge": "model"}
 """Each stage's directory under DIR; dpo_merge writes DIR/model, the model users get."""
+DATA_STAGES: dict[TrainingStage, TrainerStage] = {"sft": "data", "dpo": "dpo_data"}
+"""The stage that prepares each training stage's rows."""
 
 
 @dataclass(frozen=True)
@@ -55,12 +58,11 @@ class RunLayout:
         return self.root / "debug.log"
 
     def split(self, stage: TrainingStage, part: SplitPart) -> Path:
-        """A rendered split of the data stage; its name is also its key in stats.json."""
-        return self.stage_dir("data") / f"{stage}_{part}"
+        """A rendered split of a training stage's data stage; its name is also its key in stats.json."""
+        return self.stage_dir(DATA_STAGES[stage]) / f"{stage}_{part}"
 
-    @property
-    def data_stats(self) -> Path:
-        return self.stage_dir("data") / "stats.json"
+    def data_stats(self, stage: TrainingStage) -> Path:
+        return self.stage_dir(DATA_STAGES[stage]) / "stats.json"
 
     def adapter(self, stage: TrainingStage) -> Path:
         return self.stage_dir(stage) / "adapter"

@@ -1,14 +1,15 @@
 """The stage table, the stages' resumable bookkeeping, and the run summary.
 
-    data → sft → sft_merge → dpo → dpo_merge → model_card → gates → push
+    data → sft → sft_merge → dpo_data → dpo → dpo_merge → model_card → gates → push
 
 STAGES is the source of truth for the stages: their order (dpojob_api.progress.TRAINER_STAGES, the
 operator's view, must match it), what each runs and what invalidates it. Where each stage writes under the
 work directory DIR: see dpo_trainer.layout. sft.enabled=false skips sft and sft_merge; gates runs only when
 output.gates is set, push only when output.hub is.
 
-summary.json "stages" maps each stage to {"seconds", "skipped"}; for a stage skipped because an earlier
-run finished it, "seconds" is what it took then (its stage_end event reports 0 for this run).
+summary.json "stages" maps each stage to {"seconds", "skipped"} and, on CUDA, "gpu" (its memory: see
+dpo_trainer.memory); for a stage skipped because an earlier run finished it, these are what it took then (its
+stage_end event reports 0 seconds for this run).
 "parallelism" maps sft/dpo to {"worldSize", "backend", "globalBatchSize"}: processes that trained (one
 per GPU), their collective backend (null for one process), and batchSize x gradientAccumulationSteps x
 worldSize examples per optimizer step.
@@ -26,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpo_trainer import card, data, gates, hub, merge, training
+from dpo_trainer import card, data, gates, hub, memory, merge, models, training
 from dpo_trainer.context import RunContext, RunState, fingerprint, is_main_process, wait_for_everyone
 from dpo_trainer.layout import RunLayout, TrainingStage
 from dpo_trainer.progress import Reporter
@@ -34,7 +35,7 @@ from dpo_trainer.specfile import spec_as_yaml_dict
 from dpojob_api.progress import TrainerStage
 from dpojob_api.spec import DPOJobSpec, model_identity
 
-KEY_METRICS_PREFIXES = ("rewards/", "eval_")
+KEY_METRICS_PREFIXES = ("rewards/", "eval_", memory.GPU_METRIC_PREFIX)
 
 
 def _always(spec: DPOJobSpec) -> bool:
@@ -59,8 +60,8 @@ def _sft_enabled(spec: DPOJobSpec) -> bool:
 STAGES: tuple[Stage, ...] = (
     Stage(
         name="data",
-        run=data.run,
-        inputs=lambda s: [s["model"], s["data"], s["sft"]["enabled"], s["dpo"]["maxPromptLength"]],
+        run=data.run_sft_data,
+        inputs=lambda s: [s["model"], s["data"], s["sft"]["enabled"], data.sft_inputs(DPOJobSpec.model_validate(s))],
     ),
     Stage(
         name="sft",
@@ -70,6 +71,7 @@ STAGES: tuple[Stage, ...] = (
         main_only=False,
     ),
     Stage(name="sft_merge", run=merge.run_sft_merge, inputs=lambda s: [], enabled=_sft_enabled),
+    Stage(name="dpo_data", run=data.run_dpo_data, inputs=lambda s: data.dpo_inputs(DPOJobSpec.model_validate(s))),
     Stage(
         name="dpo",
         run=training.run_dpo,
@@ -106,7 +108,7 @@ def plan(spec: DPOJobSpec) -> list[tuple[Stage, str]]:
 
 
 def key_metrics(metrics: dict[str, Any]) -> dict[str, Any]:
-    """What the termination message carries: rewards/*, loss and eval_*."""
+    """What the termination message carries: rewards/*, loss, eval_* and, on CUDA, gpu/* (see dpo_trainer.memory)."""
     return {k: v for k, v in metrics.items() if k == "loss" or k.startswith(KEY_METRICS_PREFIXES)}
 
 
@@ -128,10 +130,15 @@ def build_summary(ctx: RunContext) -> dict[str, Any]:
         "sftMetrics": training.stage_metrics(ctx, "sft") if ctx.spec.sft.enabled else {},
         "parallelism": {stage: ctx.read_json(ctx.layout.parallelism(stage)) or {} for stage in trained},
         "stages": ctx.timings,
-        "data": ctx.read_json(ctx.layout.data_stats) or {},
+        "data": data.stats(ctx),
         "model": model_location(ctx),
         **verdict,
     }
+
+
+def _gpu(record: dict[str, float] | None) -> dict[str, Any]:
+    """A stage's GPU memory entry in state.json and summary.json "stages": present only when there is a reading."""
+    return {"gpu": record} if record else {}
 
 
 def run(
@@ -142,6 +149,7 @@ def run(
     metadata: dict[str, Any],
 ) -> dict[str, Any]:
     """Run (or resume) every enabled stage; return the summary also written to DIR/summary.json."""
+    models.check_device(spec)  # before anything is written, downloaded or loaded
     layout = RunLayout(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(spec, layout, reporter, token, RunState.load(layout.state), metadata)
@@ -151,18 +159,20 @@ def run(
     for stage, chain in plan(spec):
         reporter.emit("stage_start", stage=stage.name)
         if ctx.state.is_done(stage.name, chain):
-            ctx.timings[stage.name] = {"seconds": ctx.state.stages[stage.name].get("seconds", 0.0), "skipped": True}
+            done = ctx.state.stages[stage.name]
+            ctx.timings[stage.name] = {"seconds": done.get("seconds", 0.0), "skipped": True, **_gpu(done.get("gpu"))}
             reporter.emit("stage_end", stage=stage.name, seconds=0.0, skipped=True)
             continue
         ctx.prepare_stage_dir(stage.name, wipe=not ctx.state.is_resumable(stage.name, chain))
         ctx.state.start(stage.name, chain, later=[s.name for s in STAGES[STAGES.index(stage) + 1 :]])
-        started = time.monotonic()
+        started, used = time.monotonic(), memory.StageMemory()
+        used.start()
         if is_main_process() or not stage.main_only:
             stage.run(ctx)
         wait_for_everyone()
-        seconds = round(time.monotonic() - started, 3)
-        ctx.state.mark(stage.name, chain, "done", seconds=seconds)
-        ctx.timings[stage.name] = {"seconds": seconds, "skipped": False}
+        seconds, gpu = round(time.monotonic() - started, 3), _gpu(used.result())
+        ctx.state.mark(stage.name, chain, "done", seconds=seconds, **gpu)
+        ctx.timings[stage.name] = {"seconds": seconds, "skipped": False, **gpu}
         reporter.emit("stage_end", stage=stage.name, seconds=seconds, skipped=False)
     summary = build_summary(ctx)
     if is_main_process():

@@ -16,6 +16,7 @@ from dpo_trainer.context import RunContext
 from dpo_trainer.data import load_split
 from dpo_trainer.errors import DatasetError, Interrupted, TrainingError, reraise
 from dpo_trainer.layout import TrainingStage
+from dpo_trainer.memory import as_metrics
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainingArguments
@@ -62,7 +63,11 @@ def parallelism(args: TrainingArguments) -> dict[str, Any]:
 
 
 def train_and_save(ctx: RunContext, stage: TrainingStage, trainer: Trainer) -> None:
-    """Train (resuming when a checkpoint exists), evaluate once more if the last step missed an eval, save."""
+    """Train (resuming when a checkpoint exists) with fp32 adapter weights, evaluate once more if the last step
+    missed an eval, save."""
+    from dpo_trainer.models import trainable_in_fp32
+
+    trainable_in_fp32(trainer.model)
     checkpoint = latest_checkpoint(ctx.layout.stage_dir(stage))
     trainer.train(resume_from_checkpoint=checkpoint)
     state = trainer.state
@@ -120,7 +125,7 @@ def _stage_inputs(ctx: RunContext, stage: TrainingStage, model_path: str, revisi
         raise DatasetError(missing)
     evaluation = load_split(ctx, stage, "eval")
     tokenizer = load_tokenizer(spec, model_path, revision, ctx.token)
-    model = load_model(spec, model_path, revision=revision, token=ctx.token, quantized=spec.quantization.mode == "4bit")
+    model = load_model(spec, model_path, revision=revision, token=ctx.token, training=True)
     return train, evaluation, tokenizer, model
 
 
@@ -186,5 +191,6 @@ def run_dpo(ctx: RunContext) -> None:
 
 
 def stage_metrics(ctx: RunContext, stage: TrainingStage) -> dict[str, float]:
+    """The stage's final metrics, with its GPU memory (gpu/*) when it ran on CUDA."""
     history = ctx.read_json(ctx.layout.log_history(stage)) or []
-    return final_metrics(history)
+    return final_metrics(history) | as_metrics(ctx.state.stages.get(stage, {}).get("gpu"))
