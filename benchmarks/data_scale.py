@@ -19,10 +19,11 @@ examples/assets with the recipe's step counts and batch shapes (SFT 500 steps x 
 2. dpo: the same with sft.enabled false, stopped once DPO logs its first step (the first DPO step of the full
    recipe comes after 500 SFT steps and a merge, which are training, not data, costs).
 
-Measured from process start: seconds to the data stage's end and to the first step (the JSON progress events
-on stdout), bytes downloaded (the local Hub's request log: the sizes of the files it served with GET
-.../resolve/...), disk written (the work directory plus HF_HOME), peak RSS of the process tree (psutil, sampled
-every 0.2 s). Prints one JSON document: per size and run, and the ratio of the largest size to the smallest.
+Measured from process start: seconds to the end of the stage's data stage (data for SFT, dpo_data for DPO) and
+to the first step (the JSON progress events on stdout), bytes downloaded (the local Hub's request log: the sizes
+of the files it served with GET .../resolve/...), disk written (the work directory plus HF_HOME), peak RSS of the
+process tree (psutil, sampled every 0.2 s). Prints one JSON document: per size and run, and the ratio of the
+largest size to the smallest.
 --baseline-head also runs run 1 at the smallest size with the trainer and API of git HEAD (`git archive`, put
 first on PYTHONPATH): the behaviour before the change, when HEAD still has it.
 """
@@ -54,6 +55,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from dpo_dev.hub import LocalHub
+from dpo_trainer.layout import DATA_STAGES, RunLayout, TrainingStage
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_MODEL = REPO / "examples" / "assets" / "tiny-llama"
@@ -204,7 +206,12 @@ def tree_rss(process: psutil.Process) -> int:
 
 
 def run_trainer(
-    hub: LocalHub, log: HubLog, sizes: dict[str, int], workdir: Path, stage: str, pythonpath: str | None = None
+    hub: LocalHub,
+    log: HubLog,
+    sizes: dict[str, int],
+    workdir: Path,
+    stage: TrainingStage,
+    pythonpath: str | None = None,
 ) -> dict[str, Any]:
     """One `dpo-trainer run`, from a cold HF_HOME, until `stage` logs its first step (then killed)."""
     workdir.mkdir(parents=True)
@@ -250,7 +257,7 @@ def run_trainer(
     for line in child.stdout:
         event = json.loads(line)
         now = round(time.monotonic() - started, 2)
-        if event["event"] == "stage_end" and event["stage"] == "data":
+        if event["event"] == "stage_end" and event["stage"] == DATA_STAGES[stage]:
             seconds["dataStageEnd"] = now
         if event["event"] == "log" and event["stage"] == stage and "loss" in event["metrics"]:
             seconds["firstStep"] = now
@@ -267,7 +274,7 @@ def run_trainer(
     if "firstStep" not in seconds:
         raise RuntimeError(f"{stage} never stepped: see {workdir / 'stderr.log'}")
     served = log.served_since(mark)
-    stats = workdir / "work" / "data" / "stats.json"
+    stats = RunLayout(workdir / "work").data_stats(stage)
     return {
         "secondsToDataStageEnd": seconds.get("dataStageEnd"),
         f"secondsToFirst{stage.upper()}Step": seconds["firstStep"],
