@@ -122,22 +122,22 @@ class ObjectCache:
         with self._lock:
             self._drop(kind, namespace, name, (labels or {}).get(LABEL_DPOJOB, ""))
 
-    def replace_all(self, kind: str, items: Iterable[Mapping[str, Any]], revision: str | None) -> int:
+    def replace_all(self, kind: str, items: Iterable[Mapping[str, Any]], revision: str | None) -> list[Key]:
         """Reconcile the cache with a full LIST of `kind` (for the watched namespaces): hold what it returned,
         and drop what it lacks unless that was written after the list was taken. A watch that missed a
         DELETED event (a reconnect after a compaction) would otherwise keep a ghost forever. Returns the
-        number of ghosts dropped."""
+        (namespace, name) of each ghost dropped."""
         listed = [slim({**item, "kind": kind}) for item in items]
         cutoff = int(revision) if revision and revision.isdigit() else None
         with self._lock:
             present = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in listed}
-            dropped = 0
+            dropped: list[Key] = []
             for obj in list(self._objects(kind)):
                 meta = obj["metadata"]
                 revision_held = _revision(obj)
                 stale = cutoff is None or revision_held is None or revision_held <= cutoff
                 if (meta["namespace"], meta["name"]) not in present and stale:
-                    dropped += 1
+                    dropped.append((meta["namespace"], meta["name"]))
                     self._drop(kind, meta["namespace"], meta["name"], self._group(meta)[1])
             for obj in listed:
                 self._store(obj)

@@ -80,6 +80,13 @@ def label_value(dpojob_name: str) -> str:
     return f"{dpojob_name[:54].rstrip('-.')}-{short}"
 
 
+def normalized_path(path: str) -> str:
+    """An absolute path as the kernel resolves it, for comparing with RESERVED_PATHS: `/data/`, `/tmp/../data` and
+    `//data` are `/data` (POSIX lets normpath keep a leading `//`; Linux reads it as `/`)."""
+    normal = posixpath.normpath(path)
+    return "/" + normal.lstrip("/") if normal.startswith("//") else normal
+
+
 def labels(dpojob_name: str, generation: int) -> dict[str, str]:
     """Labels on every child: the operator finds its objects by these (selectors use label_value too)."""
     return {

@@ -7,7 +7,6 @@ Level-triggered: whatever woke it (a DPOJob, Job or pod event, a trainer log lin
 from __future__ import annotations
 
 import logging
-import posixpath
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -28,6 +27,7 @@ from .kube import (
     merge_patch,
     owned_by,
     prune_none,
+    resource_path,
     untrusted_job_message,
 )
 from .settings import OperatorSettings
@@ -43,7 +43,7 @@ def validate_spec(raw: dict[str, Any]) -> tuple[DPOJobSpec | None, str | None]:
         spec = DPOJobSpec.model_validate(raw)
     except ValidationError as exc:
         return None, describe_validation_error(exc)
-    checkpoints = posixpath.normpath(spec.checkpointing.directory)
+    checkpoints = manifests.normalized_path(spec.checkpointing.directory)
     if not spec.checkpointing.directory.startswith("/") or checkpoints in manifests.RESERVED_PATHS:
         return spec, (
             f"spec.checkpointing.directory: {spec.checkpointing.directory!r} must be an absolute path other than "
@@ -167,11 +167,15 @@ class Reconciler:
         self.queue.add_after((namespace, name), 1.0)
 
     def relist(self) -> None:
-        """Replace the cache with fresh LISTs (see ObjectCache.replace_all)."""
+        """Replace the cache with fresh LISTs (see ObjectCache.replace_all). A DPOJob the watch had not reported
+        deleted is forgotten as a DELETED event would have it (handlers.on_dpojob)."""
         for kind in ("DPOJob", "Job", "Pod"):
             items, revision = self.kube.list_all(kind, self.settings.namespaces)
             if dropped := self.cache.replace_all(kind, items, revision):
-                log.warning("relist: %d %s(s) the watch had not reported deleted were dropped", dropped, kind)
+                log.warning("relist: %d %s(s) the watch had not reported deleted were dropped", len(dropped), kind)
+            if kind == "DPOJob":
+                for namespace, name in dropped:
+                    self.forget(namespace, name)
 
     def reconcile_safely(self, namespace: str, name: str) -> None:
         """Reconcile, logging instead of raising (background callers have nobody to raise to)."""
@@ -237,7 +241,7 @@ class Reconciler:
         pods = self.cache.pods(namespace, manifests.label_value(name), generation)
         if error is None and spec is not None and not finished:
             if observed.suspended and job is not None:
-                self._delete_child(job)
+                self._delete_child(job, uid)
                 job = None
             elif not observed.suspended and job is None:
                 stopping = stopping_pod(pods, job_name, datetime.now(UTC))
@@ -387,14 +391,23 @@ class Reconciler:
             if job["metadata"]["name"] == current:
                 found = job
             else:
-                self._delete_child(job)
+                self._delete_child(job, uid)
         return found
 
-    def _delete_child(self, job: dict[str, Any]) -> None:
-        """Delete a run's Job and ConfigMap (same name), and stop holding the Job as if it still ran."""
+    def _delete_child(self, job: dict[str, Any], uid: str) -> None:
+        """Delete a run's Job (ours: the callers checked) and its same-named ConfigMap if this DPOJob (`uid`)
+        controls that too, and stop holding the Job as if it still ran. A ConfigMap of that name can be anyone's:
+        names are predictable."""
         meta = job["metadata"]
         self.kube.delete("Job", meta["namespace"], meta["name"])
-        self.kube.delete("ConfigMap", meta["namespace"], meta["name"])
+        try:
+            config_map = self.kube.request("GET", resource_path("ConfigMap", meta["namespace"], meta["name"]))
+        except ApiException as exc:
+            if exc.status != 404:
+                raise
+        else:
+            if owned_by(config_map, uid):
+                self.kube.delete("ConfigMap", meta["namespace"], meta["name"])
         self.cache.remove("Job", meta["namespace"], meta["name"], meta.get("labels"))
 
     def _expire(self, dpojob: dict[str, Any], spec: DPOJobSpec, job: dict[str, Any] | None) -> None:
@@ -404,7 +417,7 @@ class Reconciler:
         if ttl is None or job is None or not completed:
             return
         if datetime.now(UTC) >= utc_from_rfc3339(completed) + timedelta(seconds=ttl):
-            self._delete_child(job)
+            self._delete_child(job, dpojob["metadata"]["uid"])
             self.events.post(
                 dpojob, "Normal", "Cleaned", f"deleted trainer Job {job['metadata']['name']} after {ttl}s TTL"
             )

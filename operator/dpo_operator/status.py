@@ -7,11 +7,11 @@ server stores); `transition_events` says which Events the change between two sto
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+from dpojob_api.progress import TerminationMessage
 from dpojob_api.status import Condition, DPOJobStatus, ModelLocation, Progress, Rewards, Run, RunRef, TrainerRef
 
 from .progress import REWARD_KEYS
@@ -69,7 +69,7 @@ class Outcome:
     reason: str
     message: str = ""
     pod_name: str | None = None
-    details: dict[str, Any] = field(default_factory=dict)
+    final: TerminationMessage | None = None
     """The trainer's termination message (model, metrics) when it finished."""
 
 
@@ -83,24 +83,19 @@ def container_state(pod: dict[str, Any]) -> dict[str, Any]:
     return (statuses[0].get("state") or {}) if statuses else {}
 
 
-def termination_details(pod: dict[str, Any]) -> dict[str, Any]:
-    """The trainer's JSON termination message of a finished pod ({} when absent or not JSON)."""
-    terminated = container_state(pod).get("terminated") or {}
-    try:
-        details = json.loads(terminated.get("message") or "")
-    except ValueError:
-        return {}
-    return details if isinstance(details, dict) else {}
+def termination_message(pod: dict[str, Any]) -> TerminationMessage:
+    """The trainer's termination message of a finished pod, validated (pod output is untrusted)."""
+    return TerminationMessage.parse((container_state(pod).get("terminated") or {}).get("message"))
 
 
 def pod_failure(pod: dict[str, Any]) -> tuple[str, str]:
     """Reason code and one-line message for a failed trainer pod."""
     terminated = container_state(pod).get("terminated") or {}
-    details = termination_details(pod)
+    final = termination_message(pod)
     if terminated.get("reason") == "OOMKilled":
         return "OutOfMemory", "the trainer container was OOMKilled: raise spec.runtime.memory or lower batch sizes"
-    if details.get("reason"):
-        return str(details["reason"]), str(details.get("message", ""))
+    if final.reason:
+        return final.reason, final.message
     if terminated:
         tail = (terminated.get("message") or "").strip().splitlines()[-1:] or [""]
         return "TrainerError", f"trainer exited with code {terminated.get('exitCode')}: {tail[0]}".rstrip(": ")
@@ -154,8 +149,8 @@ def observe_outcome(obs: Observed) -> Outcome:
     if _job_condition(obs.job, "Complete"):
         done = [p for p in pods if p.get("status", {}).get("phase") == "Succeeded"]
         pod = _latest(done)
-        details = termination_details(pod) if pod else {}
-        return Outcome("Succeeded", "Succeeded", "training finished", pod and pod["metadata"]["name"], details)
+        final = termination_message(pod) if pod else None
+        return Outcome("Succeeded", "Succeeded", "training finished", pod and pod["metadata"]["name"], final)
     failed_condition = _job_condition(obs.job, "Failed")
     if failed_condition:
         failed = _latest([p for p in pods if p.get("status", {}).get("phase") == "Failed"])
@@ -231,15 +226,6 @@ def _reason(status: DPOJobStatus) -> str | None:
     return next((c.reason for c in final), None)
 
 
-def _model_location(details: dict[str, Any]) -> ModelLocation | None:
-    model = details.get("model")
-    if not isinstance(model, dict):
-        return None
-    fields = ModelLocation.model_fields.items()
-    location = {name: str(model[f.alias]) for name, f in fields if model.get(f.alias) is not None}
-    return ModelLocation(**location) if location else None
-
-
 def run_finished(old: dict[str, Any], run: dict[str, Any]) -> bool:
     """`_finished` for the status document the API server holds and the run dict the reconciler works with."""
     return _finished(DPOJobStatus.from_document(old), RunRef.model_validate(run))
@@ -309,8 +295,8 @@ def compute_status(old: dict[str, Any], obs: Observed) -> DPOJobStatus:
         status.completion_time = None  # e.g. an InvalidSpec fixed through runtime: the run goes on
     else:
         status.completion_time = status.completion_time or now
-        if outcome.details:
-            _apply_final(status, outcome.details)
+        if outcome.final is not None:
+            _apply_final(status, outcome.final)
     return status
 
 
@@ -318,16 +304,15 @@ def _message(status: DPOJobStatus) -> str:
     return next((c.message for c in status.conditions if c.type == status.phase), "")
 
 
-def _apply_final(status: DPOJobStatus, details: dict[str, Any]) -> None:
+def _apply_final(status: DPOJobStatus, final: TerminationMessage) -> None:
     """Fold the trainer's termination message (final metrics, model location) into the status."""
-    metrics = {k: float(v) for k, v in (details.get("metrics") or {}).items() if isinstance(v, int | float)}
-    if metrics:
+    if metrics := final.metrics:
         status.metrics = {**(status.metrics or {}), **metrics}
         rewards = {short: round(metrics[key], 4) for key, short in REWARD_KEYS.items() if key in metrics}
         if rewards:
             status.rewards = (status.rewards or Rewards()).model_copy(update=rewards)
-    if location := _model_location(details):
-        status.model = location
+    if final.model is not None and (location := final.model.model_dump(exclude_none=True)):
+        status.model = ModelLocation(**location)
     if status.phase == "Succeeded":
         status.stage = "push"
         status.progress = (status.progress or Progress()).model_copy(update={"percent": 100, "eta_seconds": 0})

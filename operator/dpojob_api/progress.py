@@ -12,7 +12,8 @@ one JSON object:
     error        {"reason", "message"}
 
 The trainer writes these; the operator validates each one with ProgressEvent, because pod output is untrusted
-input: anything running in the pod can print such a line.
+input: anything running in the pod can print such a line. The termination message, {"reason", "message",
+"metrics", "model"}, is written and read through TerminationMessage for the same reason.
 """
 
 from __future__ import annotations
@@ -20,9 +21,18 @@ from __future__ import annotations
 import math
 import re
 import time
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidatorFunctionWrapHandler,
+    WrapValidator,
+    field_validator,
+)
+from pydantic.alias_generators import to_camel
 
 PROGRESS_KIND = "dpo-trainer/progress"
 EventKind = Literal["stage_start", "log", "stage_end", "done", "error"]
@@ -93,12 +103,21 @@ def finite(value: Any) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def metric_priority(key: str) -> int:
+    """Lower is kept first when metrics must be cut: rewards/* and losses matter most to users."""
+    if key.startswith(("rewards/", "eval_rewards/")):
+        return 0
+    if key in ("loss", "eval_loss", "train_loss"):
+        return 1
+    return 2
+
+
 def bounded_metrics(value: Any) -> dict[str, float]:
-    """Finite numbers under plausible keys, at most MAX_METRICS (rewards and loss first); others dropped."""
+    """Finite numbers under plausible keys, at most MAX_METRICS (by metric_priority); others dropped."""
     if not isinstance(value, dict):
         raise ValueError("metrics must be an object")
     kept = {key: float(number) for key, number in value.items() if _METRIC_KEY.fullmatch(key) and finite(number)}
-    ranked = sorted(kept, key=lambda key: (key not in REWARD_KEYS and key != "loss", key))
+    ranked = sorted(kept, key=lambda key: (metric_priority(key), key))
     return {key: kept[key] for key in ranked[:MAX_METRICS]}
 
 
@@ -133,3 +152,69 @@ class ProgressEvent(BaseModel):
     @classmethod
     def _bounded_metrics(cls, value: Any) -> dict[str, float]:
         return bounded_metrics({} if value is None else value)
+
+
+def _none_if_invalid(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """A field of untrusted input that does not validate is dropped, not the message it came in."""
+    try:
+        return handler(value)
+    except ValidationError:
+        return None
+
+
+MAX_LOCATION_LENGTH = 1024
+"""Longest string of a model location (a path, repo id, revision, tag, URL or commit SHA) taken into status."""
+_Location = Annotated[
+    str | None, Field(max_length=MAX_LOCATION_LENGTH, pattern=r"^[^\x00-\x1f\x7f]*$"), WrapValidator(_none_if_invalid)
+]
+
+
+class TrainedModel(BaseModel):
+    """Where the merged model went (status.model): each field a one-line string of bounded length, or dropped."""
+
+    model_config = ConfigDict(extra="ignore", alias_generator=to_camel, populate_by_name=True)
+
+    directory: _Location = None
+    repo_id: _Location = None
+    revision: _Location = None
+    tag: _Location = None
+    commit_url: _Location = None
+    commit_sha: _Location = None
+
+
+class TerminationMessage(BaseModel):
+    """The trainer's termination message: what the trainer writes and all the operator reads of it.
+
+    Lenient, as the operator must be with pod output: a field of the wrong type, size or shape is dropped (a
+    message is cut to TERMINATION_MESSAGE_LIMIT), never the whole message, and reading never raises.
+    """
+
+    model_config = ConfigDict(extra="ignore")
+
+    reason: Annotated[str | None, Field(pattern=r"^[A-Z][A-Za-z0-9]{0,63}$"), WrapValidator(_none_if_invalid)] = None
+    """A Reason; any CamelCase word is taken, so an older operator reads a newer trainer's reasons."""
+    message: str = ""
+    metrics: dict[str, float] = Field(default_factory=dict)
+    model: Annotated[TrainedModel | None, WrapValidator(_none_if_invalid)] = None
+
+    @classmethod
+    def parse(cls, text: str | None) -> TerminationMessage:
+        """A container's termination message; empty when absent, not JSON (a log tail) or not an object."""
+        try:
+            return cls.model_validate_json(text or "{}")
+        except ValidationError:
+            return cls()
+
+    def to_document(self) -> dict[str, Any]:
+        """The JSON object written to the termination-message file: set fields only, camelCase."""
+        return self.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+
+    @field_validator("message", mode="before")
+    @classmethod
+    def _cut(cls, value: Any) -> str:
+        return value[:TERMINATION_MESSAGE_LIMIT] if isinstance(value, str) else ""
+
+    @field_validator("metrics", mode="before")
+    @classmethod
+    def _bounded_metrics(cls, value: Any) -> dict[str, float]:
+        return bounded_metrics(value) if isinstance(value, dict) else {}

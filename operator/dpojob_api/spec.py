@@ -378,7 +378,7 @@ class HubOutput(SpecModel):
     repo_id: str = Field(min_length=3, max_length=96, pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
     """Target model repo, namespace/name."""
     private: bool = True
-    """Create the repo private (the safe default)."""
+    """Create the repo private (the safe default); an existing public repo stays public, with a warning."""
     revision: str | None = None
     """Branch to push to (created if missing). Default: main."""
     commit_message: str = "Upload DPO-aligned model trained by dpo-operator"

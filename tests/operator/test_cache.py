@@ -74,6 +74,6 @@ def test_relist_drops_ghosts_but_not_what_was_written_after_the_list() -> None:
     cache.put(dpojob("fresh", "30"))  # created after the list was taken
     cache.put(dpojob("kept", "4"))
     dropped = cache.replace_all("DPOJob", [dpojob("kept", "5", "Running")], "20")
-    assert dropped == 1
+    assert dropped == [(NS, "ghost")]
     assert sorted(cache.dpojob_keys()) == [(NS, "fresh"), (NS, "kept")]
     assert cache.dpojob(NS, "kept")["status"]["phase"] == "Running"

@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import copy
 from datetime import UTC, datetime
+from typing import Any
 
-from dpo_operator import manifests
-from dpo_operator.reconciler import RETRY_ANNOTATION, current_run, stopping_pod, validate_spec
+from kubernetes.client.exceptions import ApiException
+
+from dpo_operator import manifests, metrics
+from dpo_operator.reconciler import RETRY_ANNOTATION, Reconciler, current_run, stopping_pod, validate_spec
 from dpojob_api.spec import legacy_spec_hash, spec_hash
 
 SPEC = {
@@ -99,6 +102,14 @@ def test_pod_level_fields_are_validated_before_any_job_is_built() -> None:
             _, error = validate_spec({**base, **edit})
             assert error is not None and field in error, (edit, error)
     assert validate_spec({**base, "checkpointing": {"directory": "/tmp/dpo/work"}})[1] is None
+
+
+def test_a_reserved_path_spelled_another_way_is_still_reserved() -> None:
+    base = {**SPEC, "hubTokenSecretRef": {"name": "hf-token", "key": "token"}}
+    for directory in ("//data", "/data/", "/tmp/../data", "//", "/./cache//", "///etc/dpo-operator"):
+        _, error = validate_spec({**base, "checkpointing": {"directory": directory}})
+        assert error is not None and "spec.checkpointing.directory" in error, directory
+    assert validate_spec({**base, "checkpointing": {"directory": "//work/checkpoints"}})[1] is None
     assert validate_spec({**base, "runtime": {"nodeSelector": {"nvidia.com/gpu.product": "H100"}}})[1] is None
 
 
@@ -130,4 +141,74 @@ def test_under_a_burst_a_new_dpojob_gets_its_job_first_and_its_status_in_one_wri
     status = cluster.dpojob["status"]
     assert status["run"]["generation"] == 1 and status["trainer"]["jobName"] == manifests.run_name(NAME, 1)
     assert cluster.job_writes == [f"create {manifests.run_name(NAME, 1)}"], "created once"
+    reconciler.events.stop()
+
+
+def in_memory_cluster() -> tuple[Any, Reconciler]:
+    """test_kueue's in-memory cluster, without Kueue labels, plus the reads _delete_child and relist make."""
+    from test_kueue import Cluster, new_reconciler
+    from test_kueue import dpojob as kueue_dpojob
+
+    class Listed(Cluster):
+        def request(self, method: str, path: str, query: dict | None = None, body: Any = None) -> dict[str, Any]:
+            assert method == "GET" and "/configmaps/" in path, path
+            held = self.objects.get(("ConfigMap", path.rsplit("/", 1)[1]))
+            if held is None:
+                raise ApiException(status=404)
+            return copy.deepcopy(held)
+
+        def list_all(self, kind: str, namespaces: list[str]) -> tuple[list[dict[str, Any]], str | None]:
+            listed = [self.dpojob] if kind == "DPOJob" and self.dpojob else []
+            listed += [o for (k, _), o in self.objects.items() if k == kind]
+            return copy.deepcopy(listed), "100"
+
+    document = kueue_dpojob(checkpoint_volume=True)
+    document["metadata"]["labels"] = {}
+    cluster = Listed(document)
+    return cluster, new_reconciler(cluster)
+
+
+def new_generation(cluster: Any, beta: float) -> None:
+    """A spec edit that changes the model: a new run, whose Job replaces the previous run's."""
+    cluster.dpojob["spec"]["dpo"] = {"beta": beta}
+    cluster.dpojob["metadata"]["generation"] += 1
+
+
+def test_a_superseded_runs_config_map_is_deleted_only_when_the_dpojob_owns_it() -> None:
+    from test_kueue import NAME, settle
+
+    cluster, reconciler = in_memory_cluster()
+    settle(cluster, reconciler)
+    first, second = manifests.run_name(NAME, 1), manifests.run_name(NAME, 2)
+    assert {("Job", first), ("ConfigMap", first)} <= set(cluster.objects)
+    foreign = cluster.objects["ConfigMap", first]
+    foreign["metadata"]["ownerReferences"] = [{**foreign["metadata"]["ownerReferences"][0], "uid": "someone-else"}]
+
+    new_generation(cluster, 0.2)
+    settle(cluster, reconciler)
+    assert ("Job", first) not in cluster.objects and ("Job", second) in cluster.objects
+    assert cluster.objects["ConfigMap", first] is foreign, "a same-named ConfigMap someone else owns is kept"
+
+    new_generation(cluster, 0.3)
+    settle(cluster, reconciler)
+    assert ("Job", second) not in cluster.objects and ("ConfigMap", second) not in cluster.objects, "ours goes"
+    reconciler.events.stop()
+
+
+def test_a_dpojob_whose_delete_the_watch_missed_is_forgotten_at_the_relist() -> None:
+    from test_kueue import NAME, NS, settle
+
+    cluster, reconciler = in_memory_cluster()
+    settle(cluster, reconciler)
+    metrics.record_rewards(NS, NAME, {"accuracies": 0.75})
+    forgotten: list[tuple[str, str]] = []
+    reconciler.followers.forget = lambda namespace, name: forgotten.append((namespace, name))
+    assert (NS, NAME) in reconciler.phases
+
+    cluster.dpojob = None  # deleted while the watch was down: no DELETED event came
+    reconciler.relist()
+    assert reconciler.cache.dpojob(NS, NAME) is None and (NS, NAME) not in reconciler.phases
+    sample = {"namespace": NS, "name": NAME}
+    assert metrics.REGISTRY.get_sample_value("dpo_operator_dpojob_rewards_accuracies", sample) is None
+    assert forgotten == [(NS, NAME)], "its log followers are stopped"
     reconciler.events.stop()

@@ -1,6 +1,8 @@
 """Computing status and events from observed Jobs and pods (no cluster), and the status documents stored."""
 
 import json
+import math
+import re
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -381,3 +383,34 @@ def test_a_trainer_that_cannot_use_its_gpu_fails_the_run_with_gpu_unavailable() 
     assert condition(status, "Failed")["message"] == failure["message"]
     [event] = [e for e in transition_events({}, status) if e.type == "Warning"]
     assert (event.reason, event.message) == ("GPUUnavailable", failure["message"])
+
+
+HOSTILE_TERMINATION_MESSAGES = [
+    '{"reason": "TrainingError", "metrics": {"loss": 1e999, "rewards/margins": NaN}}',
+    '{"reason": "TrainingError", "metrics": [1, 2]}',
+    '{"reason": 7, "message": {"nested": true}, "metrics": "loss=1"}',
+    '{"reason": "Succeeded", "model": {"repoId": ["org/m"], "commitUrl": "http://x\\nInjected", "tag": 3}}',
+    '{"reason": "Succeeded", "model": {"directory": "' + "d" * 5000 + '", "commitSha": "abc", "evil": "x"}}',
+    '{"reason": "not a reason!", "model": "org/m"}',
+    '{"metrics": ' + "[" * 3000 + "]" * 3000 + "}",
+    "[1, 2]",
+    "Traceback (most recent call last): ...",
+]
+
+
+@pytest.mark.parametrize("message", HOSTILE_TERMINATION_MESSAGES)
+@pytest.mark.parametrize("phase", ["Succeeded", "Failed"])
+def test_a_hostile_termination_message_never_blocks_the_status_write(message: str, phase: str) -> None:
+    """Pod output is untrusted: whatever the trainer pod leaves, the run finishes with a status the API server
+    takes (strict JSON, the CRD's schema), keeping only well-typed, finite, bounded fields."""
+    crd = yaml.safe_load((ROOT / CRD_FILE).read_text())
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["status"]
+    finished = pod("p1", phase, terminated={"exitCode": 0 if phase == "Succeeded" else 1, "message": message})
+    condition_type = "Complete" if phase == "Succeeded" else "Failed"
+    status = observe(job=job(conditions=[{"type": condition_type, "status": "True"}]), pods=[finished])
+    json.dumps(status, allow_nan=False)
+    assert not list(jsonschema.Draft4Validator(schema).iter_errors(status))
+    assert status["phase"] == phase and all(math.isfinite(v) for v in (status.get("metrics") or {}).values())
+    model = status.get("model") or {}
+    assert set(model) <= {"commitSha"} and model.get("commitSha", "abc") == "abc", "only one-line strings kept"
+    assert re.fullmatch("[A-Z][A-Za-z]+", condition(status, "Ready")["reason"]), "a reason is one CamelCase word"

@@ -9,7 +9,13 @@ from pathlib import Path
 import pytest
 
 from dpo_trainer.progress import Reporter, fit_termination_message, write_termination_message
-from dpojob_api.progress import PROGRESS_KIND, TERMINATION_MESSAGE_LIMIT, TERMINATION_PATH_ENV, ProgressEvent
+from dpojob_api.progress import (
+    PROGRESS_KIND,
+    TERMINATION_MESSAGE_LIMIT,
+    TERMINATION_PATH_ENV,
+    ProgressEvent,
+    TerminationMessage,
+)
 
 
 def test_events_are_flushed_json_lines_with_nan_as_null() -> None:
@@ -34,6 +40,21 @@ def test_disabled_reporter_is_silent() -> None:
 def test_small_payload_is_unchanged() -> None:
     payload = {"reason": "Succeeded", "metrics": {"loss": 0.5}, "model": {"directory": "/out"}}
     assert json.loads(fit_termination_message(payload)) == payload
+
+
+def test_the_trainer_writes_only_what_the_operator_reads_back_unchanged() -> None:
+    payload = {
+        "reason": "Succeeded",
+        "metrics": {"loss": float("nan"), "rewards/margins": 0.5, "gpu/peak": 3},
+        "model": {"directory": "/out", "repoId": "org/m", "private": True},
+    }
+    written = fit_termination_message(payload)
+    assert json.loads(written) == {
+        "reason": "Succeeded",
+        "metrics": {"rewards/margins": 0.5, "gpu/peak": 3.0},
+        "model": {"directory": "/out", "repoId": "org/m"},
+    }
+    assert TerminationMessage.parse(written.decode()).to_document() == json.loads(written)
 
 
 def test_oversized_metrics_drop_least_important_first() -> None:

@@ -7,6 +7,10 @@ chosen by the environment, never by the spec.
 Each run gets a revision users can pin (output.hub.runRevision): the tag `run-g<generation>` on its commit
 (tag, the default), or the branch `run-g<generation>` started from output.hub.revision, which then stays as it
 was (branch). The generation is metadata.generation of the DPOJob document: the operator writes the run's.
+
+The push replaces the model, not the repo: the commit that uploads DIR/model also deletes the target's other
+weight files (WEIGHT_FILES), so a model sharded now does not sit beside the single file of an earlier push (or
+the reverse) for loaders to pick up; whatever else users keep in the repo stays.
 """
 
 from __future__ import annotations
@@ -21,6 +25,19 @@ from dpo_trainer.layout import CARD_FILE
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
+
+    from dpojob_api.spec import HubOutput
+
+WEIGHT_FILES = (
+    "model.safetensors",
+    "model-*-of-*.safetensors",
+    "model.safetensors.index.json",
+    "pytorch_model.bin",
+    "pytorch_model-*-of-*.bin",
+    "pytorch_model.bin.index.json",
+)
+"""The weight files transformers writes and loads (single file, shards, shard index), as upload_folder's
+delete_patterns: those of the target the push does not replace are deleted in its commit."""
 
 
 def check_token(ctx: RunContext) -> None:
@@ -111,8 +128,21 @@ def tag_commit(api: HfApi, repo_id: str, name: str, commit: str, commit_url: str
             ) from None
 
 
+def warn_if_public(api: HfApi, hub: HubOutput) -> None:
+    """output.hub.private applies when the push creates the repo; an existing public repo stays public (its
+    visibility is its owner's to change), so say so on stderr rather than publish the model without a word."""
+    if hub.private and api.model_info(hub.repo_id).private is False:
+        print(
+            f"dpo-trainer: warning: output.hub.private is true but {hub.repo_id} already exists and is public: "
+            "the model is pushed there publicly; make the repo private on the Hub, or set private: false",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
 def run(ctx: RunContext) -> None:
-    """create_repo(exist_ok) → create_branch (revision; the run's branch) → upload_folder(DIR/model) → create_tag."""
+    """create_repo(exist_ok) → create_branch (revision; the run's branch) → upload_folder(DIR/model, deleting
+    stale weight files) → create_tag."""
     hub = ctx.spec.output.hub
     assert hub is not None
     from huggingface_hub import HfApi
@@ -123,6 +153,7 @@ def run(ctx: RunContext) -> None:
     branch = (ref if hub.run_revision == "branch" else None) or hub.revision
     try:
         api.create_repo(hub.repo_id, private=hub.private, exist_ok=True, repo_type="model")
+        warn_if_public(api, hub)
         if hub.revision:
             api.create_branch(hub.repo_id, branch=hub.revision, exist_ok=True, repo_type="model")
         if branch != hub.revision:
@@ -133,6 +164,7 @@ def run(ctx: RunContext) -> None:
             revision=branch,
             commit_message=hub.commit_message,
             repo_type="model",
+            delete_patterns=list(WEIGHT_FILES),
         )
         if tag:
             tag_commit(api, hub.repo_id, tag, commit.oid, commit.commit_url)

@@ -1,7 +1,8 @@
 """The trainer's side of the trainer → operator contract: JSON progress lines on stdout and the termination message.
 
 The formats, kinds, reasons and limits are dpojob_api.progress's, shared with the operator that reads them.
-Non-finite floats become null so every line is strict JSON.
+Non-finite floats become null so every line is strict JSON; the termination message is built as the operator's
+TerminationMessage, so the trainer never writes a field the operator would drop.
 """
 
 from __future__ import annotations
@@ -21,6 +22,8 @@ from dpojob_api.progress import (
     TERMINATION_MESSAGE_PATH,
     TERMINATION_PATH_ENV,
     EventKind,
+    TerminationMessage,
+    metric_priority,
 )
 
 
@@ -58,27 +61,18 @@ def _encode(payload: dict[str, Any]) -> bytes:
     return json.dumps(to_json_safe(payload), separators=(",", ":"), allow_nan=False).encode()
 
 
-def _metric_priority(key: str) -> int:
-    """Lower sorts first and survives trimming: rewards/* and losses matter most to users."""
-    if key.startswith(("rewards/", "eval_rewards/")):
-        return 0
-    if key in ("loss", "eval_loss", "train_loss"):
-        return 1
-    return 2
-
-
 def fit_termination_message(payload: dict[str, Any], limit: int = TERMINATION_MESSAGE_LIMIT) -> bytes:
     """Encode payload as JSON of at most `limit` bytes (Kubernetes truncates the termination message at 4 KiB).
 
     Metrics are dropped least-important first, then the message is shortened, so the result is always
     valid JSON that still carries the reason.
     """
-    payload = dict(payload)
+    payload = TerminationMessage.model_validate(to_json_safe(payload)).to_document()
     data = _encode(payload)
     if len(data) <= limit:
         return data
     metrics = dict(payload.get("metrics") or {})
-    for key in sorted(metrics, key=lambda k: (_metric_priority(k), k), reverse=True):
+    for key in sorted(metrics, key=lambda k: (metric_priority(k), k), reverse=True):
         del metrics[key]
         payload["metrics"] = metrics
         data = _encode(payload)
