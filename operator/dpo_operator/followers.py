@@ -14,6 +14,11 @@ order, for a slot and are followed once one frees (a pod ends, or an idle stream
 behind them); a waiting pod's final metrics still arrive in its termination message, and when its turn comes
 the log is read from its start, so nothing it printed is lost.
 
+Rate-limited: a pod prints as fast as it likes, but its progress is published (what reconciles read) at most
+once per PUBLISH_INTERVAL_S, each publish asking for one reconcile, so its DPOJob's status is written at most
+that often for progress, whatever else triggers reconciles meanwhile (the watch event of each status write
+does); the newest progress is published when the interval ends, so none is held back longer.
+
 The loop's thread registers with the Health registry as LOOP_NAME and beats every few seconds: if it dies or
 stalls, /healthz fails and names it, instead of progress silently stopping for every job.
 """
@@ -58,6 +63,8 @@ descriptor: the soft RLIMIT_NOFILE is raised to fit) and ≈ 80 KiB (measured wi
 of aiohttp and task state, the rest OpenSSL's per-connection state and the 16 KiB read buffer, see _EventLoop),
 so ≈ 80 MiB at the bound. Beyond it, memory (and the kubelets' and API server's work) would grow without a
 limit with the number of running pods; pods beyond the bound wait their turn instead."""
+PUBLISH_INTERVAL_S = 1.0
+"""A pod's progress reaches status at most this often (docs/operator.md promises one write a second)."""
 _TLS_READ_BUFFER = 16 * 1024
 _FINISHED, _RECONNECT, _FAILED = "finished", "reconnect", "failed"
 
@@ -92,6 +99,11 @@ class _PodLog:
     """Guards `progress`: the loop thread folds into it while reconcilers read it."""
     read_until: float | None = None
     """Our wall-clock time up to which the log has been delivered (last data, or the end of a stream)."""
+    published: dict[str, Any] | None = None
+    """`progress`'s status fields as last published: what reconciles read (under `lock`)."""
+    published_at: float = -math.inf
+    publish_due: float = -math.inf
+    """time.monotonic() of the publish scheduled next; past when none is (loop thread only)."""
 
     def since_seconds(self, now: float) -> int | None:
         """sinceSeconds for the next request: what we may have missed plus a margin; None reads the whole log."""
@@ -150,6 +162,27 @@ class _Follower:
                 self.progress.apply(event)
             folded = True
         return folded
+
+    def progressed(self, loop: asyncio.AbstractEventLoop) -> None:
+        """New progress was folded: publish it now, or when PUBLISH_INTERVAL_S since the last publish ends (a
+        publish already scheduled carries it too)."""
+        state, now = self.state, time.monotonic()
+        if state.publish_due > now:
+            return
+        state.publish_due = max(now, state.published_at + PUBLISH_INTERVAL_S)
+        if state.publish_due == now:
+            self._publish(now)
+        else:
+            loop.call_at(state.publish_due, self._publish, state.publish_due)
+            self.notify()  # mark_dirty delays that reconcile past the publish: ≈ 1 s latency, not 2
+
+    def _publish(self, due: float) -> None:
+        if due != self.state.publish_due:
+            return  # superseded: a fold found this publish overdue and published at once
+        with self.state.lock:
+            self.state.published = self.progress.status_fields()
+            self.state.published_at = time.monotonic()
+        self.notify()
 
     def _already_folded(self, event: dict[str, Any]) -> bool:
         """Events of one container come in time order, so a re-read skips everything up to the last one folded."""
@@ -333,9 +366,10 @@ class LogFollowers:
         with self._lock:
             for pod in newest_first:
                 follower = self._followers.get((namespace, pod["metadata"]["name"]))
-                if follower is not None and follower.progress.events_seen:
+                if follower is not None:
                     with follower.progress_lock:
-                        return follower.progress.status_fields()
+                        if follower.state.published is not None:
+                            return copy.deepcopy(follower.state.published)
         return None
 
     def active(self) -> int:
@@ -496,7 +530,7 @@ class LogFollowers:
                     follower.received = True
                     follower.state.read_until = time.time()
                     if follower.fold(chunk, splitter):
-                        follower.notify()  # once per chunk: mark_dirty coalesces anyway
+                        follower.progressed(asyncio.get_running_loop())
             except aiohttp.SocketTimeoutError:
                 follower.state.read_until = time.time()
                 return None

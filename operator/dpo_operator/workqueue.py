@@ -14,9 +14,12 @@ What runs where:
   after a refused child, progress of a quiet pod), and every RELIST_EVERY passes replaces the cache with a
   fresh LIST (one request per kind, not per DPOJob) so that a missed DELETED event leaves no ghost.
 - `EventPoster` (one thread) posts the Events reconciles ask for, off the reconcile's critical path, and
-  after the urgent work (WorkQueue's urgent lane: DPOJobs whose spec was not acted on yet).
-- Log followers (followers.py, their own event-loop thread) stream trainer pod logs and enqueue the DPOJob
-  with a delay (`add_after`), so a burst of progress lines costs at most one reconcile per second.
+  after the urgent work (WorkQueue's urgent lane: DPOJobs whose spec was not acted on yet); each DPOJob has an
+  Event budget, so one DPOJob's flood cannot fill the queue the others' Events wait in.
+- Log followers (followers.py, their own event-loop thread) stream trainer pod logs, publish each pod's
+  progress at most once a second, and enqueue the DPOJob with a one-second delay (`add_after`: a key has at
+  most one delayed add pending, later ones merge into it), so however fast a pod prints, its DPOJob gets at
+  most one log-driven reconcile and one progress status write a second.
 
 Every thread is registered with the Health registry and beats while idle: one that dies or hangs turns
 /healthz red and the kubelet restarts the pod.
@@ -26,11 +29,13 @@ from __future__ import annotations
 
 import heapq
 import logging
+import math
 import queue as stdlib_queue
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from . import metrics
@@ -51,7 +56,8 @@ class WorkQueue:
     and pod events, progress lines, resync), so a burst of status work never delays the start of a training
     run, and Events wait for them too (EventPoster)."""
 
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
         self._cond = threading.Condition()
         self._urgent: deque[Key] = deque()
         self._ready: deque[Key] = deque()
@@ -61,6 +67,9 @@ class WorkQueue:
         self._processing: set[Key] = set()
         self._again: dict[Key, bool] = {}
         self._delayed: list[tuple[float, Key]] = []
+        """A heap of (due, key); an entry whose due is no longer the key's in `_due` was merged away."""
+        self._due: dict[Key, float] = {}
+        """Delayed keys → when they come due: at most one pending delayed add per key."""
         self._shut_down = False
 
     def add(self, key: Key, urgent: bool = False) -> None:
@@ -68,21 +77,27 @@ class WorkQueue:
             self._add_locked(key, urgent)
 
     def add_after(self, key: Key, delay: float) -> None:
-        """Add the key `delay` seconds from now (a key already waiting is not delayed further)."""
+        """Add the key `delay` seconds from now. A key already waiting is not delayed further, and one already
+        delayed keeps the earlier of its two deadlines: a burst of delayed adds is one reconcile, not one each."""
         with self._cond:
-            if key in self._waiting:
+            due = self._clock() + delay
+            if key in self._waiting or self._due.get(key, math.inf) <= due:
                 return
-            heapq.heappush(self._delayed, (time.monotonic() + delay, key))
+            self._due[key] = due
+            heapq.heappush(self._delayed, (due, key))
             self._cond.notify()
 
     def get(self, timeout: float) -> Key | None:
         """The next key to reconcile (now marked processing), or None after `timeout` or on shut-down."""
-        deadline = time.monotonic() + timeout
+        deadline = self._clock() + timeout
         with self._cond:
             while not self._shut_down:
-                now = time.monotonic()
+                now = self._clock()
                 while self._delayed and self._delayed[0][0] <= now:
-                    self._add_locked(heapq.heappop(self._delayed)[1], False)
+                    due, key = heapq.heappop(self._delayed)
+                    if self._due.get(key) == due:
+                        del self._due[key]
+                        self._add_locked(key, False)
                 for lane in (self._urgent, self._ready):
                     while lane:
                         key = lane.popleft()
@@ -118,6 +133,18 @@ class WorkQueue:
         with self._cond:
             self._shut_down = True
             self._cond.notify_all()
+
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait until no key is processed (after shut_down: the reconciles in flight have ended); False when
+        some still is after `timeout` seconds. The leader releases its Lease only then (leader.py)."""
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while self._processing:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return False
+                self._cond.wait(min(left, 0.05))  # done() does not notify: poll
+            return True
 
     def _add_locked(self, key: Key, urgent: bool) -> None:
         if self._shut_down:
@@ -209,34 +236,64 @@ class Resync:
             self.health.beat(self.name)
 
 
+@dataclass
+class _Budget:
+    """One DPOJob's Event token bucket."""
+
+    tokens: float
+    at: float
+    """When `tokens` was last brought up to date."""
+    omitted: int = 0
+    """Events refused since the last one posted."""
+
+
 class EventPoster:
     """Posts Kubernetes Events from one thread, in order: a reconcile only enqueues them. Events are for
     people: they wait while DPOJobs wait for their spec to be acted on (`busy`, at most MAX_DEFER_S), and a
     full queue (the API server refusing them for long) drops the newest with a log line rather than slowing
-    reconciles down."""
+    reconciles down.
+
+    Each DPOJob has an Event budget, a token bucket per involved object as client-go's Event spam filter keeps:
+    BURST Events at once, then one per REFILL_S. Events over it are not queued, only counted, and the DPOJob's
+    next Event within budget says how many were left out (aggregated, as Kubernetes combines similar Events). A
+    run's whole lifecycle posts far fewer than BURST, while a DPOJob whose status flaps (a trainer printing
+    alternating stages) can no longer fill the queue that every other DPOJob's Events wait in."""
 
     name = "events"
     capacity = 10_000
     MAX_DEFER_S = 30.0
+    BURST = 25
+    REFILL_S = 10.0
 
     def __init__(
         self,
         post: Callable[[dict[str, Any], str, str, str], None],
         health: Health,
         busy: Callable[[], bool] = lambda: False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._post, self.health, self._busy = post, health, busy
+        self._post, self.health, self._busy, self._clock = post, health, busy, clock
         self._queue: stdlib_queue.Queue[tuple[float, tuple[dict[str, Any], str, str, str]] | None] = stdlib_queue.Queue(
             self.capacity
         )
+        self._budgets: dict[Key, _Budget] = {}
+        self._prune_at = 1024
+        self._lock = threading.Lock()
+        """Guards the budgets: reconciles post from every worker thread."""
         self._stopped = threading.Event()
 
     def post(self, dpojob: dict[str, Any], event_type: str, reason: str, message: str) -> None:
+        meta = dpojob["metadata"]
+        with self._lock:
+            omitted = self._spend((meta["namespace"], meta["name"]))
+        if omitted is None:
+            return
+        if omitted:
+            message = f"{message} (and {omitted} earlier Event(s) of this DPOJob not posted: over its rate limit)"
         try:
-            item = ({"metadata": dict(dpojob["metadata"])}, event_type, reason, message)
-            self._queue.put_nowait((time.monotonic(), item))
+            self._queue.put_nowait((self._clock(), ({"metadata": dict(meta)}, event_type, reason, message)))
         except stdlib_queue.Full:
-            log.warning("event queue full; dropped %s %s on %s", event_type, reason, dpojob["metadata"]["name"])
+            log.warning("event queue full; dropped %s %s on %s", event_type, reason, meta["name"])
 
     def join(self) -> None:
         """Wait until every Event enqueued so far was posted (tests)."""
@@ -252,6 +309,34 @@ class EventPoster:
         self._queue.put(None)
         self.health.unregister(self.name)
 
+    def _spend(self, key: Key) -> int | None:
+        """Take one Event from the DPOJob's budget: None when it is spent (the Event is counted as omitted),
+        else how many were omitted before this one."""
+        now = self._clock()
+        budget = self._budgets.get(key)
+        if budget is None:
+            if len(self._budgets) >= self._prune_at:
+                self._prune(now)
+            budget = self._budgets[key] = _Budget(self.BURST, now)
+        budget.tokens, budget.at = min(self.BURST, budget.tokens + (now - budget.at) / self.REFILL_S), now
+        if budget.tokens < 1:
+            if not budget.omitted:
+                log.warning("%s/%s posts Events faster than its budget; omitting them for now", *key)
+            budget.omitted += 1
+            return None
+        budget.tokens -= 1
+        omitted, budget.omitted = budget.omitted, 0
+        return omitted
+
+    def _prune(self, now: float) -> None:
+        """Forget full budgets that omitted nothing: the same as none (bounds memory by the DPOJobs seen lately)."""
+        self._budgets = {
+            key: b
+            for key, b in self._budgets.items()
+            if b.omitted or b.tokens + (now - b.at) / self.REFILL_S < self.BURST
+        }
+        self._prune_at = 2 * len(self._budgets) + 1024
+
     def _run(self) -> None:
         while True:
             self.health.beat(self.name)
@@ -263,7 +348,7 @@ class EventPoster:
                 if entry is None:
                     return
                 enqueued, item = entry
-                while self._busy() and time.monotonic() - enqueued < self.MAX_DEFER_S:
+                while self._busy() and self._clock() - enqueued < self.MAX_DEFER_S:
                     if self._stopped.wait(0.2):
                         return
                     self.health.beat(self.name)

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime
+import itertools
 import json
 import ssl
 import subprocess
@@ -290,7 +291,7 @@ def test_a_follower_that_gave_up_is_replaced_keeping_its_progress(serve, follow)
     assert second is not first and second.progress is first.progress
     wait_until(lambda: second.progress.step == 6, what="step 6")
     assert second.progress.events_seen == 2, "the replayed step 5 is skipped, not folded twice"
-    assert followers.latest_progress("ns", [pod])["progress"]["step"] == 6
+    wait_until(lambda: followers.latest_progress("ns", [pod])["progress"]["step"] == 6, what="step 6 published")
     replay = server.log_requests[-1]
     assert replay.query["follow"] == "true" and replay.query["container"] == "trainer"
     assert replay.since is not None and 60 < replay.since < 90, "only the last minute or so is re-read"
@@ -392,6 +393,40 @@ def test_a_pod_removed_from_the_run_is_no_longer_followed(serve, follow) -> None
     followers.forget("ns", "job")
     wait_until(lambda: server.open_streams == 0, what="b's stream closed")
     assert followers.active() == 0
+
+
+# --- a chatty pod ----------------------------------------------------------------------------------------
+def test_a_burst_of_progress_lines_is_published_once_a_second_the_last_within_a_second(serve, follow) -> None:
+    """200 progress lines in 2 s, one chunk each: what reconciles read changes at most once a second (so the
+    status is written at most that often), each change asks for a reconcile, and the last line is not held
+    back longer than the interval."""
+    sent: list[float] = []
+
+    async def script(r: LogRequest) -> None:
+        for step in range(1, 201):
+            await asyncio.sleep(0.01)
+            if step == 200:
+                sent.append(time.monotonic())
+            await r.send(progress_line(step))
+        await r.hold()
+
+    server = serve(script)
+    pod = running_pod("pod")
+    marks: list[tuple[float, int]] = []
+
+    def mark_dirty(namespace: str, name: str) -> None:
+        published = followers.latest_progress("ns", [pod])
+        marks.append((time.monotonic(), published["progress"]["step"] if published else 0))
+
+    followers = follow(server, mark_dirty=mark_dirty)
+    followers.ensure("ns", "job", [pod])
+    wait_until(lambda: marks and marks[-1][1] == 200, what="the last step published")
+    assert marks[-1][0] - sent[0] <= followers_module.PUBLISH_INTERVAL_S + 0.3
+    changes = [marks[0]] + [mark for before, mark in itertools.pairwise(marks) if mark[1] != before[1]]
+    assert 2 <= len(changes) <= 4, changes
+    gaps = [later[0] - earlier[0] for earlier, later in itertools.pairwise(changes)]
+    assert min(gaps) >= followers_module.PUBLISH_INTERVAL_S - 0.02, gaps
+    assert len(marks) <= 2 * len(changes), "a reconcile asked for per publish (and one ahead of it), not per line"
 
 
 # --- scale: one thread, bounded streams ------------------------------------------------------------------

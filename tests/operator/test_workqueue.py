@@ -1,5 +1,5 @@
 """The work queue's contract: one reconcile of a key at a time, adds coalesce, an add during processing is
-not lost, delayed adds come due."""
+not lost, delayed adds come due and merge; the Event poster's per-DPOJob budget."""
 
 from __future__ import annotations
 
@@ -10,6 +10,14 @@ from dpo_operator.health import Health
 from dpo_operator.workqueue import EventPoster, Workers, WorkQueue
 
 A, B = ("ns", "a"), ("ns", "b")
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
 
 
 def test_adds_coalesce_and_an_add_while_processing_comes_back_once() -> None:
@@ -115,3 +123,84 @@ def test_events_wait_for_urgent_work_at_most_max_defer() -> None:
         assert posted[1][0] == "Prompt" and posted[1][1] - posted[0][1] < 0.5
     finally:
         poster.stop()
+
+
+def test_delayed_adds_of_one_key_merge_keeping_the_earliest_deadline() -> None:
+    clock = FakeClock()
+    queue = WorkQueue(clock)
+    queue.add_after(A, 1.0)
+    clock.now = 0.5
+    queue.add_after(A, 1.0)
+    queue.add_after(A, 0.3)
+    clock.now = 0.79
+    assert queue.get(timeout=0) is None
+    clock.now = 0.8
+    assert queue.get(timeout=0) == A, "due at the earliest deadline asked for"
+    queue.done(A)
+    clock.now = 5.0
+    assert queue.get(timeout=0) is None, "the later deadlines were merged into it, not kept"
+
+
+def test_a_key_added_after_a_delay_100_times_a_second_is_reconciled_once_a_second() -> None:
+    """The log-storm of issue 15: 100 log chunks a second, each asking for a reconcile a second later."""
+    clock = FakeClock()
+    queue = WorkQueue(clock)
+    reconciles = 0
+    for tick in range(500):  # 5 s in 10 ms steps
+        clock.now = tick / 100
+        queue.add_after(A, 1.0)
+        if (key := queue.get(timeout=0)) is not None:
+            reconciles += 1
+            queue.done(key)
+    assert 4 <= reconciles <= 5
+
+
+def blocking_poster(clock: FakeClock) -> tuple[EventPoster, threading.Event, list[tuple[str, str, str]]]:
+    """An EventPoster whose API server answers only once `release` is set."""
+    release, posted = threading.Event(), []
+
+    def post(dpojob: dict, _type: str, reason: str, message: str) -> None:
+        release.wait(10)
+        posted.append((dpojob["metadata"]["name"], reason, message))
+
+    return EventPoster(post, Health(), clock=clock), release, posted
+
+
+def test_one_dpojobs_event_flood_does_not_crowd_out_another_dpojobs_events() -> None:
+    clock = FakeClock()
+    poster, release, posted = blocking_poster(clock)
+    poster.start()
+    try:
+        flapping, quiet = {"metadata": {"name": "a", "namespace": "ns"}}, {"metadata": {"name": "b", "namespace": "ns"}}
+        for index in range(2 * EventPoster.capacity):  # more than the queue holds, while the API server is slow
+            poster.post(flapping, "Normal", "StageStarted", f"stage {('sft', 'dpo')[index % 2]} started")
+        poster.post(quiet, "Normal", "Succeeded", "training finished")
+        release.set()
+        poster.join()
+    finally:
+        poster.stop()
+    assert ("b", "Succeeded", "training finished") in posted
+    assert sum(name == "a" for name, _, _ in posted) == EventPoster.BURST
+
+
+def test_events_over_budget_are_counted_and_the_next_one_says_how_many() -> None:
+    clock = FakeClock()
+    poster, release, posted = blocking_poster(clock)
+    release.set()
+    poster.start()
+    try:
+        dpojob = {"metadata": {"name": "a", "namespace": "ns"}}
+        for _ in range(EventPoster.BURST + 3):
+            poster.post(dpojob, "Normal", "StageStarted", "stage dpo started")
+        clock.now = EventPoster.REFILL_S - 0.01
+        poster.post(dpojob, "Normal", "StageStarted", "stage dpo started")
+        clock.now = EventPoster.REFILL_S
+        poster.post(dpojob, "Normal", "Succeeded", "training finished")
+        poster.join()
+    finally:
+        poster.stop()
+    assert len(posted) == EventPoster.BURST + 1, "one more Event per REFILL_S once the burst is spent"
+    assert posted[-1][1:] == (
+        "Succeeded",
+        "training finished (and 4 earlier Event(s) of this DPOJob not posted: over its rate limit)",
+    )
