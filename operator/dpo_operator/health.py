@@ -9,13 +9,13 @@ replica whose background work stopped instead of leaving it green.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
@@ -67,45 +67,95 @@ class Health:
         return found
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server: _Server
+IO_TIMEOUT_S = 10.0
+"""A connection must deliver its request, and take its answer, within this many seconds each; an idle or slow
+client is then closed."""
+MAX_CONNECTIONS = 64
+"""Open connections at most: a new one beyond closes the oldest, so a flood of idle sockets cannot lock the
+kubelet's probes out."""
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Allowed", 500: "Internal Server Error"}
 
-    def log_message(self, format: str, *args: Any) -> None:  # probes every few seconds: keep the log quiet
-        return
 
-    def do_GET(self) -> None:
-        health = self.server.health
-        path = self.path.split("?", 1)[0]
+class _Server:
+    """The endpoint on an event loop of its own (one thread, however many clients: an idle connection costs a
+    socket, not a thread, and is closed after its timeout)."""
+
+    def __init__(self, health: Health, sock: socket.socket, timeout: float, max_connections: int) -> None:
+        self.health, self.timeout, self.max_connections = health, timeout, max_connections
+        self.server_address = sock.getsockname()
+        self._connections: dict[asyncio.StreamWriter, None] = {}
+        """Open connections, oldest first."""
+        self._loop = asyncio.new_event_loop()
+        self._server = self._loop.run_until_complete(asyncio.start_server(self._serve_one, sock=sock, limit=16 * 1024))
+        threading.Thread(target=self._run, name="dpo-health", daemon=True).start()
+
+    def _run(self) -> None:
+        try:
+            self._loop.run_forever()
+        finally:
+            self._loop.close()
+
+    def shutdown(self) -> None:
+        """Close the listening socket and every connection, then end the thread."""
+
+        async def close() -> None:
+            self._server.close()
+            for writer in list(self._connections):
+                writer.transport.abort()
+
+        asyncio.run_coroutine_threadsafe(close(), self._loop).result()
+        self._loop.call_soon_threadsafe(self._loop.stop)
+
+    async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """One request per connection (HTTP/1.0 style), each step within the timeout."""
+        self._connections[writer] = None
+        if len(self._connections) > self.max_connections:
+            oldest = next(iter(self._connections))
+            del self._connections[oldest]
+            oldest.transport.abort()  # its own handler ends with a reset
+        writer.transport.set_write_buffer_limits(high=0)  # drain() returns once everything is sent
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), self.timeout)
+            code, body, content_type = self._answer(head.split(b"\r\n", 1)[0].decode("latin-1").split())
+            writer.write(
+                f"HTTP/1.1 {code} {_REASONS[code]}\r\nContent-Type: {content_type}\r\n"
+                f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode()
+                + body
+            )
+            await asyncio.wait_for(writer.drain(), self.timeout)
+        except (TimeoutError, ConnectionError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass  # an idle, slow, evicted or garbled client: nothing to answer
+        finally:
+            self._connections.pop(writer, None)
+            writer.transport.abort()
+
+    def _answer(self, request_line: list[str]) -> tuple[int, bytes, str]:
+        if len(request_line) != 3:
+            return 400, b"bad request\n", "text/plain"
+        method, target, _ = request_line
+        if method != "GET":
+            return 405, b"only GET\n", "text/plain"
+        path = target.split("?", 1)[0]
         if path == "/metrics":
-            self._send(200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST)
-        elif path in ("/healthz", "/readyz"):
-            problems = health.problems()
-            if path == "/readyz" and not problems and not health.ready.is_set():
+            return 200, generate_latest(REGISTRY), CONTENT_TYPE_LATEST
+        if path in ("/healthz", "/readyz"):
+            problems = self.health.problems()
+            if path == "/readyz" and not problems and not self.health.ready.is_set():
                 problems = ["starting"]
             body = json.dumps({"ok": not problems, "problems": problems}).encode()
-            self._send(500 if problems else 200, body, "application/json")
-        else:
-            self._send(404, b"not found\n", "text/plain")
-
-    def _send(self, code: int, body: bytes, content_type: str) -> None:
-        self.send_response(code)
-        self.send_header("Content-Type", content_type)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+            return 500 if problems else 200, body, "application/json"
+        return 404, b"not found\n", "text/plain"
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def __init__(self, address: tuple[str, int], health: Health) -> None:
-        super().__init__(address, _Handler)
-        self.health = health
-
-
-def serve(health: Health, address: str, port: int) -> _Server:
+def serve(
+    health: Health,
+    address: str,
+    port: int,
+    timeout: float = IO_TIMEOUT_S,
+    max_connections: int = MAX_CONNECTIONS,
+) -> _Server:
     """Start the endpoint in a daemon thread; returns the server (server_address has the bound port)."""
-    server = _Server((address, port), health)
-    threading.Thread(target=server.serve_forever, name="dpo-health", daemon=True).start()
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    server = _Server(health, socket.create_server((address, port), family=family), timeout, max_connections)
     log.info("serving /healthz, /readyz and /metrics on http://%s:%d", *server.server_address[:2])
     return server

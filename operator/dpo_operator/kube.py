@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import socket
@@ -17,6 +18,21 @@ from dpojob_api.spec import API_GROUP, API_VERSION, KIND, PLURAL
 from .manifests import MANAGED_BY, ServerFeatures, job_content_hash
 
 log = logging.getLogger(__name__)
+
+REQUEST_TIMEOUT = (10.0, 60.0)
+"""(connect, read) seconds of every API request: without it a request to an API server that accepted the
+connection but never answers blocks its thread for good (a worker, the resync, the Event poster). The read
+timeout is a silence, not a total: a long LIST that keeps streaming is not cut; the API server ends its own
+requests after 60 s (its --request-timeout), so nothing comes later."""
+
+
+def one_attempt(configuration: client.Configuration) -> client.Configuration:
+    """A copy of `configuration` whose requests make one attempt each. urllib3 would retry a GET or PUT that
+    timed out three more times, each with a fresh timeout, so a hung API server would hold the caller four
+    timeouts long; the callers retry by themselves (the next reconcile or resync, the next Lease renewal)."""
+    bounded = copy.deepcopy(configuration)
+    bounded.retries = False
+    return bounded
 
 
 class ChildRejectedError(RuntimeError):
@@ -102,6 +118,7 @@ class Kube:
     operator reads the API server's JSON anyway."""
 
     api_client: client.ApiClient
+    request_timeout: tuple[float, float] = REQUEST_TIMEOUT
 
     def __post_init__(self) -> None:
         self.instance = socket.gethostname()
@@ -114,7 +131,8 @@ class Kube:
         body: Any = None,
         content_type: str = "application/json",
     ) -> dict[str, Any]:
-        """One API request; the answer's JSON. A non-2xx answer raises ApiException, as the typed API does."""
+        """One API request, within request_timeout; the answer's JSON. A non-2xx answer raises ApiException, as the
+        typed API does."""
         params = self.api_client.param_serialize(
             method=method,
             resource_path=path,
@@ -123,7 +141,7 @@ class Kube:
             body=body,
             auth_settings=["BearerToken"],
         )
-        response = self.api_client.call_api(*params)
+        response = self.api_client.call_api(*params, _request_timeout=self.request_timeout)
         data = response.read()
         if not 200 <= response.status <= 299:
             raise ApiException.from_response(http_resp=response, body=None, data=None)

@@ -6,15 +6,17 @@ Run with `dpo-operator` (settings from DPO_OPERATOR_* env, see settings.py; the 
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import sys
 
 import kopf
-from kubernetes import config
+from kubernetes import client, config
 
 from dpojob_api.spec import API_GROUP, API_VERSION, PLURAL
 
 from . import handlers, health, metrics
+from .kube import one_attempt
 from .leader import LeaderElector
 from .manifests import LABEL_DPOJOB, MANAGED_BY
 from .settings import OperatorSettings, SettingsError
@@ -73,13 +75,25 @@ async def pod_event(
 
 
 def load_cluster_credentials() -> str:
-    """In a pod: its ServiceAccount (in-cluster config); elsewhere: the kubeconfig. Returns which one."""
+    """In a pod: its ServiceAccount (in-cluster config); elsewhere: the kubeconfig. Returns which one. The
+    client's default Configuration, which every ApiClient copies, then makes one attempt per request."""
     try:
         config.load_incluster_config()
-        return "in-cluster service account"
+        source = "in-cluster service account"
     except config.ConfigException:
         config.load_kube_config()
-        return "kubeconfig"
+        source = "kubeconfig"
+    client.Configuration.set_default(one_attempt(client.Configuration.get_default_copy()))
+    return source
+
+
+def stop_reconciling(memo: kopf.Memo, timeout: float) -> bool:
+    """Take no more work and wait up to `timeout` seconds for the reconciles in flight; True when they ended."""
+    queue = memo.get("queue")  # handlers.startup made it, if Kopf got that far
+    if queue is None:
+        return True
+    queue.shut_down()
+    return queue.wait_idle(timeout)
 
 
 def cli() -> None:
@@ -100,12 +114,14 @@ def cli() -> None:
         # Kopf logs "Handler … succeeded" at INFO for every watch event (a sixth of its CPU at 1,000 DPOJobs);
         # its warnings and errors still show.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    metrics.per_dpojob_series(settings.per_dpojob_series)
     status = health.Health()
     health.serve(status, settings.listen_address, settings.port)
     log.info("credentials: %s", load_cluster_credentials())
+    memo = kopf.Memo(settings=settings, health=status, elector=None)
     elector = None
     if settings.leader_election:
-        elector = LeaderElector(settings, status)
+        elector = memo.elector = LeaderElector(settings, status, stop_work=functools.partial(stop_reconciling, memo))
         status.ready.set()  # a standby is ready: a rolling update must be able to retire the old leader
         elector.acquire()
         status.ready.clear()
@@ -116,7 +132,7 @@ def cli() -> None:
             standalone=True,
             clusterwide=not settings.namespaces,
             namespaces=settings.namespaces,
-            memo=kopf.Memo(settings=settings, health=status, elector=elector),
+            memo=memo,
         )
     finally:
         if elector is not None:

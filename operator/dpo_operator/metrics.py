@@ -1,8 +1,10 @@
 """Every Prometheus metric the operator exports, in one place (served on /metrics by health.py).
 
-Per-DPOJob series carry only namespace and name, and are removed when the DPOJob goes, so cardinality is
-bounded by the number of DPOJobs. Phase counts and active followers are computed at scrape time from the
-reconciler's own state instead of being kept in step by hand.
+Per-DPOJob series (PER_DPOJOB) carry only namespace and name, and are removed when the DPOJob goes, so
+cardinality is bounded by the number of DPOJobs. Whoever can reach the port reads them, every tenant's DPOJob
+names and rewards: a shared cluster turns them off (`per_dpojob_series(False)`, the chart's
+metrics.perDPOJobSeries) and keeps the operator-wide counts and timings. Phase counts and active followers are
+computed at scrape time from the reconciler's own state instead of being kept in step by hand.
 """
 
 from __future__ import annotations
@@ -59,6 +61,20 @@ REWARD_MARGIN = Gauge(
     registry=REGISTRY,
 )
 
+PER_DPOJOB = (REWARD_ACCURACY, REWARD_MARGIN)
+"""Every series labelled by a DPOJob's namespace and name."""
+_per_dpojob = True
+
+
+def per_dpojob_series(enabled: bool) -> None:
+    """Export the PER_DPOJOB series or not (at start, from OperatorSettings.per_dpojob_series)."""
+    global _per_dpojob
+    if enabled != _per_dpojob:
+        for gauge in PER_DPOJOB:
+            gauge.clear()
+            (REGISTRY.register if enabled else REGISTRY.unregister)(gauge)
+        _per_dpojob = enabled
+
 
 class StateCollector(Collector):
     """Gauges read off live state at scrape time: DPOJobs by phase, log followers active."""
@@ -76,7 +92,9 @@ class StateCollector(Collector):
 
 
 def record_rewards(namespace: str, name: str, rewards: dict[str, float]) -> None:
-    """The per-DPOJob reward gauges (only the keys the trainer reported so far)."""
+    """The per-DPOJob reward gauges (only the keys the trainer reported so far), when exported."""
+    if not _per_dpojob:
+        return
     for key, gauge in (("accuracies", REWARD_ACCURACY), ("margins", REWARD_MARGIN)):
         if key in rewards:
             gauge.labels(namespace, name).set(rewards[key])
@@ -84,6 +102,6 @@ def record_rewards(namespace: str, name: str, rewards: dict[str, float]) -> None
 
 def forget_dpojob(namespace: str, name: str) -> None:
     """Drop a deleted DPOJob's series."""
-    for gauge in (REWARD_ACCURACY, REWARD_MARGIN):
+    for gauge in PER_DPOJOB:
         with contextlib.suppress(KeyError):  # never reported any rewards
             gauge.remove(namespace, name)

@@ -41,6 +41,12 @@ class OperatorSettings(BaseModel):
     listen_address: str = "0.0.0.0"
     """Where /healthz, /readyz and /metrics are served (the chart value listenAddress)."""
     port: int = Field(8080, ge=0, le=65535)
+    per_dpojob_series: bool = True
+    """Export the metrics labelled by DPOJob namespace and name (the chart value metrics.perDPOJobSeries); off on
+    clusters where those who can scrape /metrics should not see other tenants' DPOJobs."""
+    drain_seconds: float = Field(15.0, ge=0)
+    """On a clean stop, how long the reconciles in flight may take to end before the Lease is released anyway
+    (the chart renders half its terminationGracePeriodSeconds)."""
     leader_election: bool = False
     """Only the holder of a coordination.k8s.io Lease reconciles; other replicas wait as standbys."""
     lease_name: str = "dpo-operator"

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import yaml
+from kubernetes import client
 
 from dpo_operator import crd
 
@@ -25,6 +26,7 @@ CONTRACT_ENV = [
     "POD_IP",
     "DPO_OPERATOR_LISTEN_ADDRESS",
     "DPO_OPERATOR_PORT",
+    "DPO_OPERATOR_PER_DPOJOB_SERIES",
     "DPO_OPERATOR_NAMESPACES",
     "DPO_OPERATOR_RESYNC_SECONDS",
     "DPO_OPERATOR_WORKERS",
@@ -35,6 +37,7 @@ CONTRACT_ENV = [
     "DPO_OPERATOR_LEASE_DURATION",
     "DPO_OPERATOR_RENEW_DEADLINE",
     "DPO_OPERATOR_RETRY_PERIOD",
+    "DPO_OPERATOR_DRAIN_SECONDS",
     "DPO_OPERATOR_VERBOSE",
 ]
 
@@ -150,6 +153,9 @@ def test_no_wildcards_in_any_rule(helm: Path, values: tuple[str, ...]) -> None:
         (("--set", "trainerEnv[0].name=HF_TOKEN", "--set", "trainerEnv[0].valueFrom.secretKeyRef.name=hf"), "key"),
         (("--set", "watchNamespaces={Bad_NS}"), "watchNamespaces"),
         (("--set", "trainerDefaults.cacheClaimName=HF_Cache"), "cacheClaimName"),
+        (("--set", "metrics.perDPOJobSeries=no"), "perDPOJobSeries"),
+        (("--set", "networkPolicy.monitoring.namespaceSelector.matchLabel.team=x"), "'matchLabel'"),
+        (("--set-json", 'networkPolicy.extraFrom=[{"podSelectr": {}}]'), "'podSelectr'"),
     ],
     ids=[
         "replicas-type",
@@ -159,6 +165,9 @@ def test_no_wildcards_in_any_rule(helm: Path, values: tuple[str, ...]) -> None:
         "secret-ref-without-key",
         "namespace",
         "cache-claim",
+        "per-dpojob-type",
+        "selector-typo",
+        "peer-typo",
     ],
 )
 def test_bad_values_fail_naming_the_value(helm: Path, values: tuple[str, ...], named: str) -> None:
@@ -244,6 +253,8 @@ def test_env_carries_the_contract(helm: Path) -> None:
         "DPO_OPERATOR_LEASE_DURATION": "15",
         "DPO_OPERATOR_RENEW_DEADLINE": "10",
         "DPO_OPERATOR_RETRY_PERIOD": "2",
+        "DPO_OPERATOR_PER_DPOJOB_SERIES": "true",
+        "DPO_OPERATOR_DRAIN_SECONDS": "15",
         "DPO_OPERATOR_VERBOSE": "true",
     }
     assert {name: values[name] for name in expected} == expected
@@ -261,6 +272,8 @@ def test_the_operator_accepts_the_rendered_env(helm: Path) -> None:
         "listenAddress=$(POD_IP)",
         "--set",
         "trainerDefaults.cacheClaimName=hf-cache",
+        "--set",
+        "metrics.perDPOJobSeries=false",
     )
     pod = {"POD_NAME": "r-dpo-operator-0", "POD_NAMESPACE": NAMESPACE, "POD_IP": "10.0.0.7"}
     environ = {
@@ -274,11 +287,15 @@ def test_the_operator_accepts_the_rendered_env(helm: Path) -> None:
     assert settings.trainer_env == [{"name": "HF_ENDPOINT", "value": "http://hub/$x"}]
     assert settings.trainer_cache_claim == "hf-cache"
     assert settings.namespaces == []
+    assert settings.per_dpojob_series is False and settings.drain_seconds == 15
 
 
 def test_values_of_a_release_before_trainer_defaults_still_render(helm: Path) -> None:
     """`helm upgrade --reuse-values` takes the old release's values, which have no trainerDefaults."""
     assert env(render(helm, "--set", "trainerDefaults=null"))["DPO_OPERATOR_TRAINER_CACHE_CLAIM"] == ""
+    older = render(helm, "--set", "metrics.perDPOJobSeries=null", "--set", "networkPolicy=null")
+    assert env(older)["DPO_OPERATOR_PER_DPOJOB_SERIES"] == "true"
+    assert not [o for o in older if o["kind"] == "NetworkPolicy"]
 
 
 def test_strategy_follows_leader_election(helm: Path) -> None:
@@ -339,6 +356,35 @@ def test_service_and_optional_objects(helm: Path) -> None:
         "PodDisruptionBudget",
     )
     assert budget["spec"]["maxUnavailable"] == 1 and "minAvailable" not in budget["spec"]
+
+
+def test_network_policy_admits_only_the_monitoring_pods_to_the_operator_port(helm: Path) -> None:
+    assert not [o for o in render(helm) if o["kind"] == "NetworkPolicy"], "off by default"
+    node_cidr = {"ipBlock": {"cidr": "10.0.0.0/16"}}
+    objects = render(
+        helm,
+        "--set",
+        "networkPolicy.enabled=true",
+        "--set",
+        "networkPolicy.monitoring.namespaceSelector.matchLabels.team=observability",
+        "--set",
+        "networkPolicy.monitoring.podSelector.matchLabels.app=prometheus",
+        "--set-json",
+        f"networkPolicy.extraFrom=[{json.dumps(node_cidr)}]",
+        "--set",
+        "containerPort=9090",
+    )
+    policy = only(objects, "NetworkPolicy")
+    parsed = client.V1NetworkPolicy.from_dict(policy)  # Kubernetes' own schema: types and field names
+    assert client.ApiClient().sanitize_for_serialization(parsed) == policy, "a field Kubernetes does not know"
+    spec = policy["spec"]
+    assert spec["podSelector"] == only(objects, "Deployment")["spec"]["selector"], "exactly the operator pods"
+    assert spec["policyTypes"] == ["Ingress"], "egress (to the API server) stays open"
+    monitoring = {
+        "namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "monitoring", "team": "observability"}},
+        "podSelector": {"matchLabels": {"app": "prometheus"}},
+    }
+    assert spec["ingress"] == [{"from": [monitoring, node_cidr], "ports": [{"port": 9090, "protocol": "TCP"}]}]
 
 
 def test_crd_template_is_generated() -> None:

@@ -6,7 +6,10 @@ MaxRetryError, not an ApiException): the loop must survive it (it used to die fo
 
 from __future__ import annotations
 
+import contextlib
 import json
+import select
+import socket
 import threading
 import time
 import urllib.error
@@ -114,3 +117,64 @@ def test_metrics_are_served_in_prometheus_format(served) -> None:
     assert 'dpo_operator_dpojob_rewards_accuracies{name="job",namespace="ns"} 0.75' in text
     metrics.forget_dpojob("ns", "job")
     assert 'namespace="ns"' not in get(server, "/metrics")[1], "a deleted DPOJob's series go with it"
+
+
+def closed_by_peer(sock: socket.socket) -> bool:
+    """The server closed this client socket (EOF or reset waiting to be read)."""
+    if not select.select([sock], [], [], 0)[0]:
+        return False
+    try:
+        return sock.recv(1) == b""
+    except ConnectionResetError:
+        return True
+
+
+def test_idle_connections_take_no_thread_are_closed_after_the_timeout_and_probes_still_answer() -> None:
+    status = health.Health()
+    server = health.serve(status, "127.0.0.1", 0, timeout=1.0, max_connections=20)
+    idle: list[socket.socket] = []
+    try:
+        threads = threading.active_count()
+        idle = [socket.create_connection(server.server_address[:2]) for _ in range(50)]
+        assert get(server, "/healthz")[0] == 200, "a probe is answered while 50 sockets sit idle"
+        assert threading.active_count() <= threads, "an idle connection holds no thread"
+        wait_until(lambda: sum(map(closed_by_peer, idle)) >= 31)
+        still_open = [sock for sock in idle if not closed_by_peer(sock)]
+        assert len(still_open) == 19, "beyond 20 connections (the probe's included) the oldest are closed"
+        wait_until(lambda: all(map(closed_by_peer, still_open)), timeout=3.0)
+        assert get(server, "/healthz")[0] == 200, "and the endpoint still serves after the timeouts"
+    finally:
+        for sock in idle:
+            sock.close()
+        server.shutdown()
+
+
+def test_a_slow_client_is_closed_after_the_timeout_even_while_it_sends() -> None:
+    server = health.serve(health.Health(), "127.0.0.1", 0, timeout=1.0)
+    slow = socket.create_connection(server.server_address[:2])
+    try:
+        started = time.monotonic()
+        while not closed_by_peer(slow) and time.monotonic() - started < 5:
+            with contextlib.suppress(OSError):
+                slow.send(b"X")  # a header byte every 0.2 s: never a whole request
+            time.sleep(0.2)
+        assert 1.0 <= time.monotonic() - started < 2.0, "the whole request must come within the timeout"
+    finally:
+        slow.close()
+        server.shutdown()
+
+
+def test_per_dpojob_series_off_exports_no_series_labelled_by_a_dpojob(served) -> None:
+    _, server = served
+    metrics.record_rewards("team-a", "before", {"accuracies": 0.75})
+    metrics.per_dpojob_series(False)
+    try:
+        metrics.record_rewards("team-a", "secret-project", {"accuracies": 0.75, "margins": 0.5})
+        code, text = get(server, "/metrics")
+        assert code == 200 and "dpo_operator_reconcile_total" in text, "the operator-wide series stay"
+        assert "namespace=" not in text and "team-a" not in text and "rewards" not in text
+    finally:
+        metrics.per_dpojob_series(True)
+    metrics.record_rewards("team-a", "after", {"accuracies": 0.5})
+    assert 'dpo_operator_dpojob_rewards_accuracies{name="after",namespace="team-a"} 0.5' in get(server, "/metrics")[1]
+    metrics.forget_dpojob("team-a", "after")

@@ -3,7 +3,11 @@ against the real control plane: what each answers, and how refusals and conflict
 
 from __future__ import annotations
 
+import json
+import socket
 import sys
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -11,9 +15,11 @@ from typing import Any
 import pytest
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from kubernetes.config import kube_config
+from urllib3.exceptions import ReadTimeoutError
 
 from dpo_dev.stack import OperatorDeployment, quickstart_for_cluster
-from dpo_operator import manifests
+from dpo_operator import main, manifests
 from dpo_operator.kube import ChildRejectedError, Kube, NotOwnedError, resource_path
 
 
@@ -97,3 +103,39 @@ def test_no_typed_api_class_is_imported() -> None:
     )
     loaded = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert loaded.strip() in ("[]", "['kubernetes.client.api.coordination_v1_api']"), loaded
+
+
+def test_a_request_to_an_api_server_that_never_answers_fails_after_one_timeout(
+    silent_server: tuple[str, list[socket.socket]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the operator runs: main.py loads the credentials, the reconciler's Kube copies the default client."""
+    url, connections = silent_server
+    kubeconfig = {
+        "apiVersion": "v1",
+        "kind": "Config",
+        "clusters": [{"name": "c", "cluster": {"server": url}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "x", "context": {"cluster": "c", "user": "u"}}],
+        "current-context": "x",
+    }
+    (tmp_path / "kubeconfig").write_text(json.dumps(kubeconfig))
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(tmp_path / "kubeconfig"))
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setattr(client.Configuration, "_default", None)
+    assert main.load_cluster_credentials() == "kubeconfig"
+    kube = Kube(client.ApiClient(), request_timeout=(1.0, 0.5))
+    raised: list[Exception] = []
+
+    def get() -> None:
+        try:
+            kube.get_dpojob("ns", "dpo")
+        except Exception as exc:
+            raised.append(exc)
+
+    started = time.monotonic()
+    worker = threading.Thread(target=get, daemon=True)
+    worker.start()
+    worker.join(3.0)
+    assert not worker.is_alive(), "a request to a silent API server must not block for good"
+    assert [type(exc) for exc in raised] == [ReadTimeoutError]
+    assert time.monotonic() - started < 1.5 and len(connections) == 1, "one attempt, one timeout"

@@ -20,6 +20,8 @@ def test_chart_environment_is_read() -> None:
             "DPO_OPERATOR_LEADER_ELECTION": "true",
             "DPO_OPERATOR_LISTEN_ADDRESS": "10.0.0.7",
             "DPO_OPERATOR_TRAINER_CACHE_CLAIM": "hf-cache",
+            "DPO_OPERATOR_PER_DPOJOB_SERIES": "false",
+            "DPO_OPERATOR_DRAIN_SECONDS": "15",
             "POD_NAME": "dpo-operator-abc",
             "POD_NAMESPACE": "dpo-operator-system",
         }
@@ -29,6 +31,8 @@ def test_chart_environment_is_read() -> None:
     assert settings.leader_election and settings.identity.startswith("dpo-operator-abc_")
     assert settings.lease_namespace == "dpo-operator-system" and settings.listen_address == "10.0.0.7"
     assert settings.trainer_cache_claim == "hf-cache"
+    assert settings.per_dpojob_series is False and settings.drain_seconds == 15
+    assert OperatorSettings.from_env({}).per_dpojob_series, "per-DPOJob series are exported unless turned off"
     assert OperatorSettings.from_env({"DPO_OPERATOR_TRAINER_CACHE_CLAIM": ""}).trainer_cache_claim is None
 
 
@@ -41,6 +45,8 @@ def test_chart_environment_is_read() -> None:
         ({"DPO_OPERATOR_TRAINER_ENV": '[{"name": "T", "valueFrom": {"fieldRef": {}}}]'}, "secretKeyRef"),
         ({"DPO_OPERATOR_LEADER_ELECTION": "true"}, "POD_NAMESPACE"),
         ({"DPO_OPERATOR_TRAINER_CACHE_CLAIM": "HF_Cache"}, "DPO_OPERATOR_TRAINER_CACHE_CLAIM"),
+        ({"DPO_OPERATOR_PER_DPOJOB_SERIES": "maybe"}, "DPO_OPERATOR_PER_DPOJOB_SERIES"),
+        ({"DPO_OPERATOR_DRAIN_SECONDS": "-1"}, "DPO_OPERATOR_DRAIN_SECONDS"),
         (
             {"DPO_OPERATOR_LEADER_ELECTION": "true", "POD_NAMESPACE": "x", "DPO_OPERATOR_RENEW_DEADLINE": "20"},
             "LEASE_DURATION > RENEW_DEADLINE",
