@@ -72,6 +72,12 @@ def run_name(dpojob_name: str, generation: int, attempt: int = 0) -> str:
     return f"{dpojob_name[: _NAME_LIMIT - len(suffix) - 7].rstrip('-.')}-{short}{suffix}"
 
 
+def work_directory(spec: DPOJobSpec, dpojob_name: str, generation: int) -> str:
+    """The run's work directory: every attempt of a run (a retry) trains there, so it resumes from the run's
+    checkpoints and skips its finished stages (on a checkpointVolume; an emptyDir starts empty anyway)."""
+    return posixpath.join(spec.checkpointing.directory, run_name(dpojob_name, generation))
+
+
 def label_value(dpojob_name: str) -> str:
     """The DPOJob's name as a label value: names over 63 characters are shortened uniquely (a hash suffix)."""
     if len(dpojob_name) <= 63:
@@ -298,7 +304,7 @@ def build_job(
             "run",
             posixpath.join(CONFIG_MOUNT, SPEC_FILE),
             "--output",
-            posixpath.join(spec.checkpointing.directory, name),
+            work_directory(spec, meta["name"], generation),
         ],
         "env": _env(spec, extra_env or [], cache),
         "resources": _resources(spec, cache),

@@ -96,6 +96,14 @@ def test_checkpoints_on_the_claim_and_run_specific_output() -> None:
     assert args == ["run", "/etc/dpo-operator/dpojob.yaml", "--output", "/checkpoints/llama-g3"]
 
 
+def test_a_retry_attempt_trains_in_its_runs_work_directory() -> None:
+    """A retry is a Job of its own, but it resumes the run: same work directory, so finished stages are skipped and
+    the running one continues from its checkpoint instead of training from scratch in a directory of its own."""
+    retry = manifests.build_job(DPOJOB, DPOJobSpec.model_validate(DPOJOB["spec"]), 3, attempt=2)
+    assert retry["metadata"]["name"] == "llama-g3-r2"
+    assert retry["spec"]["template"]["spec"]["containers"][0]["args"][-2:] == ["--output", "/checkpoints/llama-g3"]
+
+
 def test_config_map_holds_a_dpojob_the_trainer_reads() -> None:
     config_map = manifests.build_config_map(DPOJOB, 3)
     document = yaml.safe_load(config_map["data"][manifests.SPEC_FILE])

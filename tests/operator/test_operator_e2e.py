@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -512,39 +513,58 @@ def test_suspend_deletes_the_pod_and_resume_continues_from_the_checkpoint(
     assert quickstart_run["suspended"] and quickstart_run["suspended_status"]["phase"] == "Suspended"
     assert quickstart_run["pods_while_suspended"] == [], "suspend must remove the trainer pod"
     assert condition({"status": quickstart_run["suspended_status"]}, "Suspended")["status"] == "True"
-    trainer_log = kubectl(
-        stack.admin_kubeconfig, "-n", NS, "logs", "job/" + quickstart_run["final"]["status"]["trainer"]["jobName"]
-    )
-    events_after_resume = [e for line in trainer_log.splitlines() if (e := parse_line(line))]
-    skipped = {e["stage"] for e in events_after_resume if e["event"] == "stage_end" and e.get("skipped")}
-    assert {"data", "sft", "sft_merge"} <= skipped, "the resumed pod must not redo finished stages"
-    first_dpo_log = next(e for e in events_after_resume if e["event"] == "log" and e["stage"] == "dpo")
-    assert first_dpo_log["step"] > 20, "DPO must continue from its checkpoint (every 20 steps), not from step 1"
+    _assert_resumed(stack, "job/" + quickstart_run["final"]["status"]["trainer"]["jobName"])
 
 
 def test_a_preempted_pod_is_replaced_and_resumes_from_its_checkpoint(stack: LocalStack, quickstart_run: dict) -> None:
     """Preemption as a node does it: the pod is deleted (SIGTERM, just-in-time checkpoint); the Job's next pod
     resumes DPO from the checkpoint on the PVC (created by the quickstart_run fixture)."""
-    name = "preempted"
-    document = quickstart_for_cluster(NS, name=name, repo="demo/preempted")
-    document["spec"]["runtime"]["checkpointVolume"] = {"claimName": "checkpoints"}
-    document["spec"]["dpo"].update(maxSteps=400, loggingSteps=5)
-    document["spec"]["checkpointing"]["saveSteps"] = 20
-    apply(stack, document)
-    running = stack.wait_for(
-        NS, name, lambda o: o.get("status", {}).get("stage") == "dpo" and o["status"]["progress"]["step"] >= 30, 300
-    )
-    first_pod = running["status"]["trainer"]["podName"]
+    first_pod = _in_dpo_with_checkpoints(stack, "preempted")["status"]["trainer"]["podName"]
     kubectl(stack.admin_kubeconfig, "-n", NS, "delete", "pod", first_pod, "--wait=false")
-    done = stack.wait_for(NS, name, lambda o: phase(o) in ("Succeeded", "Failed"), 300)
+    done = stack.wait_for(NS, "preempted", lambda o: phase(o) in ("Succeeded", "Failed"), 300)
     assert phase(done) == "Succeeded", done["status"].get("conditions")
     last_pod = done["status"]["trainer"]["podName"]
     assert last_pod != first_pod, "the Job replaced the preempted pod"
-    log = kubectl(stack.admin_kubeconfig, "-n", NS, "logs", last_pod)
-    events_after = [e for line in log.splitlines() if (e := parse_line(line))]
-    skipped = {e["stage"] for e in events_after if e["event"] == "stage_end" and e.get("skipped")}
-    assert {"data", "sft", "sft_merge"} <= skipped, "the replacement pod must not redo finished stages"
-    first_dpo_log = next(e for e in events_after if e["event"] == "log" and e["stage"] == "dpo")
+    _assert_resumed(stack, last_pod)
+
+
+def test_a_retried_run_resumes_from_its_checkpoint(stack: LocalStack, quickstart_run: dict) -> None:
+    """A retry (dpo-operator.io/retry) is the run's next attempt, a Job of its own, in the run's work directory: the
+    finished stages are skipped and DPO continues from its checkpoint on the PVC (created by the quickstart_run
+    fixture) instead of training from scratch."""
+    name = "retried"
+    running = _in_dpo_with_checkpoints(stack, name, backoffLimit=0)
+    runner = stack.simulator.runner(NS, running["status"]["trainer"]["podName"])
+    assert runner is not None
+    runner.signal(signal.SIGKILL)  # the trainer crashes; with backoffLimit 0 the run fails
+    failed = stack.wait_for(NS, name, lambda o: phase(o) in ("Failed", "Succeeded"), 120)
+    assert phase(failed) == "Failed", failed["status"].get("conditions")
+    kubectl(stack.admin_kubeconfig, "-n", NS, "annotate", "dpojob", name, "dpo-operator.io/retry=1")
+    done = stack.wait_for(NS, name, lambda o: phase(o) == "Succeeded" and o["status"]["run"].get("attempt") == 1, 300)
+    assert done["status"]["trainer"]["jobName"] == f"{name}-g1-r1"
+    _assert_resumed(stack, done["status"]["trainer"]["podName"])
+
+
+def _in_dpo_with_checkpoints(stack: LocalStack, name: str, **runtime: object) -> dict:
+    """A quickstart DPOJob checkpointing every 20 steps on the PVC of the quickstart_run fixture, once DPO is past
+    step 30 (400 steps: long enough to interrupt)."""
+    document = quickstart_for_cluster(NS, name=name, repo=f"demo/{name}")
+    document["spec"]["runtime"].update(checkpointVolume={"claimName": "checkpoints"}, **runtime)
+    document["spec"]["dpo"].update(maxSteps=400, loggingSteps=5)
+    document["spec"]["checkpointing"]["saveSteps"] = 20
+    apply(stack, document)
+    return stack.wait_for(
+        NS, name, lambda o: o.get("status", {}).get("stage") == "dpo" and o["status"]["progress"]["step"] >= 30, 300
+    )
+
+
+def _assert_resumed(stack: LocalStack, pod: str) -> None:
+    """The pod (or job/NAME) skipped every stage before DPO and continued DPO from a checkpoint, not from step 1."""
+    log = kubectl(stack.admin_kubeconfig, "-n", NS, "logs", pod)
+    events = [e for line in log.splitlines() if (e := parse_line(line))]
+    skipped = {e["stage"] for e in events if e["event"] == "stage_end" and e.get("skipped")}
+    assert {"data", "sft", "sft_merge", "dpo_data"} <= skipped, "finished stages must not run again"
+    first_dpo_log = next(e for e in events if e["event"] == "log" and e["stage"] == "dpo")
     assert first_dpo_log["step"] > 20, "DPO continues from its checkpoint, not from step 1"
 
 
