@@ -157,12 +157,13 @@ class ObjectCache:
         """Jobs labelled dpo-operator.io/dpojob=<label> (manifests.label_value of the DPOJob's name)."""
         return self._children_of("Job", namespace, label)
 
-    def pods(self, namespace: str, label: str, run: int) -> list[dict[str, Any]]:
-        """Pods of one run of a DPOJob (any pod carrying the labels: ownership is checked by the caller)."""
+    def pods(self, namespace: str, label: str, run: int | None = None) -> list[dict[str, Any]]:
+        """Pods of one run of a DPOJob, or of all its runs (any pod carrying the labels: ownership is checked by
+        the caller)."""
         return [
             pod
             for pod in self._children_of("Pod", namespace, label)
-            if (pod["metadata"].get("labels") or {}).get(LABEL_RUN) == str(run)
+            if run is None or (pod["metadata"].get("labels") or {}).get(LABEL_RUN) == str(run)
         ]
 
     def counts(self) -> dict[str, int]:

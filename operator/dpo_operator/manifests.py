@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import posixpath
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,7 +16,7 @@ import yaml
 from kubernetes.utils import parse_quantity
 
 from dpojob_api.progress import TERMINATION_MESSAGE_PATH, TERMINATION_PATH_ENV
-from dpojob_api.spec import API_GROUP, API_VERSION, KIND, DPOJobSpec, VolumeClaim, digest
+from dpojob_api.spec import API_GROUP, API_VERSION, KIND, DPOJobSpec, VolumeClaim, digest, training_hash
 
 CONFIG_MOUNT = "/etc/dpo-operator"
 SPEC_FILE = "dpojob.yaml"
@@ -72,10 +73,22 @@ def run_name(dpojob_name: str, generation: int, attempt: int = 0) -> str:
     return f"{dpojob_name[: _NAME_LIMIT - len(suffix) - 7].rstrip('-.')}-{short}{suffix}"
 
 
-def work_directory(spec: DPOJobSpec, dpojob_name: str, generation: int) -> str:
-    """The run's work directory: every attempt of a run (a retry) trains there, so it resumes from the run's
-    checkpoints and skips its finished stages (on a checkpointVolume; an emptyDir starts empty anyway)."""
-    return posixpath.join(spec.checkpointing.directory, run_name(dpojob_name, generation))
+def work_directory(spec: DPOJobSpec, dpojob_name: str) -> str:
+    """The run's work directory, named by what it trains (spec.training_hash): every attempt of a run (a retry)
+    and every later run that trains the same (an output-only edit) works there, so the trainer skips the stages
+    that are done and resumes the running one from its checkpoint, on a checkpointVolume (an emptyDir starts empty
+    anyway). Which stages run again is the trainer's per-stage fingerprints' decision alone."""
+    return posixpath.join(spec.checkpointing.directory, f"{dpojob_name}-{training_hash(spec)[:12]}")
+
+
+_JOB_SUFFIX = re.compile(r"-g([0-9]+)(?:-r([0-9]+))?$")
+
+
+def runs_job(dpojob_name: str, job_name: str) -> bool:
+    """Whether job_name is the name of one of this DPOJob's runs or attempts (run_name of some generation and
+    attempt), whichever generation: pods of such Jobs share the DPOJob's work directories."""
+    match = _JOB_SUFFIX.search(job_name)
+    return match is not None and job_name == run_name(dpojob_name, int(match[1]), int(match[2] or 0))
 
 
 def label_value(dpojob_name: str) -> str:
@@ -304,7 +317,7 @@ def build_job(
             "run",
             posixpath.join(CONFIG_MOUNT, SPEC_FILE),
             "--output",
-            work_directory(spec, meta["name"], generation),
+            work_directory(spec, meta["name"]),
         ],
         "env": _env(spec, extra_env or [], cache),
         "resources": _resources(spec, cache),

@@ -89,15 +89,19 @@ STUCK_TERMINATING = timedelta(minutes=5)
 """How long past its deletion deadline a pod is still waited for; after that its node is taken to be lost."""
 
 
-def stopping_pod(pods: list[dict[str, Any]], job_name: str, now: datetime) -> dict[str, Any] | None:
-    """A previous pod of this run's Job that is still stopping: a new pod must wait for it, or two trainers
-    would write the same checkpoints. Only pods whose controller is a Job of that name count (any pod can carry
-    our labels), and a pod still there STUCK_TERMINATING past its deletion deadline (a lost node) does not."""
+def stopping_pod(pods: list[dict[str, Any]], dpojob_name: str, now: datetime) -> dict[str, Any] | None:
+    """A pod of an earlier run or attempt of this DPOJob that is still stopping: a new pod must wait for it, or two
+    trainers would write the same checkpoints (runs that train the same share a work directory) and hold two
+    GPUs. Only pods whose controller is a Job named as one of the DPOJob's runs count (any pod can carry our
+    labels), and a pod still there STUCK_TERMINATING past its deletion deadline (a lost node) does not."""
     for pod in pods:
         if pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
             continue
         owners = pod["metadata"].get("ownerReferences") or []
-        if not any(o.get("kind") == "Job" and o.get("name") == job_name and o.get("controller") for o in owners):
+        if not any(
+            o.get("kind") == "Job" and o.get("controller") and manifests.runs_job(dpojob_name, o.get("name", ""))
+            for o in owners
+        ):
             continue
         deadline = pod["metadata"].get("deletionTimestamp")
         if deadline and now > utc_from_rfc3339(deadline) + STUCK_TERMINATING:
@@ -244,7 +248,8 @@ class Reconciler:
                 self._delete_child(job, uid)
                 job = None
             elif not observed.suspended and job is None:
-                stopping = stopping_pod(pods, job_name, datetime.now(UTC))
+                every_run = self.cache.pods(namespace, manifests.label_value(name))
+                stopping = stopping_pod(every_run, name, datetime.now(UTC))
                 rejected = self._rejected.get((namespace, name))
                 if observed.not_owned:
                     pass  # a Job of this name exists; creating would only be refused

@@ -26,6 +26,11 @@ NOT_ABOUT_THE_MODEL = ("runtime", "suspend", "checkpointing", "reporting", "hubT
 holds the token. The one definition both sides use: editing them neither starts a new run in the operator nor
 re-renders the model card in the trainer."""
 
+NOT_ABOUT_TRAINING = (*NOT_ABOUT_THE_MODEL, "output")
+"""Spec sections a change of which trains nothing again: NOT_ABOUT_THE_MODEL, and where the model goes (the card, the
+gates, the push and output.directory: the trainer re-runs only those stages). Runs of a DPOJob that agree on the
+rest share a work directory, so an output-only edit, or a retry, goes on from what the earlier run trained."""
+
 DType = Literal["bfloat16", "float16", "float32"]
 LossType = Literal[
     "sigmoid",
@@ -636,6 +641,12 @@ def describe_validation_error(exc: ValidationError, prefix: str = "spec") -> str
 def model_identity(spec: dict[str, Any]) -> dict[str, Any]:
     """A spec dict (camelCase, as written or dumped by alias) less NOT_ABOUT_THE_MODEL: what decides the model."""
     return {k: v for k, v in spec.items() if k not in NOT_ABOUT_THE_MODEL}
+
+
+def training_hash(spec: DPOJobSpec) -> str:
+    """Hash of what a run trains (the spec less NOT_ABOUT_TRAINING, defaults filled in): names its work directory."""
+    dumped = spec.model_dump(by_alias=True, mode="json")
+    return digest({k: v for k, v in dumped.items() if k not in NOT_ABOUT_TRAINING})
 
 
 def digest(value: Any) -> str:

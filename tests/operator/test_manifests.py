@@ -93,15 +93,30 @@ def test_checkpoints_on_the_claim_and_run_specific_output() -> None:
     assert volumes["config"]["configMap"]["name"] == "llama-g3"
     assert "dshm" in volumes, "multi-GPU pods get a memory-backed /dev/shm"
     args = pod["containers"][0]["args"]
-    assert args == ["run", "/etc/dpo-operator/dpojob.yaml", "--output", "/checkpoints/llama-g3"]
+    spec = DPOJobSpec.model_validate(DPOJOB["spec"])
+    assert args == ["run", "/etc/dpo-operator/dpojob.yaml", "--output", manifests.work_directory(spec, "llama")]
 
 
-def test_a_retry_attempt_trains_in_its_runs_work_directory() -> None:
-    """A retry is a Job of its own, but it resumes the run: same work directory, so finished stages are skipped and
-    the running one continues from its checkpoint instead of training from scratch in a directory of its own."""
-    retry = manifests.build_job(DPOJOB, DPOJobSpec.model_validate(DPOJOB["spec"]), 3, attempt=2)
+def test_runs_that_train_the_same_share_a_work_directory() -> None:
+    """A retry, or a run that differs only in where the model goes (output) or in pod settings, works in the
+    directory of the runs before it: the trainer skips what they finished. What changes training moves it."""
+    spec = DPOJobSpec.model_validate(DPOJOB["spec"])
+
+    def output_arg(job: dict) -> str:
+        return job["spec"]["template"]["spec"]["containers"][0]["args"][-1]
+
+    first = manifests.build_job(DPOJOB, spec, 3)
+    retry = manifests.build_job(DPOJOB, spec, 3, attempt=2)
     assert retry["metadata"]["name"] == "llama-g3-r2"
-    assert retry["spec"]["template"]["spec"]["containers"][0]["args"][-2:] == ["--output", "/checkpoints/llama-g3"]
+    assert output_arg(first) == output_arg(retry) == manifests.work_directory(spec, "llama")
+    assert output_arg(first).startswith("/checkpoints/llama-")
+    moved_output = spec.model_copy(deep=True)
+    moved_output.output.hub.commit_message = "another message"
+    moved_output.runtime.memory = "64Gi"
+    assert output_arg(manifests.build_job(DPOJOB, moved_output, 4)) == output_arg(first)
+    more_steps = spec.model_copy(deep=True)
+    more_steps.dpo.max_steps = 2000
+    assert output_arg(manifests.build_job(DPOJOB, more_steps, 5)) != output_arg(first)
 
 
 def test_config_map_holds_a_dpojob_the_trainer_reads() -> None:

@@ -545,6 +545,29 @@ def test_a_retried_run_resumes_from_its_checkpoint(stack: LocalStack, quickstart
     _assert_resumed(stack, done["status"]["trainer"]["podName"])
 
 
+def test_an_output_only_edit_pushes_again_without_training(stack: LocalStack, quickstart_run: dict) -> None:
+    """Editing only where the model goes (here the commit message) starts a new run in the same work directory on
+    the PVC: the trainer's fingerprints skip every training stage, and the card and the push run again."""
+    name = "repushed"
+    document = quickstart_for_cluster(NS, name=name, repo=f"demo/{name}")
+    document["spec"]["runtime"]["checkpointVolume"] = {"claimName": "checkpoints"}
+    apply(stack, document)
+    first = stack.wait_for(NS, name, lambda o: phase(o) in ("Succeeded", "Failed"), 300)
+    assert phase(first) == "Succeeded", first["status"].get("conditions")
+    document["spec"]["output"]["hub"]["commitMessage"] = "the same model, another message"
+    apply(stack, document)
+    second = stack.wait_for(
+        NS, name, lambda o: o["status"]["run"]["generation"] == 2 and phase(o) in ("Succeeded", "Failed"), 300
+    )
+    assert phase(second) == "Succeeded", second["status"].get("conditions")
+    log = kubectl(stack.admin_kubeconfig, "-n", NS, "logs", second["status"]["trainer"]["podName"])
+    events = [e for line in log.splitlines() if (e := parse_line(line))]
+    ran = [e["stage"] for e in events if e["event"] == "stage_end" and not e.get("skipped")]
+    assert ran == ["model_card", "push"], "only what the edit changes runs again"
+    assert not [e for e in events if e["event"] == "log"], "no training step"
+    assert (first["status"]["model"]["tag"], second["status"]["model"]["tag"]) == ("run-g1", "run-g2")
+
+
 def _in_dpo_with_checkpoints(stack: LocalStack, name: str, **runtime: object) -> dict:
     """A quickstart DPOJob checkpointing every 20 steps on the PVC of the quickstart_run fixture, once DPO is past
     step 30 (400 steps: long enough to interrupt)."""

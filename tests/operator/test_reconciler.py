@@ -63,7 +63,9 @@ def test_a_failed_run_is_retried_once_per_new_annotation_value() -> None:
     assert manifests.run_name("job", 1, 2) == "job-g1-r2" and manifests.run_name("job", 1) == "job-g1"
 
 
-def test_only_a_pod_of_the_runs_own_job_that_is_really_stopping_is_waited_for() -> None:
+def test_only_a_pod_of_the_dpojobs_own_jobs_that_is_really_stopping_is_waited_for() -> None:
+    """Runs that train the same share a work directory (a retry, an output-only edit): a new pod waits for any
+    earlier run's or attempt's pod of the DPOJob that is still stopping."""
     now = datetime(2026, 12, 2, 12, 0, tzinfo=UTC)
 
     def pod(owner: str | None, deleting_since: str | None = None, phase: str = "Running") -> dict:
@@ -74,11 +76,15 @@ def test_only_a_pod_of_the_runs_own_job_that_is_really_stopping_is_waited_for() 
             meta["deletionTimestamp"] = deleting_since
         return {"metadata": meta, "status": {"phase": phase}}
 
-    ours = pod("job-g1", "2026-12-02T11:58:00Z")
-    assert stopping_pod([ours], "job-g1", now) is ours
-    assert stopping_pod([pod(None), pod("someone-elses")], "job-g1", now) is None, "labels alone do not block"
-    assert stopping_pod([pod("job-g1", phase="Failed")], "job-g1", now) is None
-    assert stopping_pod([pod("job-g1", "2026-12-02T11:50:00Z")], "job-g1", now) is None, "a lost node's pod"
+    for owner in ("job-g1", "job-g1-r1", "job-g7"):
+        ours = pod(owner, "2026-12-02T11:58:00Z")
+        assert stopping_pod([ours], "job", now) is ours, owner
+    others = [pod(None), pod("someone-elses"), pod("job-other-g1"), pod("jobs-g1"), pod("job-g1-x")]
+    assert stopping_pod(others, "job", now) is None, "labels alone, or a name not of our runs, do not block"
+    assert stopping_pod([pod("job-g1", phase="Failed")], "job", now) is None
+    assert stopping_pod([pod("job-g1", "2026-12-02T11:50:00Z")], "job", now) is None, "a lost node's pod"
+    long_name = "x" * 60
+    assert manifests.runs_job(long_name, manifests.run_name(long_name, 3, 1))
 
 
 def test_pod_level_fields_are_validated_before_any_job_is_built() -> None:
