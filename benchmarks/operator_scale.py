@@ -608,7 +608,8 @@ def measure_lag(admin: Path, operator: Operator, workdir: Path, running: int, ar
             return RUN_FOREVER if pod["metadata"]["namespace"] == LAG_NS else None
 
         with simulator.scripted(forever):
-            runtime = {"gpus": 0, "cpu": "10m", "memory": "32Mi"}
+            # small scratch: the default sizes (91Gi of ephemeral storage) would fit one pod per simulated node
+            runtime = {"gpus": 0, "cpu": "10m", "memory": "32Mi", "scratchSize": "100Mi", "workDirSize": "100Mi"}
             start, _ = run_parallel(admin, args.threads, running, create_dpojob(LAG_NS, runtime))
             logs: dict[str, Any] = {}  # DPOJob -> its pod's container log (nodesim LogFile)
             deadline = start + args.timeout
