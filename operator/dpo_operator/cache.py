@@ -11,8 +11,8 @@ resourceVersion, an etcd revision on every supported server) never replaces it.
 Objects are stored as compact copies of the API server's JSON (interned keys, see slim), less
 `metadata.managedFields`, kubectl's last-applied annotation, a pod's spec and a Job's pod template (together
 most of an object) and a few fields nothing reads (_UNREAD): the operator reads a pod's metadata and status only,
-and of a Job's spec only `suspend` and the hash of what it runs, which is computed once here and held as
-CONTENT_HASH. Objects are returned as copies: callers may not share them across threads.
+and of a Job's spec only `suspend` (whether a Job is ours, its metadata says: ownership.py). Objects are returned
+as copies: callers may not share them across threads.
 """
 
 from __future__ import annotations
@@ -23,13 +23,11 @@ import threading
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-from .manifests import LABEL_DPOJOB, LABEL_RUN, job_content_hash
+from .manifests import LABEL_DPOJOB, LABEL_RUN
 
 Key = tuple[str, str]
 """(namespace, name) of a DPOJob."""
 _LAST_APPLIED = "kubectl.kubernetes.io/last-applied-configuration"
-CONTENT_HASH = "contentHash"
-"""Key of a held Job's manifests.job_content_hash (its pod template itself is not held)."""
 
 
 _UNREAD = {
@@ -61,10 +59,9 @@ def _compact(value: Any, drop: frozenset[str] | set[str] = frozenset()) -> Any:
 def slim(body: Mapping[str, Any]) -> dict[str, Any]:
     """A compact copy of the object without what the operator never reads."""
     kind = body.get("kind")
-    already_slim = CONTENT_HASH in body
     result = {}
     for key, value in body.items():
-        if key == "spec" and kind in ("Pod", "Job") and not already_slim:
+        if key == "spec" and kind in ("Pod", "Job"):
             continue
         if key == "metadata":
             meta = _compact(value, _UNREAD["metadata"])
@@ -79,9 +76,8 @@ def slim(body: Mapping[str, Any]) -> dict[str, Any]:
             result[key] = status
         else:
             result[sys.intern(key)] = _compact(value)
-    if kind == "Job" and "spec" in body and not already_slim:
+    if kind == "Job" and "spec" in body:
         result["spec"] = {"suspend": body["spec"].get("suspend")}
-        result[CONTENT_HASH] = job_content_hash(dict(body))
     return result
 
 

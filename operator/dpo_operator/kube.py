@@ -15,7 +15,7 @@ from kubernetes.client.exceptions import ApiException
 
 from dpojob_api.spec import API_GROUP, API_VERSION, KIND, PLURAL
 
-from .manifests import MANAGED_BY, ServerFeatures, job_content_hash
+from .manifests import MANAGED_BY, ServerFeatures
 
 log = logging.getLogger(__name__)
 
@@ -62,13 +62,6 @@ def owned_by(obj: dict[str, Any], uid: str) -> bool:
     return any(ref.get("uid") == uid and ref.get("controller") for ref in obj["metadata"].get("ownerReferences") or [])
 
 
-def untrusted_job_message(name: str) -> str:
-    return (
-        f"Job {name} names this DPOJob as its controller but runs other content than the operator would create "
-        "(image, command, env, volumes or ServiceAccount differ): it is not adopted; delete it to let the run start"
-    )
-
-
 def merge_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """RFC 7386 merge patch turning old into new (removed keys become null); {} when equal."""
     patch: dict[str, Any] = {key: None for key in old.keys() - new.keys()}
@@ -97,9 +90,17 @@ _PATHS = {
     "Job": "/apis/batch/v1",
     "Pod": "/api/v1",
     "ConfigMap": "/api/v1",
+    "Secret": "/api/v1",
     "Event": "/api/v1",
 }
-_PLURALS = {"DPOJob": PLURAL, "Job": "jobs", "Pod": "pods", "ConfigMap": "configmaps", "Event": "events"}
+_PLURALS = {
+    "DPOJob": PLURAL,
+    "Job": "jobs",
+    "Pod": "pods",
+    "ConfigMap": "configmaps",
+    "Secret": "secrets",
+    "Event": "events",
+}
 
 
 def resource_path(kind: str, namespace: str | None, name: str | None = None, subresource: str | None = None) -> str:
@@ -147,13 +148,24 @@ class Kube:
             raise ApiException.from_response(http_resp=response, body=None, data=None)
         return json.loads(data) if data else {}
 
-    def get_dpojob(self, namespace: str, name: str) -> dict[str, Any] | None:
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        """The object, or None when there is none."""
         try:
-            return self.request("GET", resource_path("DPOJob", namespace, name))
+            return self.request("GET", resource_path(kind, namespace, name))
         except ApiException as exc:
             if exc.status == 404:
                 return None
             raise
+
+    def get_dpojob(self, namespace: str, name: str) -> dict[str, Any] | None:
+        return self.get("DPOJob", namespace, name)
+
+    def annotate(self, obj: dict[str, Any], annotations: dict[str, str]) -> dict[str, Any]:
+        """Merge-patch annotations onto the object (as it is now: conditional on its UID); the object as patched."""
+        meta = obj["metadata"]
+        body = {"metadata": {"uid": meta["uid"], "annotations": annotations}}
+        path = resource_path(obj["kind"], meta["namespace"], meta["name"])
+        return self.request("PATCH", path, body=body, content_type="application/merge-patch+json")
 
     def server_features(self) -> ServerFeatures:
         """The Job features of this API server's version."""
@@ -195,7 +207,8 @@ class Kube:
         return " ".join((newest.get("message") or "").split())[:900] if newest is not None else None
 
     def create_or_adopt(self, body: dict[str, Any], owner_uid: str) -> tuple[dict[str, Any], bool]:
-        """Create a Job or ConfigMap; on 409 return the existing one if we own it. True when created."""
+        """Create a Job or ConfigMap; on 409 return the existing one if it names `owner_uid` as controller (whether
+        a Job is really ours, its signature says: ownership.py). True when created."""
         namespace, name, kind = body["metadata"]["namespace"], body["metadata"]["name"], body["kind"]
         collection = resource_path(kind, namespace)
         try:
@@ -211,20 +224,22 @@ class Kube:
                 f"{kind} {name} exists but is not controlled by this DPOJob (left by a deleted DPOJob of the same "
                 "name, or created by someone else); waiting until it is gone"
             )
-        if kind == "Job" and job_content_hash(existing) != job_content_hash(body):
-            raise NotOwnedError(untrusted_job_message(name))
         if kind == "ConfigMap" and existing.get("data") != body.get("data"):
             # Ours, written before a runtime edit (e.g. during a suspend): the trainer must read the current spec.
             self.delete("ConfigMap", namespace, name)
             return self.request("POST", collection, body=body), True
         return existing, False
 
-    def delete(self, kind: str, namespace: str, name: str) -> bool:
-        """Delete a Job (with its pods, in the background) or ConfigMap; False when already gone."""
+    def delete(self, kind: str, namespace: str, name: str, uid: str | None = None) -> bool:
+        """Delete a Job (with its pods, in the background) or ConfigMap, only the object with this uid if one is
+        given (not one created meanwhile under the same name); False when already gone."""
+        body: dict[str, Any] = {"propagationPolicy": "Background"}
+        if uid is not None:
+            body["preconditions"] = {"uid": uid}
         try:
-            self.request("DELETE", resource_path(kind, namespace, name), body={"propagationPolicy": "Background"})
+            self.request("DELETE", resource_path(kind, namespace, name), body=body)
         except ApiException as exc:
-            if exc.status == 404:
+            if exc.status == 404 or (uid is not None and exc.status == 409):
                 return False
             raise
         return True

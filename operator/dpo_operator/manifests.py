@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from kubernetes.utils import parse_quantity
 
-from dpojob_api.progress import TERMINATION_MESSAGE_PATH, TERMINATION_PATH_ENV
+from dpojob_api.progress import SPEC_DIGEST_ENV, TERMINATION_MESSAGE_PATH, TERMINATION_PATH_ENV
 from dpojob_api.spec import API_GROUP, API_VERSION, KIND, DPOJobSpec, VolumeClaim, digest, training_hash
 
 CONFIG_MOUNT = "/etc/dpo-operator"
@@ -33,6 +33,9 @@ LABEL_DPOJOB = f"{API_GROUP}/dpojob"
 LABEL_RUN = f"{API_GROUP}/run-generation"
 ANNOTATION_DPOJOB = f"{API_GROUP}/dpojob-name"
 """The owning DPOJob's full name on every child (a label value holds at most 63 characters, a name 253)."""
+TEMPLATE_ANNOTATION = f"{API_GROUP}/template-hash"
+"""On a trainer Job: the digest of its spec as the operator built it, before any admission webhook changed it;
+covered by the Job's signature (ownership.py)."""
 MANAGED_BY = "dpo-operator"
 # On SIGTERM (suspend, preemption, deletion) the trainer saves a checkpoint before exiting; torchrun alone waits
 # 30 s for its workers. Give the save time before the kubelet's SIGKILL.
@@ -146,8 +149,8 @@ def owner_reference(dpojob: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def build_config_map(dpojob: dict[str, Any], generation: int, attempt: int = 0) -> dict[str, Any]:
-    """The DPOJob document the trainer reads (`dpo-trainer run` takes the same file kubectl applied)."""
+def spec_document(dpojob: dict[str, Any], generation: int) -> str:
+    """The DPOJob document the trainer reads, as YAML (`dpo-trainer run` takes the same file kubectl applied)."""
     meta = dpojob["metadata"]
     document = {
         "apiVersion": f"{API_GROUP}/{API_VERSION}",
@@ -155,40 +158,21 @@ def build_config_map(dpojob: dict[str, Any], generation: int, attempt: int = 0) 
         "metadata": {"name": meta["name"], "namespace": meta["namespace"], "generation": generation},
         "spec": dpojob["spec"],
     }
+    return yaml.safe_dump(document, sort_keys=False)
+
+
+def build_config_map(dpojob: dict[str, Any], generation: int, attempt: int = 0) -> dict[str, Any]:
+    """The run's spec file. Immutable: changing what a run trains takes a new ConfigMap (and the trainer checks the
+    file against the digest in its Job, SPEC_DIGEST_ENV, so a ConfigMap replaced behind the operator's back fails
+    the run instead of training something else)."""
+    meta = dpojob["metadata"]
     return {
         "apiVersion": "v1",
         "kind": "ConfigMap",
         "metadata": child_metadata(dpojob, run_name(meta["name"], generation, attempt), generation),
-        "data": {SPEC_FILE: yaml.safe_dump(document, sort_keys=False)},
+        "immutable": True,
+        "data": {SPEC_FILE: spec_document(dpojob, generation)},
     }
-
-
-def job_content_hash(job: dict[str, Any]) -> str:
-    """Hash of what a trainer Job runs and with which credentials: images, commands, env and its sources,
-    volumes and their sources, ServiceAccount. Fields the API server defaults, and the scheduling fields Kueue
-    injects, are left out, so a Job hashes the same as the manifest it was created from. The operator takes a
-    Job as its own only when this matches: an ownerReference alone can be forged by anyone in the namespace."""
-    pod = job["spec"]["template"]["spec"]
-
-    def container(c: dict[str, Any]) -> list[Any]:
-        env = [[e["name"], e.get("value"), e.get("valueFrom")] for e in c.get("env") or []]
-        mounts = [[m["name"], m["mountPath"], bool(m.get("readOnly"))] for m in c.get("volumeMounts") or []]
-        return [c["name"], c["image"], c.get("command"), c.get("args"), env, c.get("envFrom"), mounts]
-
-    def volume(v: dict[str, Any]) -> list[Any]:
-        kind = next(k for k in v if k != "name")
-        source = v[kind] or {}
-        return [v["name"], kind, source.get("name") or source.get("claimName") or source.get("secretName")]
-
-    content = {
-        "containers": [container(c) for c in pod["containers"]],
-        "initContainers": [container(c) for c in pod.get("initContainers") or []],
-        "volumes": sorted(volume(v) for v in pod.get("volumes") or []),
-        "serviceAccountName": pod.get("serviceAccountName") or "default",
-        "automountServiceAccountToken": pod.get("automountServiceAccountToken"),
-        "host": [bool(pod.get(k)) for k in ("hostNetwork", "hostPID", "hostIPC")],
-    }
-    return digest(content)
 
 
 def _claim_volume(name: str, claim: VolumeClaim) -> dict[str, Any]:
@@ -243,7 +227,9 @@ def _volumes(
     return volumes, mounts
 
 
-def _env(spec: DPOJobSpec, extra_env: list[dict[str, Any]], cache: VolumeClaim | None) -> list[dict[str, Any]]:
+def _env(
+    spec: DPOJobSpec, extra_env: list[dict[str, Any]], cache: VolumeClaim | None, spec_text: str
+) -> list[dict[str, Any]]:
     """The trainer's env: fixed settings, the operator's extra env (values or Secret/ConfigMap key refs), the token.
 
     HF_HOME is on the cache volume when there is one. `datasets` writes its own cache (Arrow files) under HF_HOME
@@ -253,6 +239,7 @@ def _env(spec: DPOJobSpec, extra_env: list[dict[str, Any]], cache: VolumeClaim |
         {"name": "HF_HOME", "value": HF_HOME_ON_CACHE if cache else HF_HOME_ON_SCRATCH},
         {"name": "HF_HUB_DISABLE_TELEMETRY", "value": "1"},
         {"name": TERMINATION_PATH_ENV, "value": TERMINATION_MESSAGE_PATH},
+        {"name": SPEC_DIGEST_ENV, "value": hashlib.sha256(spec_text.encode()).hexdigest()},
     ]
     if cache is not None and cache.read_only:
         env.append({"name": "HF_DATASETS_CACHE", "value": f"{SCRATCH_MOUNT}/hf-datasets"})
@@ -319,7 +306,7 @@ def build_job(
             "--output",
             work_directory(spec, meta["name"]),
         ],
-        "env": _env(spec, extra_env or [], cache),
+        "env": _env(spec, extra_env or [], cache, spec_document(dpojob, generation)),
         "resources": _resources(spec, cache),
         "volumeMounts": mounts,
         "terminationMessagePath": TERMINATION_MESSAGE_PATH,
@@ -368,12 +355,13 @@ def build_job(
     queue_labels = {k: v for k, v in (meta.get("labels") or {}).items() if k in KUEUE_LABELS}
     if queue_labels.get(KUEUE_QUEUE_LABEL) and features.job_suspend:
         job_spec["suspend"] = True
-    metadata = child_metadata(dpojob, name, generation)
-    metadata["labels"].update(queue_labels)
     if features.pod_failure_policy:
         job_spec["podFailurePolicy"] = {
             "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
         }
+    metadata = child_metadata(dpojob, name, generation)
+    metadata["labels"].update(queue_labels)
+    metadata["annotations"][TEMPLATE_ANNOTATION] = digest(job_spec)
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

@@ -17,7 +17,7 @@ from pydantic import ValidationError
 from dpojob_api.spec import DPOJobSpec, describe_validation_error, legacy_spec_hash, spec_hash
 
 from . import manifests, metrics
-from .cache import CONTENT_HASH, Key, ObjectCache, slim
+from .cache import Key, ObjectCache, slim
 from .followers import LogFollowers
 from .health import Health
 from .kube import (
@@ -27,9 +27,8 @@ from .kube import (
     merge_patch,
     owned_by,
     prune_none,
-    resource_path,
-    untrusted_job_message,
 )
+from .ownership import SIGNATURE_ANNOTATION, RunSigner
 from .settings import OperatorSettings
 from .status import Observed, compute_status, run_finished, transition_events, utc_from_rfc3339
 from .workqueue import EventPoster, Resync, Workers, WorkQueue
@@ -124,8 +123,10 @@ class Reconciler:
         settings: OperatorSettings,
         health: Health,
         features: manifests.ServerFeatures,
+        signer: RunSigner | None = None,
     ) -> None:
         self.kube = kube
+        self.signer = signer or RunSigner.ephemeral()
         self.cache = cache
         self.queue = queue
         self.settings = settings
@@ -239,8 +240,9 @@ class Reconciler:
 
         job_name = manifests.run_name(name, generation, attempt)
         job = self._current_job(namespace, name, uid, job_name)
-        if job is not None and not self._created_by_us(dpojob, old, spec, job, generation, attempt):
-            observed.not_owned = untrusted_job_message(job["metadata"]["name"])
+        if job is not None and not self.signer.signed(job, uid):
+            if not finished:  # a finished run's status is final; an unsigned Job of it (0.1.x made those) stays
+                self._replace_unsigned(dpojob, job)
             job = None
         pods = self.cache.pods(namespace, manifests.label_value(name), generation)
         if error is None and spec is not None and not finished:
@@ -264,7 +266,7 @@ class Reconciler:
                 else:
                     try:
                         job = self._create_run(dpojob, spec, generation, attempt)
-                        if self.queue.urgent_waiting():
+                        if job is not None and self.queue.urgent_waiting():
                             # Other DPOJobs still wait for their Job: those first, this status write after them
                             # (the next reconcile, in the normal lane). Without a burst it happens at once.
                             self.queue.add((namespace, name))
@@ -276,7 +278,6 @@ class Reconciler:
                         self._rejected[(namespace, name)] = (dpojob["metadata"]["generation"], time.monotonic(), exc)
                         observed.rejected = (exc.code, str(exc))
         observed.job = job
-        observed.job_content_hash = job[CONTENT_HASH] if job is not None else None
         observed.pods = [p for p in pods if job is not None and owned_by(p, job["metadata"]["uid"])]
         if job is not None and not observed.pods and not finished and not (job.get("spec") or {}).get("suspend"):
             observed.pod_creation_error = self._pod_creation_error(job)
@@ -314,13 +315,23 @@ class Reconciler:
                 self.events.post(dpojob, event.type, event.reason, event.message)
         return dpojob
 
-    def _create_run(self, dpojob: dict[str, Any], spec: DPOJobSpec, generation: int, attempt: int) -> dict[str, Any]:
-        """ConfigMap then Job for this run; an existing one (operator restart, race) is adopted, never duplicated."""
+    def _create_run(
+        self, dpojob: dict[str, Any], spec: DPOJobSpec, generation: int, attempt: int
+    ) -> dict[str, Any] | None:
+        """ConfigMap then Job for this run, the Job signed at once (ownership.py). An existing Job of the name is
+        adopted if the operator signed it (a restart, a race), else deleted (None: the next reconcile creates)."""
         uid = dpojob["metadata"]["uid"]
         self.kube.create_or_adopt(manifests.build_config_map(dpojob, generation, attempt), uid)
         job_manifest = self._job_manifest(dpojob, spec, generation, attempt)
         job, created = self.kube.create_or_adopt(job_manifest, uid)
-        job = slim({"kind": "Job", **job})
+        job = {"kind": "Job", **job}
+        if created:
+            job = {"kind": "Job", **self.kube.annotate(job, {SIGNATURE_ANNOTATION: self.signer.signature(job, uid)})}
+        elif not self.signer.signed(job, uid):
+            self._replace_unsigned(dpojob, job)
+            self.queue.add_after((dpojob["metadata"]["namespace"], dpojob["metadata"]["name"]), 1.0)
+            return None
+        job = slim(job)
         self.cache.put(job)
         if created:
             metrics.JOBS_CREATED.inc()
@@ -348,28 +359,6 @@ class Reconciler:
         if refused_generation != generation:
             return False
         return error.code in (400, 422) or time.monotonic() - when < self.settings.resync_seconds
-
-    def _created_by_us(
-        self,
-        dpojob: dict[str, Any],
-        old: dict[str, Any],
-        spec: DPOJobSpec | None,
-        job: dict[str, Any],
-        generation: int,
-        attempt: int,
-    ) -> bool:
-        """The Job runs what the operator created for this run: the content hash recorded in status when it was
-        created (or first seen by 0.1.0, which recorded none), else what the operator would create now."""
-        recorded = old.get("trainer") or {}
-        if recorded.get("jobName") == job["metadata"]["name"]:
-            expected = recorded.get("jobContentHash")
-            if expected is None:
-                return True  # observed as this run's Job before the hash was recorded (an upgrade)
-        elif spec is not None:
-            expected = manifests.job_content_hash(self._job_manifest(dpojob, spec, generation, attempt))
-        else:
-            return False
-        return job[CONTENT_HASH] == expected
 
     def _job_manifest(self, dpojob: dict[str, Any], spec: DPOJobSpec, generation: int, attempt: int) -> dict[str, Any]:
         return manifests.build_job(
@@ -399,20 +388,30 @@ class Reconciler:
                 self._delete_child(job, uid)
         return found
 
+    def _replace_unsigned(self, dpojob: dict[str, Any], job: dict[str, Any]) -> None:
+        """A Job named as the run and naming this DPOJob as controller, without the operator's signature: a copy
+        made by someone else, or the operator's own that it could not sign before it stopped. Either way it is not
+        the run: delete it (this very one, by UID) so that the operator's own is created."""
+        name = job["metadata"]["name"]
+        log.warning("%s/%s: Job %s is not signed by the operator; deleting it", *_key(dpojob), name)
+        self._delete_child(job, dpojob["metadata"]["uid"])
+        self.events.post(
+            dpojob,
+            "Warning",
+            "UntrustedJob",
+            f"Job {name} names this DPOJob as its controller but the operator did not create it (or could not sign "
+            "it before it stopped): deleted; the run's Job is created again",
+        )
+
     def _delete_child(self, job: dict[str, Any], uid: str) -> None:
-        """Delete a run's Job (ours: the callers checked) and its same-named ConfigMap if this DPOJob (`uid`)
-        controls that too, and stop holding the Job as if it still ran. A ConfigMap of that name can be anyone's:
-        names are predictable."""
+        """Delete a run's Job (this one, by UID) and its same-named ConfigMap if this DPOJob (`uid`) controls that
+        too, and stop holding the Job as if it still ran. A ConfigMap of that name can be anyone's: names are
+        predictable."""
         meta = job["metadata"]
-        self.kube.delete("Job", meta["namespace"], meta["name"])
-        try:
-            config_map = self.kube.request("GET", resource_path("ConfigMap", meta["namespace"], meta["name"]))
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-        else:
-            if owned_by(config_map, uid):
-                self.kube.delete("ConfigMap", meta["namespace"], meta["name"])
+        self.kube.delete("Job", meta["namespace"], meta["name"], uid=meta["uid"])
+        config_map = self.kube.get("ConfigMap", meta["namespace"], meta["name"])
+        if config_map is not None and owned_by(config_map, uid):
+            self.kube.delete("ConfigMap", meta["namespace"], meta["name"], uid=config_map["metadata"]["uid"])
         self.cache.remove("Job", meta["namespace"], meta["name"], meta.get("labels"))
 
     def _expire(self, dpojob: dict[str, Any], spec: DPOJobSpec, job: dict[str, Any] | None) -> None:
@@ -426,3 +425,7 @@ class Reconciler:
             self.events.post(
                 dpojob, "Normal", "Cleaned", f"deleted trainer Job {job['metadata']['name']} after {ttl}s TTL"
             )
+
+
+def _key(dpojob: dict[str, Any]) -> Key:
+    return dpojob["metadata"]["namespace"], dpojob["metadata"]["name"]

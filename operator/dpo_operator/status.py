@@ -52,10 +52,8 @@ class Observed:
     """Why the run's Job cannot be created yet (a previous Job or pod of the same name still going away)."""
     pod_creation_error: str | None = None
     """Why the Job controller cannot create the trainer pod (its FailedCreate Event), while the Job has none."""
-    job_content_hash: str | None = None
-    """manifests.job_content_hash of the run's Job, recorded in status.trainer (see reconciler._created_by_us)."""
     not_owned: str | None = None
-    """A Job with the run's name exists that is not (verifiably) the operator's: it is neither adopted nor replaced."""
+    """An object with the run's name exists that is not this DPOJob's (it names no or another controller)."""
     rejected: tuple[int, str] | None = None
     """The API server refused to create the run's children: HTTP code and message."""
     now: datetime = field(default_factory=lambda: datetime.now(UTC))
@@ -277,7 +275,6 @@ def compute_status(old: dict[str, Any], obs: Observed) -> DPOJobStatus:
         status.trainer = TrainerRef(
             job_name=name,
             config_map_name=name,
-            job_content_hash=obs.job_content_hash,
             pod_name=outcome.pod_name or (latest["metadata"]["name"] if latest else None),
         )
         # A Job recreated on resume starts counting again; the run's count never goes down.

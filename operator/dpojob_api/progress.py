@@ -56,6 +56,9 @@ Reason = Literal[
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 TERMINATION_PATH_ENV = "DPO_TERMINATION_MESSAGE_PATH"
 """The trainer writes its termination message where this env var says (the pod spec sets it)."""
+SPEC_DIGEST_ENV = "DPO_SPEC_SHA256"
+"""The SHA-256 (hex) of the spec file the operator wrote for the run: the trainer refuses a file that differs
+(its ConfigMap replaced after the Job was created)."""
 TERMINATION_MESSAGE_LIMIT = 4096
 """Kubernetes truncates a termination message at 4 KiB."""
 

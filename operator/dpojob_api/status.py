@@ -83,9 +83,6 @@ class TrainerRef(StatusModel):
     job_name: str | None = None
     pod_name: str | None = None
     config_map_name: str | None = None
-    job_content_hash: str | None = None
-    """manifests.job_content_hash of the Job the operator created: a Job of that name with other content is
-    not taken as the run's."""
 
 
 class RunRef(StatusModel):

@@ -21,6 +21,7 @@ from urllib3.exceptions import ReadTimeoutError
 from dpo_dev.stack import OperatorDeployment, quickstart_for_cluster
 from dpo_operator import main, manifests
 from dpo_operator.kube import ChildRejectedError, Kube, NotOwnedError, resource_path
+from dpo_operator.ownership import load_key
 
 
 @pytest.fixture(scope="module")
@@ -139,3 +140,24 @@ def test_a_request_to_an_api_server_that_never_answers_fails_after_one_timeout(
     assert not worker.is_alive(), "a request to a silent API server must not block for good"
     assert [type(exc) for exc in raised] == [ReadTimeoutError]
     assert time.monotonic() - started < 1.5 and len(connections) == 1, "one attempt, one timeout"
+
+
+def test_the_job_signing_key_is_created_once_and_read_back(kube: Kube, namespace: str) -> None:
+    first = load_key(kube, namespace, "dpo-operator-signing-key")
+    assert len(first) == 32
+    assert load_key(kube, namespace, "dpo-operator-signing-key") == first, "a restart (or a second replica) reads it"
+
+
+def test_annotate_and_delete_act_on_the_object_with_that_uid_only(kube: Kube, namespace: str) -> None:
+    dpojob = new_dpojob(kube, namespace)
+    config_map, _ = kube.create_or_adopt(manifests.build_config_map(dpojob, 1), dpojob["metadata"]["uid"])
+    name, uid = config_map["metadata"]["name"], config_map["metadata"]["uid"]
+    annotated = kube.annotate({"kind": "ConfigMap", **config_map}, {"dpo-operator.io/x": "1"})
+    assert annotated["metadata"]["annotations"]["dpo-operator.io/x"] == "1"
+    with pytest.raises(ApiException) as other:
+        kube.annotate({"kind": "ConfigMap", **config_map, "metadata": {**config_map["metadata"], "uid": "u2"}}, {})
+    assert other.value.status in (409, 422), "a same-named object with another UID is not patched"
+    assert kube.delete("ConfigMap", namespace, name, uid="another-uid") is False
+    assert kube.get("ConfigMap", namespace, name) is not None, "another UID: not deleted"
+    assert kube.delete("ConfigMap", namespace, name, uid=uid) is True
+    assert kube.get("ConfigMap", namespace, name) is None

@@ -74,7 +74,19 @@ class Cluster:
         self.objects[key] = obj
         return copy.deepcopy(obj), True
 
-    def delete(self, kind: str, namespace: str, name: str) -> bool:
+    def annotate(self, obj: dict[str, Any], annotations: dict[str, str]) -> dict[str, Any]:
+        held = self.objects[obj["kind"], obj["metadata"]["name"]]
+        assert held["metadata"]["uid"] == obj["metadata"]["uid"], "annotate is conditional on the UID"
+        held["metadata"].setdefault("annotations", {}).update(annotations)
+        return copy.deepcopy(held)
+
+    def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
+        return copy.deepcopy(self.objects.get((kind, name)))
+
+    def delete(self, kind: str, namespace: str, name: str, uid: str | None = None) -> bool:
+        held = self.objects.get((kind, name))
+        if held is None or (uid is not None and held["metadata"]["uid"] != uid):
+            return False
         if kind == "Job":
             self.job_writes.append(f"delete {name}")
         return self.objects.pop((kind, name), None) is not None

@@ -1,11 +1,12 @@
 """Building the trainer Job and ConfigMap from a DPOJob."""
 
-import copy
+import hashlib
 
 import yaml
 
 from dpo_operator import manifests
-from dpojob_api.spec import DPOJob, DPOJobSpec, spec_hash
+from dpojob_api.progress import SPEC_DIGEST_ENV
+from dpojob_api.spec import DPOJob, DPOJobSpec, digest, spec_hash
 
 DPOJOB = {
     "apiVersion": "dpo-operator.io/v1alpha1",
@@ -143,27 +144,19 @@ def test_long_dpojob_names_give_valid_unique_labels_and_keep_the_full_name() -> 
     assert manifests.label_value("short") == "short"
 
 
-def test_job_content_hash_ignores_server_defaults_and_kueue_but_not_what_runs() -> None:
+def test_the_template_hash_and_spec_digest_say_what_the_operator_built() -> None:
+    """The Job carries the digest of its spec as built (signed with it: ownership.py) and the trainer's env the
+    SHA-256 of the spec file in the run's ConfigMap (the trainer refuses another file)."""
     spec = DPOJobSpec.model_validate(DPOJOB["spec"])
-    created = manifests.build_job(DPOJOB, spec, 3, TRAINER_ENV)
-    served = copy.deepcopy(created)  # as the API server returns it, after Kueue's admission
-    pod = served["spec"]["template"]["spec"]
-    pod.update(dnsPolicy="ClusterFirst", schedulerName="default-scheduler", nodeSelector={"pool": "h100"})
-    for volume in pod["volumes"]:
-        if "configMap" in volume:
-            volume["configMap"]["defaultMode"] = 420
-    pod["containers"][0]["terminationMessagePolicy"] = "FallbackToLogsOnError"
-    assert manifests.job_content_hash(served) == manifests.job_content_hash(created)
-    for tamper in (
-        lambda p: p["containers"][0].update(image="evil:latest"),
-        lambda p: p["containers"][0]["env"].append({"name": "EXFIL", "value": "http://evil"}),
-        lambda p: p["volumes"].append({"name": "x", "secret": {"secretName": "other-team-token"}}),
-        lambda p: p.update(serviceAccountName="admin"),
-        lambda p: p.setdefault("initContainers", []).append({"name": "i", "image": "evil"}),
-    ):
-        forged = copy.deepcopy(created)
-        tamper(forged["spec"]["template"]["spec"])
-        assert manifests.job_content_hash(forged) != manifests.job_content_hash(created)
+    job = manifests.build_job(DPOJOB, spec, 3, TRAINER_ENV)
+    config_map = manifests.build_config_map(DPOJOB, 3)
+    assert job["metadata"]["annotations"][manifests.TEMPLATE_ANNOTATION] == digest(job["spec"])
+    env = {e["name"]: e.get("value") for e in job["spec"]["template"]["spec"]["containers"][0]["env"]}
+    text = config_map["data"][manifests.SPEC_FILE]
+    assert env[SPEC_DIGEST_ENV] == hashlib.sha256(text.encode()).hexdigest()
+    assert config_map["immutable"] is True
+    other = manifests.build_job(DPOJOB, spec, 3, TRAINER_ENV, default_cache_claim="cache")
+    assert other["metadata"]["annotations"][manifests.TEMPLATE_ANNOTATION] != digest(job["spec"])
 
 
 # --- where the trainer writes: the Hugging Face cache, scratch and work emptyDirs, ephemeral storage ---------
@@ -222,9 +215,3 @@ def test_explicit_sizes_and_a_read_only_cache() -> None:
     assert mounts["cache"]["readOnly"] and env["HF_HOME"] == "/cache/huggingface"
     # datasets writes its Arrow cache under HF_HOME even when every file is cached: it goes to scratch.
     assert env["HF_DATASETS_CACHE"].startswith("/tmp/")
-
-
-def test_the_content_hash_covers_the_cache_claim() -> None:
-    spec = DPOJobSpec.model_validate({"output": {"hub": {"repoId": "org/m"}}})
-    ours, theirs = (manifests.build_job(DPOJOB, spec, 1, default_cache_claim=c) for c in ("cache", "other-cache"))
-    assert manifests.job_content_hash(ours) != manifests.job_content_hash(theirs)

@@ -22,6 +22,8 @@ import yaml
 
 from dpo_dev.nodesim import Outcome
 from dpo_dev.stack import LocalStack, kubectl, quickstart_for_cluster
+from dpo_dev.webhook import INJECTED_ENV, MUTATED_LABEL, SIDECAR, WEBHOOK_LABEL, JobWebhook
+from dpo_operator.ownership import SIGNATURE_ANNOTATION
 from dpo_operator.progress import parse_line
 
 NS = "e2e"
@@ -344,40 +346,96 @@ def test_a_recreated_dpojob_never_adopts_the_old_objects_job(stack: LocalStack) 
     assert [o["uid"] for o in owners] == [reborn["metadata"]["uid"]]
 
 
-def test_a_forged_job_claiming_the_next_run_is_not_adopted(stack: LocalStack) -> None:
-    """Another user of the namespace pre-creates <name>-g2 naming the DPOJob as controller, with its own image:
-    it must neither run as the DPOJob's run nor report into its status."""
+def test_a_forged_job_copying_everything_visible_is_never_the_run(stack: LocalStack) -> None:
+    """Another user of the namespace copies the run's signed Job exactly (template, labels, annotations with the
+    signature, ownerRef) to the next run's name, plus a ConfigMap naming another model. After the victim's spec
+    edit neither is the run: the forged Job is deleted (UntrustedJob), the ConfigMap replaced, the operator's own
+    Job trains the victim's spec."""
     name = "victim"
     with stack.simulator.scripted(succeed_with_model(name, "demo/victim")):
         apply(stack, dpojob(name, output={"hub": {"repoId": "demo/victim"}}))
-        first = stack.wait_for(NS, name, lambda o: phase(o) == "Succeeded", 60)
-    forged = {  # without the operator's labels, so no list of the operator's sees it before the create
-        "apiVersion": "batch/v1",
-        "kind": "Job",
-        "metadata": {
-            "name": f"{name}-g2",
-            "namespace": NS,
-            "ownerReferences": [{"apiVersion": "dpo-operator.io/v1alpha1", "kind": "DPOJob", "name": name,
-                                 "uid": first["metadata"]["uid"], "controller": True}],
-        },
-        "spec": {
-            "backoffLimit": 0,
-            "template": {
-                "metadata": {"annotations": {"nodesim.dpo.dev/mode": "simulate", "nodesim.dpo.dev/duration": "3600"}},
-                "spec": {"restartPolicy": "Never", "containers": [{"name": "trainer", "image": "evil:latest"}]},
-            },
-        },
-    }  # fmt: skip
+        stack.wait_for(NS, name, lambda o: phase(o) == "Succeeded", 60)
+    (original,) = jobs_of(stack, name)
+    assert SIGNATURE_ANNOTATION in original["metadata"]["annotations"]
+    forged = _visible_copy(original, f"{name}-g2")
+    # Without the managed-by label only: the operator's watches would see it at once and delete it as a stray
+    # (also refusing it); this way it is found only by the create that runs into it, as in the reported attack.
+    del forged["metadata"]["labels"]["app.kubernetes.io/managed-by"]
+    config_map = json.loads(kubectl(stack.admin_kubeconfig, "-n", NS, "get", "configmap", f"{name}-g1", "-o", "json"))
+    forged_config = _visible_copy(config_map, f"{name}-g2")
+    forged_config["data"]["dpojob.yaml"] = forged_config["data"]["dpojob.yaml"].replace("tiny", "attacker/model")
+    apply(stack, forged_config)
     apply(stack, forged)
-    apply(stack, dpojob(name, dpo={"beta": 0.3}, output={"hub": {"repoId": "demo/victim"}}))
-    refused = stack.wait_for(NS, name, lambda o: condition(o, "Ready").get("reason") == "NotOwned", 60)
-    assert phase(refused) == "Pending" and "runs other content" in condition(refused, "Ready")["message"]
-    assert "trainer" not in refused["status"], "the forged Job's pod must not report into the DPOJob"
+    forged_uid = json.loads(kubectl(stack.admin_kubeconfig, "-n", NS, "get", "job", f"{name}-g2", "-o", "json"))[
+        "metadata"
+    ]["uid"]
+
     with stack.simulator.scripted(succeed_with_model(name, "demo/victim")):
-        kubectl(stack.admin_kubeconfig, "-n", NS, "delete", "job", f"{name}-g2")
-        done = stack.wait_for(NS, name, lambda o: phase(o) == "Succeeded", 90)
-    image = jobs_of(stack, name)[0]["spec"]["template"]["spec"]["containers"][0]["image"]
-    assert done["status"]["run"]["generation"] == 2 and image != "evil:latest"
+        apply(stack, dpojob(name, dpo={"beta": 0.3}, output={"hub": {"repoId": "demo/victim"}}))
+        done = stack.wait_for(NS, name, lambda o: phase(o) == "Succeeded" and o["status"]["run"]["generation"] == 2, 90)
+    (job,) = jobs_of(stack, name)
+    assert job["metadata"]["name"] == f"{name}-g2" and job["metadata"]["uid"] != forged_uid
+    assert done["status"]["trainer"]["jobName"] == f"{name}-g2"
+    assert any(e["reason"] == "UntrustedJob" and e["type"] == "Warning" for e in events(stack, name))
+    spec_file = json.loads(kubectl(stack.admin_kubeconfig, "-n", NS, "get", "configmap", f"{name}-g2", "-o", "json"))
+    assert "attacker/model" not in spec_file["data"]["dpojob.yaml"] and "beta: 0.3" in spec_file["data"]["dpojob.yaml"]
+
+
+def _visible_copy(obj: dict, name: str) -> dict:
+    """What a user who can read the object can re-create of it under another name: everything but what the API
+    server assigns."""
+    copied = {k: v for k, v in obj.items() if k != "status"}
+    copied["metadata"] = {
+        k: v
+        for k, v in obj["metadata"].items()
+        if k not in ("uid", "resourceVersion", "creationTimestamp", "managedFields", "selfLink", "generation")
+    }
+    copied["metadata"]["name"] = name
+    if obj["kind"] == "Job":  # the Job controller's selector and pod labels name the original's UID: left out
+        copied["spec"] = {k: v for k, v in obj["spec"].items() if k != "selector"}
+        labels = copied["spec"]["template"]["metadata"]["labels"]
+        copied["spec"]["template"]["metadata"]["labels"] = {
+            k: v for k, v in labels.items() if k not in ("controller-uid", "job-name")
+        }
+    return copied
+
+
+def test_a_job_a_mutating_webhook_changed_is_still_the_run(stack: LocalStack) -> None:
+    """A real mutating admission webhook (env in every container, a sidecar, labels) changes the trainer Job as the
+    API server stores it: the operator still takes it as the run, which succeeds."""
+    namespace, name = "e2e-webhook", "mutated"
+    stack.create_token_secret(namespace)
+    kubectl(stack.admin_kubeconfig, "label", "namespace", namespace, f"{WEBHOOK_LABEL}=true", "--overwrite")
+    trainer_only = scripted_for(name, Outcome(duration_s=2.0, message=json.dumps(
+        {"reason": "Succeeded", "metrics": {"loss": 0.5}, "model": {"repoId": "demo/mutated"}})))  # fmt: skip
+
+    def rule(pod: dict, container: str, restarts: int) -> Outcome | None:
+        return trainer_only(pod, container, restarts) if container == "trainer" else None  # the sidecar runs
+
+    with JobWebhook(stack.workdir / "webhook") as webhook, stack.simulator.scripted(rule):
+        configuration = webhook.configuration()
+        apply(stack, configuration)
+        try:
+            document = dpojob(name, output={"hub": {"repoId": "demo/mutated"}})
+            document["metadata"]["namespace"] = namespace
+            apply(stack, document)
+            done = stack.wait_for(namespace, name, lambda o: phase(o) in ("Succeeded", "Failed"), 120)
+        finally:
+            kubectl(stack.admin_kubeconfig, "delete", "mutatingwebhookconfiguration", configuration["metadata"]["name"])
+    assert phase(done) == "Succeeded", done["status"].get("conditions")
+    assert webhook.mutated == [f"{name}-g1"], "created once, never replaced"
+    raw = kubectl(stack.admin_kubeconfig, "-n", namespace, "get", "jobs", "-l", f"dpo-operator.io/dpojob={name}", "-o",
+                  "json")  # fmt: skip
+    (job,) = json.loads(raw)["items"]
+    pod = job["spec"]["template"]["spec"]
+    assert job["metadata"]["labels"][MUTATED_LABEL] == "true" and [c["name"] for c in pod["containers"]] == [
+        "trainer",
+        SIDECAR,
+    ]
+    assert {"name": INJECTED_ENV, "value": "1"} in pod["containers"][0]["env"]
+    assert done["status"]["trainer"]["jobName"] == job["metadata"]["name"]
+    reasons = kubectl(stack.admin_kubeconfig, "-n", namespace, "get", "events", "-o", "jsonpath={.items[*].reason}")
+    assert "UntrustedJob" not in reasons and "NotOwned" not in reasons
 
 
 # --- the quickstart, end to end, with an operator crash and a suspend/resume on the way -----------------
@@ -400,7 +458,10 @@ def quickstart_run(stack: LocalStack) -> dict:
         status = obj.get("status") or {}
         seen["statuses"].append(status)
         seen.setdefault("observed_at", []).append(time.time())
-        seen["job_counts"].add(len(jobs_of(stack, "quickstart")))
+        jobs = jobs_of(stack, "quickstart")
+        seen["job_counts"].add(len(jobs))
+        if not seen["suspended"]:
+            seen.setdefault("job_uids_before_suspend", set()).update(j["metadata"]["uid"] for j in jobs)
         if status.get("stage") == "sft" and not seen["restarted"]:
             stack.operator.kill(stack.operator.pods()[0]["metadata"]["name"])  # the node restarts it
             seen["restarted"] = True
@@ -505,6 +566,8 @@ def test_metrics_reach_status_within_10_seconds(quickstart_run: dict) -> None:
 def test_operator_restart_mid_run_never_duplicates_the_job(quickstart_run: dict) -> None:
     assert quickstart_run["restarted"]
     assert quickstart_run["job_counts"] <= {0, 1}, "more than one trainer Job existed at once"
+    # The restarted operator read the same signing key from its Secret: its Job is adopted, not replaced.
+    assert len(quickstart_run["job_uids_before_suspend"]) == 1
 
 
 def test_suspend_deletes_the_pod_and_resume_continues_from_the_checkpoint(

@@ -7,8 +7,6 @@ import copy
 from datetime import UTC, datetime
 from typing import Any
 
-from kubernetes.client.exceptions import ApiException
-
 from dpo_operator import manifests, metrics
 from dpo_operator.reconciler import RETRY_ANNOTATION, Reconciler, current_run, stopping_pod, validate_spec
 from dpojob_api.spec import legacy_spec_hash, spec_hash
@@ -151,18 +149,11 @@ def test_under_a_burst_a_new_dpojob_gets_its_job_first_and_its_status_in_one_wri
 
 
 def in_memory_cluster() -> tuple[Any, Reconciler]:
-    """test_kueue's in-memory cluster, without Kueue labels, plus the reads _delete_child and relist make."""
+    """test_kueue's in-memory cluster, without Kueue labels, plus the lists relist makes."""
     from test_kueue import Cluster, new_reconciler
     from test_kueue import dpojob as kueue_dpojob
 
     class Listed(Cluster):
-        def request(self, method: str, path: str, query: dict | None = None, body: Any = None) -> dict[str, Any]:
-            assert method == "GET" and "/configmaps/" in path, path
-            held = self.objects.get(("ConfigMap", path.rsplit("/", 1)[1]))
-            if held is None:
-                raise ApiException(status=404)
-            return copy.deepcopy(held)
-
         def list_all(self, kind: str, namespaces: list[str]) -> tuple[list[dict[str, Any]], str | None]:
             listed = [self.dpojob] if kind == "DPOJob" and self.dpojob else []
             listed += [o for (k, _), o in self.objects.items() if k == kind]

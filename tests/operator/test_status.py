@@ -268,7 +268,7 @@ def succeeded() -> dict:
     done = pod("p2", "Succeeded", "2026-01-01T00:05:00Z", terminated={"exitCode": 0, "message": message})
     complete = job(failed=1, startTime="2026-01-01T00:00:01Z", conditions=[{"type": "Complete", "status": "True"}])
     progress = {"stage": "dpo", "progress": {"step": 9, "totalSteps": 10, "percent": 90, "etaSeconds": 4}}
-    return observe(job=complete, pods=[done], progress=progress, job_content_hash="h1")
+    return observe(job=complete, pods=[done], progress=progress)
 
 
 def test_status_documents_validate_against_the_crd_status_schema() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,7 @@ import yaml
 
 from dpo_trainer.errors import DatasetError, InvalidSpec, ModelLoadError
 from dpo_trainer.specfile import load_job, looks_like_path, parse_job, read_job, resolve_local_paths, run_metadata
+from dpojob_api.progress import SPEC_DIGEST_ENV
 
 from .conftest import QUICKSTART, REPO, deep_merge, quickstart_job
 
@@ -84,3 +86,17 @@ def test_run_metadata_carries_the_generation_and_the_operators_spec_hash(tmp_pat
     assert metadata["generation"] == 4 and metadata["name"] == "quickstart"
     assert metadata["spec_hash"] == spec_hash(yaml.safe_load(QUICKSTART.read_text())["spec"])
     assert run_metadata(document, parse_job({**document, "metadata": {"generation": "4"}}))["generation"] is None
+
+
+def test_a_spec_file_other_than_the_one_the_operator_wrote_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The run's ConfigMap replaced after its Job was created: the Job's DPO_SPEC_SHA256 no longer matches."""
+    written = QUICKSTART.read_bytes()
+    spec_file = tmp_path / "dpojob.yaml"
+    spec_file.write_bytes(written)
+    monkeypatch.setenv(SPEC_DIGEST_ENV, hashlib.sha256(written).hexdigest())
+    assert read_job(spec_file)["kind"] == "DPOJob"
+    spec_file.write_bytes(written + b"\n# changed after the Job was created\n")
+    with pytest.raises(InvalidSpec, match="not the spec the operator wrote"):
+        read_job(spec_file)

@@ -6,6 +6,7 @@ Only pydantic and PyYAML are imported here, so a bad spec fails in well under a 
 from __future__ import annotations
 
 import glob
+import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import yaml
 from pydantic import ValidationError
 
 from dpo_trainer.errors import DatasetError, InvalidSpec, ModelLoadError
+from dpojob_api.progress import SPEC_DIGEST_ENV
 from dpojob_api.spec import (
     KIND,
     DatasetSource,
@@ -27,9 +29,18 @@ from dpojob_api.spec import (
 def read_job(path: Path) -> dict[str, Any]:
     """The one DPOJob document of SPEC.yaml (possibly multi-document), as written: no defaults filled in."""
     try:
-        text = path.read_text(encoding="utf-8")
+        raw = path.read_bytes()
+        text = raw.decode("utf-8")
     except OSError as exc:
         raise InvalidSpec(f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError:
+        raise InvalidSpec(f"{path} is not UTF-8 text") from None
+    expected = os.environ.get(SPEC_DIGEST_ENV)
+    if expected and hashlib.sha256(raw).hexdigest() != expected:
+        raise InvalidSpec(
+            f"{path} is not the spec the operator wrote for this run (its ConfigMap was replaced after the Job was "
+            "created); nothing was trained. Retry the run (the dpo-operator.io/retry annotation) to write it again"
+        )
     try:
         documents = [d for d in yaml.safe_load_all(text) if d is not None]
     except yaml.YAMLError as exc:

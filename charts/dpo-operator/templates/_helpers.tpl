@@ -74,9 +74,10 @@ rule (a test keeps them equal). Bound cluster-wide, or per namespace in watchNam
 - apiGroups: [dpo-operator.io]
   resources: [dpojobs/finalizers]
   verbs: [update]
+# patch: the operator signs each Job it creates (an annotation), see docs/operator.md "Tenancy".
 - apiGroups: [batch]
   resources: [jobs]
-  verbs: [get, list, watch, create, delete]
+  verbs: [get, list, watch, create, patch, delete]
 - apiGroups: [""]
   resources: [configmaps]
   verbs: [get, create, delete]
