@@ -11,8 +11,8 @@ resourceVersion, an etcd revision on every supported server) never replaces it.
 Objects are stored as compact copies of the API server's JSON (interned keys, see slim), less
 `metadata.managedFields`, kubectl's last-applied annotation, a pod's spec and a Job's pod template (together
 most of an object) and a few fields nothing reads (_UNREAD): the operator reads a pod's metadata and status only,
-and of a Job's spec only `suspend` (whether a Job is ours, its metadata says: ownership.py). Objects are returned
-as copies: callers may not share them across threads.
+and of a Job's spec only `suspend` and `parallelism` (whether a Job is ours, its metadata says: ownership.py).
+Objects are returned as copies: callers may not share them across threads.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def slim(body: Mapping[str, Any]) -> dict[str, Any]:
         else:
             result[sys.intern(key)] = _compact(value)
     if kind == "Job" and "spec" in body:
-        result["spec"] = {"suspend": body["spec"].get("suspend")}
+        result["spec"] = {"suspend": body["spec"].get("suspend"), "parallelism": body["spec"].get("parallelism")}
     return result
 
 

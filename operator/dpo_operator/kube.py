@@ -160,10 +160,11 @@ class Kube:
     def get_dpojob(self, namespace: str, name: str) -> dict[str, Any] | None:
         return self.get("DPOJob", namespace, name)
 
-    def annotate(self, obj: dict[str, Any], annotations: dict[str, str]) -> dict[str, Any]:
-        """Merge-patch annotations onto the object (as it is now: conditional on its UID); the object as patched."""
+    def patch(self, obj: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+        """Merge-patch the object as it is now (conditional on its UID: not one re-created under its name); the
+        object as patched."""
         meta = obj["metadata"]
-        body = {"metadata": {"uid": meta["uid"], "annotations": annotations}}
+        body = {**patch, "metadata": {**patch.get("metadata", {}), "uid": meta["uid"]}}
         path = resource_path(obj["kind"], meta["namespace"], meta["name"])
         return self.request("PATCH", path, body=body, content_type="application/merge-patch+json")
 

@@ -15,7 +15,12 @@ from typing import Any
 import yaml
 from kubernetes.utils import parse_quantity
 
-from dpojob_api.progress import SPEC_DIGEST_ENV, TERMINATION_MESSAGE_PATH, TERMINATION_PATH_ENV
+from dpojob_api.progress import (
+    FAIL_AT_ONCE_EXIT_CODES,
+    SPEC_DIGEST_ENV,
+    TERMINATION_MESSAGE_PATH,
+    TERMINATION_PATH_ENV,
+)
 from dpojob_api.spec import API_GROUP, API_VERSION, KIND, DPOJobSpec, VolumeClaim, digest, training_hash
 
 CONFIG_MOUNT = "/etc/dpo-operator"
@@ -33,6 +38,8 @@ LABEL_DPOJOB = f"{API_GROUP}/dpojob"
 LABEL_RUN = f"{API_GROUP}/run-generation"
 ANNOTATION_DPOJOB = f"{API_GROUP}/dpojob-name"
 """The owning DPOJob's full name on every child (a label value holds at most 63 characters, a name 253)."""
+SPEC_GENERATION_ANNOTATION = f"{API_GROUP}/spec-generation"
+"""On a trainer Job: the DPOJob's metadata.generation it was built from (a later one may need another Job)."""
 TEMPLATE_ANNOTATION = f"{API_GROUP}/template-hash"
 """On a trainer Job: the digest of its spec as the operator built it, before any admission webhook changed it;
 covered by the Job's signature (ownership.py)."""
@@ -286,9 +293,11 @@ def build_job(
     trainerDefaults.cacheClaimName).
 
     On servers with podFailurePolicy (>= 1.26) a pod evicted or preempted is replaced without spending a
-    retry; the trainer resumes from its checkpoint. A DPOJob with a Kueue queue label gets a Job with the
-    same labels, created suspended where the server has Job suspend (>= 1.21): Kueue unsuspends it on
-    admission. The operator never updates a Job afterwards, so Kueue's suspend and injected scheduling stay.
+    retry (the trainer resumes from its checkpoint), and a trainer exit code the same spec would meet again
+    (FAIL_AT_ONCE_EXIT_CODES) fails the Job at once; older servers leave the latter to the reconciler. A DPOJob
+    with a Kueue queue label gets a Job with the same labels, created suspended where the server has Job suspend
+    (>= 1.21): Kueue unsuspends it on admission. The operator only ever adds its signature annotation to a Job
+    and, to stop it, sets its parallelism to 0, so Kueue's suspend and injected scheduling stay.
     """
     meta = dpojob["metadata"]
     name = run_name(meta["name"], generation, attempt)
@@ -357,11 +366,22 @@ def build_job(
         job_spec["suspend"] = True
     if features.pod_failure_policy:
         job_spec["podFailurePolicy"] = {
-            "rules": [{"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}]
+            "rules": [
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]},
+                {
+                    "action": "FailJob",
+                    "onExitCodes": {
+                        "containerName": CONTAINER,
+                        "operator": "In",
+                        "values": list(FAIL_AT_ONCE_EXIT_CODES),
+                    },
+                },
+            ]
         }
     metadata = child_metadata(dpojob, name, generation)
     metadata["labels"].update(queue_labels)
     metadata["annotations"][TEMPLATE_ANNOTATION] = digest(job_spec)
+    metadata["annotations"][SPEC_GENERATION_ANNOTATION] = str(meta.get("generation", ""))
     return {
         "apiVersion": "batch/v1",
         "kind": "Job",

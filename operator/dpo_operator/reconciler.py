@@ -30,7 +30,7 @@ from .kube import (
 )
 from .ownership import SIGNATURE_ANNOTATION, RunSigner
 from .settings import OperatorSettings
-from .status import Observed, compute_status, run_finished, transition_events, utc_from_rfc3339
+from .status import Observed, compute_status, run_finished, trainer_started, transition_events, utc_from_rfc3339
 from .workqueue import EventPoster, Resync, Workers, WorkQueue
 
 log = logging.getLogger(__name__)
@@ -246,6 +246,15 @@ class Reconciler:
             job = None
         pods = self.cache.pods(namespace, manifests.label_value(name), generation)
         if error is None and spec is not None and not finished:
+            if job is not None and not observed.suspended and self._outdated(dpojob, spec, job, pods, attempt):
+                self._delete_child(job, uid)
+                self.events.post(
+                    dpojob,
+                    "Normal",
+                    "JobReplaced",
+                    f"the spec changed before training started: trainer Job {job_name} is re-created with it",
+                )
+                job = None
             if observed.suspended and job is not None:
                 self._delete_child(job, uid)
                 job = None
@@ -283,9 +292,39 @@ class Reconciler:
             observed.pod_creation_error = self._pod_creation_error(job)
         self.followers.ensure(namespace, name, observed.pods)
         observed.progress = self.followers.latest_progress(namespace, observed.pods)
-        self._write_status(dpojob, old, observed)
+        dpojob = self._write_status(dpojob, old, observed)
+        if job is not None and observed.spec_error is None and (dpojob.get("status") or {}).get("phase") == "Failed":
+            self._stop(job)
         if finished and spec is not None:
             self._expire(dpojob, spec, job)
+
+    def _outdated(
+        self, dpojob: dict[str, Any], spec: DPOJobSpec, job: dict[str, Any], pods: list[dict[str, Any]], attempt: int
+    ) -> bool:
+        """The spec changed since the run's Job was created, and no trainer of it has started yet (a wrong image,
+        an unschedulable request, a missing Secret): the Job is out of date and nothing is lost by replacing it.
+        Once a trainer has started, the Job is kept (a runtime edit applies from the next run or a resume)."""
+        annotations = job["metadata"].get("annotations") or {}
+        if annotations.get(manifests.SPEC_GENERATION_ANNOTATION) == str(dpojob["metadata"]["generation"]):
+            return False
+        if any(trainer_started(p) for p in pods if owned_by(p, job["metadata"]["uid"])):
+            return False
+        desired = self._job_manifest(dpojob, spec, int(job["metadata"]["labels"][manifests.LABEL_RUN]), attempt)
+        return (
+            annotations.get(manifests.TEMPLATE_ANNOTATION)
+            != desired["metadata"]["annotations"][manifests.TEMPLATE_ANNOTATION]
+        )
+
+    def _stop(self, job: dict[str, Any]) -> None:
+        """The run failed in a way the same spec meets again (status.fails_at_once), on a server without
+        podFailurePolicy: stop the Job from starting another pod (parallelism 0, its pods kept for their logs)."""
+        job_spec = job.get("spec") or {}
+        conditions = (job.get("status") or {}).get("conditions") or []
+        ended = any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions)
+        if ended or job_spec.get("parallelism") == 0:
+            return
+        stopped = slim({"kind": "Job", **self.kube.patch(job, {"spec": {"parallelism": 0}})})
+        self.cache.put(stopped)
 
     def _pod_creation_error(self, job: dict[str, Any]) -> str | None:
         """Why the Job has no pod yet (its FailedCreate Event), asked of the API server only once the Job is
@@ -326,7 +365,8 @@ class Reconciler:
         job, created = self.kube.create_or_adopt(job_manifest, uid)
         job = {"kind": "Job", **job}
         if created:
-            job = {"kind": "Job", **self.kube.annotate(job, {SIGNATURE_ANNOTATION: self.signer.signature(job, uid)})}
+            signature = {"metadata": {"annotations": {SIGNATURE_ANNOTATION: self.signer.signature(job, uid)}}}
+            job = {"kind": "Job", **self.kube.patch(job, signature)}
         elif not self.signer.signed(job, uid):
             self._replace_unsigned(dpojob, job)
             self.queue.add_after((dpojob["metadata"]["namespace"], dpojob["metadata"]["name"]), 1.0)

@@ -11,9 +11,10 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from dpojob_api.progress import TerminationMessage
+from dpojob_api.progress import FAIL_AT_ONCE, FAIL_AT_ONCE_EXIT_CODES, TerminationMessage
 from dpojob_api.status import Condition, DPOJobStatus, ModelLocation, Progress, Rewards, Run, RunRef, TrainerRef
 
+from .manifests import CONTAINER
 from .progress import REWARD_KEYS
 
 TERMINAL = ("Succeeded", "Failed")
@@ -76,9 +77,11 @@ def _latest(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
 
 
 def container_state(pod: dict[str, Any]) -> dict[str, Any]:
-    """The trainer container's state: {"waiting"|"running"|"terminated": {...}} or {}."""
+    """The trainer container's state: {"waiting"|"running"|"terminated": {...}} or {} (by name: admission webhooks
+    add sidecars)."""
     statuses = pod.get("status", {}).get("containerStatuses") or []
-    return (statuses[0].get("state") or {}) if statuses else {}
+    trainer = next((s for s in statuses if s.get("name") == CONTAINER), statuses[0] if statuses else None)
+    return (trainer.get("state") or {}) if trainer else {}
 
 
 def termination_message(pod: dict[str, Any]) -> TerminationMessage:
@@ -101,15 +104,58 @@ def pod_failure(pod: dict[str, Any]) -> tuple[str, str]:
     return (reason or "PodFailed"), pod.get("status", {}).get("message", "the trainer pod failed")
 
 
+def trainer_started(pod: dict[str, Any]) -> bool:
+    """Whether the pod's trainer container has ever run (not only waited for its image, node or config)."""
+    statuses = pod.get("status", {}).get("containerStatuses") or []
+    for status in statuses:
+        if status.get("name") == CONTAINER:
+            state = status.get("state") or {}
+            return bool(state.get("running") or state.get("terminated") or status.get("lastState") or {})
+    return False
+
+
+def fails_at_once(pod: dict[str, Any]) -> bool:
+    """The trainer pod failed in a way the same spec meets again (FAIL_AT_ONCE: its termination message's reason,
+    else its exit code): the run is not retried. A kernel OOM kill keeps its retries (the next pod may fit)."""
+    if pod.get("status", {}).get("phase") != "Failed":
+        return False
+    terminated = container_state(pod).get("terminated") or {}
+    if not terminated or terminated.get("reason") == "OOMKilled":
+        return False
+    reason = termination_message(pod).reason
+    return reason in FAIL_AT_ONCE if reason else terminated.get("exitCode") in FAIL_AT_ONCE_EXIT_CODES
+
+
+_EDIT_APPLIES = "while no trainer has started, an edit re-creates the trainer Job at once"
+FIXES = {
+    "Unschedulable": f"fix spec.runtime (gpus, cpu, memory, nodeSelector, tolerations, affinity): {_EDIT_APPLIES}",
+    "ImagePullBackOff": f"fix spec.runtime.image (or spec.runtime.imagePullSecrets): {_EDIT_APPLIES}",
+    "CreateContainerConfigError": (
+        f"check spec.hubTokenSecretRef and the volume claims in spec.runtime (they must exist): {_EDIT_APPLIES}"
+    ),
+    "FailedCreate": (
+        "fix spec.runtime (serviceAccountName, priorityClassName, requests within the namespace's quota): "
+        + _EDIT_APPLIES
+    ),
+}
+"""What to change for each way a run gets stuck before its trainer starts (appended to the status message)."""
+
+
 def pending_problem(pod: dict[str, Any]) -> tuple[str, str] | None:
-    """Why a pod is stuck before running (unschedulable, image pull, config), or None."""
+    """Why a pod is stuck before running (unschedulable, image pull, config) and what to change, or None."""
     for condition in pod.get("status", {}).get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
-            return condition.get("reason") or "Unschedulable", condition.get("message", "")
+            reason = condition.get("reason") or "Unschedulable"
+            return reason, _with_fix(reason, condition.get("message", ""))
     waiting = container_state(pod).get("waiting") or {}
     if waiting.get("reason") in _WAITING_PROBLEMS:
-        return _WAITING_PROBLEMS[waiting["reason"]], waiting.get("message") or waiting["reason"]
+        reason = _WAITING_PROBLEMS[waiting["reason"]]
+        return reason, _with_fix(reason, waiting.get("message") or waiting["reason"])
     return None
+
+
+def _with_fix(reason: str, message: str) -> str:
+    return f"{message.rstrip('. ')} — {FIXES[reason]}" if reason in FIXES else message
 
 
 def _job_condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
@@ -150,6 +196,11 @@ def observe_outcome(obs: Observed) -> Outcome:
         final = termination_message(pod) if pod else None
         return Outcome("Succeeded", "Succeeded", "training finished", pod and pod["metadata"]["name"], final)
     failed_condition = _job_condition(obs.job, "Failed")
+    at_once = _latest([p for p in pods if fails_at_once(p)])
+    if at_once is not None and not failed_condition:
+        # Servers without podFailurePolicy would retry it: the run fails now and the reconciler stops the Job.
+        reason, message = pod_failure(at_once)
+        return Outcome("Failed", reason, message, at_once["metadata"]["name"])
     if failed_condition:
         failed = _latest([p for p in pods if p.get("status", {}).get("phase") == "Failed"])
         if failed_condition.get("reason") == "DeadlineExceeded" or failed is None:
@@ -159,7 +210,9 @@ def observe_outcome(obs: Observed) -> Outcome:
         return Outcome("Failed", reason, message, failed["metadata"]["name"])
     if latest is None:
         if obs.pod_creation_error:
-            message = f"the Job controller cannot create the trainer pod: {obs.pod_creation_error}"
+            message = _with_fix(
+                "FailedCreate", f"the Job controller cannot create the trainer pod: {obs.pod_creation_error}"
+            )
             return Outcome("Pending", "FailedCreate", message)
         return Outcome("Pending", "PodCreating", "waiting for the Job controller to create the trainer pod")
     name = latest["metadata"]["name"]
@@ -272,10 +325,12 @@ def compute_status(old: dict[str, Any], obs: Observed) -> DPOJobStatus:
     if obs.job is not None:
         latest = _latest(obs.pods)
         name = obs.job["metadata"]["name"]
+        failed = _latest([p for p in obs.pods if p.get("status", {}).get("phase") == "Failed"])
         status.trainer = TrainerRef(
             job_name=name,
             config_map_name=name,
             pod_name=outcome.pod_name or (latest["metadata"]["name"] if latest else None),
+            last_failure=f"{failed['metadata']['name']}: {': '.join(pod_failure(failed))}"[:1024] if failed else None,
         )
         # A Job recreated on resume starts counting again; the run's count never goes down.
         status.retries = max(int(obs.job.get("status", {}).get("failed") or 0), status.retries)
@@ -342,7 +397,11 @@ def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
         events.append(Event("Normal", "StageStarted", f"stage {new['stage']} started"))
     retries_before = old.get("retries", 0) if same_run else 0
     if new.get("retries", 0) > retries_before and new.get("phase") != "Failed":
-        events.append(Event("Warning", "Retrying", f"trainer pod failed ({new['retries']} so far); the Job retries it"))
+        why = ((new.get("trainer") or {}).get("lastFailure") or "").strip()
+        because = f" ({why})" if why else ""
+        events.append(
+            Event("Warning", "Retrying", f"trainer pod failed{because}, {new['retries']} so far; the Job retries it")
+        )
     old_phase = old.get("phase") if same_run else None
     phase = new.get("phase")
     reason = (_condition(new, "Ready") or {}).get("reason")

@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import re
 import time
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal, get_args
 
 from pydantic import (
@@ -52,6 +53,47 @@ Reason = Literal[
     "Interrupted",
 ]
 """The reason in a termination message (and an `error` event); the trainer's exit code maps to the same."""
+
+
+@dataclass(frozen=True)
+class ReasonInfo:
+    """What one trainer reason means to the operator and to users."""
+
+    exit_code: int
+    retried: bool
+    """Whether the Job retries a trainer pod that failed with it (up to spec.runtime.backoffLimit). A failure the
+    same spec meets again (a bad spec, dataset, model or token, a failed gate, CUDA memory) ends the run at once:
+    a retry would only repeat the download and the training before failing the same way."""
+    meaning: str
+
+
+TRAINER_REASONS: dict[str, ReasonInfo] = {
+    "Succeeded": ReasonInfo(0, False, "the merged model is saved (and pushed when `output.hub` is set)"),
+    "InvalidSpec": ReasonInfo(2, False, "the DPOJob file is unreadable, not one DPOJob, or fails validation"),
+    "DatasetError": ReasonInfo(
+        3, False, "a dataset is missing or unreadable, lacks a column a template names, or ends up empty"
+    ),
+    "ModelLoadError": ReasonInfo(4, False, "the base model or its tokenizer cannot be loaded"),
+    "HubAuthError": ReasonInfo(
+        5,
+        False,
+        "the Hub refused the token (401/403, gated repo), no token for a push, or a read-only token for a push",
+    ),
+    "HubError": ReasonInfo(6, True, "any other Hub failure (repo not found, server error, network)"),
+    "OutOfMemory": ReasonInfo(7, False, "accelerator or host memory ran out inside the trainer"),
+    "TrainingError": ReasonInfo(8, True, "anything else that failed while training, merging or writing"),
+    "QualityGateFailed": ReasonInfo(
+        9, False, "a check of `output.gates` missed: nothing pushed, the merged model kept"
+    ),
+    "GPUUnavailable": ReasonInfo(
+        10, True, "`runtime.gpus` > 0 but torch cannot use CUDA (a retry may land on a working node)"
+    ),
+    "Interrupted": ReasonInfo(143, True, "SIGTERM/SIGINT; a checkpoint was saved when possible, a rerun resumes"),
+}
+"""Every trainer reason (the Reason literal): its exit code, whether it is retried, what it means."""
+FAIL_AT_ONCE = frozenset(name for name, info in TRAINER_REASONS.items() if not info.retried and info.exit_code)
+"""Trainer reasons that end the run at the first failed pod."""
+FAIL_AT_ONCE_EXIT_CODES = tuple(sorted(TRAINER_REASONS[name].exit_code for name in FAIL_AT_ONCE))
 
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 TERMINATION_PATH_ENV = "DPO_TERMINATION_MESSAGE_PATH"

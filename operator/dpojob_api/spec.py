@@ -104,13 +104,53 @@ class HubDatasetSource(SpecModel):
     """Dataset revision (branch, tag or commit)."""
 
 
+FILE_FORMATS: dict[str, Literal["jsonl", "json", "parquet"]] = {
+    ".jsonl": "jsonl",
+    ".json": "json",
+    ".parquet": "parquet",
+}
+"""The formats a file name's extension stands for (a compression suffix such as .gz is looked through)."""
+_COMPRESSION = (".gz", ".bz2", ".xz", ".zst", ".zstd")
+
+
+def format_of(path: str) -> Literal["jsonl", "json", "parquet"] | None:
+    """The format a file name's extension says, or None."""
+    name = path.lower()
+    for suffix in _COMPRESSION:
+        name = name.removesuffix(suffix)
+    return next((fmt for ext, fmt in FILE_FORMATS.items() if name.endswith(ext)), None)
+
+
 class FilesDatasetSource(SpecModel):
     """Local data files (e.g. on a mounted volume) in one format."""
 
     paths: list[str] = Field(min_length=1)
     """Files or glob patterns inside the trainer container."""
-    format: Literal["jsonl", "json", "parquet"] = "jsonl"
-    """File format. jsonl and json are both read by the json loader."""
+    format: Literal["jsonl", "json", "parquet"] | None = None
+    """File format; left out, the paths' extension says it (.jsonl, .json or .parquet, also compressed as in
+    train.jsonl.gz). jsonl and json are both read by the json loader."""
+
+    @model_validator(mode="after")
+    def _one_known_format(self) -> FilesDatasetSource:
+        said = {format_of(path) for path in self.paths}
+        loaders = {("parquet" if fmt == "parquet" else "json") for fmt in said if fmt}
+        if self.format is None and (None in said or len(loaders) > 1):
+            raise ValueError(
+                f"format: cannot tell the file format from the paths {self.paths} (known extensions: "
+                f"{', '.join(FILE_FORMATS)}); set format to jsonl, json or parquet"
+            )
+        if self.format is not None and loaders - {self.builder}:
+            raise ValueError(
+                f"format: {self.format} does not match the paths {self.paths}, whose extension says "
+                f"{' and '.join(sorted(f for f in said if f))}; set the format they hold, or leave format out"
+            )
+        return self
+
+    @property
+    def builder(self) -> Literal["json", "parquet"]:
+        """The `datasets` builder that reads these files."""
+        fmt = self.format or next(f for f in map(format_of, self.paths) if f)
+        return "parquet" if fmt == "parquet" else "json"
 
 
 class DatasetSource(SpecModel):

@@ -83,6 +83,8 @@ class TrainerRef(StatusModel):
     job_name: str | None = None
     pod_name: str | None = None
     config_map_name: str | None = None
+    last_failure: str | None = Field(default=None, max_length=1024)
+    """The run's latest failed trainer pod: its name, reason and message (why the Job retried or failed)."""
 
 
 class RunRef(StatusModel):

@@ -130,3 +130,28 @@ def test_whole_document_is_read() -> None:
         {"apiVersion": "dpo-operator.io/v1alpha1", "kind": "DPOJob", "metadata": {"name": "x"}, "spec": OUT}
     )
     assert job.spec.output.directory == "/output/model"
+
+
+def test_a_files_source_takes_its_format_from_the_extension_or_names_format() -> None:
+    """A .parquet path with no format is read as parquet; a format the paths contradict, or paths whose extension
+    says nothing, fail at once with a message naming `format` (never a loader error after the download)."""
+
+    def spec(files: dict) -> DPOJobSpec:
+        source = {"files": files}
+        return DPOJobSpec.model_validate({"data": {"dpo": {"source": source}}, "output": {"directory": "/o"}})
+
+    def files_of(parsed: DPOJobSpec):
+        return parsed.data.dpo.source.files
+
+    assert files_of(spec({"paths": ["/data/pairs-*.parquet"]})).builder == "parquet"
+    assert files_of(spec({"paths": ["/data/a.jsonl.gz", "/data/b.json"]})).builder == "json"
+    assert files_of(spec({"paths": ["/data/shard-*"], "format": "parquet"})).builder == "parquet"
+    for files, said in (
+        ({"paths": ["/data/pairs.parquet"], "format": "jsonl"}, "does not match"),
+        ({"paths": ["/data/pairs-*"]}, "cannot tell the file format"),
+        ({"paths": ["/data/a.parquet", "/data/b.jsonl"]}, "cannot tell the file format"),
+    ):
+        with pytest.raises(ValidationError) as refused:
+            spec(files)
+        message = describe_validation_error(refused.value)
+        assert "spec.data.dpo.source.files" in message and "format" in message and said in message, message

@@ -53,7 +53,7 @@ def test_children_are_found_by_their_dpojob_label_and_run() -> None:
     cache.put(job)
     cache.put({**child("Pod", "a-g1-x", "a", "6", run=1), "spec": {"containers": []}})
     (held,) = cache.jobs(NS, "a")
-    assert held["spec"] == {"suspend": True}, "only suspend: not the template"
+    assert held["spec"] == {"suspend": True, "parallelism": None}, "not the template"
     assert "spec" not in cache.pods(NS, "a", 1)[0], "a pod's spec is not kept"
     cache.replace_all("Job", [held], None)
     assert cache.jobs(NS, "a") == [held], "a held object put again stays as it is"

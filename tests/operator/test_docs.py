@@ -5,6 +5,7 @@ from __future__ import annotations
 import typing
 from collections.abc import Iterator
 from pathlib import Path
+from typing import get_args
 
 from pydantic import BaseModel
 
@@ -67,11 +68,16 @@ def test_trainer_doc_links_the_reference_and_matches_the_trainer() -> None:
     """docs/trainer.md is hand-written: its exit-code table and stage list must follow the code."""
     from dpo_trainer.errors import ALL_ERRORS
     from dpo_trainer.pipeline import STAGES
+    from dpojob_api.progress import TRAINER_REASONS, Reason
 
     text = (ROOT / "docs" / "trainer.md").read_text()
     assert "(spec-reference.md)" in text
     for error in ALL_ERRORS:
         assert f"| `{error.reason}` | {error.exit_code} |" in text, error.reason
+    for name, info in TRAINER_REASONS.items():
+        retried = "—" if name == "Succeeded" else ("yes" if info.retried else "no: the run fails at once")
+        assert f"| `{name}` | {info.exit_code} | {retried} | {info.meaning} |" in text, name
+    assert {error.reason for error in ALL_ERRORS} | {"Succeeded"} == set(TRAINER_REASONS) == set(get_args(Reason))
     assert " → ".join(stage.name for stage in STAGES) in text
     for stage in STAGES:
         assert f"| `{stage.name}` |" in text, stage.name

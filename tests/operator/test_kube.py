@@ -148,14 +148,15 @@ def test_the_job_signing_key_is_created_once_and_read_back(kube: Kube, namespace
     assert load_key(kube, namespace, "dpo-operator-signing-key") == first, "a restart (or a second replica) reads it"
 
 
-def test_annotate_and_delete_act_on_the_object_with_that_uid_only(kube: Kube, namespace: str) -> None:
+def test_patch_and_delete_act_on_the_object_with_that_uid_only(kube: Kube, namespace: str) -> None:
     dpojob = new_dpojob(kube, namespace)
     config_map, _ = kube.create_or_adopt(manifests.build_config_map(dpojob, 1), dpojob["metadata"]["uid"])
     name, uid = config_map["metadata"]["name"], config_map["metadata"]["uid"]
-    annotated = kube.annotate({"kind": "ConfigMap", **config_map}, {"dpo-operator.io/x": "1"})
+    annotation = {"metadata": {"annotations": {"dpo-operator.io/x": "1"}}}
+    annotated = kube.patch({"kind": "ConfigMap", **config_map}, annotation)
     assert annotated["metadata"]["annotations"]["dpo-operator.io/x"] == "1"
     with pytest.raises(ApiException) as other:
-        kube.annotate({"kind": "ConfigMap", **config_map, "metadata": {**config_map["metadata"], "uid": "u2"}}, {})
+        kube.patch({"kind": "ConfigMap", **config_map, "metadata": {**config_map["metadata"], "uid": "u2"}}, annotation)
     assert other.value.status in (409, 422), "a same-named object with another UID is not patched"
     assert kube.delete("ConfigMap", namespace, name, uid="another-uid") is False
     assert kube.get("ConfigMap", namespace, name) is not None, "another UID: not deleted"

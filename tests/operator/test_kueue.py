@@ -74,10 +74,10 @@ class Cluster:
         self.objects[key] = obj
         return copy.deepcopy(obj), True
 
-    def annotate(self, obj: dict[str, Any], annotations: dict[str, str]) -> dict[str, Any]:
+    def patch(self, obj: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
         held = self.objects[obj["kind"], obj["metadata"]["name"]]
-        assert held["metadata"]["uid"] == obj["metadata"]["uid"], "annotate is conditional on the UID"
-        held["metadata"].setdefault("annotations", {}).update(annotations)
+        assert held["metadata"]["uid"] == obj["metadata"]["uid"], "a patch is conditional on the UID"
+        merge(held, patch)
         return copy.deepcopy(held)
 
     def get(self, kind: str, namespace: str, name: str) -> dict[str, Any] | None:
@@ -106,18 +106,28 @@ class Cluster:
         job = self.job()
         job["spec"]["suspend"] = False
         job["spec"]["template"]["spec"]["nodeSelector"] = {**INJECTED}
+        self.start_pod("Running")
+
+    def start_pod(self, phase: str, trainer_state: dict[str, Any] | None = None) -> dict[str, Any]:
+        """The Job controller's pod for the Job, in `phase`, with the trainer container in `trainer_state`."""
+        job = self.job()
         pod = {
             "kind": "Pod",
             "metadata": {
                 "name": f"{job['metadata']['name']}-{next(_uids)}",
                 "namespace": NS,
                 "labels": dict(job["spec"]["template"]["metadata"]["labels"]),
-                "ownerReferences": [{"uid": job["metadata"]["uid"], "controller": True}],
+                "ownerReferences": [
+                    {"kind": "Job", "name": job["metadata"]["name"], "uid": job["metadata"]["uid"], "controller": True}
+                ],
                 "creationTimestamp": "2026-12-02T00:00:02Z",
             },
-            "status": {"phase": "Running"},
+            "status": {"phase": phase},
         }
+        if trainer_state is not None:
+            pod["status"]["containerStatuses"] = [{"name": "trainer", "state": trainer_state, "restartCount": 0}]
         self.objects["Pod", pod["metadata"]["name"]] = pod
+        return pod
 
     def preempt(self) -> None:
         for key in [k for k in self.objects if k[0] == "Pod"]:

@@ -1,11 +1,15 @@
 """Building the trainer Job and ConfigMap from a DPOJob."""
 
+import copy
 import hashlib
 
+import pytest
 import yaml
+from kubernetes.client import V1Job
+from pydantic import ValidationError
 
 from dpo_operator import manifests
-from dpojob_api.progress import SPEC_DIGEST_ENV
+from dpojob_api.progress import FAIL_AT_ONCE, SPEC_DIGEST_ENV, TRAINER_REASONS
 from dpojob_api.spec import DPOJob, DPOJobSpec, digest, spec_hash
 
 DPOJOB = {
@@ -215,3 +219,22 @@ def test_explicit_sizes_and_a_read_only_cache() -> None:
     assert mounts["cache"]["readOnly"] and env["HF_HOME"] == "/cache/huggingface"
     # datasets writes its Arrow cache under HF_HOME even when every file is cached: it goes to scratch.
     assert env["HF_DATASETS_CACHE"].startswith("/tmp/")
+
+
+def test_on_current_servers_the_job_fails_at_once_on_a_deterministic_trainer_exit() -> None:
+    """podFailurePolicy (Kubernetes >= 1.26): disruptions cost no retry, the FAIL_AT_ONCE exit codes fail the Job.
+    Validated against the current batch/v1 schema of the kubernetes client's models (unknown fields refused)."""
+    spec = DPOJobSpec.model_validate(DPOJOB["spec"])
+    job = manifests.build_job(DPOJOB, spec, 1, features=manifests.ServerFeatures(pod_failure_policy=True))
+    ignore, fail = job["spec"]["podFailurePolicy"]["rules"]
+    assert ignore["action"] == "Ignore" and fail["action"] == "FailJob"
+    assert fail["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [2, 3, 4, 5, 7, 9]}
+    assert set(fail["onExitCodes"]["values"]) == {TRAINER_REASONS[r].exit_code for r in FAIL_AT_ONCE}
+    V1Job.model_validate(job)
+    misspelt = copy.deepcopy(job)
+    misspelt["spec"]["podFailurePolicy"]["rules"][1]["onExitCode"] = misspelt["spec"]["podFailurePolicy"]["rules"][
+        1
+    ].pop("onExitCodes")
+    with pytest.raises(ValidationError):
+        V1Job.model_validate(misspelt)
+    assert "podFailurePolicy" not in manifests.build_job(DPOJOB, spec, 1)["spec"], "1.20 drops the field: not sent"

@@ -124,8 +124,48 @@ def test_unschedulable_and_image_pull_problems_are_surfaced(stack: LocalStack) -
     apply(stack, dpojob("bad-image", runtime={"image": "registry.example/does-not-exist:1"}, **common))
     obj = stack.wait_for(NS, "bad-image", lambda o: condition(o, "Ready").get("reason") == "ImagePullBackOff", 60)
     assert any(e["reason"] == "ImagePullBackOff" and e["type"] == "Warning" for e in events(stack, "bad-image"))
-    for name in ("too-many-gpus", "bad-image"):
-        kubectl(stack.admin_kubeconfig, "-n", NS, "delete", "dpojob", name, "--wait=false")
+    kubectl(stack.admin_kubeconfig, "-n", NS, "delete", "dpojob", "too-many-gpus", "--wait=false")
+
+
+def test_fixing_the_image_of_a_run_stuck_in_image_pull_backoff_takes_effect_without_a_suspend(
+    stack: LocalStack,
+) -> None:
+    """The likeliest first failure (the default image is not pulled): fix spec.runtime.image, and the Job, whose
+    trainer never started, is re-created with it; the run succeeds."""
+    name = "bad-image"
+    (stuck,) = jobs_of(stack, name)
+    with stack.simulator.scripted(succeed_with_model(name, "demo/x")):
+        apply(
+            stack,
+            dpojob(name, runtime={"image": "registry.example/dpo-trainer:1"}, output={"hub": {"repoId": "demo/x"}}),
+        )
+        done = stack.wait_for(NS, name, lambda o: phase(o) in ("Succeeded", "Failed"), 90)
+    assert phase(done) == "Succeeded", done["status"].get("conditions")
+    (job,) = jobs_of(stack, name)
+    assert job["metadata"]["name"] == stuck["metadata"]["name"] and job["metadata"]["uid"] != stuck["metadata"]["uid"]
+    assert job["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example/dpo-trainer:1"
+    assert any(e["reason"] == "JobReplaced" for e in events(stack, name))
+    assert done["status"]["run"]["generation"] == 1, "a runtime fix is the same run"
+
+
+def test_a_refused_token_fails_the_run_once_without_a_second_training(stack: LocalStack) -> None:
+    """The real trainer, a token the Hub refuses: HubAuthError is deterministic, so the run fails at the first pod
+    (this 1.20 server has no podFailurePolicy: the operator stops the Job), not after backoffLimit retries."""
+    kubectl(stack.admin_kubeconfig, "-n", NS, "create", "secret", "generic", "wrong-token",
+            "--from-literal=token=hf_" + "x" * 34)  # fmt: skip
+    document = quickstart_for_cluster(NS, name="refused")
+    document["spec"]["hubTokenSecretRef"] = {"name": "wrong-token", "key": "token"}
+    document["spec"]["runtime"]["backoffLimit"] = 2
+    apply(stack, document)
+    obj = stack.wait_for(NS, "refused", lambda o: phase(o) == "Failed", 240)
+    assert condition(obj, "Failed")["reason"] == "HubAuthError", condition(obj, "Failed")
+    time.sleep(12)  # the Job controller's first retry back-off is 10 s: a second pod would exist by now
+    (job,) = jobs_of(stack, "refused")
+    assert job["spec"]["parallelism"] == 0
+    selector = "job-name=" + job["metadata"]["name"]
+    pods = json.loads(kubectl(stack.admin_kubeconfig, "-n", NS, "get", "pods", "-l", selector, "-o", "json"))["items"]
+    assert len(pods) == 1, [p["metadata"]["name"] for p in pods]
+    assert phase(stack.get_dpojob(NS, "refused")) == "Failed"
 
 
 def test_pod_failure_is_retried_then_fails_with_reason(stack: LocalStack) -> None:

@@ -116,12 +116,12 @@ def test_a_job_left_unsigned_by_a_crash_is_replaced_and_a_signed_one_is_adopted_
     from test_kueue import NAME, NS, new_reconciler, settle
 
     cluster, reconciler = in_memory()
-    annotate = cluster.annotate
+    patch = cluster.patch
 
-    def killed(obj: dict[str, Any], annotations: dict[str, str]) -> dict[str, Any]:
+    def killed(obj: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
         raise RuntimeError("the operator was killed")
 
-    cluster.annotate = killed
+    cluster.patch = killed
     cluster.feed(reconciler.cache)
     with pytest.raises(RuntimeError):
         reconciler.reconcile(NS, NAME)  # a first run is recorded with its Job: created, then killed
@@ -129,7 +129,7 @@ def test_a_job_left_unsigned_by_a_crash_is_replaced_and_a_signed_one_is_adopted_
     unsigned_uid = cluster.objects["Job", name]["metadata"]["uid"]
     assert SIGNATURE_ANNOTATION not in cluster.objects["Job", name]["metadata"]["annotations"]
 
-    cluster.annotate = annotate
+    cluster.patch = patch
     settle(cluster, reconciler)
     job = cluster.objects["Job", name]
     assert job["metadata"]["uid"] != unsigned_uid and reconciler.signer.signed(job, "dpojob-uid")

@@ -4,6 +4,7 @@ writes under a burst."""
 from __future__ import annotations
 
 import copy
+import json
 from datetime import UTC, datetime
 from typing import Any
 
@@ -208,4 +209,64 @@ def test_a_dpojob_whose_delete_the_watch_missed_is_forgotten_at_the_relist() -> 
     sample = {"namespace": NS, "name": NAME}
     assert metrics.REGISTRY.get_sample_value("dpo_operator_dpojob_rewards_accuracies", sample) is None
     assert forgotten == [(NS, NAME)], "its log followers are stopped"
+    reconciler.events.stop()
+
+
+def test_a_runtime_fix_replaces_a_job_whose_trainer_never_started_and_keeps_one_that_did() -> None:
+    """ImagePullBackOff, then the image is fixed: the Job is re-created with it at once (no suspend needed). Once
+    the trainer runs, a runtime edit keeps the Job (it applies from the next run or a resume)."""
+    from test_kueue import NAME, NS, settle
+
+    cluster, reconciler = in_memory_cluster()
+    settle(cluster, reconciler)
+    first = cluster.job()
+    pod = cluster.start_pod("Pending", {"waiting": {"reason": "ImagePullBackOff", "message": "no such image"}})
+    settle(cluster, reconciler)
+    assert cluster.dpojob["status"]["conditions"][0]["reason"] == "ImagePullBackOff"
+
+    cluster.dpojob["spec"]["runtime"]["image"] = "registry.example.com/dpo-trainer:0.1.0"
+    cluster.dpojob["metadata"]["generation"] += 1
+    cluster.feed(reconciler.cache)
+    reconciler.reconcile(NS, NAME)
+    assert f"delete {first['metadata']['name']}" in cluster.job_writes and ("Job", first["metadata"]["name"]) not in (
+        cluster.objects
+    )
+    del cluster.objects["Pod", pod["metadata"]["name"]]  # the Job's pod goes with it
+    settle(cluster, reconciler)
+    replaced = cluster.job()
+    assert replaced["metadata"]["name"] == first["metadata"]["name"], "the same run"
+    assert replaced["spec"]["template"]["spec"]["containers"][0]["image"] == "registry.example.com/dpo-trainer:0.1.0"
+    assert any(reason == "JobReplaced" for _, reason, _ in cluster.events)
+
+    cluster.start_pod("Running", {"running": {"startedAt": "2026-12-02T00:00:03Z"}})
+    settle(cluster, reconciler)
+    writes = list(cluster.job_writes)
+    cluster.dpojob["spec"]["runtime"]["memory"] = "64Gi"
+    cluster.dpojob["metadata"]["generation"] += 1
+    settle(cluster, reconciler)
+    assert cluster.job_writes == writes, "a started trainer's Job is kept"
+    reconciler.events.stop()
+
+
+def test_a_deterministic_trainer_failure_fails_the_run_at_once_and_stops_the_job() -> None:
+    """A server without podFailurePolicy (1.20) would retry a refused token backoffLimit times: the operator fails
+    the run at the first such pod and sets the Job's parallelism to 0. A kernel OOM kill keeps its retries."""
+    from test_kueue import settle
+
+    cluster, reconciler = in_memory_cluster()
+    settle(cluster, reconciler)
+    oom = {"terminated": {"exitCode": 137, "reason": "OOMKilled"}}
+    pod = cluster.start_pod("Failed", oom)
+    settle(cluster, reconciler)
+    assert cluster.dpojob["status"]["phase"] != "Failed" and cluster.job()["spec"].get("parallelism") == 1
+
+    message = json.dumps({"reason": "HubAuthError", "message": "the Hub refused the token (401)"})
+    pod["status"]["containerStatuses"][0]["state"] = {
+        "terminated": {"exitCode": 5, "reason": "Error", "message": message}
+    }
+    settle(cluster, reconciler)
+    status = cluster.dpojob["status"]
+    assert status["phase"] == "Failed"
+    assert next(c for c in status["conditions"] if c["type"] == "Failed")["reason"] == "HubAuthError"
+    assert cluster.job()["spec"]["parallelism"] == 0, "no second pod: the Job is stopped"
     reconciler.events.stop()

@@ -145,9 +145,15 @@ def test_events_for_stage_retry_and_finish() -> None:
         ("Normal", "StageStarted"),
         ("Normal", "Running"),
     ]
-    retried = observe(job=job(active=1, failed=1), pods=[pod("p2", "Running", "2026-01-01T00:05:00Z", running={})])
+    crashed = pod("p1", "Failed", terminated={"exitCode": 137, "reason": "OOMKilled"})
+    retried = observe(
+        job=job(active=1, failed=1), pods=[crashed, pod("p2", "Running", "2026-01-01T00:05:00Z", running={})]
+    )
     retried["stage"] = "sft"
-    assert [e.reason for e in transition_events(running, retried)] == ["Retrying"]
+    (event,) = transition_events(running, retried)
+    assert event.reason == "Retrying" and "p1: OutOfMemory: the trainer container was OOMKilled" in event.message, (
+        "the Event says why the pod failed"
+    )
     failure = json.dumps({"reason": "DatasetError", "message": "column response_j missing"})
     failed = observe(
         job=job(failed=3, conditions=[{"type": "Failed", "status": "True"}]),

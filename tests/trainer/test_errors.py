@@ -108,3 +108,15 @@ def test_reraise_chains_library_errors_but_not_trainer_errors() -> None:
 def test_the_error_reasons_are_the_shared_contract() -> None:
     """Every reason the trainer reports is one the operator knows, and every failure the operator knows exists."""
     assert sorted(error.reason for error in ALL_ERRORS) == sorted(set(get_args(Reason)) - {"Succeeded"})
+
+
+def test_out_of_memory_names_what_ran_out_and_the_knobs_to_turn() -> None:
+    """A CUDA OOM says the stage (the context), the GPU's memory where torch can tell, and the spec fields that
+    fit the run; a host MemoryError points at runtime.memory."""
+    gpu = classify(RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), TrainingError, "dpo").message
+    assert gpu.startswith("dpo: GPU memory ran out")
+    for knob in ("batchSize", "gradientAccumulationSteps", "gradientCheckpointing", "maxLength", "quantization"):
+        assert knob in gpu, knob
+    assert "Tried to allocate 2.00 GiB" in gpu, "torch's own words stay"
+    host = classify(MemoryError(), DatasetError, "reading pairs").message
+    assert "host memory ran out" in host and "spec.runtime.memory" in host

@@ -112,7 +112,7 @@ def model_index(ctx: RunContext, name: str, metrics: dict[str, float]) -> list[d
         }
     else:
         assert source.files is not None
-        loader = "parquet" if source.files.format == "parquet" else "json"
+        loader = source.files.builder
         dataset = {"dataset_type": loader, "dataset_name": ", ".join(os.path.basename(p) for p in source.files.paths)}
     results = [
         EvalResult(

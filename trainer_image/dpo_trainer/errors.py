@@ -1,32 +1,18 @@
 """Failure reasons, their exit codes, and turning any exception into one clear, token-free line.
 
 The operator reads the reason from the container's termination message and the exit code from the
-pod status, so both are part of the trainer's contract (the reasons are dpojob_api.progress.Reason):
-
-    =================  =========  ============================================================================
-    reason             exit code  meaning
-    =================  =========  ============================================================================
-    Succeeded          0          the merged model is saved (and pushed when output.hub is set)
-    InvalidSpec        2          the DPOJob file is unreadable or fails validation
-    DatasetError       3          a dataset is missing, unreadable, lacks a column, or ends empty
-    ModelLoadError     4          the base model or tokenizer cannot be loaded
-    HubAuthError       5          the Hub refused the token (401/403, gated repo, no token for a push)
-    HubError           6          any other Hub failure (repo not found, server error, network)
-    OutOfMemory        7          host or accelerator memory ran out
-    TrainingError      8          anything else that failed while training, merging or writing
-    QualityGateFailed  9          a quality gate (output.gates) failed: nothing pushed, the merged model kept
-    GPUUnavailable     10         runtime.gpus > 0 but torch cannot use CUDA: failed before loading anything
-    Interrupted        143        SIGTERM/SIGINT: a checkpoint was saved when possible; rerun resumes
-    =================  =========  ============================================================================
+pod status, so both are part of the trainer's contract: dpojob_api.progress.TRAINER_REASONS lists every reason
+with its exit code, whether the operator retries it, and what it means.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from collections.abc import Iterable, Iterator
 from typing import ClassVar, NoReturn
 
-from dpojob_api.progress import Reason
+from dpojob_api.progress import TRAINER_REASONS, Reason
 
 MAX_MESSAGE_CHARS = 1000
 _HF_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}")
@@ -36,7 +22,7 @@ class TrainerError(Exception):
     """A failure with a reason code the operator understands; str() is one human-readable line."""
 
     reason: ClassVar[Reason] = "TrainingError"
-    exit_code: ClassVar[int] = 8
+    exit_code: ClassVar[int] = TRAINER_REASONS["TrainingError"].exit_code
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -45,52 +31,52 @@ class TrainerError(Exception):
 
 class InvalidSpec(TrainerError):
     reason = "InvalidSpec"
-    exit_code = 2
+    exit_code = TRAINER_REASONS["InvalidSpec"].exit_code
 
 
 class DatasetError(TrainerError):
     reason = "DatasetError"
-    exit_code = 3
+    exit_code = TRAINER_REASONS["DatasetError"].exit_code
 
 
 class ModelLoadError(TrainerError):
     reason = "ModelLoadError"
-    exit_code = 4
+    exit_code = TRAINER_REASONS["ModelLoadError"].exit_code
 
 
 class HubAuthError(TrainerError):
     reason = "HubAuthError"
-    exit_code = 5
+    exit_code = TRAINER_REASONS["HubAuthError"].exit_code
 
 
 class HubError(TrainerError):
     reason = "HubError"
-    exit_code = 6
+    exit_code = TRAINER_REASONS["HubError"].exit_code
 
 
 class OutOfMemory(TrainerError):
     reason = "OutOfMemory"
-    exit_code = 7
+    exit_code = TRAINER_REASONS["OutOfMemory"].exit_code
 
 
 class TrainingError(TrainerError):
     reason = "TrainingError"
-    exit_code = 8
+    exit_code = TRAINER_REASONS["TrainingError"].exit_code
 
 
 class QualityGateFailed(TrainerError):
     reason = "QualityGateFailed"
-    exit_code = 9
+    exit_code = TRAINER_REASONS["QualityGateFailed"].exit_code
 
 
 class GPUUnavailable(TrainerError):
     reason = "GPUUnavailable"
-    exit_code = 10
+    exit_code = TRAINER_REASONS["GPUUnavailable"].exit_code
 
 
 class Interrupted(TrainerError):
     reason = "Interrupted"
-    exit_code = 143
+    exit_code = TRAINER_REASONS["Interrupted"].exit_code
 
 
 ALL_ERRORS: tuple[type[TrainerError], ...] = (
@@ -144,6 +130,35 @@ def _is_out_of_memory(exc: BaseException) -> bool:
     return name == "OutOfMemoryError" or (isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
 
 
+def out_of_memory_advice(chain: list[BaseException]) -> str:
+    """What ran out and the knobs that fit the run in memory (the stage is the caller's context)."""
+    if any(isinstance(e, MemoryError) for e in chain):
+        return "host memory ran out: raise spec.runtime.memory, or lower spec.runtime.cpu (fewer data workers)"
+    return (
+        f"GPU memory ran out{_cuda_memory()}: lower the stage's batchSize (raise gradientAccumulationSteps to keep "
+        "the effective batch), set gradientCheckpointing: true, lower maxLength (and dpo.maxPromptLength), keep "
+        "quantization.mode: 4bit, or use a GPU with more memory"
+    )
+
+
+def _cuda_memory() -> str:
+    """ " on GPU 0 (79.2 GiB: 77.9 GiB allocated by PyTorch, 78.5 GiB reserved)" when torch and CUDA are loaded."""
+    torch = sys.modules.get("torch")
+    try:
+        if torch is None or not torch.cuda.is_available():
+            return ""
+        device = torch.cuda.current_device()
+        total = torch.cuda.get_device_properties(device).total_memory
+        allocated, reserved = torch.cuda.memory_allocated(device), torch.cuda.memory_reserved(device)
+    except Exception:  # advice only: never let it hide the error it explains
+        return ""
+    gib = 1 << 30
+    return (
+        f" on GPU {device} ({total / gib:.1f} GiB: {allocated / gib:.1f} GiB allocated by PyTorch, "
+        f"{reserved / gib:.1f} GiB reserved)"
+    )
+
+
 def _is_hub_error(exc: BaseException) -> bool:
     return type(exc).__module__.startswith("huggingface_hub") or _http_status(exc) is not None
 
@@ -161,7 +176,7 @@ def classify(exc: BaseException, default: type[TrainerError] = TrainingError, co
     prefix = f"{context}: " if context else ""
     detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if any(_is_out_of_memory(e) for e in chain):
-        return OutOfMemory(f"{prefix}{detail}")
+        return OutOfMemory(f"{prefix}{out_of_memory_advice(chain)}: {detail}")
     for e in chain:
         name, status = type(e).__name__, _http_status(e)
         if name == "RepositoryNotFoundError":

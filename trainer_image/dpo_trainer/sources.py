@@ -91,7 +91,7 @@ class RowStream:
         """(files, datasets builder name) of the split."""
         if self.source.files is not None:
             files = local_files(self.source, self.field_path)
-            return files, "parquet" if self.source.files.format == "parquet" else "json"
+            return files, self.source.files.builder
         from datasets import load_dataset_builder
 
         hub = self.source.hub
@@ -221,7 +221,7 @@ def load_source(source: DatasetSource, field_path: str, token: str | None, proce
         else:
             assert source.files is not None
             files = local_files(source, field_path)
-            builder = "parquet" if source.files.format == "parquet" else "json"
+            builder = source.files.builder
             dataset = load_dataset(builder, data_files=files, split="train", num_proc=proc)
     except Exception as exc:
         reraise(exc, DatasetError, f"loading {where}")
