@@ -98,13 +98,23 @@ def build_crd(cel: bool = False) -> dict[str, Any]:
     spec_schema = openapi_schema(DPOJobSpec, cel)
     status_schema = openapi_schema(DPOJobStatus)
     columns = [
-        ("Phase", "string", ".status.phase", "Pending, Running, Succeeded, Failed or Suspended"),
-        ("Reason", "string", '.status.conditions[?(@.type=="Ready")].reason', "Why: Queued, Running, OutOfMemory…"),
-        ("Stage", "string", ".status.stage", "Trainer stage"),
-        ("Progress", "integer", ".status.progress.percent", "Percent of the run done"),
-        ("Accuracy", "number", ".status.rewards.accuracies", "Latest rewards/accuracies"),
-        ("Margin", "number", ".status.rewards.margins", "Latest rewards/margins"),
-        ("Age", "date", ".metadata.creationTimestamp", ""),
+        ("Phase", "string", ".status.phase", "Pending, Running, Succeeded, Failed or Suspended", 0),
+        (
+            "Reason",
+            "string",
+            ".status.reason",
+            "What the phase does not say: Queued, ImagePullBackOff, HubAuthError…",
+            0,
+        ),
+        ("Stage", "string", ".status.stage", "Trainer stage: data, sft, sft_merge, dpo_data, dpo, dpo_merge, …", 0),
+        ("Progress", "integer", ".status.progress.percent", "Percent of the whole run done", 0),
+        ("ETA", "string", ".status.progress.eta", "Estimated time left in the whole run", 0),
+        ("Loss", "number", ".status.metrics.loss", "The current training stage's latest loss (SFT, then DPO)", 0),
+        ("Train-Acc", "number", ".status.rewards.accuracies", "Latest DPO rewards/accuracies (train batches)", 0),
+        ("Eval-Acc", "number", ".status.evalRewards.accuracies", "Latest eval_rewards/accuracies (the gates')", 0),
+        ("Eval-Margin", "number", ".status.evalRewards.margins", "Latest eval_rewards/margins", 1),
+        ("Model", "string", ".status.model.repoId", "Hub repository of the pushed model", 1),
+        ("Age", "date", ".metadata.creationTimestamp", "", 0),
     ]
     return {
         "apiVersion": "apiextensions.k8s.io/v1",
@@ -128,8 +138,14 @@ def build_crd(cel: bool = False) -> dict[str, Any]:
                     "storage": True,
                     "subresources": {"status": {}},
                     "additionalPrinterColumns": [
-                        {"name": n, "type": t, "jsonPath": p, **({"description": d} if d else {})}
-                        for n, t, p, d in columns
+                        {
+                            "name": n,
+                            "type": t,
+                            "jsonPath": p,
+                            **({"description": d} if d else {}),
+                            **({"priority": priority} if priority else {}),
+                        }
+                        for n, t, p, d, priority in columns
                     ],
                     "schema": {
                         "openAPIV3Schema": {

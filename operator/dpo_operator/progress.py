@@ -18,14 +18,13 @@ from typing import Any
 from pydantic import ValidationError
 
 from dpojob_api.progress import (
-    DISPLAY_STAGE,
     PROGRESS_KIND,
-    REWARD_KEYS,
     STAGE_WEIGHTS,
     TRAINER_STAGES,
     ProgressEvent,
     bounded_metrics,
     finite,
+    reward_fields,
 )
 
 _MARKER = '{"kind": "' + PROGRESS_KIND + '"'
@@ -59,9 +58,11 @@ class TrainerProgress:
     """What the trainer has reported so far for one pod, folded from its events in order."""
 
     stage: str | None = None
-    stage_started: float | None = None
     step: int = 0
     total_steps: int = 0
+    first_seen: tuple[float, int] | None = None
+    """(time, step) of the first step this pod reported in the current stage: the rate is measured from there, so
+    a stage resumed at step 900 of 1,000 is not taken to run 900 steps in its first seconds."""
     updated: float | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     done: bool = False
@@ -74,13 +75,15 @@ class TrainerProgress:
         if finite(when):
             self.updated = float(when)
         if kind == "stage_start" and stage in STAGE_WEIGHTS:
-            self.stage, self.stage_started, self.step, self.total_steps = stage, self.updated, 0, 0
+            self.stage, self.step, self.total_steps, self.first_seen = stage, 0, 0, None
             if stage in ("sft", "dpo"):
                 self.metrics = {}  # each training stage reports its own loss; don't mix SFT's into DPO's
         elif kind == "log":
-            if stage in STAGE_WEIGHTS:
-                self.stage = stage
+            if stage in STAGE_WEIGHTS and stage != self.stage:
+                self.stage, self.first_seen = stage, None
             self.step, self.total_steps = event["step"], event["totalSteps"]
+            if self.first_seen is None and self.updated is not None:
+                self.first_seen = (self.updated, self.step)
             self.metrics = bounded_metrics({**self.metrics, **event["metrics"]})
         elif kind == "done":
             self.done = True
@@ -97,31 +100,57 @@ class TrainerProgress:
         within = self.step / self.total_steps if self.total_steps else 0.0
         return min(99, int(100 * (before + within * STAGE_WEIGHTS[self.stage]) / sum(STAGE_WEIGHTS.values())))
 
-    def eta_seconds(self) -> int | None:
-        """Seconds left in the current stage at the rate seen so far."""
-        if not (self.step and self.total_steps and self.stage_started and self.updated):
+    def seconds_per_step(self) -> float | None:
+        """The current stage's pace since this pod first reported a step of it."""
+        if self.first_seen is None or self.updated is None or self.step <= self.first_seen[1]:
             return None
-        rate = (self.updated - self.stage_started) / self.step
-        return max(0, round(rate * (self.total_steps - self.step)))
+        return (self.updated - self.first_seen[0]) / (self.step - self.first_seen[1])
+
+    def stage_eta_seconds(self) -> int | None:
+        """Seconds left in the current stage at its pace."""
+        pace = self.seconds_per_step()
+        return None if pace is None else max(0, round(pace * (self.total_steps - self.step)))
+
+    def eta_seconds(self) -> int | None:
+        """Seconds left in the whole run: the current stage at its pace, the later stages at the time per unit of
+        STAGE_WEIGHTS this stage takes (an estimate: the weights are typical shares of a run)."""
+        stage_left, pace = self.stage_eta_seconds(), self.seconds_per_step()
+        if stage_left is None or pace is None or self.stage is None:
+            return None
+        per_weight = pace * self.total_steps / STAGE_WEIGHTS[self.stage]
+        later = sum(STAGE_WEIGHTS[s] for s in TRAINER_STAGES[TRAINER_STAGES.index(self.stage) + 1 :])
+        return stage_left + round(per_weight * later)
 
     def status_fields(self) -> dict[str, Any]:
         """The status fields this progress determines (camelCase, ready for a merge patch)."""
         if self.stage is None and not self.metrics:
             return {}
+        eta = 0 if self.done else self.eta_seconds()
         fields: dict[str, Any] = {
             "progress": {
                 "step": self.step,
                 "totalSteps": self.total_steps,
                 "percent": self.percent(),
-                "etaSeconds": self.eta_seconds(),
+                "etaSeconds": eta,
+                "eta": human_duration(eta),
+                "stageEtaSeconds": 0 if self.done else self.stage_eta_seconds(),
                 "updatedAt": _rfc3339(self.updated) if self.updated else None,
             }
         }
         if self.stage is not None:
-            fields["stage"] = DISPLAY_STAGE[self.stage]
+            fields["stage"] = self.stage
         if self.metrics:
             fields["metrics"] = dict(sorted(self.metrics.items()))
-            rewards = {short: round(self.metrics[key], 4) for key, short in REWARD_KEYS.items() if key in self.metrics}
-            if rewards:
-                fields["rewards"] = rewards
+            fields.update(reward_fields(self.metrics))
         return fields
+
+
+def human_duration(seconds: int | None) -> str | None:
+    """3h12m, 4m05s, 40s: an ETA for the printer column."""
+    if seconds is None:
+        return None
+    hours, rest = divmod(seconds, 3600)
+    minutes, secs = divmod(rest, 60)
+    if hours:
+        return f"{hours}h{minutes:02d}m"
+    return f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"

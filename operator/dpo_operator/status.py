@@ -11,14 +11,22 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from dpojob_api.progress import FAIL_AT_ONCE, FAIL_AT_ONCE_EXIT_CODES, TerminationMessage
-from dpojob_api.status import Condition, DPOJobStatus, ModelLocation, Progress, Rewards, Run, RunRef, TrainerRef
+from dpojob_api.progress import FAIL_AT_ONCE, FAIL_AT_ONCE_EXIT_CODES, TerminationMessage, reward_fields
+from dpojob_api.status import (
+    CONDITION_TYPES,
+    Condition,
+    DPOJobStatus,
+    ModelLocation,
+    Progress,
+    Rewards,
+    Run,
+    RunRef,
+    TrainerRef,
+)
 
 from .manifests import CONTAINER
-from .progress import REWARD_KEYS
 
 TERMINAL = ("Succeeded", "Failed")
-CONDITION_TYPES = ("Ready", "Running", "Succeeded", "Failed", "Suspended")
 MAX_RUN_HISTORY = 10
 _WAITING_PROBLEMS = {
     "ErrImagePull": "ImagePullBackOff",
@@ -28,7 +36,17 @@ _WAITING_PROBLEMS = {
     "CreateContainerError": "CreateContainerConfigError",
 }
 # Carried from the previous status while the run is the same; reset when a new run starts.
-_RUN_FIELDS = ("stage", "progress", "metrics", "rewards", "model", "start_time", "completion_time", "retries")
+_RUN_FIELDS = (
+    "stage",
+    "progress",
+    "metrics",
+    "rewards",
+    "eval_rewards",
+    "model",
+    "start_time",
+    "completion_time",
+    "retries",
+)
 
 
 def now_rfc3339(now: datetime | None = None) -> str:
@@ -226,30 +244,33 @@ def observe_outcome(obs: Observed) -> Outcome:
 
 
 def _conditions(old: list[Condition], outcome: Outcome, generation: int, now: str) -> list[Condition]:
-    """All five conditions, keeping lastTransitionTime where a condition's status did not change."""
-    truth = {
-        "Ready": outcome.phase == "Succeeded",
-        "Running": outcome.phase == "Running",
-        "Succeeded": outcome.phase == "Succeeded",
-        "Failed": outcome.phase == "Failed",
-        "Suspended": outcome.phase == "Suspended",
-    }
+    """The kstatus conditions (CONDITION_TYPES) for the outcome: Ready always, with the outcome's reason and message
+    (True once succeeded, Unknown while in progress, False when failed or suspended), and Reconciling, Stalled or
+    Suspended while they are True. lastTransitionTime is kept where a condition's status did not change."""
+    in_progress = outcome.phase in ("Pending", "Running")
+    ready: Literal["True", "False", "Unknown"] = (
+        "True" if outcome.phase == "Succeeded" else "Unknown" if in_progress else "False"
+    )
+    wanted = {"Ready": ready}
+    if in_progress:
+        wanted["Reconciling"] = "True"
+    elif outcome.phase == "Failed":
+        wanted["Stalled"] = "True"
+    elif outcome.phase == "Suspended":
+        wanted["Suspended"] = "True"
     previous = {c.type: c for c in old}
     conditions = []
     for kind in CONDITION_TYPES:
-        status: Literal["True", "False"] = "True" if truth[kind] else "False"
+        if kind not in wanted:
+            continue
         before = previous.get(kind)
-        if truth[kind] or kind == "Ready":  # Ready=False explains why: Running, Unschedulable, OutOfMemory...
-            reason, message = outcome.reason, outcome.message
-        else:
-            reason, message = f"Not{kind}", ""
         conditions.append(
             Condition(
                 type=kind,
-                status=status,
-                reason=reason,
-                message=message,
-                last_transition_time=before.last_transition_time if before and before.status == status else now,
+                status=wanted[kind],
+                reason=outcome.reason,
+                message=outcome.message,
+                last_transition_time=before.last_transition_time if before and before.status == wanted[kind] else now,
                 observed_generation=generation,
             )
         )
@@ -268,13 +289,14 @@ def archived_run(status: DPOJobStatus, run: RunRef) -> Run:
         "model": status.model,
     }
     known = {name: value for name, value in entry.items() if value is not None}  # what the status lacks stays out
-    return Run(generation=run.generation, spec_hash=run.spec_hash, retries=status.retries, **known)
+    return Run(generation=run.generation, spec_hash=run.spec_hash, attempt=run.attempt, retries=status.retries, **known)
 
 
 def _reason(status: DPOJobStatus) -> str | None:
-    """The reason of a finished run's outcome (its true Succeeded or Failed condition)."""
-    final = (c for c in status.conditions if c.status == "True" and c.type in ("Succeeded", "Failed"))
-    return next((c.reason for c in final), None)
+    """The reason of a finished run's outcome: its Ready condition's (also in statuses of earlier versions)."""
+    if status.phase not in TERMINAL:
+        return None
+    return next((c.reason for c in status.conditions if c.type == "Ready"), None)
 
 
 def run_finished(old: dict[str, Any], run: dict[str, Any]) -> bool:
@@ -319,6 +341,7 @@ def compute_status(old: dict[str, Any], obs: Observed) -> DPOJobStatus:
         run=run,
         runs=runs,
         phase=outcome.phase,
+        reason=outcome.reason if outcome.reason != outcome.phase else None,
         conditions=_conditions(previous.conditions if same_run else [], outcome, obs.generation, now),
     )
 
@@ -353,21 +376,24 @@ def compute_status(old: dict[str, Any], obs: Observed) -> DPOJobStatus:
 
 
 def _message(status: DPOJobStatus) -> str:
-    return next((c.message for c in status.conditions if c.type == status.phase), "")
+    return next((c.message for c in status.conditions if c.type == "Ready"), "")
 
 
 def _apply_final(status: DPOJobStatus, final: TerminationMessage) -> None:
     """Fold the trainer's termination message (final metrics, model location) into the status."""
     if metrics := final.metrics:
         status.metrics = {**(status.metrics or {}), **metrics}
-        rewards = {short: round(metrics[key], 4) for key, short in REWARD_KEYS.items() if key in metrics}
-        if rewards:
-            status.rewards = (status.rewards or Rewards()).model_copy(update=rewards)
+        found = reward_fields(metrics)
+        if "rewards" in found:
+            status.rewards = (status.rewards or Rewards()).model_copy(update=found["rewards"])
+        if "evalRewards" in found:
+            status.eval_rewards = (status.eval_rewards or Rewards()).model_copy(update=found["evalRewards"])
     if final.model is not None and (location := final.model.model_dump(exclude_none=True)):
         status.model = ModelLocation(**location)
     if status.phase == "Succeeded":
         status.stage = "push"
-        status.progress = (status.progress or Progress()).model_copy(update={"percent": 100, "eta_seconds": 0})
+        done = {"percent": 100, "eta_seconds": 0, "eta": "0s", "stage_eta_seconds": 0}
+        status.progress = (status.progress or Progress()).model_copy(update=done)
 
 
 @dataclass(frozen=True)
@@ -409,7 +435,7 @@ def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
         # Waiting for a pod is routine; only problems (unschedulable, image pull, config) and waiting in a
         # Kueue queue (admission can take hours) deserve an Event.
         old_reason = (_condition(old, "Ready") or {}).get("reason") if same_run else None
-        if reason in _PENDING_EVENTS and reason != old_reason:
+        if reason in PENDING_EVENTS and reason != old_reason:
             events.append(_phase_event(new, old_phase))
     elif phase != old_phase:
         events.append(_phase_event(new, old_phase))
@@ -429,7 +455,8 @@ _PENDING_WARNINGS = {
     "FailedCreate",
     "NotOwned",
 }
-_PENDING_EVENTS = {*_PENDING_WARNINGS, "Queued"}
+PENDING_EVENTS = {*_PENDING_WARNINGS, "Queued"}
+"""Reasons of a Pending DPOJob worth an Event (waiting for a pod to start is routine)."""
 
 
 def _phase_event(status: dict[str, Any], old_phase: str | None) -> Event:
@@ -440,8 +467,7 @@ def _phase_event(status: dict[str, Any], old_phase: str | None) -> Event:
         where = model.get("commitUrl") or model.get("repoId") or model.get("directory") or "the output"
         return Event("Normal", "Succeeded", f"training finished; merged model at {where}")
     if phase == "Failed":
-        failed = _condition(status, "Failed") or {}
-        return Event("Warning", failed.get("reason") or "Failed", failed.get("message") or "training failed")
+        return Event("Warning", ready.get("reason") or "Failed", ready.get("message") or "training failed")
     if phase == "Suspended":
         return Event("Normal", "Suspended", "suspended: trainer Job deleted; it resumes from its checkpoint")
     if old_phase == "Suspended":

@@ -104,18 +104,6 @@ SPEC_DIGEST_ENV = "DPO_SPEC_SHA256"
 TERMINATION_MESSAGE_LIMIT = 4096
 """Kubernetes truncates a termination message at 4 KiB."""
 
-DISPLAY_STAGE: dict[str, str] = {
-    "data": "data",
-    "sft": "sft",
-    "sft_merge": "merge",
-    "dpo_data": "data",
-    "dpo": "dpo",
-    "dpo_merge": "merge",
-    "model_card": "push",
-    "gates": "push",
-    "push": "push",
-}
-"""Trainer stage -> the stage users see in status.stage."""
 STAGE_WEIGHTS: dict[str, int] = {
     "data": 1,
     "sft": 40,
@@ -134,7 +122,20 @@ REWARD_KEYS: dict[str, str] = {
     "rewards/accuracies": "accuracies",
     "rewards/margins": "margins",
 }
-"""DPO's reward metrics -> status.rewards fields."""
+"""DPO's reward metrics -> status.rewards fields (with the eval_ prefix: status.evalRewards)."""
+
+
+def reward_fields(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
+    """status.rewards and status.evalRewards (camelCase) from logged metrics, rounded for reading."""
+    fields = {}
+    for field, prefix in (("rewards", ""), ("evalRewards", "eval_")):
+        found = {
+            short: round(metrics[prefix + key], 4) for key, short in REWARD_KEYS.items() if prefix + key in metrics
+        }
+        if found:
+            fields[field] = found
+    return fields
+
 
 MAX_METRICS = 64
 """Metric keys kept per event: the Trainer logs about 20; status must stay far below the object size limit."""

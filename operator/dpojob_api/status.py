@@ -7,9 +7,14 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
+from .progress import TrainerStage
+
 Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
-Stage = Literal["data", "sft", "merge", "dpo", "push"]
-ConditionType = Literal["Ready", "Running", "Succeeded", "Failed", "Suspended"]
+CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Suspended")
+"""The conditions the operator writes, as kstatus (Flux, cli-utils, Config Sync) reads them: Ready always (True once
+the run succeeded, Unknown while it is in progress, False otherwise), the others only while True: Reconciling
+(pending or running), Stalled (failed: nothing happens until the spec or the retry annotation changes),
+Suspended. The CRD takes any type, so a later version may add one without breaking an older CRD."""
 
 
 class StatusModel(BaseModel):
@@ -29,12 +34,13 @@ class StatusModel(BaseModel):
 class Condition(StatusModel):
     """A Kubernetes-style condition (kstatus / Flux / Argo CD read these)."""
 
-    type: ConditionType
+    type: str = Field(max_length=64, pattern=r"^[A-Z][A-Za-z0-9]*$")
+    """One of CONDITION_TYPES."""
     status: Literal["True", "False", "Unknown"]
     reason: str
     """CamelCase reason, e.g. Running, Succeeded, OutOfMemory, Unschedulable, InvalidSpec."""
     message: str = ""
-    last_transition_time: str
+    last_transition_time: str = Field(json_schema_extra={"format": "date-time"})
     """When status last changed (RFC 3339)."""
     observed_generation: int | None = None
     """metadata.generation this condition was computed for."""
@@ -48,15 +54,20 @@ class Progress(StatusModel):
     total_steps: int = 0
     """Steps the stage will run."""
     percent: int = 0
-    """Progress of the whole run (SFT then DPO), 0-100."""
+    """Progress of the whole run (every stage, weighted by its usual share of the time), 0-100."""
     eta_seconds: int | None = None
+    """Estimated seconds until the whole run finishes (at the rate of the current training stage since this pod
+    started it, so a resumed run is not taken to be faster than it is)."""
+    eta: str | None = None
+    """eta_seconds for people, e.g. 3h12m (the ETA column)."""
+    stage_eta_seconds: int | None = None
     """Estimated seconds until the current stage finishes."""
     updated_at: str | None = None
     """When the trainer last reported (RFC 3339)."""
 
 
 class Rewards(StatusModel):
-    """The latest DPO reward metrics (train; eval ones are in metrics with an eval_ prefix)."""
+    """DPO's reward metrics (rewards/* or eval_rewards/*)."""
 
     chosen: float | None = None
     rejected: float | None = None
@@ -119,14 +130,23 @@ class DPOJobStatus(StatusModel):
     observed_generation: int | None = None
     """metadata.generation the operator last acted on."""
     phase: Phase | None = None
-    stage: Stage | None = None
-    """Trainer stage: data, sft, merge, dpo or push."""
-    conditions: list[Condition] = Field(default_factory=list)
+    reason: str | None = None
+    """Why the DPOJob is in its phase, where that says more than the phase (ImagePullBackOff, Queued,
+    HubAuthError, ...); the REASON column."""
+    stage: TrainerStage | None = None
+    """The trainer stage running (or the last one), as the trainer names them: data, sft, sft_merge, dpo_data,
+    dpo, dpo_merge, model_card, gates, push."""
+    conditions: list[Condition] = Field(
+        default_factory=list,
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
     start_time: str | None = None
     completion_time: str | None = None
     progress: Progress | None = None
     rewards: Rewards | None = None
-    """Latest rewards/* metrics of the DPO stage."""
+    """Latest rewards/* metrics of the DPO stage (train batches)."""
+    eval_rewards: Rewards | None = None
+    """Latest eval_rewards/* metrics (the eval split: what output.gates judge)."""
     metrics: dict[str, float] | None = None
     """Latest logged metrics by their TRL names (rewards/margins, loss, eval_loss, ...)."""
     model: ModelLocation | None = None

@@ -168,7 +168,7 @@ def observed(obj: dict[str, Any]) -> bool:
     conditions = status.get("conditions") or []
     return (
         status.get("observedGeneration") == generation
-        and len(conditions) == 5
+        and bool(conditions)
         and all(c.get("observedGeneration") == generation for c in conditions)
     )
 

@@ -57,15 +57,20 @@ def test_examples_validate_against_the_crd_schema() -> None:
 
 def test_printer_columns_and_names() -> None:
     version = crd.build_crd()["spec"]["versions"][0]
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == [
-        "Phase",
-        "Reason",
-        "Stage",
-        "Progress",
-        "Accuracy",
-        "Margin",
-        "Age",
-    ]
+    columns = {c["name"]: c.get("priority", 0) for c in version["additionalPrinterColumns"]}
+    assert columns == {
+        "Phase": 0,
+        "Reason": 0,
+        "Stage": 0,
+        "Progress": 0,
+        "ETA": 0,
+        "Loss": 0,
+        "Train-Acc": 0,
+        "Eval-Acc": 0,
+        "Eval-Margin": 1,
+        "Model": 1,
+        "Age": 0,
+    }, "priority 1: only with -o wide"
     assert version["subresources"] == {"status": {}}
     assert crd.build_crd()["spec"]["names"]["shortNames"] == ["dpo"]
 

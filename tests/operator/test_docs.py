@@ -81,3 +81,22 @@ def test_trainer_doc_links_the_reference_and_matches_the_trainer() -> None:
     assert " → ".join(stage.name for stage in STAGES) in text
     for stage in STAGES:
         assert f"| `{stage.name}` |" in text, stage.name
+
+
+def test_the_gpu_guide_says_what_to_change_for_every_operator_reason() -> None:
+    """docs/gpu.md's troubleshooting table has a row for every reason a DPOJob can wait or fail with on the
+    operator's side; the trainer's reasons are trainer.md's table (checked above), linked from there."""
+    from dpo_operator.status import FIXES, PENDING_EVENTS
+
+    text = (ROOT / "docs" / "gpu.md").read_text()
+    operator_reasons = {
+        *FIXES,
+        *PENDING_EVENTS,
+        "InvalidSpec",
+        "OutOfMemory",
+        "DeadlineExceeded",
+        "BackoffLimitExceeded",
+    }
+    for reason in operator_reasons:
+        assert f"| `{reason}` |" in text, reason
+    assert "trainer.md#exit-codes-and-the-termination-message" in text

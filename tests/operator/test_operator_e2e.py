@@ -81,6 +81,19 @@ def jobs_of(stack: LocalStack, name: str) -> list[dict]:
     return json.loads(raw)["items"]
 
 
+GLANCE: dict[str, tuple[str, str, dict]] = {}
+"""`kubectl get dpo` and `kubectl describe dpo` output, and the status, of DPOJobs at each phase of this run (in
+test order; asserted by test_the_status_reads_at_a_glance, which writes them to out/ for docs/operator.md)."""
+
+
+def glance(stack: LocalStack, label: str, name: str) -> None:
+    GLANCE[label] = (
+        kubectl(stack.admin_kubeconfig, "-n", NS, "get", "dpo", name),
+        kubectl(stack.admin_kubeconfig, "-n", NS, "describe", "dpo", name),
+        stack.get_dpojob(NS, name)["status"],
+    )
+
+
 def test_schema_rejects_bad_fields_with_their_path(stack: LocalStack) -> None:
     bad_type = apply(stack, dpojob("bad-type", dpo={"beta": "high"}, output={"directory": "/output/m"}), check=False)
     assert "spec.dpo.beta" in bad_type and "number" in bad_type
@@ -104,7 +117,7 @@ def test_deep_invalid_spec_fails_and_a_spec_change_starts_a_new_run(stack: Local
     spec = {"dpo": {"lossType": ["sigmoid", "sft"], "lossWeights": [1.0]}, "output": {"directory": "/output/m"}}
     apply(stack, dpojob("deep-invalid", **spec))
     obj = stack.wait_for(NS, "deep-invalid", lambda o: phase(o) == "Failed", 60)
-    failed = condition(obj, "Failed")
+    failed = condition(obj, "Stalled")
     assert failed["reason"] == "InvalidSpec" and "spec.dpo" in failed["message"] and "lossWeights" in failed["message"]
     assert not jobs_of(stack, "deep-invalid"), "an invalid spec must not start a trainer"
     assert any(e["reason"] == "InvalidSpec" and e["type"] == "Warning" for e in events(stack, "deep-invalid"))
@@ -112,7 +125,7 @@ def test_deep_invalid_spec_fails_and_a_spec_change_starts_a_new_run(stack: Local
     apply(stack, dpojob("deep-invalid", output={"directory": "/tmp/model"}))  # valid model, but not on a volume
     obj = stack.wait_for(NS, "deep-invalid", lambda o: (o["status"].get("run") or {}).get("generation") == 2, 60)
     assert obj["status"]["runs"][0]["generation"] == 1 and obj["status"]["runs"][0]["reason"] == "InvalidSpec"
-    assert "spec.output.directory" in condition(obj, "Failed")["message"]
+    assert "spec.output.directory" in condition(obj, "Stalled")["message"]
     assert any(e["reason"] == "NewRun" for e in events(stack, "deep-invalid"))
 
 
@@ -124,6 +137,7 @@ def test_unschedulable_and_image_pull_problems_are_surfaced(stack: LocalStack) -
     apply(stack, dpojob("bad-image", runtime={"image": "registry.example/does-not-exist:1"}, **common))
     obj = stack.wait_for(NS, "bad-image", lambda o: condition(o, "Ready").get("reason") == "ImagePullBackOff", 60)
     assert any(e["reason"] == "ImagePullBackOff" and e["type"] == "Warning" for e in events(stack, "bad-image"))
+    glance(stack, "Pending (ImagePullBackOff)", "bad-image")
     kubectl(stack.admin_kubeconfig, "-n", NS, "delete", "dpojob", "too-many-gpus", "--wait=false")
 
 
@@ -158,7 +172,7 @@ def test_a_refused_token_fails_the_run_once_without_a_second_training(stack: Loc
     document["spec"]["runtime"]["backoffLimit"] = 2
     apply(stack, document)
     obj = stack.wait_for(NS, "refused", lambda o: phase(o) == "Failed", 240)
-    assert condition(obj, "Failed")["reason"] == "HubAuthError", condition(obj, "Failed")
+    assert condition(obj, "Stalled")["reason"] == "HubAuthError", condition(obj, "Stalled")
     time.sleep(12)  # the Job controller's first retry back-off is 10 s: a second pod would exist by now
     (job,) = jobs_of(stack, "refused")
     assert job["spec"]["parallelism"] == 0
@@ -177,7 +191,7 @@ def test_pod_failure_is_retried_then_fails_with_reason(stack: LocalStack) -> Non
             dpojob(name, runtime={"backoffLimit": 1, "ttlSecondsAfterFinished": 0}, output={"hub": {"repoId": "d/x"}}),
         )
         obj = stack.wait_for(NS, name, lambda o: phase(o) == "Failed", 120)
-    assert condition(obj, "Failed")["reason"] == "OutOfMemory"
+    assert condition(obj, "Stalled")["reason"] == "OutOfMemory"
     assert obj["status"]["retries"] == 2
     reasons = [e["reason"] for e in events(stack, name)]
     assert "Retrying" in reasons and "OutOfMemory" in reasons and "JobCreated" in reasons
@@ -196,7 +210,7 @@ def test_real_trainer_failure_reason_reaches_status(stack: LocalStack) -> None:
     document["spec"]["runtime"]["backoffLimit"] = 0
     apply(stack, document)
     obj = stack.wait_for(NS, "missing-column", lambda o: phase(o) == "Failed", 240)
-    failed = condition(obj, "Failed")
+    failed = condition(obj, "Stalled")
     assert failed["reason"] == "DatasetError" and "no_such_column" in failed["message"]
 
 
@@ -209,7 +223,8 @@ def test_a_trainer_whose_memory_limit_is_too_small_is_oomkilled_and_reported_as_
     document["spec"]["runtime"].update(memory="64Mi", backoffLimit=0)
     apply(stack, document)
     obj = stack.wait_for(NS, "tiny-memory", lambda o: phase(o) == "Failed", 240)
-    assert condition(obj, "Failed")["reason"] == "OutOfMemory", condition(obj, "Failed")
+    assert condition(obj, "Stalled")["reason"] == "OutOfMemory", condition(obj, "Stalled")
+    glance(stack, "Failed (OutOfMemory)", "tiny-memory")
     raw = kubectl(
         stack.admin_kubeconfig, "-n", NS, "get", "pods", "-l", "dpo-operator.io/dpojob=tiny-memory", "-o", "json"
     )
@@ -328,7 +343,7 @@ def test_a_child_the_api_server_refuses_is_a_status_reason_not_a_retry_loop(
 ) -> None:
     apply(stack, dpojob(name, output={"hub": {"repoId": "demo/refused"}}, **spec))
     obj = stack.wait_for(NS, name, lambda o: phase(o) == "Failed", 60)
-    failed = condition(obj, "Failed")
+    failed = condition(obj, "Stalled")
     assert failed["reason"] == "InvalidSpec" and "refused the trainer Job" in failed["message"]
     assert field in failed["message"], "the server's message names the field"
     time.sleep(4)  # a resync: the same request is not sent again
@@ -481,6 +496,20 @@ def test_a_job_a_mutating_webhook_changed_is_still_the_run(stack: LocalStack) ->
 # --- the quickstart, end to end, with an operator crash and a suspend/resume on the way -----------------
 
 
+def test_a_quality_gate_the_model_misses_fails_the_run_without_a_push(stack: LocalStack) -> None:
+    """The real trainer trains, evaluates and misses the gate: Failed/QualityGateFailed at once (no retry), with
+    the eval numbers in status."""
+    document = quickstart_for_cluster(NS, name="gated")
+    document["spec"]["output"]["gates"] = {"minEvalRewardMargin": 1000.0}
+    apply(stack, document)
+    obj = stack.wait_for(NS, "gated", lambda o: phase(o) == "Failed", 300)
+    assert obj["status"]["reason"] == "QualityGateFailed" and "1000" in condition(obj, "Stalled")["message"]
+    assert obj["status"]["evalRewards"]["margins"] < 1000
+    (job,) = jobs_of(stack, "gated")
+    assert job["status"].get("failed") == 1 and job["spec"]["parallelism"] == 0, "one pod: a gate is not retried"
+    glance(stack, "Failed (QualityGateFailed)", "gated")
+
+
 @pytest.fixture(scope="module")
 def quickstart_run(stack: LocalStack) -> dict:
     """Run the quickstart: kill -9 the operator pod's process in SFT, suspend in DPO, resume; record what was seen."""
@@ -502,7 +531,10 @@ def quickstart_run(stack: LocalStack) -> dict:
         seen["job_counts"].add(len(jobs))
         if not seen["suspended"]:
             seen.setdefault("job_uids_before_suspend", set()).update(j["metadata"]["uid"] for j in jobs)
+        if status.get("stage") == "dpo" and status.get("rewards") and (status.get("progress") or {}).get("eta"):
+            GLANCE.get("Running (DPO)") or glance(stack, "Running (DPO)", "quickstart")
         if status.get("stage") == "sft" and not seen["restarted"]:
+            glance(stack, "Running (SFT)", "quickstart")
             stack.operator.kill(stack.operator.pods()[0]["metadata"]["name"])  # the node restarts it
             seen["restarted"] = True
         if (
@@ -694,13 +726,6 @@ def _assert_resumed(stack: LocalStack, pod: str) -> None:
     assert first_dpo_log["step"] > 20, "DPO continues from its checkpoint, not from step 1"
 
 
-def test_printer_columns(stack: LocalStack, quickstart_run: dict) -> None:
-    table = kubectl(stack.admin_kubeconfig, "-n", NS, "get", "dpo", "quickstart")
-    header, row = table.splitlines()[:2]
-    assert header.split() == ["NAME", "PHASE", "REASON", "STAGE", "PROGRESS", "ACCURACY", "MARGIN", "AGE"]
-    assert row.split()[1:5] == ["Succeeded", "Succeeded", "push", "100"]
-
-
 def test_canary_token_never_leaks(stack: LocalStack, quickstart_run: dict, hub_api) -> None:
     token = stack.hub_token
     places = {
@@ -769,3 +794,54 @@ def test_the_trainer_pod_runs_as_uid_1000_with_a_read_only_root_and_no_capabilit
     assert seen["writes"] == {"/": "EROFS", "/app": "EROFS", "/opt/venv": "EROFS", **dict.fromkeys(writable, "ok")}
     assert not seen["token"], "trainer pods get no service-account token"
     kubectl(stack.admin_kubeconfig, "-n", NS, "delete", "pod", "trainer-probe", "--wait=false")
+
+
+def test_the_status_reads_at_a_glance(stack: LocalStack, quickstart_run: dict) -> None:
+    """kubectl get and describe at each phase this run went through: the columns say what they show, REASON only
+    what PHASE does not, STAGE the trainer's own stage names, and describe lists Ready plus the kstatus conditions
+    that hold (no Not* ones). Written to out/status-at-a-glance.md (the source of docs/operator.md's examples)."""
+    glance(stack, "Succeeded", "quickstart")
+    expected = {  # label: (PHASE, REASON, STAGE, the conditions)
+        "Pending (ImagePullBackOff)": (
+            "Pending",
+            "ImagePullBackOff",
+            None,
+            {"Ready": "Unknown", "Reconciling": "True"},
+        ),
+        "Failed (OutOfMemory)": ("Failed", "OutOfMemory", None, {"Ready": "False", "Stalled": "True"}),
+        "Failed (QualityGateFailed)": ("Failed", "QualityGateFailed", "gates", {"Ready": "False", "Stalled": "True"}),
+        "Running (SFT)": ("Running", None, "sft", {"Ready": "Unknown", "Reconciling": "True"}),
+        "Running (DPO)": ("Running", None, "dpo", {"Ready": "Unknown", "Reconciling": "True"}),
+        "Succeeded": ("Succeeded", None, "push", {"Ready": "True"}),
+    }
+    assert set(GLANCE) == set(expected), "a phase was not captured"
+    report = []
+    for label, (table, described, status) in GLANCE.items():
+        header, row = table.splitlines()[:2]
+        columns = ["NAME", "PHASE", "REASON", "STAGE", "PROGRESS", "ETA", "LOSS", "TRAIN-ACC", "EVAL-ACC", "AGE"]
+        assert header.split() == columns, header
+        cells = dict(zip(columns, _cells(header, row), strict=True))
+        phase_, reason, stage, conditions = expected[label]
+        assert (cells["PHASE"], cells["REASON"] or None) == (phase_, reason), (label, row)
+        if stage is not None:
+            assert cells["STAGE"] == stage, (label, row)
+        assert {c["type"]: c["status"] for c in status["conditions"]} == conditions, label
+        assert "NotRunning" not in described and "Conditions:" in described, label
+        if label == "Running (DPO)":
+            assert cells["TRAIN-ACC"] and cells["LOSS"] and cells["ETA"], row
+        if label == "Running (SFT)":
+            assert not cells["TRAIN-ACC"], "SFT reports no rewards (its loss, once logged, is in LOSS)"
+        if label == "Succeeded":
+            assert cells["PROGRESS"] == "100" and cells["EVAL-ACC"], row
+        report.append(f"### {label}\n\n```console\n$ kubectl get dpo\n{table.rstrip()}\n```\n\n"
+                      f"```console\n$ kubectl describe dpo\n{described.rstrip()}\n```\n")  # fmt: skip
+    out = Path(__file__).resolve().parents[2] / "out"
+    out.mkdir(exist_ok=True)
+    (out / "status-at-a-glance.md").write_text("\n".join(report))
+
+
+def _cells(header: str, row: str) -> list[str]:
+    """The row's cells by the header's column positions (kubectl leaves an empty cell as spaces)."""
+    starts = [i for i, ch in enumerate(header) if ch != " " and (i == 0 or header[i - 1] == " ")]
+    ends = [*starts[1:], None]
+    return [row[a:b].strip() if a < len(row) else "" for a, b in zip(starts, ends, strict=True)]

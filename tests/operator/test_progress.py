@@ -2,7 +2,7 @@
 
 import json
 
-from dpo_operator.progress import TrainerProgress, parse_line
+from dpo_operator.progress import TrainerProgress, human_duration, parse_line
 from dpojob_api.progress import MAX_METRICS
 
 
@@ -32,20 +32,37 @@ def test_log_events_become_progress_metrics_and_rewards() -> None:
     progress = TrainerProgress()
     fold(progress, line("stage_start", stage="sft", time=100.0))
     fold(progress, line("log", stage="sft", step=5, totalSteps=10, time=110.0, metrics={"loss": 2.0}))
+    assert progress.status_fields()["progress"]["etaSeconds"] is None, "one report: no pace yet"
+    fold(progress, line("log", stage="sft", step=8, totalSteps=10, time=116.0, metrics={"loss": 1.5}))
     sft = progress.status_fields()
-    assert sft["stage"] == "sft" and sft["progress"]["step"] == 5 and sft["progress"]["etaSeconds"] == 10
-    assert sft["metrics"] == {"loss": 2.0} and "rewards" not in sft
+    assert sft["stage"] == "sft" and sft["progress"]["step"] == 8 and sft["progress"]["stageEtaSeconds"] == 4
+    # 2 s a step, 20 s for this stage's 40 weight units: the later stages' 60 units take 30 s more.
+    assert sft["progress"]["etaSeconds"] == 34 and sft["progress"]["eta"] == "34s"
+    assert sft["metrics"] == {"loss": 1.5} and "rewards" not in sft
     fold(progress, line("stage_end", stage="sft", time=120.0, seconds=20))
     fold(progress, line("stage_start", stage="sft_merge", time=121.0))
-    assert progress.status_fields()["stage"] == "merge"
+    assert progress.status_fields()["stage"] == "sft_merge", "each stage by the name the trainer gives it"
     fold(progress, line("stage_start", stage="dpo", time=130.0))
     metrics = {"loss": 0.69, "rewards/margins": 0.1, "rewards/accuracies": 0.5, "eval_rewards/margins": 0.05}
     fold(progress, line("log", stage="dpo", step=2, totalSteps=4, time=134.0, metrics=metrics))
     dpo = progress.status_fields()
     assert dpo["stage"] == "dpo"
     assert dpo["metrics"] == dict(sorted(metrics.items())), "SFT metrics must not leak into DPO's"
-    assert dpo["rewards"] == {"margins": 0.1, "accuracies": 0.5}
+    assert dpo["rewards"] == {"margins": 0.1, "accuracies": 0.5} and dpo["evalRewards"] == {"margins": 0.05}
     assert sft["progress"]["percent"] < dpo["progress"]["percent"] < 100
+
+
+def test_a_resumed_stage_is_timed_from_where_this_pod_took_it_up() -> None:
+    """Resumed at step 900 of 1,000: the pace is measured from step 900, so the ETA is not taken from 900 steps
+    that seemed to pass in a second."""
+    progress = TrainerProgress()
+    fold(progress, line("stage_start", stage="dpo", time=200.0))
+    fold(progress, line("log", stage="dpo", step=900, totalSteps=1000, time=201.0))
+    fold(progress, line("log", stage="dpo", step=910, totalSteps=1000, time=221.0))
+    fields = progress.status_fields()["progress"]
+    # 2 s a step: 180 s left in DPO; 2,000 s for its 50 weight units, so the 6 units after it take 240 s.
+    assert fields["stageEtaSeconds"] == 180 and fields["etaSeconds"] == 420 and fields["eta"] == "7m00s"
+    assert human_duration(3 * 3600 + 12 * 60 + 5) == "3h12m" and human_duration(245) == "4m05s"
 
 
 def test_done_is_100_percent_with_final_metrics() -> None:
@@ -89,10 +106,10 @@ def test_metric_keys_are_bounded() -> None:
     assert metrics["rewards/accuracies"] == 0.8 and metrics["loss"] == 0.5, "rewards and loss are kept first"
 
 
-def test_every_trainer_stage_has_a_display_stage_and_a_weight() -> None:
+def test_every_trainer_stage_has_a_weight_and_is_a_status_stage() -> None:
     """The trainer's stage table is the source of truth; the operator must know each stage it can report."""
     from dpo_trainer.pipeline import STAGES
-    from dpojob_api.progress import DISPLAY_STAGE, STAGE_WEIGHTS
+    from dpojob_api.progress import STAGE_WEIGHTS, TRAINER_STAGES
 
     names = [stage.name for stage in STAGES]
-    assert list(DISPLAY_STAGE) == names and list(STAGE_WEIGHTS) == names
+    assert list(STAGE_WEIGHTS) == names and list(TRAINER_STAGES) == names

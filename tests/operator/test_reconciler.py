@@ -267,6 +267,6 @@ def test_a_deterministic_trainer_failure_fails_the_run_at_once_and_stops_the_job
     settle(cluster, reconciler)
     status = cluster.dpojob["status"]
     assert status["phase"] == "Failed"
-    assert next(c for c in status["conditions"] if c["type"] == "Failed")["reason"] == "HubAuthError"
+    assert status["reason"] == "HubAuthError" and next(c for c in status["conditions"] if c["type"] == "Stalled")
     assert cluster.job()["spec"]["parallelism"] == 0, "no second pod: the Job is stopped"
     reconciler.events.stop()

@@ -45,8 +45,9 @@ def condition(status: dict, kind: str) -> dict:
 def test_running_pod_means_running() -> None:
     status = observe(job=job(active=1), pods=[pod("p1", "Running", running={})])
     assert status["phase"] == "Running"
-    assert condition(status, "Running")["status"] == "True"
-    assert condition(status, "Ready") == {**condition(status, "Ready"), "status": "False", "reason": "Running"}
+    assert condition(status, "Reconciling")["status"] == "True" and "reason" not in status, "Running says it all"
+    assert condition(status, "Ready") == {**condition(status, "Ready"), "status": "Unknown", "reason": "Running"}
+    assert [c["type"] for c in status["conditions"]] == ["Ready", "Reconciling"], "only Ready and what is True"
     assert status["trainer"] == {"jobName": "j-g1", "configMapName": "j-g1", "podName": "p1"}
     assert all(c["observedGeneration"] == 1 for c in status["conditions"])
 
@@ -71,14 +72,14 @@ def test_trainer_reason_code_becomes_the_failure_reason() -> None:
     first = pod("p1", "Failed", terminated={"exitCode": 1, "reason": "OOMKilled"})
     status = observe(job=job(failed=2, conditions=[{"type": "Failed", "status": "True"}]), pods=[first, failed])
     assert status["phase"] == "Failed" and status["retries"] == 2
-    assert condition(status, "Failed")["reason"] == "HubAuthError"
-    assert "token rejected" in condition(status, "Failed")["message"]
+    assert condition(status, "Stalled")["reason"] == "HubAuthError"
+    assert "token rejected" in condition(status, "Stalled")["message"]
 
 
 def test_oom_killed_is_out_of_memory() -> None:
     oom = pod("p1", "Failed", terminated={"exitCode": 137, "reason": "OOMKilled"})
     status = observe(job=job(failed=1, conditions=[{"type": "Failed", "status": "True"}]), pods=[oom])
-    assert condition(status, "Failed")["reason"] == "OutOfMemory"
+    assert condition(status, "Stalled")["reason"] == "OutOfMemory"
 
 
 def test_pending_problems_are_reported() -> None:
@@ -88,13 +89,15 @@ def test_pending_problems_are_reported() -> None:
     ]
     status = observe(job=job(active=1), pods=[unschedulable])
     assert status["phase"] == "Pending" and condition(status, "Ready")["reason"] == "Unschedulable"
+    assert status["reason"] == "Unschedulable" and "fix spec.runtime" in condition(status, "Ready")["message"]
     pull = pod("p1", "Pending", waiting={"reason": "ImagePullBackOff", "message": "no such image"})
     assert condition(observe(job=job(active=1), pods=[pull]), "Ready")["reason"] == "ImagePullBackOff"
 
 
 def test_invalid_spec_and_suspend() -> None:
     invalid = observe(spec_error="spec.output.directory: not on a volume")
-    assert invalid["phase"] == "Failed" and condition(invalid, "Failed")["reason"] == "InvalidSpec"
+    assert invalid["phase"] == "Failed" and condition(invalid, "Stalled")["reason"] == "InvalidSpec"
+    assert invalid["reason"] == "InvalidSpec" and condition(invalid, "Ready")["status"] == "False"
     suspended = observe(suspended=True)
     assert suspended["phase"] == "Suspended" and condition(suspended, "Suspended")["status"] == "True"
 
@@ -111,7 +114,9 @@ def test_transition_time_is_kept_while_a_condition_holds() -> None:
             pods=[pod("p1", "Running", running={})],
         ),
     ).to_document()
-    assert condition(later, "Running")["lastTransitionTime"] == condition(running, "Running")["lastTransitionTime"]
+    assert (
+        condition(later, "Reconciling")["lastTransitionTime"] == condition(running, "Reconciling")["lastTransitionTime"]
+    )
     assert merge_patch(running, later) == {}, "an unchanged observation must not patch"
 
 
@@ -176,7 +181,7 @@ def test_deadline_exceeded_is_the_failure_reason() -> None:
     deadline = {"type": "Failed", "status": "True", "reason": "DeadlineExceeded", "message": "Job was active longer"}
     running_pod = pod("p1", "Failed", terminated={"exitCode": 143, "message": '{"reason": "Interrupted"}'})
     status = observe(job=job(failed=1, conditions=[deadline]), pods=[running_pod])
-    assert status["phase"] == "Failed" and condition(status, "Failed")["reason"] == "DeadlineExceeded"
+    assert status["phase"] == "Failed" and condition(status, "Stalled")["reason"] == "DeadlineExceeded"
 
 
 def test_invalid_spec_is_not_final() -> None:
@@ -214,7 +219,7 @@ def test_a_finished_run_stays_finished_when_its_spec_turns_invalid() -> None:
     done = pod("p1", "Succeeded", terminated={"exitCode": 0, "message": '{"reason": "Succeeded"}'})
     finished = observe(job=job(conditions=[{"type": "Complete", "status": "True"}]), pods=[done])
     later = observe(finished, spec_error="spec.output.directory: not on a persistent volume", job=None)
-    assert later["phase"] == "Succeeded" and condition(later, "Succeeded")["reason"] == "Succeeded"
+    assert later["phase"] == "Succeeded" and condition(later, "Ready") == condition(finished, "Ready")
     assert later["completionTime"] == finished["completionTime"]
 
 
@@ -254,15 +259,16 @@ def test_a_failed_quality_gate_fails_the_run_with_the_numbers() -> None:
     failed = pod("p1", "Failed", terminated={"exitCode": 9, "message": json.dumps(failure)})
     status = observe(job=job(failed=1, conditions=[{"type": "Failed", "status": "True"}]), pods=[failed])
     assert status["phase"] == "Failed"
-    assert condition(status, "Failed")["reason"] == condition(status, "Ready")["reason"] == "QualityGateFailed"
+    assert condition(status, "Stalled")["reason"] == condition(status, "Ready")["reason"] == "QualityGateFailed"
     [event] = [e for e in transition_events({}, status) if e.type == "Warning"]
     assert (event.reason, event.message) == ("QualityGateFailed", failure["message"])
 
 
 def test_a_refused_child_is_invalid_spec_for_422_and_create_rejected_for_403() -> None:
     invalid = observe(rejected=(422, "the API server refused the trainer Job j-g1 (422): spec.x: Invalid value"))
-    assert invalid["phase"] == "Failed" and condition(invalid, "Failed")["reason"] == "InvalidSpec"
-    assert condition(invalid, "Failed")["message"].startswith("the API server refused the trainer Job")
+    assert invalid["phase"] == "Failed" and condition(invalid, "Stalled")["reason"] == "InvalidSpec"
+    assert invalid["reason"] == "InvalidSpec" and condition(invalid, "Ready")["status"] == "False"
+    assert condition(invalid, "Stalled")["message"].startswith("the API server refused the trainer Job")
     forbidden = observe(rejected=(403, "the API server refused the trainer Job j-g1 (403): exceeded quota"))
     assert forbidden["phase"] == "Pending" and condition(forbidden, "Ready")["reason"] == "CreateRejected"
 
@@ -270,7 +276,8 @@ def test_a_refused_child_is_invalid_spec_for_422_and_create_rejected_for_403() -
 def succeeded() -> dict:
     """A run that pushed its model, with progress, metrics, retries and the Job's content hash."""
     model = {"directory": "/o/m", "repoId": "org/m", "revision": "main", "tag": "run-g1", "commitSha": "abc"}
-    message = json.dumps({"reason": "Succeeded", "metrics": {"rewards/margins": 0.4, "loss": 1}, "model": model})
+    metrics = {"rewards/margins": 0.4, "loss": 1, "eval_rewards/accuracies": 0.75}
+    message = json.dumps({"reason": "Succeeded", "metrics": metrics, "model": model})
     done = pod("p2", "Succeeded", "2026-01-01T00:05:00Z", terminated={"exitCode": 0, "message": message})
     complete = job(failed=1, startTime="2026-01-01T00:00:01Z", conditions=[{"type": "Complete", "status": "True"}])
     progress = {"stage": "dpo", "progress": {"step": 9, "totalSteps": 10, "percent": 90, "etaSeconds": 4}}
@@ -291,7 +298,8 @@ def test_status_documents_validate_against_the_crd_status_schema() -> None:
         observe(suspended=True),
         observe(spec_error="spec.output.directory: not on a volume"),
     ]
-    assert set(finished) == set(schema["properties"]), "the documents must exercise every status field"
+    written = {key for document in documents for key in document}
+    assert written == set(schema["properties"]), "the documents must exercise every status field"
     validator = jsonschema.Draft4Validator(schema)
     for document in documents:
         assert not [f"{list(e.path)}: {e.message}" for e in validator.iter_errors(document)], document
@@ -304,16 +312,17 @@ def test_a_status_document_holds_only_what_was_observed() -> None:
         "run": RUN,
         "runs": [],
         "phase": "Pending",
+        "reason": "PodCreating",
         "conditions": [
             {
                 "type": kind,
-                "status": "False",
-                "reason": "PodCreating" if kind == "Ready" else f"Not{kind}",
-                **({"message": "waiting for the Job controller to create the trainer pod"} if kind == "Ready" else {}),
+                "status": status,
+                "reason": "PodCreating",
+                "message": "waiting for the Job controller to create the trainer pod",
                 "lastTransitionTime": "2026-01-01T00:00:00Z",
                 "observedGeneration": 1,
             }
-            for kind in ("Ready", "Running", "Succeeded", "Failed", "Suspended")
+            for kind, status in (("Ready", "Unknown"), ("Reconciling", "True"))
         ],
         "trainer": {"jobName": "j-g1", "configMapName": "j-g1"},
         "retries": 0,
@@ -385,8 +394,8 @@ def test_a_trainer_that_cannot_use_its_gpu_fails_the_run_with_gpu_unavailable() 
     failed = pod("p1", "Failed", terminated={"exitCode": 10, "message": json.dumps(failure)})
     status = observe(job=job(failed=1, conditions=[{"type": "Failed", "status": "True"}]), pods=[failed])
     assert status["phase"] == "Failed"
-    assert condition(status, "Failed")["reason"] == condition(status, "Ready")["reason"] == "GPUUnavailable"
-    assert condition(status, "Failed")["message"] == failure["message"]
+    assert condition(status, "Stalled")["reason"] == condition(status, "Ready")["reason"] == "GPUUnavailable"
+    assert condition(status, "Stalled")["message"] == failure["message"]
     [event] = [e for e in transition_events({}, status) if e.type == "Warning"]
     assert (event.reason, event.message) == ("GPUUnavailable", failure["message"])
 
