@@ -15,6 +15,7 @@ from kubernetes.client.exceptions import ApiException
 from pydantic import ValidationError
 
 from dpojob_api.spec import DPOJobSpec, describe_validation_error, legacy_spec_hash, spec_hash
+from dpojob_api.status import run_identity
 
 from . import manifests, metrics
 from .cache import Key, ObjectCache, slim
@@ -72,7 +73,7 @@ def current_run(dpojob: dict[str, Any]) -> dict[str, Any]:
     new one at this generation. A Failed run whose retry annotation holds a value it has not seen is tried again
     as the next attempt of the same run."""
     status = dpojob.get("status") or {}
-    previous = status.get("run") or {}
+    previous = run_identity(status)
     spec = dpojob["spec"]
     digest = spec_hash(spec)
     retry = (dpojob["metadata"].get("annotations") or {}).get(RETRY_ANNOTATION)
@@ -229,7 +230,7 @@ class Reconciler:
             spec_error=error,
             suspended=bool(spec and spec.suspend) and not finished,
         )
-        if old.get("run") and old.get("run") != run:
+        if old.get("run") and run_identity(old) != run:
             # Record a run that replaces another before creating anything for it: its Job is named after
             # run.generation, which must not drift if the spec changes again (or the operator dies) before the Job
             # exists. Then go on from what the API server answered (no round trip through the watch). A first

@@ -14,6 +14,7 @@ from typing import Any, Literal
 from dpojob_api.progress import FAIL_AT_ONCE, FAIL_AT_ONCE_EXIT_CODES, TerminationMessage, reward_fields
 from dpojob_api.status import (
     CONDITION_TYPES,
+    Bookkeeping,
     Condition,
     DPOJobStatus,
     ModelLocation,
@@ -60,7 +61,7 @@ class Observed:
 
     generation: int
     run: dict[str, Any]
-    """{"generation": G, "specHash": h} of the run the spec asks for."""
+    """The run the spec asks for, as reconciler.current_run identifies it: {"generation": G, "specHash": h, …}."""
     spec_error: str | None = None
     suspended: bool = False
     job: dict[str, Any] | None = None
@@ -277,6 +278,11 @@ def _conditions(old: list[Condition], outcome: Outcome, generation: int, now: st
     return conditions
 
 
+def _run_ref(identity: dict[str, Any]) -> RunRef:
+    """The user-facing part of a run identity (generation, attempt); the rest is status.internal."""
+    return RunRef(generation=identity["generation"], attempt=identity.get("attempt"))
+
+
 def archived_run(status: DPOJobStatus, run: RunRef) -> Run:
     """The history entry for `run`, the run `status` describes."""
     entry = {
@@ -289,7 +295,7 @@ def archived_run(status: DPOJobStatus, run: RunRef) -> Run:
         "model": status.model,
     }
     known = {name: value for name, value in entry.items() if value is not None}  # what the status lacks stays out
-    return Run(generation=run.generation, spec_hash=run.spec_hash, attempt=run.attempt, retries=status.retries, **known)
+    return Run(generation=run.generation, attempt=run.attempt, retries=status.retries, **known)
 
 
 def _reason(status: DPOJobStatus) -> str | None:
@@ -301,7 +307,7 @@ def _reason(status: DPOJobStatus) -> str | None:
 
 def run_finished(old: dict[str, Any], run: dict[str, Any]) -> bool:
     """`_finished` for the status document the API server holds and the run dict the reconciler works with."""
-    return _finished(DPOJobStatus.from_document(old), RunRef.model_validate(run))
+    return _finished(DPOJobStatus.from_document(old), _run_ref(run))
 
 
 def _finished(status: DPOJobStatus, run: RunRef) -> bool:
@@ -324,7 +330,7 @@ def compute_status(old: dict[str, Any], obs: Observed) -> DPOJobStatus:
     outcome is recomputed. Its to_document() is what the server is to store."""
     now = now_rfc3339(obs.now)
     previous = DPOJobStatus.from_document(old)
-    run = RunRef.model_validate(obs.run)
+    run = _run_ref(obs.run)
     same_run = previous.run == run
     carried = {name: getattr(previous, name) for name in _RUN_FIELDS if same_run and name in previous.model_fields_set}
     runs = list(previous.runs)
@@ -342,6 +348,7 @@ def compute_status(old: dict[str, Any], obs: Observed) -> DPOJobStatus:
         runs=runs,
         phase=outcome.phase,
         reason=outcome.reason if outcome.reason != outcome.phase else None,
+        internal=Bookkeeping(spec_hash=obs.run.get("specHash"), retry_token=obs.run.get("retryToken")),
         conditions=_conditions(previous.conditions if same_run else [], outcome, obs.generation, now),
     )
 

@@ -99,16 +99,40 @@ class TrainerRef(StatusModel):
 
 
 class RunRef(StatusModel):
-    """Identity of a run: a training spec, first seen at a generation, and its attempt."""
+    """A run: a training spec, first seen at a generation, and its attempt."""
 
     generation: int
     """metadata.generation at which this training spec was first seen; names the trainer Job."""
-    spec_hash: str
-    """Hash of what decides the model: the spec less runtime, suspend, checkpointing, reporting, token Secret."""
     attempt: int | None = None
     """Retries of a Failed run asked for with the dpo-operator.io/retry annotation (absent: the first)."""
+
+
+class Bookkeeping(StatusModel):
+    """What the operator keeps to decide runs; not meant for users."""
+
+    spec_hash: str | None = None
+    """Hash of what decides the model of the current run (spec.model_identity)."""
     retry_token: str | None = None
-    """The dpo-operator.io/retry value this run has seen."""
+    """The dpo-operator.io/retry value the current run has seen."""
+
+
+_INTERNAL = ("specHash", "retryToken")
+
+
+def run_identity(status: dict[str, Any]) -> dict[str, Any]:
+    """The current run as the operator identifies it: status.run plus its bookkeeping in status.internal (or, as
+    statuses before 0.2 held them, in status.run itself), e.g. {"generation": 3, "specHash": "…"}."""
+    run = status.get("run") or {}
+    return {**run, **(status.get("internal") or {})} if run else {}
+
+
+def _split_legacy_run(document: dict[str, Any]) -> dict[str, Any]:
+    """A status whose run still holds specHash/retryToken (before 0.2): moved to internal."""
+    run = document.get("run")
+    if not isinstance(run, dict) or not set(_INTERNAL) & set(run):
+        return document
+    internal = {**{k: run[k] for k in _INTERNAL if k in run}, **(document.get("internal") or {})}
+    return {**document, "run": {k: v for k, v in run.items() if k not in _INTERNAL}, "internal": internal}
 
 
 class Run(RunRef):
@@ -156,13 +180,16 @@ class DPOJobStatus(StatusModel):
     run: RunRef | None = None
     """The current run."""
     runs: list[Run] = Field(default_factory=list)
-    """Previous runs, oldest first (capped)."""
+    """Previous runs and attempts, oldest first (capped)."""
+    internal: Bookkeeping | None = None
+    """The operator's bookkeeping of the current run (spec hash, retry annotation seen)."""
 
     @classmethod
     def from_document(cls, document: dict[str, Any]) -> DPOJobStatus:
         """Parse a status document such as the API server holds. A value this version cannot read (another
         version's enum value, say) is left out with its top-level field or list item rather than failing every
         reconcile of the DPOJob: the status is recomputed from the cluster anyway."""
+        document = _split_legacy_run(document)
         try:
             return cls.model_validate(document)
         except ValidationError as error:

@@ -14,7 +14,7 @@ from pydantic import ValidationError
 from dpo_operator.crd import CRD_FILE
 from dpo_operator.kube import merge_patch
 from dpo_operator.status import Observed, compute_status, transition_events
-from dpojob_api.status import Condition, DPOJobStatus, Progress
+from dpojob_api.status import Condition, DPOJobStatus, Progress, run_identity
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -136,7 +136,8 @@ def test_a_new_run_archives_the_previous_one() -> None:
     finished = observe(job=job(conditions=[{"type": "Complete", "status": "True"}]), pods=[done])
     new_run = {"generation": 4, "specHash": "def"}
     status = compute_status(finished, Observed(generation=4, run=new_run, now=NOW)).to_document()
-    assert status["phase"] == "Pending" and "rewards" not in status and status["run"] == new_run
+    assert status["phase"] == "Pending" and "rewards" not in status and status["run"] == {"generation": 4}
+    assert status["internal"] == {"specHash": "def"}, "bookkeeping out of the user's way"
     assert status["runs"][0]["phase"] == "Succeeded" and status["runs"][0]["model"] == {"repoId": "o/m"}
     assert status["runs"][0]["generation"] == 1
     reasons = [e.reason for e in transition_events(finished, status)]
@@ -309,7 +310,8 @@ def test_a_status_document_holds_only_what_was_observed() -> None:
     """No default-valued fields the operator did not write: each one would be a status patch of its own."""
     assert observe(job=job(active=1), pods=[]) == {
         "observedGeneration": 1,
-        "run": RUN,
+        "run": {"generation": 1},
+        "internal": {"specHash": "abc"},
         "runs": [],
         "phase": "Pending",
         "reason": "PodCreating",
@@ -339,8 +341,8 @@ def test_fields_written_by_another_operator_version_are_kept() -> None:
 
 
 def test_the_document_is_camel_case_and_holds_only_what_was_set() -> None:
-    status = DPOJobStatus(phase="Running", run=RUN, progress=Progress(step=3, eta_seconds=None))
-    assert status.to_document() == {"phase": "Running", "run": RUN, "progress": {"step": 3}}
+    status = DPOJobStatus(phase="Running", run={"generation": 1}, progress=Progress(step=3, eta_seconds=None))
+    assert status.to_document() == {"phase": "Running", "run": {"generation": 1}, "progress": {"step": 3}}
 
 
 def test_empty_strings_are_left_out_like_none() -> None:
@@ -355,13 +357,23 @@ def test_a_stored_status_reads_back_to_the_same_document() -> None:
     document = {
         "phase": "Succeeded",
         "retries": 0,
-        "run": {**RUN, "attempt": 1},
+        "run": {"generation": 1, "attempt": 1},
+        "internal": {"specHash": "abc"},
         "metrics": {"loss": 0.5},
         "progress": {"percent": 100, "tokensPerSecond": 900},
         "runs": [{**RUN, "phase": "Failed", "message": "a field of an older version"}],
         "futureField": {"kept": True},
     }
     assert DPOJobStatus.from_document(document).to_document() == document
+
+
+def test_a_status_of_an_earlier_version_keeps_its_run_identity() -> None:
+    """Before 0.2 status.run held the spec hash and retry token; they move to status.internal on read."""
+    legacy = {"phase": "Failed", "run": {"generation": 2, "specHash": "abc", "attempt": 1, "retryToken": "t"}}
+    read = DPOJobStatus.from_document(legacy).to_document()
+    assert read["run"] == {"generation": 2, "attempt": 1}
+    assert read["internal"] == {"specHash": "abc", "retryToken": "t"}
+    assert run_identity(legacy) == run_identity(read) == legacy["run"]
 
 
 def test_an_unreadable_value_is_left_out_with_its_field_or_list_item() -> None:

@@ -74,7 +74,7 @@ def test_gates_need_an_evaluation_and_not_worse_than_target_needs_hub() -> None:
 
 
 def test_run_metadata_carries_the_generation_and_the_operators_spec_hash(tmp_path: Path) -> None:
-    """The card's spec hash is status.run.specHash: the operator's hash of the spec exactly as applied."""
+    """The card's spec hash is status.internal.specHash: the operator's hash of the spec exactly as applied."""
     from dpojob_api.spec import spec_hash
 
     job = quickstart_job()

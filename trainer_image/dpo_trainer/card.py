@@ -166,7 +166,7 @@ def comparison_table(metrics: dict[str, float], target: dict[str, Any]) -> str:
 
 
 def run_line(ctx: RunContext) -> str:
-    """Which run made the model: the DPOJob, its generation and the operator's spec hash (status.run.specHash)."""
+    """Which run made the model: the DPOJob, its generation and the operator's spec hash (status.internal.specHash)."""
     parts = [f"DPOJob `{ctx.metadata.get('name', 'model')}`"]
     if ctx.metadata.get("generation") is not None:
         parts.append(f"generation {ctx.metadata['generation']}")

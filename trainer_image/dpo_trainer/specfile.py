@@ -69,7 +69,7 @@ def load_job(path: Path) -> DPOJob:
 
 def run_metadata(document: dict[str, Any], job: DPOJob) -> dict[str, Any]:
     """What the card and the push say about the run: the DPOJob's name, its metadata.generation (the run's, in
-    the operator's ConfigMap) and the operator's spec hash of the spec as written (status.run.specHash)."""
+    the operator's ConfigMap) and the operator's spec hash of the spec as written (status.internal.specHash)."""
     generation = job.metadata.get("generation")
     return {
         "name": job.metadata.get("name", "model"),
