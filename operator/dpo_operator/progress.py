@@ -24,7 +24,7 @@ from dpojob_api.progress import (
     ProgressEvent,
     bounded_metrics,
     finite,
-    reward_fields,
+    status_metrics,
 )
 
 _MARKER = '{"kind": "' + PROGRESS_KIND + '"'
@@ -140,8 +140,7 @@ class TrainerProgress:
         if self.stage is not None:
             fields["stage"] = self.stage
         if self.metrics:
-            fields["metrics"] = dict(sorted(self.metrics.items()))
-            fields.update(reward_fields(self.metrics))
+            fields.update(status_metrics(self.metrics))
         return fields
 
 

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from dpojob_api.progress import FAIL_AT_ONCE, FAIL_AT_ONCE_EXIT_CODES, TerminationMessage, reward_fields
+from dpojob_api.progress import FAIL_AT_ONCE, FAIL_AT_ONCE_EXIT_CODES, TerminationMessage, status_metrics
 from dpojob_api.status import (
     CONDITION_TYPES,
     Bookkeeping,
@@ -362,8 +362,11 @@ def compute_status(old: dict[str, Any], obs: Observed) -> DPOJobStatus:
             pod_name=outcome.pod_name or (latest["metadata"]["name"] if latest else None),
             last_failure=f"{failed['metadata']['name']}: {': '.join(pod_failure(failed))}"[:1024] if failed else None,
         )
-        # A Job recreated on resume starts counting again; the run's count never goes down.
-        status.retries = max(int(obs.job.get("status", {}).get("failed") or 0), status.retries)
+        # Every failed pod was retried but the one that failed the run. A Job recreated on resume starts counting
+        # again; the run's count never goes down.
+        failed_pods = int(obs.job.get("status", {}).get("failed") or 0)
+        retried = failed_pods - 1 if outcome.phase == "Failed" and failed_pods else failed_pods
+        status.retries = max(retried, status.retries)
     elif same_run and previous.trainer:
         status.trainer = previous.trainer
 
@@ -389,8 +392,8 @@ def _message(status: DPOJobStatus) -> str:
 def _apply_final(status: DPOJobStatus, final: TerminationMessage) -> None:
     """Fold the trainer's termination message (final metrics, model location) into the status."""
     if metrics := final.metrics:
-        status.metrics = {**(status.metrics or {}), **metrics}
-        found = reward_fields(metrics)
+        found = status_metrics(metrics)
+        status.metrics = {**(status.metrics or {}), **found["metrics"]}
         if "rewards" in found:
             status.rewards = (status.rewards or Rewards()).model_copy(update=found["rewards"])
         if "evalRewards" in found:

@@ -125,12 +125,17 @@ REWARD_KEYS: dict[str, str] = {
 """DPO's reward metrics -> status.rewards fields (with the eval_ prefix: status.evalRewards)."""
 
 
-def reward_fields(metrics: dict[str, float]) -> dict[str, dict[str, float]]:
-    """status.rewards and status.evalRewards (camelCase) from logged metrics, rounded for reading."""
-    fields = {}
+def readable(value: float) -> float:
+    """A metric as status shows it: four significant digits (the card and summary.json keep them all)."""
+    return float(f"{value:.4g}")
+
+
+def status_metrics(metrics: dict[str, float]) -> dict[str, Any]:
+    """status.metrics, status.rewards and status.evalRewards (camelCase) from logged metrics, readable."""
+    fields: dict[str, Any] = {"metrics": {key: readable(value) for key, value in sorted(metrics.items())}}
     for field, prefix in (("rewards", ""), ("evalRewards", "eval_")):
         found = {
-            short: round(metrics[prefix + key], 4) for key, short in REWARD_KEYS.items() if prefix + key in metrics
+            short: readable(metrics[prefix + key]) for key, short in REWARD_KEYS.items() if prefix + key in metrics
         }
         if found:
             fields[field] = found

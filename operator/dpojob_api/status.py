@@ -176,7 +176,7 @@ class DPOJobStatus(StatusModel):
     model: ModelLocation | None = None
     trainer: TrainerRef | None = None
     retries: int = 0
-    """Trainer pods that failed and were retried in the current run."""
+    """Trainer pods of the current run that failed and were retried (the one that failed the run is not)."""
     run: RunRef | None = None
     """The current run."""
     runs: list[Run] = Field(default_factory=list)

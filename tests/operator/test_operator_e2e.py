@@ -27,6 +27,7 @@ from dpo_operator.ownership import SIGNATURE_ANNOTATION
 from dpo_operator.progress import parse_line
 
 NS = "e2e"
+REPO_ROOT = Path(__file__).resolve().parents[2]
 MODE = os.environ.get("DPO_E2E_MODE", "container")
 # The stack's start may rebuild the images after a code change (up to a minute; three when cold).
 pytestmark = pytest.mark.timeout(900)
@@ -192,7 +193,7 @@ def test_pod_failure_is_retried_then_fails_with_reason(stack: LocalStack) -> Non
         )
         obj = stack.wait_for(NS, name, lambda o: phase(o) == "Failed", 120)
     assert condition(obj, "Stalled")["reason"] == "OutOfMemory"
-    assert obj["status"]["retries"] == 2
+    assert obj["status"]["retries"] == 1, "backoffLimit 1: one retry, then the run failed"
     reasons = [e["reason"] for e in events(stack, name)]
     assert "Retrying" in reasons and "OutOfMemory" in reasons and "JobCreated" in reasons
 
@@ -497,6 +498,27 @@ def test_a_job_a_mutating_webhook_changed_is_still_the_run(stack: LocalStack) ->
 # --- the quickstart, end to end, with an operator crash and a suspend/resume on the way -----------------
 
 
+def test_parquet_files_with_no_format_are_read_as_parquet(stack: LocalStack) -> None:
+    """The likeliest data mistake of a first run (.parquet files, format left at its default) just works: the
+    extension says the format. The real trainer reads the pairs from a data volume."""
+    import pyarrow.json
+    import pyarrow.parquet
+
+    folder = stack.workdir / "parquet-data"
+    folder.mkdir(mode=0o755, exist_ok=True)
+    table = pyarrow.json.read_json(REPO_ROOT / "examples" / "assets" / "tiny-stack-exchange.jsonl")
+    pyarrow.parquet.write_table(table, folder / "pairs.parquet")
+    (folder / "pairs.parquet").chmod(0o644)
+    kubectl(stack.admin_kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump(_host_volume("e2e-data", "data", folder)))
+    document = quickstart_for_cluster(NS, name="parquet")
+    for stage in ("sft", "dpo"):
+        document["spec"]["data"][stage]["source"] = {"files": {"paths": ["/data/pairs.parquet"]}}
+    document["spec"]["runtime"]["dataVolume"] = {"claimName": "data", "readOnly": True}
+    apply(stack, document)
+    obj = stack.wait_for(NS, "parquet", lambda o: phase(o) in ("Succeeded", "Failed"), 300)
+    assert phase(obj) == "Succeeded", obj["status"].get("conditions")
+
+
 def test_a_quality_gate_the_model_misses_fails_the_run_without_a_push(stack: LocalStack) -> None:
     """The real trainer trains, evaluates and misses the gate: Failed/QualityGateFailed at once (no retry), with
     the eval numbers in status."""
@@ -561,6 +583,11 @@ def quickstart_run(stack: LocalStack) -> dict:
 
 
 def _checkpoint_volume(host_path: Path) -> dict:
+    return _host_volume("e2e-checkpoints", "checkpoints", host_path)
+
+
+def _host_volume(volume: str, claim: str, host_path: Path) -> dict:
+    """A PersistentVolume on a host directory and the claim bound to it, in NS."""
     return {
         "apiVersion": "v1",
         "kind": "List",
@@ -568,7 +595,7 @@ def _checkpoint_volume(host_path: Path) -> dict:
             {
                 "apiVersion": "v1",
                 "kind": "PersistentVolume",
-                "metadata": {"name": "e2e-checkpoints"},
+                "metadata": {"name": volume},
                 "spec": {
                     "capacity": {"storage": "1Gi"},
                     "accessModes": ["ReadWriteOnce"],
@@ -579,12 +606,12 @@ def _checkpoint_volume(host_path: Path) -> dict:
             {
                 "apiVersion": "v1",
                 "kind": "PersistentVolumeClaim",
-                "metadata": {"name": "checkpoints", "namespace": NS},
+                "metadata": {"name": claim, "namespace": NS},
                 "spec": {
                     "accessModes": ["ReadWriteOnce"],
                     "resources": {"requests": {"storage": "1Gi"}},
                     "storageClassName": "manual",
-                    "volumeName": "e2e-checkpoints",
+                    "volumeName": volume,
                 },
             },
         ],

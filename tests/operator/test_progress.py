@@ -113,3 +113,13 @@ def test_every_trainer_stage_has_a_weight_and_is_a_status_stage() -> None:
 
     names = [stage.name for stage in STAGES]
     assert list(STAGE_WEIGHTS) == names and list(TRAINER_STAGES) == names
+
+
+def test_status_shows_metrics_to_four_significant_digits() -> None:
+    """The LOSS column must read 0.4532, not 0.4532301902770996 (the card and summary.json keep every digit)."""
+    progress = TrainerProgress()
+    metrics = {"loss": 0.4532301902770996, "rewards/margins": 0.000123456, "eval_rewards/accuracies": 0.87654}
+    fold(progress, line("log", stage="dpo", step=1, totalSteps=2, time=1.0, metrics=metrics))
+    fields = progress.status_fields()
+    assert fields["metrics"]["loss"] == 0.4532 and fields["rewards"] == {"margins": 0.0001235}
+    assert fields["evalRewards"] == {"accuracies": 0.8765}
