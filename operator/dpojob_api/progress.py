@@ -50,6 +50,7 @@ Reason = Literal[
     "TrainingError",
     "QualityGateFailed",
     "GPUUnavailable",
+    "GPUOutOfMemory",
     "Interrupted",
 ]
 """The reason in a termination message (and an `error` event); the trainer's exit code maps to the same."""
@@ -80,13 +81,16 @@ TRAINER_REASONS: dict[str, ReasonInfo] = {
         "the Hub refused the token (401/403, gated repo), no token for a push, or a read-only token for a push",
     ),
     "HubError": ReasonInfo(6, True, "any other Hub failure (repo not found, server error, network)"),
-    "OutOfMemory": ReasonInfo(7, False, "accelerator or host memory ran out inside the trainer"),
+    "OutOfMemory": ReasonInfo(7, False, "host memory ran out inside the trainer (a kernel OOM kill is retried)"),
     "TrainingError": ReasonInfo(8, True, "anything else that failed while training, merging or writing"),
     "QualityGateFailed": ReasonInfo(
         9, False, "a check of `output.gates` missed: nothing pushed, the merged model kept"
     ),
     "GPUUnavailable": ReasonInfo(
         10, True, "`runtime.gpus` > 0 but torch cannot use CUDA (a retry may land on a working node)"
+    ),
+    "GPUOutOfMemory": ReasonInfo(
+        11, False, "CUDA ran out of GPU memory; the message names the stage, the GPU's memory and the knobs to turn"
     ),
     "Interrupted": ReasonInfo(143, True, "SIGTERM/SIGINT; a checkpoint was saved when possible, a rerun resumes"),
 }

@@ -228,7 +228,7 @@ def test_on_current_servers_the_job_fails_at_once_on_a_deterministic_trainer_exi
     job = manifests.build_job(DPOJOB, spec, 1, features=manifests.ServerFeatures(pod_failure_policy=True))
     ignore, fail = job["spec"]["podFailurePolicy"]["rules"]
     assert ignore["action"] == "Ignore" and fail["action"] == "FailJob"
-    assert fail["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [2, 3, 4, 5, 7, 9]}
+    assert fail["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [2, 3, 4, 5, 7, 9, 11]}
     assert set(fail["onExitCodes"]["values"]) == {TRAINER_REASONS[r].exit_code for r in FAIL_AT_ONCE}
     V1Job.model_validate(job)
     misspelt = copy.deepcopy(job)

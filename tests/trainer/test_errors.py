@@ -10,6 +10,7 @@ import pytest
 from dpo_trainer.errors import (
     ALL_ERRORS,
     DatasetError,
+    GPUOutOfMemory,
     HubAuthError,
     HubError,
     Interrupted,
@@ -67,7 +68,7 @@ def test_one_line_flattens_and_caps() -> None:
     ("exc", "default", "expected"),
     [
         (MemoryError(), TrainingError, OutOfMemory),
-        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), TrainingError, OutOfMemory),
+        (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), TrainingError, GPUOutOfMemory),
         (_wrapped(MemoryError(), RuntimeError), DatasetError, OutOfMemory),
         (_wrapped(FakeHTTPError(401)), ModelLoadError, HubAuthError),
         (_wrapped(FakeHTTPError(403)), DatasetError, HubAuthError),

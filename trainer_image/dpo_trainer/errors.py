@@ -64,6 +64,11 @@ class TrainingError(TrainerError):
     exit_code = TRAINER_REASONS["TrainingError"].exit_code
 
 
+class GPUOutOfMemory(TrainerError):
+    reason = "GPUOutOfMemory"
+    exit_code = TRAINER_REASONS["GPUOutOfMemory"].exit_code
+
+
 class QualityGateFailed(TrainerError):
     reason = "QualityGateFailed"
     exit_code = TRAINER_REASONS["QualityGateFailed"].exit_code
@@ -89,6 +94,7 @@ ALL_ERRORS: tuple[type[TrainerError], ...] = (
     TrainingError,
     QualityGateFailed,
     GPUUnavailable,
+    GPUOutOfMemory,
     Interrupted,
 )
 
@@ -176,7 +182,8 @@ def classify(exc: BaseException, default: type[TrainerError] = TrainingError, co
     prefix = f"{context}: " if context else ""
     detail = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
     if any(_is_out_of_memory(e) for e in chain):
-        return OutOfMemory(f"{prefix}{out_of_memory_advice(chain)}: {detail}")
+        error = OutOfMemory if any(isinstance(e, MemoryError) for e in chain) else GPUOutOfMemory
+        return error(f"{prefix}{out_of_memory_advice(chain)}: {detail}")
     for e in chain:
         name, status = type(e).__name__, _http_status(e)
         if name == "RepositoryNotFoundError":
