@@ -8,20 +8,22 @@ half-filled cache. The reconciler also writes through what the API server return
 the next reconcile does not act on the state before them. A watch event older than what is held (by
 resourceVersion, an etcd revision on every supported server) never replaces it.
 
-Objects are stored as compact copies of the API server's JSON (interned keys, see slim), less
-`metadata.managedFields`, kubectl's last-applied annotation, a pod's spec and a Job's pod template (together
-most of an object) and a few fields nothing reads (_UNREAD): the operator reads a pod's metadata and status only,
-and of a Job's spec only `suspend` and `parallelism` (whether a Job is ours, its metadata says: ownership.py).
-Objects are returned as copies: callers may not share them across threads.
+Objects are held as compact copies of the API server's JSON (see slim), less `metadata.managedFields`,
+kubectl's last-applied annotation, a pod's spec and a Job's pod template (together most of an object) and a few
+fields nothing reads (_UNREAD): the operator reads a pod's metadata and status only, and of a Job's spec only
+`suspend` and `parallelism` (whether a Job is ours, its metadata says: ownership.py). Each is held serialized and
+compressed (_pack: a few times smaller than the same object as Python dicts, and no heap of small objects per
+held object), and every read decodes a private copy, cheaper than the deep copy that callers, which may not
+share objects across threads, would need anyway.
 """
 
 from __future__ import annotations
 
-import copy
-import sys
+import json
 import threading
-from collections.abc import Iterable, Mapping
-from typing import Any
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any, NamedTuple
 
 from .manifests import LABEL_DPOJOB, LABEL_RUN
 
@@ -38,26 +40,36 @@ _UNREAD = {
 """Fields of a held object that nothing in the operator reads (beside a pod's spec and a Job's template)."""
 
 
-_SHARED_MAX = 24
-"""Strings up to this length are interned as values too: phases, reasons, condition types, kinds, label values,
-timestamps repeat across objects; names, uids and messages are longer or unique."""
-
-
 def _compact(value: Any, drop: frozenset[str] | set[str] = frozenset()) -> Any:
-    """A copy of JSON data whose dict keys and short strings are interned: every held object would otherwise
-    carry its own copy of each key ("metadata", "creationTimestamp", …), about half of what a small object
-    takes."""
-    if isinstance(value, dict):
-        return {sys.intern(k): _compact(v) for k, v in value.items() if k not in drop}
-    if isinstance(value, list):
-        return [_compact(v) for v in value]
-    if isinstance(value, str) and len(value) <= _SHARED_MAX:
-        return sys.intern(value)
-    return value
+    """A copy of a JSON document's top level without the `drop` keys."""
+    return {k: v for k, v in value.items() if k not in drop} if isinstance(value, dict) else value
+
+
+def _pack(obj: Mapping[str, Any]) -> bytes:
+    return zlib.compress(json.dumps(obj, separators=(",", ":")).encode(), 1)
+
+
+def _unpack(blob: bytes) -> dict[str, Any]:
+    return json.loads(zlib.decompress(blob))
+
+
+_Held = tuple[int | None, bytes]
+"""A held object: its resourceVersion (newer wins) and its packed JSON."""
+
+
+class Listed(NamedTuple):
+    """A listed object as the cache will hold it, and where (ObjectCache.listed)."""
+
+    namespace: str
+    name: str
+    label: str
+    """Its dpo-operator.io/dpojob label (children only)."""
+    held: _Held | None
+    """None: held already at the same resourceVersion (nothing to replace)."""
 
 
 def slim(body: Mapping[str, Any]) -> dict[str, Any]:
-    """A compact copy of the object without what the operator never reads."""
+    """A copy of the object without what the operator never reads (what it keeps is shared with `body`)."""
     kind = body.get("kind")
     result = {}
     for key, value in body.items():
@@ -75,7 +87,7 @@ def slim(body: Mapping[str, Any]) -> dict[str, Any]:
                     status[field] = [_compact(c, _UNREAD["containerStatuses"]) for c in status[field]]
             result[key] = status
         else:
-            result[sys.intern(key)] = _compact(value)
+            result[key] = value
     if kind == "Job" and "spec" in body:
         result["spec"] = {"suspend": body["spec"].get("suspend"), "parallelism": body["spec"].get("parallelism")}
     return result
@@ -88,62 +100,75 @@ def _revision(obj: Mapping[str, Any]) -> int | None:
         return None
 
 
-def _newer_or_same(candidate: Mapping[str, Any], held: Mapping[str, Any] | None) -> bool:
-    if held is None:
-        return True
-    new, old = _revision(candidate), _revision(held)
-    return new is None or old is None or new >= old
+def _newer_or_same(candidate: int | None, held: _Held | None) -> bool:
+    return held is None or candidate is None or held[0] is None or candidate >= held[0]
 
 
 class ObjectCache:
     """DPOJobs by (namespace, name); Jobs and pods by (namespace, their dpo-operator.io/dpojob label).
 
-    One lock guards all three maps; every method holds it only for dict operations (copies are made outside
-    it where possible)."""
+    One lock guards all three maps; every method holds it only for dict operations (objects are packed and
+    unpacked outside it)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._dpojobs: dict[Key, dict[str, Any]] = {}
-        self._children: dict[str, dict[Key, dict[str, dict[str, Any]]]] = {"Job": {}, "Pod": {}}
+        self._dpojobs: dict[Key, _Held] = {}
+        self._children: dict[str, dict[Key, dict[str, _Held]]] = {"Job": {}, "Pod": {}}
 
     # --- writes: watch events (main.py, handlers.py) and write-through (reconciler) -----------------------
     def put(self, body: Mapping[str, Any]) -> None:
         """Hold an object (a DPOJob, or a Job or pod carrying our label) unless a newer one is held."""
         obj = slim(body)
+        meta, held = obj["metadata"], (_revision(obj), _pack(obj))
         with self._lock:
-            self._store(obj)
+            self._store(obj.get("kind"), meta["namespace"], meta["name"], self._group(meta)[1], held)
 
     def remove(self, kind: str, namespace: str, name: str, labels: Mapping[str, str] | None = None) -> None:
         """Forget a deleted object (a child needs its labels to be found)."""
         with self._lock:
             self._drop(kind, namespace, name, (labels or {}).get(LABEL_DPOJOB, ""))
 
-    def replace_all(self, kind: str, items: Iterable[Mapping[str, Any]], revision: str | None) -> list[Key]:
+    def replace_all(self, kind: str, items: Iterable[Mapping[str, Any] | Listed], revision: str | None) -> list[Key]:
         """Reconcile the cache with a full LIST of `kind` (for the watched namespaces): hold what it returned,
         and drop what it lacks unless that was written after the list was taken. A watch that missed a
         DELETED event (a reconnect after a compaction) would otherwise keep a ghost forever. Returns the
-        (namespace, name) of each ghost dropped."""
-        listed = [slim({**item, "kind": kind}) for item in items]
+        (namespace, name) of each ghost dropped. `items` may come as `listed` made them, page by page while
+        the LIST was read (Kube.list_all's `keep`), so that a listing of thousands never exists in full."""
+        entries = [item if isinstance(item, Listed) else self.listed(kind, item) for item in items]
         cutoff = int(revision) if revision and revision.isdigit() else None
         with self._lock:
-            present = {(o["metadata"]["namespace"], o["metadata"]["name"]) for o in listed}
+            present = {(entry.namespace, entry.name) for entry in entries}
             dropped: list[Key] = []
-            for obj in list(self._objects(kind)):
-                meta = obj["metadata"]
-                revision_held = _revision(obj)
+            for namespace, name, label, revision_held in list(self._held(kind)):
                 stale = cutoff is None or revision_held is None or revision_held <= cutoff
-                if (meta["namespace"], meta["name"]) not in present and stale:
-                    dropped.append((meta["namespace"], meta["name"]))
-                    self._drop(kind, meta["namespace"], meta["name"], self._group(meta)[1])
-            for obj in listed:
-                self._store(obj)
+                if (namespace, name) not in present and stale:
+                    dropped.append((namespace, name))
+                    self._drop(kind, namespace, name, label)
+            for entry in entries:
+                if entry.held is not None:
+                    self._store(kind, entry.namespace, entry.name, entry.label, entry.held)
         return dropped
+
+    def listed(self, kind: str, item: Mapping[str, Any]) -> Listed:
+        """A listed object of `kind` as replace_all holds it. One held already at the same resourceVersion is
+        not copied again: a relist of a cluster that did not change allocates next to nothing per object."""
+        meta = item["metadata"]
+        namespace, name, label, revision = meta["namespace"], meta["name"], self._group(meta)[1], _revision(item)
+        with self._lock:
+            if kind in self._children:
+                current = self._children[kind].get((namespace, label), {}).get(name)
+            else:
+                current = self._dpojobs.get((namespace, name))
+        if revision is not None and current is not None and current[0] == revision:
+            return Listed(namespace, name, label, None)
+        obj = slim({**item, "kind": kind})
+        return Listed(namespace, name, label, (revision, _pack(obj)))
 
     # --- reads (reconciler, resync) -------------------------------------------------------------------------
     def dpojob(self, namespace: str, name: str) -> dict[str, Any] | None:
         with self._lock:
             held = self._dpojobs.get((namespace, name))
-        return copy.deepcopy(held) if held is not None else None
+        return _unpack(held[1]) if held is not None else None
 
     def dpojob_keys(self) -> list[Key]:
         with self._lock:
@@ -177,23 +202,25 @@ class ObjectCache:
     def _children_of(self, kind: str, namespace: str, label: str) -> list[dict[str, Any]]:
         with self._lock:
             held = list(self._children[kind].get((namespace, label), {}).values())
-        return copy.deepcopy(held)
+        return [_unpack(blob) for _, blob in held]
 
-    def _objects(self, kind: str) -> Iterable[dict[str, Any]]:
+    def _held(self, kind: str) -> Iterator[tuple[str, str, str, int | None]]:
+        """(namespace, name, dpojob label, resourceVersion) of every held object of the kind."""
         if kind in self._children:
-            return [obj for group in self._children[kind].values() for obj in group.values()]
-        return list(self._dpojobs.values())
-
-    def _store(self, obj: dict[str, Any]) -> None:
-        meta = obj["metadata"]
-        if obj.get("kind") in self._children:
-            group = self._children[obj["kind"]].setdefault(self._group(meta), {})
-            if _newer_or_same(obj, group.get(meta["name"])):
-                group[meta["name"]] = obj
+            for (namespace, label), group in self._children[kind].items():
+                for name, (revision, _) in group.items():
+                    yield namespace, name, label, revision
         else:
-            key = (meta["namespace"], meta["name"])
-            if _newer_or_same(obj, self._dpojobs.get(key)):
-                self._dpojobs[key] = obj
+            for (namespace, name), (revision, _) in self._dpojobs.items():
+                yield namespace, name, "", revision
+
+    def _store(self, kind: str | None, namespace: str, name: str, label: str, held: _Held) -> None:
+        if kind in self._children:
+            group = self._children[kind].setdefault((namespace, label), {})
+            if _newer_or_same(held[0], group.get(name)):
+                group[name] = held
+        elif _newer_or_same(held[0], self._dpojobs.get((namespace, name))):
+            self._dpojobs[(namespace, name)] = held
 
     def _drop(self, kind: str, namespace: str, name: str, label: str) -> None:
         if kind in self._children:

@@ -8,6 +8,7 @@ import threading
 from typing import Any
 
 import kopf
+from kopf._core.reactor.inventory import ResourceMemories, ResourceMemory  # kopf is pinned to 1.45
 from kubernetes import client
 
 from .cache import ObjectCache
@@ -39,6 +40,24 @@ class NoDiffBase(kopf.DiffBaseStorage):
 
     def store(self, *, body: kopf.Body, patch: kopf.Patch, essence: kopf.BodyEssence) -> None:
         pass
+
+
+class NoObjectMemories(ResourceMemories):
+    """Kopf keeps a record per watched object for as long as it exists (a copy of the memo, an error throttler,
+    indexing and daemon state, handler progress): state for daemons, timers and change handlers, none of which
+    this operator has (on.event handlers and index functions only, see NoDiffBase), at the cost of a few KB for
+    every DPOJob, Job and pod watched. Each event gets a fresh record instead, so an object costs Kopf nothing
+    between its events (an error inside Kopf's own processing of an event is then throttled per event)."""
+
+    async def recall(
+        self,
+        raw_body: kopf.RawBody,
+        *,
+        memobase: kopf.Memo | None = None,
+        noticed_by_listing: bool = False,
+        ephemeral: bool = False,
+    ) -> ResourceMemory:
+        return await super().recall(raw_body, memobase=memobase, noticed_by_listing=noticed_by_listing, ephemeral=True)
 
 
 def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:

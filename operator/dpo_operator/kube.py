@@ -6,6 +6,7 @@ import copy
 import json
 import logging
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -24,6 +25,9 @@ REQUEST_TIMEOUT = (10.0, 60.0)
 connection but never answers blocks its thread for good (a worker, the resync, the Event poster). The read
 timeout is a silence, not a total: a long LIST that keeps streaming is not cut; the API server ends its own
 requests after 60 s (its --request-timeout), so nothing comes later."""
+
+LIST_PAGE = 500
+"""Objects per page of a relist (list_all)."""
 
 
 def one_attempt(configuration: client.Configuration) -> client.Configuration:
@@ -181,31 +185,53 @@ class Kube:
         path = resource_path("DPOJob", meta["namespace"], meta["name"], "status")
         return self.request("PATCH", path, body=body, content_type="application/merge-patch+json")
 
-    def list_all(self, kind: str, namespaces: list[str]) -> tuple[list[dict[str, Any]], str | None]:
+    def list_all(
+        self,
+        kind: str,
+        namespaces: list[str],
+        keep: Callable[[dict[str, Any]], Any] = lambda item: item,
+        page: int = LIST_PAGE,
+    ) -> tuple[list[Any], str | None]:
         """Every DPOJob, or every Job or pod managed by the operator, in the given namespaces (all when empty:
-        a namespaced operator may not list cluster-wide), and the oldest resourceVersion of the lists."""
+        a namespaced operator may not list cluster-wide), each as `keep` makes it of the object (with its
+        kind), and the oldest resourceVersion of the lists. Read `page` objects at a time, each page passed
+        through `keep` before the next is asked for: a whole listing of thousands of pods and Jobs, as the API
+        server sends it, is many times what the operator keeps of it (ObjectCache.listed), and the heap it
+        took would stay with the process."""
         query = {} if kind == "DPOJob" else {"labelSelector": f"app.kubernetes.io/managed-by={MANAGED_BY}"}
-        items: list[dict[str, Any]] = []
+        items: list[Any] = []
         revisions: list[str] = []
         for namespace in namespaces or [None]:
-            listing = self.request("GET", resource_path(kind, namespace), query)
-            items += [{**item, "kind": kind} for item in listing["items"]]
+            token = None
+            while True:
+                listing = self.request(
+                    "GET",
+                    resource_path(kind, namespace),
+                    {**query, "limit": str(page), **({"continue": token} if token else {})},
+                )
+                items += [keep({**item, "kind": kind}) for item in listing.pop("items")]
+                token = listing["metadata"].get("continue")
+                if not token:
+                    break
+            # every page of a listing is read at its first page's resourceVersion
             revisions.append(listing["metadata"].get("resourceVersion") or "")
         numeric = [int(r) for r in revisions if r.isdigit()]
         return items, str(min(numeric)) if len(numeric) == len(revisions) else None
 
-    def pod_creation_error(self, job: dict[str, Any]) -> str | None:
-        """Why the Job controller cannot create the Job's pod (its newest FailedCreate Event: a quota, a missing
-        PriorityClass or ServiceAccount, an admission policy), or None."""
-        meta = job["metadata"]
-        selector = f"involvedObject.uid={meta['uid']},reason=FailedCreate"
-        events = self.request("GET", resource_path("Event", meta["namespace"]), {"fieldSelector": selector})["items"]
-        newest = max(
-            events,
-            key=lambda e: e.get("lastTimestamp") or e.get("eventTime") or e["metadata"].get("creationTimestamp") or "",
-            default=None,
-        )
-        return " ".join((newest.get("message") or "").split())[:900] if newest is not None else None
+    def failed_creates(self, namespace: str) -> dict[str, str]:
+        """Why the Job controller cannot create pods in the namespace: the newest FailedCreate Event message of
+        each object that has one (a quota, a missing PriorityClass or ServiceAccount, an admission policy), by
+        the object's uid. One LIST serves every Job of the namespace, from the API server's watch cache
+        (resourceVersion 0): a field selector is a filter over every Event of the namespace, a scan of etcd
+        per request without it."""
+        query = {"fieldSelector": "reason=FailedCreate", "resourceVersion": "0"}
+        newest: dict[str, tuple[str, str]] = {}
+        for event in self.request("GET", resource_path("Event", namespace), query)["items"]:
+            uid = (event.get("involvedObject") or {}).get("uid")
+            when = event.get("lastTimestamp") or event.get("eventTime") or event["metadata"].get("creationTimestamp")
+            if uid and (uid not in newest or (when or "") > newest[uid][0]):
+                newest[uid] = (when or "", " ".join((event.get("message") or "").split())[:900])
+        return {uid: message for uid, (_, message) in newest.items()}
 
     def create_or_adopt(self, body: dict[str, Any], owner_uid: str) -> tuple[dict[str, Any], bool]:
         """Create a Job or ConfigMap; on 409 return the existing one if it names `owner_uid` as controller (whether

@@ -133,6 +133,7 @@ def cli() -> None:
             clusterwide=not settings.namespaces,
             namespaces=settings.namespaces,
             memo=memo,
+            memories=handlers.NoObjectMemories(),
         )
     finally:
         if elector is not None:

@@ -7,6 +7,7 @@ Level-triggered: whatever woke it (a DPOJob, Job or pod event, a trainer log lin
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -111,6 +112,42 @@ def stopping_pod(pods: list[dict[str, Any]], dpojob_name: str, now: datetime) ->
     return None
 
 
+class PodCreationErrors:
+    """Why Jobs have no pod yet, from one listing of a namespace's FailedCreate Events (Kube.failed_creates)
+    shared by all its Jobs and taken again at most every REFRESH_S. Under a burst the Job controller creates
+    pods at its own request rate, so thousands of Jobs wait for their pod past POD_CREATION_GRACE together: a
+    LIST per Job and reconcile, each filtering every Event of the namespace, was quadratic work for the API
+    server, and the status writes waited behind it."""
+
+    REFRESH_S = 5.0
+
+    def __init__(self, kube: Kube) -> None:
+        self.kube = kube
+        self._lock = threading.Lock()
+        self._namespace_locks: dict[str, threading.Lock] = {}
+        """One listing at a time per namespace: the workers that need it meanwhile wait and share it."""
+        self._listings: dict[str, tuple[datetime, dict[str, str]]] = {}
+        """Namespace → when its listing was taken, and its FailedCreate messages by involved object uid."""
+
+    def lookup(self, job: dict[str, Any]) -> tuple[str | None, float]:
+        """The Job's FailedCreate message (or None) from a listing taken after its POD_CREATION_GRACE ended, and
+        0; or None and the seconds until a listing may be taken again, when the newest one is older than that."""
+        meta = job["metadata"]
+        namespace = meta["namespace"]
+        grace_ended = utc_from_rfc3339(meta["creationTimestamp"]) + POD_CREATION_GRACE
+        with self._lock:
+            namespace_lock = self._namespace_locks.setdefault(namespace, threading.Lock())
+        with namespace_lock:
+            taken, messages = self._listings.get(namespace, (None, {}))
+            now = datetime.now(UTC)
+            if taken is None or taken < grace_ended:
+                if taken is not None and (since := (now - taken).total_seconds()) < self.REFRESH_S:
+                    return None, self.REFRESH_S - since
+                messages = self.kube.failed_creates(namespace)
+                self._listings[namespace] = (now, messages)
+        return messages.get(meta["uid"]), 0.0
+
+
 class Reconciler:
     """Converges DPOJobs, reading the cluster from the ObjectCache; owns the trainer log followers.
 
@@ -142,6 +179,7 @@ class Reconciler:
         self.followers = LogFollowers(kube, self.mark_dirty, health=health)
         self._collector = metrics.StateCollector(lambda: list(self.phases.values()), self.followers.active)
         self.events = EventPoster(kube.post_event, health, busy=queue.urgent_waiting)
+        self.pod_creation_errors = PodCreationErrors(kube)
         self._loops = (
             Workers(queue, lambda key: self.reconcile_safely(*key), settings.workers, health),
             Resync(queue, cache, self.relist, settings.resync_seconds, health),
@@ -176,7 +214,9 @@ class Reconciler:
         """Replace the cache with fresh LISTs (see ObjectCache.replace_all). A DPOJob the watch had not reported
         deleted is forgotten as a DELETED event would have it (handlers.on_dpojob)."""
         for kind in ("DPOJob", "Job", "Pod"):
-            items, revision = self.kube.list_all(kind, self.settings.namespaces)
+            items, revision = self.kube.list_all(
+                kind, self.settings.namespaces, keep=lambda item, kind=kind: self.cache.listed(kind, item)
+            )
             if dropped := self.cache.replace_all(kind, items, revision):
                 log.warning("relist: %d %s(s) the watch had not reported deleted were dropped", len(dropped), kind)
             if kind == "DPOJob":
@@ -328,17 +368,23 @@ class Reconciler:
         self.cache.put(stopped)
 
     def _pod_creation_error(self, job: dict[str, Any]) -> str | None:
-        """Why the Job has no pod yet (its FailedCreate Event), asked of the API server only once the Job is
-        POD_CREATION_GRACE old: a new Job has no pod for a moment, and asking at once would cost every DPOJob
-        a LIST of Events. A younger Job is looked at again when the grace ends."""
+        """Why the Job has no pod yet (its FailedCreate Event), looked up only once the Job is POD_CREATION_GRACE
+        old: a new Job has no pod for a moment. A Job whose answer is not known yet (too young, or the namespace's
+        listing was taken before its grace ended) is looked at again when it can be."""
         age = datetime.now(UTC) - utc_from_rfc3339(job["metadata"]["creationTimestamp"])
         if age < POD_CREATION_GRACE:
-            meta = job["metadata"]
-            dpojob = (meta.get("annotations") or {}).get(manifests.ANNOTATION_DPOJOB)
-            if dpojob:
-                self.queue.add_after((meta["namespace"], dpojob), (POD_CREATION_GRACE - age).total_seconds() + 0.5)
+            self._look_again(job, (POD_CREATION_GRACE - age).total_seconds())
             return None
-        return self.kube.pod_creation_error(job)
+        message, retry_in = self.pod_creation_errors.lookup(job)
+        if retry_in:
+            self._look_again(job, retry_in)
+        return message
+
+    def _look_again(self, job: dict[str, Any], delay: float) -> None:
+        meta = job["metadata"]
+        dpojob = (meta.get("annotations") or {}).get(manifests.ANNOTATION_DPOJOB)
+        if dpojob:
+            self.queue.add_after((meta["namespace"], dpojob), delay + 0.5)
 
     def _write_status(self, dpojob: dict[str, Any], old: dict[str, Any], observed: Observed) -> dict[str, Any]:
         """Patch the status if it changed, then post the Events its transitions deserve. Returns the DPOJob as

@@ -9,7 +9,8 @@ What runs where:
   a key to one worker at a time, so two reconciles of the same DPOJob never overlap (no per-DPOJob locks);
   a key added while it is being reconciled is reconciled once more afterwards; many adds before a worker
   gets to it coalesce into one reconcile. Keys of DPOJobs whose spec was not acted on yet go to an urgent lane
-  that workers drain first (handlers.on_dpojob decides; the reconciler defers a status write behind it).
+  that workers drain first (handlers.on_dpojob decides; the reconciler defers a status write behind it), until
+  a key of the other lane has waited WorkQueue.READY_MAX_WAIT_S: then the lanes take turns.
 - `Resync` (one thread) enqueues every cached DPOJob each settings.resync_seconds (TTL clean-up, retries
   after a refused child, progress of a quiet pod), and every RELIST_EVERY passes replaces the cache with a
   fresh LIST (one request per kind, not per DPOJob) so that a missed DELETED event leaves no ghost.
@@ -54,16 +55,24 @@ class WorkQueue:
     processing is remembered and re-queued by done(). Keys added `urgent` (a DPOJob whose spec the operator has
     not acted on yet: a new one, a changed one) are handed out before the others (status refreshes from Job
     and pod events, progress lines, resync), so a burst of status work never delays the start of a training
-    run, and Events wait for them too (EventPoster)."""
+    run, and Events wait for them too (EventPoster). Not for ever: once the oldest key of the other lane has
+    waited READY_MAX_WAIT_S, the lanes take turns, so a long stream of new DPOJobs (thousands submitted over
+    minutes) still gets the statuses of the first ones written while it goes on, at half the workers' pace at
+    worst for each lane."""
+
+    READY_MAX_WAIT_S = 15.0
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._cond = threading.Condition()
-        self._urgent: deque[Key] = deque()
-        self._ready: deque[Key] = deque()
-        self._waiting: dict[Key, bool] = {}
-        """Waiting keys → urgent. A key moved to the urgent lane stays in the other deque too; get() skips
+        self._urgent: deque[tuple[float, Key]] = deque()
+        self._ready: deque[tuple[float, Key]] = deque()
+        """(when added, key) in order. A key moved to the urgent lane stays in the other deque too; get() skips
         what is no longer waiting."""
+        self._waiting: dict[Key, bool] = {}
+        """Waiting keys → urgent."""
+        self._ready_turn = False
+        """While the other lane is overdue (READY_MAX_WAIT_S): whether it has the next turn."""
         self._processing: set[Key] = set()
         self._again: dict[Key, bool] = {}
         self._delayed: list[tuple[float, Key]] = []
@@ -98,10 +107,16 @@ class WorkQueue:
                     if self._due.get(key) == due:
                         del self._due[key]
                         self._add_locked(key, False)
-                for lane in (self._urgent, self._ready):
+                lanes = (self._urgent, self._ready)
+                if self._ready_overdue(now):
+                    self._ready_turn = not self._ready_turn
+                    if self._ready_turn:
+                        lanes = (self._ready, self._urgent)
+                for lane in lanes:
                     while lane:
-                        key = lane.popleft()
-                        if self._waiting.pop(key, None) is not None:
+                        _, key = lane.popleft()
+                        if self._waiting.get(key) is (lane is self._urgent):  # else a stale entry: skip it
+                            del self._waiting[key]
                             self._processing.add(key)
                             return key
                 wake = min([deadline] + [due for due, _ in self._delayed[:1]])
@@ -146,6 +161,12 @@ class WorkQueue:
                 self._cond.wait(min(left, 0.05))  # done() does not notify: poll
             return True
 
+    def _ready_overdue(self, now: float) -> bool:
+        """Whether the oldest key waiting in the other lane has waited READY_MAX_WAIT_S (lock held)."""
+        while self._ready and self._waiting.get(self._ready[0][1]) is not False:
+            self._ready.popleft()  # handed out, or moved to the urgent lane
+        return bool(self._ready) and now - self._ready[0][0] >= self.READY_MAX_WAIT_S
+
     def _add_locked(self, key: Key, urgent: bool) -> None:
         if self._shut_down:
             return
@@ -153,7 +174,7 @@ class WorkQueue:
             self._again[key] = self._again.get(key, False) or urgent
         elif key not in self._waiting or (urgent and not self._waiting[key]):
             self._waiting[key] = urgent
-            (self._urgent if urgent else self._ready).append(key)
+            (self._urgent if urgent else self._ready).append((self._clock(), key))
             self._cond.notify()
 
 
@@ -290,8 +311,11 @@ class EventPoster:
             return
         if omitted:
             message = f"{message} (and {omitted} earlier Event(s) of this DPOJob not posted: over its rate limit)"
+        # Only what post_event reads: the DPOJob passed may be a whole status patch answer (managed fields and
+        # all), which a queued Event would otherwise keep alive until it is posted.
         try:
-            self._queue.put_nowait((self._clock(), ({"metadata": dict(meta)}, event_type, reason, message)))
+            involved = {"metadata": {field: meta[field] for field in ("namespace", "name", "uid") if field in meta}}
+            self._queue.put_nowait((self._clock(), (involved, event_type, reason, message)))
         except stdlib_queue.Full:
             log.warning("event queue full; dropped %s %s on %s", event_type, reason, meta["name"])
 

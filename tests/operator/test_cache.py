@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dpo_operator.cache import ObjectCache
+from dpo_operator.cache import ObjectCache, slim
 from dpo_operator.manifests import LABEL_DPOJOB, LABEL_RUN
 
 NS = "team-a"
@@ -75,3 +75,15 @@ def test_relist_drops_ghosts_but_not_what_was_written_after_the_list() -> None:
     assert dropped == [(NS, "ghost")]
     assert sorted(cache.dpojob_keys()) == [(NS, "fresh"), (NS, "kept")]
     assert cache.dpojob(NS, "kept")["status"]["phase"] == "Running"
+
+
+def test_a_relist_read_page_by_page_copies_only_what_changed() -> None:
+    cache = ObjectCache()
+    cache.put(dpojob("same", "4"))
+    cache.put(dpojob("gone-since", "6"))  # the watch deleted it after the list was taken: not brought back
+    listed = [cache.listed("DPOJob", d) for d in (dpojob("same", "4"), dpojob("gone-since", "6"), dpojob("new", "7"))]
+    assert [entry.held is None for entry in listed] == [True, True, False], "held at that resourceVersion already"
+    cache.remove("DPOJob", NS, "gone-since")
+    assert cache.replace_all("DPOJob", listed, "20") == []
+    assert sorted(cache.dpojob_keys()) == [(NS, "new"), (NS, "same")]
+    assert cache.dpojob(NS, "same") == slim(dpojob("same", "4"))

@@ -64,7 +64,7 @@ class FailingKube:
     def post_event(self, *event: object) -> None:
         """Nothing to post: no DPOJob is ever reconciled here."""
 
-    def list_all(self, kind: str, namespaces: list[str]) -> tuple[list[dict], str]:
+    def list_all(self, kind: str, namespaces: list[str], **_: object) -> tuple[list[dict], str]:
         self.lists += 1
         if self.crash.is_set():
             raise SystemExit("simulated bug escaping the loop")

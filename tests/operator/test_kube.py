@@ -83,13 +83,19 @@ def test_status_patch_is_conditional_and_lists_and_events_read_json(kube: Kube, 
     assert kube.get_dpojob(namespace, "missing") is None
     items, revision = kube.list_all("DPOJob", [namespace])
     assert [i["metadata"]["name"] for i in items] == ["dpo"] and items[0]["kind"] == "DPOJob" and revision
+    new_dpojob(kube, namespace, "dpo-2")
+    items, revision = kube.list_all("DPOJob", [namespace], page=1)
+    assert sorted(i["metadata"]["name"] for i in items) == ["dpo", "dpo-2"] and revision, "read page by page"
     kube.post_event(patched, "Warning", "Testing", "an event from the operator")
     events = kube.request("GET", resource_path("Event", namespace), {"fieldSelector": "reason=Testing"})["items"]
     assert [(e["involvedObject"]["uid"], e["message"]) for e in events] == [
         (dpojob["metadata"]["uid"], "an event from the operator")
     ]
-    job = {"metadata": {"namespace": namespace, "uid": dpojob["metadata"]["uid"]}}
-    assert kube.pod_creation_error(job) is None
+    kube.post_event(patched, "Warning", "FailedCreate", 'pods "x" is forbidden:\n  exceeded quota')
+    deadline = time.monotonic() + 10  # read from the API server's watch cache, which follows etcd closely
+    while not (failed := kube.failed_creates(namespace)) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert failed == {dpojob["metadata"]["uid"]: 'pods "x" is forbidden: exceeded quota'}
     features = kube.server_features()
     assert features.job_suspend in (True, False)
 

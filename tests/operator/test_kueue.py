@@ -56,7 +56,11 @@ class Cluster:
         return copy.deepcopy(self.dpojob)
 
     def feed(self, cache: ObjectCache) -> None:
-        """What the operator's watches would deliver: the current objects into its cache."""
+        """What the operator's watches would deliver: the current objects into its cache (each at a new
+        resourceVersion, as after a change: the cache keeps what it holds at the same one)."""
+        self.revision = getattr(self, "revision", 1) + 1
+        for obj in [self.dpojob, *self.objects.values()]:
+            obj["metadata"]["resourceVersion"] = str(self.revision)
         cache.replace_all("DPOJob", [self.dpojob], None)
         for wanted in ("Job", "Pod"):
             cache.replace_all(wanted, [o for (kind, _), o in self.objects.items() if kind == wanted], None)
@@ -94,8 +98,8 @@ class Cluster:
     def post_event(self, dpojob: dict[str, Any], event_type: str, reason: str, message: str) -> None:
         self.events.append((event_type, reason, message))
 
-    def pod_creation_error(self, job: dict[str, Any]) -> str | None:
-        return None  # the stand-in Job controller always manages to create the pod
+    def failed_creates(self, namespace: str) -> dict[str, str]:
+        return {}  # the stand-in Job controller always manages to create the pod
 
     # --- Kueue and the Job controller, played by the test
     def job(self) -> dict[str, Any]:

@@ -5,11 +5,18 @@ from __future__ import annotations
 
 import copy
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from dpo_operator import manifests, metrics
-from dpo_operator.reconciler import RETRY_ANNOTATION, Reconciler, current_run, stopping_pod, validate_spec
+from dpo_operator.reconciler import (
+    RETRY_ANNOTATION,
+    PodCreationErrors,
+    Reconciler,
+    current_run,
+    stopping_pod,
+    validate_spec,
+)
 from dpojob_api.spec import legacy_spec_hash, spec_hash
 
 SPEC = {
@@ -155,7 +162,7 @@ def in_memory_cluster() -> tuple[Any, Reconciler]:
     from test_kueue import dpojob as kueue_dpojob
 
     class Listed(Cluster):
-        def list_all(self, kind: str, namespaces: list[str]) -> tuple[list[dict[str, Any]], str | None]:
+        def list_all(self, kind: str, namespaces: list[str], **_: object) -> tuple[list[dict[str, Any]], str | None]:
             listed = [self.dpojob] if kind == "DPOJob" and self.dpojob else []
             listed += [o for (k, _), o in self.objects.items() if k == kind]
             return copy.deepcopy(listed), "100"
@@ -270,3 +277,26 @@ def test_a_deterministic_trainer_failure_fails_the_run_at_once_and_stops_the_job
     assert status["reason"] == "HubAuthError" and next(c for c in status["conditions"] if c["type"] == "Stalled")
     assert cluster.job()["spec"]["parallelism"] == 0, "no second pod: the Job is stopped"
     reconciler.events.stop()
+
+
+def test_podless_jobs_of_a_namespace_share_one_failed_create_listing() -> None:
+    class Events:
+        listings = 0
+
+        def failed_creates(self, namespace: str) -> dict[str, str]:
+            self.listings += 1
+            return {"uid-1": "exceeded quota"}
+
+    def job(uid: str, age: float) -> dict[str, Any]:
+        created = (datetime.now(UTC) - timedelta(seconds=age)).strftime("%Y-%m-%dT%H:%M:%SZ")
+        return {"metadata": {"namespace": "ns", "uid": uid, "creationTimestamp": created}}
+
+    events = Events()
+    errors = PodCreationErrors(events)  # type: ignore[arg-type]
+    assert errors.lookup(job("uid-1", 60)) == ("exceeded quota", 0.0)
+    assert errors.lookup(job("uid-2", 60)) == (None, 0.0)
+    assert events.listings == 1, "one listing answers every Job of the namespace"
+    message, retry_in = errors.lookup(job("uid-3", 9))  # its grace ends after that listing was taken
+    assert message is None and 0 < retry_in <= PodCreationErrors.REFRESH_S and events.listings == 1
+    errors.REFRESH_S = 0.0
+    assert errors.lookup(job("uid-3", 9)) == (None, 0.0) and events.listings == 2, "taken again when allowed"

@@ -102,6 +102,30 @@ def test_urgent_keys_go_first_and_a_waiting_key_can_become_urgent() -> None:
     assert queue.get(timeout=1) == A
 
 
+def test_the_other_lane_takes_turns_once_its_oldest_key_has_waited_too_long() -> None:
+    clock = FakeClock()
+    queue = WorkQueue(clock)
+    urgent = [("ns", f"new-{i}") for i in range(4)]
+    queue.add(A)
+    queue.add(B)
+    for key in urgent:
+        queue.add(key, urgent=True)
+    assert queue.get(timeout=0) == urgent[0], "the urgent lane first while the others have not waited long"
+    clock.now = WorkQueue.READY_MAX_WAIT_S
+    assert [queue.get(timeout=0) for _ in range(5)] == [A, urgent[1], B, urgent[2], urgent[3]], "turns"
+
+
+def test_a_key_moved_to_the_urgent_lane_is_not_taken_from_the_other_one() -> None:
+    clock = FakeClock()
+    queue = WorkQueue(clock)
+    queue.add(A)
+    queue.add(A, urgent=True)
+    queue.add(B, urgent=True)
+    clock.now = WorkQueue.READY_MAX_WAIT_S
+    assert [queue.get(timeout=0) for _ in range(2)] == [A, B]
+    assert not queue.urgent_waiting() and queue.get(timeout=0) is None
+
+
 def test_events_wait_for_urgent_work_at_most_max_defer() -> None:
     posted: list[tuple[str, float]] = []
     busy = threading.Event()
