@@ -88,7 +88,7 @@ class Outcome:
     message: str = ""
     pod_name: str | None = None
     final: TerminationMessage | None = None
-    """The trainer's termination message (model, metrics) when it finished."""
+    """The trainer's termination message (model, metrics; the stage a failure stopped in) when it finished."""
 
 
 def _latest(pods: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -219,14 +219,14 @@ def observe_outcome(obs: Observed) -> Outcome:
     if at_once is not None and not failed_condition:
         # Servers without podFailurePolicy would retry it: the run fails now and the reconciler stops the Job.
         reason, message = pod_failure(at_once)
-        return Outcome("Failed", reason, message, at_once["metadata"]["name"])
+        return Outcome("Failed", reason, message, at_once["metadata"]["name"], termination_message(at_once))
     if failed_condition:
         failed = _latest([p for p in pods if p.get("status", {}).get("phase") == "Failed"])
         if failed_condition.get("reason") == "DeadlineExceeded" or failed is None:
             reason = failed_condition.get("reason") or "JobFailed"
             return Outcome("Failed", reason, failed_condition.get("message", ""), failed and failed["metadata"]["name"])
         reason, message = pod_failure(failed)
-        return Outcome("Failed", reason, message, failed["metadata"]["name"])
+        return Outcome("Failed", reason, message, failed["metadata"]["name"], termination_message(failed))
     if latest is None:
         if obs.pod_creation_error:
             message = _with_fix(
@@ -400,6 +400,8 @@ def _apply_final(status: DPOJobStatus, final: TerminationMessage) -> None:
             status.eval_rewards = (status.eval_rewards or Rewards()).model_copy(update=found["evalRewards"])
     if final.model is not None and (location := final.model.model_dump(exclude_none=True)):
         status.model = ModelLocation(**location)
+    if final.stage is not None:
+        status.stage = final.stage
     if status.phase == "Succeeded":
         status.stage = "push"
         done = {"percent": 100, "eta_seconds": 0, "eta": "0s", "stage_eta_seconds": 0}

@@ -249,6 +249,8 @@ class TerminationMessage(BaseModel):
     reason: Annotated[str | None, Field(pattern=r"^[A-Z][A-Za-z0-9]{0,63}$"), WrapValidator(_none_if_invalid)] = None
     """A Reason; any CamelCase word is taken, so an older operator reads a newer trainer's reasons."""
     message: str = ""
+    stage: Annotated[TrainerStage | None, WrapValidator(_none_if_invalid)] = None
+    """The stage a failed run stopped in (the progress stream's last word may not have been read yet)."""
     metrics: dict[str, float] = Field(default_factory=dict)
     model: Annotated[TrainedModel | None, WrapValidator(_none_if_invalid)] = None
 

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from dpo_dev.nodesim import Outcome
-from dpo_dev.stack import LocalStack, kubectl, quickstart_for_cluster
+from dpo_dev.stack import HUB_USER, LocalStack, kubectl, quickstart_for_cluster
 from dpo_dev.webhook import INJECTED_ENV, MUTATED_LABEL, SIDECAR, WEBHOOK_LABEL, JobWebhook
 from dpo_operator.ownership import SIGNATURE_ANNOTATION
 from dpo_operator.progress import parse_line
@@ -510,7 +510,7 @@ def test_parquet_files_with_no_format_are_read_as_parquet(stack: LocalStack) -> 
     pyarrow.parquet.write_table(table, folder / "pairs.parquet")
     (folder / "pairs.parquet").chmod(0o644)
     kubectl(stack.admin_kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump(_host_volume("e2e-data", "data", folder)))
-    document = quickstart_for_cluster(NS, name="parquet")
+    document = quickstart_for_cluster(NS, name="parquet", repo=f"{HUB_USER}/parquet-dpo")  # its own repo and tags
     for stage in ("sft", "dpo"):
         document["spec"]["data"][stage]["source"] = {"files": {"paths": ["/data/pairs.parquet"]}}
     document["spec"]["runtime"]["dataVolume"] = {"claimName": "data", "readOnly": True}
@@ -522,7 +522,7 @@ def test_parquet_files_with_no_format_are_read_as_parquet(stack: LocalStack) -> 
 def test_a_quality_gate_the_model_misses_fails_the_run_without_a_push(stack: LocalStack) -> None:
     """The real trainer trains, evaluates and misses the gate: Failed/QualityGateFailed at once (no retry), with
     the eval numbers in status."""
-    document = quickstart_for_cluster(NS, name="gated")
+    document = quickstart_for_cluster(NS, name="gated", repo=f"{HUB_USER}/gated-dpo")
     document["spec"]["output"]["gates"] = {"minEvalRewardMargin": 1000.0}
     apply(stack, document)
     obj = stack.wait_for(NS, "gated", lambda o: phase(o) == "Failed", 300)

@@ -441,3 +441,15 @@ def test_a_hostile_termination_message_never_blocks_the_status_write(message: st
     model = status.get("model") or {}
     assert set(model) <= {"commitSha"} and model.get("commitSha", "abc") == "abc", "only one-line strings kept"
     assert re.fullmatch("[A-Z][A-Za-z]+", condition(status, "Ready")["reason"]), "a reason is one CamelCase word"
+
+
+def test_a_failed_run_shows_the_stage_it_stopped_in() -> None:
+    """The last progress published may lag the pod's end by up to a second: the termination message says where the
+    trainer stopped."""
+    failure = {"reason": "QualityGateFailed", "message": "eval rewards/margins 0.5 < 1000", "stage": "gates"}
+    failed = pod("p1", "Failed", terminated={"exitCode": 9, "message": json.dumps(failure)})
+    lagging = {"stage": "model_card", "progress": {"percent": 97}}
+    status = observe(
+        job=job(failed=1, conditions=[{"type": "Failed", "status": "True"}]), pods=[failed], progress=lagging
+    )
+    assert status["stage"] == "gates" and status["reason"] == "QualityGateFailed"

@@ -230,7 +230,10 @@ def assert_failed(run: CliRun, reason: str, *fragments: str) -> str:
     assert "Traceback" not in run.stderr
     for fragment in fragments:
         assert fragment in last
-    assert run.termination == {"reason": reason, "message": run.termination["message"]}
+    started = [e["stage"] for e in run.events if e["event"] == "stage_start"]
+    assert set(run.termination) <= {"reason", "message", "stage"} and run.termination["reason"] == reason
+    if "stage" in run.termination:  # the stage the run stopped in (a launcher's own failure may not know it)
+        assert started and run.termination["stage"] == started[-1]
     assert "\n" not in run.termination["message"]
     events = run.events
     assert events[-1]["event"] == "error" and events[-1]["reason"] == reason

@@ -71,6 +71,7 @@ def test_missing_dataset_column_names_it_and_the_columns_that_exist(tmp_path: Pa
     line = assert_failed(run, "DatasetError", "data.dpo.chosenTemplate", "'answer'")
     assert "columns: qid, question, date, metadata, response_j, response_k" in line
     assert [e["stage"] for e in run.events if e["event"] == "stage_start"] == ["data"]
+    assert run.termination["stage"] == "data", "the termination message names the stage the run stopped in"
 
 
 def test_missing_model_on_the_hub_offline(tmp_path: Path) -> None:

@@ -138,7 +138,8 @@ def fail(
     print(f"{prog}: {error.reason}: {message}{where}", file=sys.stderr, flush=True)
     if launch.outcome_path() is None:  # else the launcher emits the launch's one error event
         reporter.emit("error", reason=error.reason, message=message)
-    report_outcome({"reason": error.reason, "message": message}, secrets)
+    stage = {"stage": reporter.stage} if reporter.stage else {}
+    report_outcome({"reason": error.reason, "message": message, **stage}, secrets)
     return error.exit_code
 
 

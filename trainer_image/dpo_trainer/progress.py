@@ -47,8 +47,12 @@ class Reporter:
         self.stream = stream
         self.enabled = enabled
         self.secrets = secrets
+        self.stage: str | None = None
+        """The stage started last: a failure's termination message names it (status.stage of a failed run)."""
 
     def emit(self, event: EventKind, **fields: Any) -> None:
+        if event == "stage_start":
+            self.stage = fields.get("stage")
         if not self.enabled:
             return
         record = {"kind": PROGRESS_KIND, "event": event, "time": time.time(), **to_json_safe(fields)}
