@@ -66,33 +66,63 @@ class ReasonInfo:
     same spec meets again (a bad spec, dataset, model or token, a failed gate, CUDA memory) ends the run at once:
     a retry would only repeat the download and the training before failing the same way."""
     meaning: str
+    fix: str
+    """What to change."""
 
 
 TRAINER_REASONS: dict[str, ReasonInfo] = {
-    "Succeeded": ReasonInfo(0, False, "the merged model is saved (and pushed when `output.hub` is set)"),
-    "InvalidSpec": ReasonInfo(2, False, "the DPOJob file is unreadable, not one DPOJob, or fails validation"),
-    "DatasetError": ReasonInfo(
-        3, False, "a dataset is missing or unreadable, lacks a column a template names, or ends up empty"
+    "Succeeded": ReasonInfo(0, False, "the merged model is saved (and pushed when `output.hub` is set)", "—"),
+    "InvalidSpec": ReasonInfo(
+        2, False, "the DPOJob file is unreadable, not one DPOJob, or fails validation", "the field the message names"
     ),
-    "ModelLoadError": ReasonInfo(4, False, "the base model or its tokenizer cannot be loaded"),
+    "DatasetError": ReasonInfo(
+        3,
+        False,
+        "a dataset is missing or unreadable, lacks a column a template names, or ends up empty",
+        "the source, `format` or template the message names (it lists the columns that exist)",
+    ),
+    "ModelLoadError": ReasonInfo(
+        4,
+        False,
+        "the base model or its tokenizer cannot be loaded",
+        "`model.name`/`revision`; for a gated model, a token that may read it",
+    ),
     "HubAuthError": ReasonInfo(
         5,
         False,
         "the Hub refused the token (401/403, gated repo), no token for a push, or a read-only token for a push",
+        "the Secret of `hubTokenSecretRef`: a write token for the target namespace",
     ),
-    "HubError": ReasonInfo(6, True, "any other Hub failure (repo not found, server error, network)"),
-    "OutOfMemory": ReasonInfo(7, False, "host memory ran out inside the trainer (a kernel OOM kill is retried)"),
-    "TrainingError": ReasonInfo(8, True, "anything else that failed while training, merging or writing"),
+    "HubError": ReasonInfo(
+        6, True, "any other Hub failure (repo not found, server error, network)", "the repository id, or wait"
+    ),
+    "OutOfMemory": ReasonInfo(
+        7, False, "host memory ran out inside the trainer (a kernel OOM kill is retried)", "`runtime.memory`"
+    ),
+    "TrainingError": ReasonInfo(
+        8, True, "anything else that failed while training, merging or writing", "read `debug.log` (gpu.md)"
+    ),
     "QualityGateFailed": ReasonInfo(
-        9, False, "a check of `output.gates` missed: nothing pushed, the merged model kept"
+        9,
+        False,
+        "a check of `output.gates` missed: nothing pushed, the merged model kept",
+        "the training spec, or the gate",
     ),
     "GPUUnavailable": ReasonInfo(
-        10, True, "`runtime.gpus` > 0 but torch cannot use CUDA (a retry may land on a working node)"
+        10,
+        True,
+        "`runtime.gpus` > 0 but torch cannot use CUDA (a retry may land on a working node)",
+        "the node's driver (>= 580) and device plugin, or `runtime.gpus: 0`",
     ),
     "GPUOutOfMemory": ReasonInfo(
-        11, False, "CUDA ran out of GPU memory; the message names the stage, the GPU's memory and the knobs to turn"
+        11,
+        False,
+        "CUDA ran out of GPU memory; the message names the stage, the GPU's memory and the knobs to turn",
+        "the stage's `batchSize` (and `gradientAccumulationSteps`), `gradientCheckpointing`, `maxLength`",
     ),
-    "Interrupted": ReasonInfo(143, True, "SIGTERM/SIGINT; a checkpoint was saved when possible, a rerun resumes"),
+    "Interrupted": ReasonInfo(
+        143, True, "SIGTERM/SIGINT; a checkpoint was saved when possible, a rerun resumes", "nothing: it resumes"
+    ),
 }
 """Every trainer reason (the Reason literal): its exit code, whether it is retried, what it means."""
 FAIL_AT_ONCE = frozenset(name for name, info in TRAINER_REASONS.items() if not info.retried and info.exit_code)

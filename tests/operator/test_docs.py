@@ -76,7 +76,7 @@ def test_trainer_doc_links_the_reference_and_matches_the_trainer() -> None:
         assert f"| `{error.reason}` | {error.exit_code} |" in text, error.reason
     for name, info in TRAINER_REASONS.items():
         retried = "—" if name == "Succeeded" else ("yes" if info.retried else "no: the run fails at once")
-        assert f"| `{name}` | {info.exit_code} | {retried} | {info.meaning} |" in text, name
+        assert f"| `{name}` | {info.exit_code} | {retried} | {info.meaning} | {info.fix} |" in text, name
     assert {error.reason for error in ALL_ERRORS} | {"Succeeded"} == set(TRAINER_REASONS) == set(get_args(Reason))
     assert " → ".join(stage.name for stage in STAGES) in text
     for stage in STAGES:
