@@ -212,6 +212,10 @@ def observe_outcome(obs: Observed) -> Outcome:
     if _job_condition(obs.job, "Complete"):
         done = [p for p in pods if p.get("status", {}).get("phase") == "Succeeded"]
         pod = _latest(done)
+        if pod is None and latest is not None:
+            # The Job's and the pods' watches deliver independently: a final status written before the pod's
+            # own Succeeded arrives would freeze without the termination message (where the model went).
+            return Outcome("Running", "Completing", "the trainer Job completed; reading the trainer's result", None)
         final = termination_message(pod) if pod else None
         return Outcome("Succeeded", "Succeeded", "training finished", pod and pod["metadata"]["name"], final)
     failed_condition = _job_condition(obs.job, "Failed")

@@ -66,6 +66,14 @@ def test_success_takes_model_and_final_metrics_from_the_termination_message() ->
     assert status["progress"]["percent"] == 100 and status["completionTime"]
 
 
+def test_a_completed_job_whose_pod_is_not_seen_succeeded_yet_is_not_final() -> None:
+    """The Job's watch can deliver Complete before the pod's watch delivers Succeeded: a final status written then
+    would freeze without the model location (the chaos test saw it)."""
+    still_running = pod("p1", "Running", running={})
+    status = observe(job=job(succeeded=1, conditions=[{"type": "Complete", "status": "True"}]), pods=[still_running])
+    assert (status["phase"], status["reason"]) == ("Running", "Completing") and not status.get("completionTime")
+
+
 def test_trainer_reason_code_becomes_the_failure_reason() -> None:
     failure = {"reason": "HubAuthError", "message": "token rejected by the Hub"}
     failed = pod("p2", "Failed", "2026-01-01T00:01:00Z", terminated={"exitCode": 5, "message": json.dumps(failure)})
