@@ -14,9 +14,7 @@ from kubernetes import client
 from .cache import ObjectCache
 from .kube import Kube
 from .manifests import ANNOTATION_DPOJOB, LABEL_DPOJOB, MANAGED_BY
-from .ownership import RunSigner, load_key
 from .reconciler import Reconciler
-from .settings import OperatorSettings
 from .workqueue import WorkQueue
 
 log = logging.getLogger(__name__)
@@ -82,19 +80,9 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
         settings.watching.label_selectors[resource] = f"app.kubernetes.io/managed-by={MANAGED_BY}"
     kube = Kube(client.ApiClient())
     memo.cache, memo.queue = ObjectCache(), WorkQueue()
-    memo.reconciler = Reconciler(
-        kube, memo.cache, memo.queue, memo.settings, memo.health, kube.server_features(), signer(kube, memo.settings)
-    )
+    memo.reconciler = Reconciler(kube, memo.cache, memo.queue, memo.settings, memo.health, kube.server_features())
     memo.reconciler.start()
     memo.health.ready.set()
-
-
-def signer(kube: Kube, settings: OperatorSettings) -> RunSigner:
-    """The Job signer with the key of settings.signing_secret, else one for this process only."""
-    if not settings.signing_secret:
-        log.warning("no signing Secret configured: a restarted operator replaces the Jobs of unfinished runs")
-        return RunSigner.ephemeral()
-    return RunSigner(load_key(kube, settings.operator_namespace, settings.signing_secret))
 
 
 async def beat_event_loop(memo: kopf.Memo) -> None:

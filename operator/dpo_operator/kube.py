@@ -235,7 +235,7 @@ class Kube:
 
     def create_or_adopt(self, body: dict[str, Any], owner_uid: str) -> tuple[dict[str, Any], bool]:
         """Create a Job or ConfigMap; on 409 return the existing one if it names `owner_uid` as controller (whether
-        a Job is really ours, its signature says: ownership.py). True when created."""
+        a Job is really the run's, its UID says: Reconciler.trusted). True when created."""
         namespace, name, kind = body["metadata"]["namespace"], body["metadata"]["name"], body["kind"]
         collection = resource_path(kind, namespace)
         try:

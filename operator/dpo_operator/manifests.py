@@ -41,8 +41,8 @@ ANNOTATION_DPOJOB = f"{API_GROUP}/dpojob-name"
 SPEC_GENERATION_ANNOTATION = f"{API_GROUP}/spec-generation"
 """On a trainer Job: the DPOJob's metadata.generation it was built from (a later one may need another Job)."""
 TEMPLATE_ANNOTATION = f"{API_GROUP}/template-hash"
-"""On a trainer Job: the digest of its spec as the operator built it, before any admission webhook changed it;
-covered by the Job's signature (ownership.py)."""
+"""On a trainer Job: the digest of its spec as the operator built it, before any admission webhook changed it
+(whether the spec changed since: Reconciler._outdated)."""
 MANAGED_BY = "dpo-operator"
 # On SIGTERM (suspend, preemption, deletion) the trainer saves a checkpoint before exiting; torchrun alone waits
 # 30 s for its workers. Give the save time before the kubelet's SIGKILL.
@@ -296,8 +296,8 @@ def build_job(
     retry (the trainer resumes from its checkpoint), and a trainer exit code the same spec would meet again
     (FAIL_AT_ONCE_EXIT_CODES) fails the Job at once; older servers leave the latter to the reconciler. A DPOJob
     with a Kueue queue label gets a Job with the same labels, created suspended where the server has Job suspend
-    (>= 1.21): Kueue unsuspends it on admission. The operator only ever adds its signature annotation to a Job
-    and, to stop it, sets its parallelism to 0, so Kueue's suspend and injected scheduling stay.
+    (>= 1.21): Kueue unsuspends it on admission. The operator changes a Job it created only to stop it (parallelism
+    0), so Kueue's suspend and injected scheduling stay.
     """
     meta = dpojob["metadata"]
     name = run_name(meta["name"], generation, attempt)

@@ -30,7 +30,6 @@ from .kube import (
     owned_by,
     prune_none,
 )
-from .ownership import SIGNATURE_ANNOTATION, RunSigner
 from .settings import OperatorSettings
 from .status import Observed, compute_status, run_finished, trainer_started, transition_events, utc_from_rfc3339
 from .workqueue import EventPoster, Resync, Workers, WorkQueue
@@ -161,10 +160,8 @@ class Reconciler:
         settings: OperatorSettings,
         health: Health,
         features: manifests.ServerFeatures,
-        signer: RunSigner | None = None,
     ) -> None:
         self.kube = kube
-        self.signer = signer or RunSigner.ephemeral()
         self.cache = cache
         self.queue = queue
         self.settings = settings
@@ -174,6 +171,9 @@ class Reconciler:
         """Per DPOJob: the metadata.generation whose children the API server refused, when, and why. A 400/422
         (the spec is wrong) is not sent again until the spec changes; another 4xx (quota, RBAC, an admission
         policy: the cluster may change) at most once per resync period."""
+        self._created: dict[Key, str] = {}
+        """Per DPOJob: the UID of the Job this process created for its run while the status write that records it
+        (status.internal.jobUid) has not happened yet: under a burst it waits behind other DPOJobs' Jobs."""
         self.phases: dict[Key, str] = {}
         """Each known DPOJob's phase as last written (the dpo_operator_dpojobs gauge)."""
         self.followers = LogFollowers(kube, self.mark_dirty, health=health)
@@ -202,6 +202,7 @@ class Reconciler:
         """A DPOJob was deleted: stop following its pods, drop its metric series."""
         self.followers.forget(namespace, name)
         self._rejected.pop((namespace, name), None)
+        self._created.pop((namespace, name), None)
         self.phases.pop((namespace, name), None)
         metrics.forget_dpojob(namespace, name)
 
@@ -281,9 +282,9 @@ class Reconciler:
 
         job_name = manifests.run_name(name, generation, attempt)
         job = self._current_job(namespace, name, uid, job_name)
-        if job is not None and not self.signer.signed(job, uid):
-            if not finished:  # a finished run's status is final; an unsigned Job of it (0.1.x made those) stays
-                self._replace_unsigned(dpojob, job)
+        if job is not None and not self.trusted(dpojob, job):
+            if not finished:  # a finished run's status is final; a Job of it not recorded (0.1.x) stays
+                self._replace_untrusted(dpojob, job)
             job = None
         pods = self.cache.pods(namespace, manifests.label_value(name), generation)
         if error is None and spec is not None and not finished:
@@ -334,10 +335,21 @@ class Reconciler:
         self.followers.ensure(namespace, name, observed.pods)
         observed.progress = self.followers.latest_progress(namespace, observed.pods)
         dpojob = self._write_status(dpojob, old, observed)
+        if job is not None and self._created.get((namespace, name)) == job["metadata"]["uid"]:
+            del self._created[(namespace, name)]  # recorded in the status now
         if job is not None and observed.spec_error is None and (dpojob.get("status") or {}).get("phase") == "Failed":
             self._stop(job)
         if finished and spec is not None:
             self._expire(dpojob, spec, job)
+
+    def trusted(self, dpojob: dict[str, Any], job: dict[str, Any]) -> bool:
+        """Whether `job` (named as the run, naming this DPOJob as controller) is the Job the operator created for the
+        run: its UID, assigned by the API server, is the one the status records (status.internal.jobUid) or the one
+        this process has just created. Nothing else decides: labels, annotations, the ownerReference and the pod
+        template can all be copied onto another Job, and admission webhooks change the content of ours."""
+        job_uid = job["metadata"]["uid"]
+        recorded = ((dpojob.get("status") or {}).get("internal") or {}).get("jobUid")
+        return job_uid in (recorded, self._created.get(_key(dpojob)))
 
     def _outdated(
         self, dpojob: dict[str, Any], spec: DPOJobSpec, job: dict[str, Any], pods: list[dict[str, Any]], attempt: int
@@ -404,18 +416,18 @@ class Reconciler:
     def _create_run(
         self, dpojob: dict[str, Any], spec: DPOJobSpec, generation: int, attempt: int
     ) -> dict[str, Any] | None:
-        """ConfigMap then Job for this run, the Job signed at once (ownership.py). An existing Job of the name is
-        adopted if the operator signed it (a restart, a race), else deleted (None: the next reconcile creates)."""
+        """ConfigMap then Job for this run; the Job's UID is trusted from here on (`trusted`). An existing Job of the
+        name is adopted if it is the one the operator created (a race with the cache), else deleted (None: the next
+        reconcile creates)."""
         uid = dpojob["metadata"]["uid"]
         self.kube.create_or_adopt(manifests.build_config_map(dpojob, generation, attempt), uid)
         job_manifest = self._job_manifest(dpojob, spec, generation, attempt)
         job, created = self.kube.create_or_adopt(job_manifest, uid)
         job = {"kind": "Job", **job}
         if created:
-            signature = {"metadata": {"annotations": {SIGNATURE_ANNOTATION: self.signer.signature(job, uid)}}}
-            job = {"kind": "Job", **self.kube.patch(job, signature)}
-        elif not self.signer.signed(job, uid):
-            self._replace_unsigned(dpojob, job)
+            self._created[_key(dpojob)] = job["metadata"]["uid"]
+        elif not self.trusted(dpojob, job):
+            self._replace_untrusted(dpojob, job)
             self.queue.add_after((dpojob["metadata"]["namespace"], dpojob["metadata"]["name"]), 1.0)
             return None
         job = slim(job)
@@ -475,19 +487,19 @@ class Reconciler:
                 self._delete_child(job, uid)
         return found
 
-    def _replace_unsigned(self, dpojob: dict[str, Any], job: dict[str, Any]) -> None:
-        """A Job named as the run and naming this DPOJob as controller, without the operator's signature: a copy
-        made by someone else, or the operator's own that it could not sign before it stopped. Either way it is not
-        the run: delete it (this very one, by UID) so that the operator's own is created."""
+    def _replace_untrusted(self, dpojob: dict[str, Any], job: dict[str, Any]) -> None:
+        """A Job named as the run and naming this DPOJob as controller that the operator does not trust (`trusted`):
+        made by someone else, or the operator's own when it stopped before its status recorded it. Either way it is
+        not the run: delete it (this very one, by UID) so that the operator's own is created."""
         name = job["metadata"]["name"]
-        log.warning("%s/%s: Job %s is not signed by the operator; deleting it", *_key(dpojob), name)
+        log.warning("%s/%s: Job %s is not the one the operator created; deleting it", *_key(dpojob), name)
         self._delete_child(job, dpojob["metadata"]["uid"])
         self.events.post(
             dpojob,
             "Warning",
             "UntrustedJob",
-            f"Job {name} names this DPOJob as its controller but the operator did not create it (or could not sign "
-            "it before it stopped): deleted; the run's Job is created again",
+            f"Job {name} names this DPOJob as its controller but the operator did not create it (or stopped before "
+            "recording it): deleted; the run's Job is created again",
         )
 
     def _delete_child(self, job: dict[str, Any], uid: str) -> None:

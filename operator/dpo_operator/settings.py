@@ -47,12 +47,6 @@ class OperatorSettings(BaseModel):
     drain_seconds: float = Field(15.0, ge=0)
     """On a clean stop, how long the reconciles in flight may take to end before the Lease is released anyway
     (the chart renders half its terminationGracePeriodSeconds)."""
-    signing_secret: str = ""
-    """Secret, in the operator's namespace, holding the key that signs the trainer Jobs it creates (ownership.py);
-    created with a random key at the first start. Empty: a key for this process only (local development: after a
-    restart the Jobs of unfinished runs are replaced)."""
-    operator_namespace: str = ""
-    """The operator's own namespace (POD_NAMESPACE)."""
     leader_election: bool = False
     """Only the holder of a coordination.k8s.io Lease reconciles; other replicas wait as standbys."""
     lease_name: str = "dpo-operator"
@@ -105,7 +99,6 @@ class OperatorSettings(BaseModel):
         raw: dict[str, Any] = {name: environ[var] for name, var in names.items() if var in environ}
         raw.setdefault("identity", f"{environ.get('POD_NAME') or socket.gethostname()}_{uuid.uuid4().hex[:8]}")
         raw.setdefault("lease_namespace", environ.get("POD_NAMESPACE", ""))
-        raw.setdefault("operator_namespace", environ.get("POD_NAMESPACE", ""))
         try:
             settings = cls.model_validate(raw)
         except ValidationError as exc:
@@ -116,8 +109,6 @@ class OperatorSettings(BaseModel):
             raise SettingsError(problems) from None
         if settings.leader_election and not settings.lease_namespace:
             raise SettingsError(f"{ENV_PREFIX}LEASE_NAMESPACE (or POD_NAMESPACE) is needed for leader election")
-        if settings.signing_secret and not settings.operator_namespace:
-            raise SettingsError(f"{ENV_PREFIX}OPERATOR_NAMESPACE (or POD_NAMESPACE) is needed for the signing Secret")
         return settings
 
 

@@ -352,7 +352,11 @@ def compute_status(old: dict[str, Any], obs: Observed) -> DPOJobStatus:
         runs=runs,
         phase=outcome.phase,
         reason=outcome.reason if outcome.reason != outcome.phase else None,
-        internal=Bookkeeping(spec_hash=obs.run.get("specHash"), retry_token=obs.run.get("retryToken")),
+        internal=Bookkeeping(
+            spec_hash=obs.run.get("specHash"),
+            retry_token=obs.run.get("retryToken"),
+            job_uid=obs.job["metadata"].get("uid") if obs.job is not None else None,
+        ),
         conditions=_conditions(previous.conditions if same_run else [], outcome, obs.generation, now),
     )
 

@@ -114,6 +114,9 @@ class Bookkeeping(StatusModel):
     """Hash of what decides the model of the current run (spec.model_identity)."""
     retry_token: str | None = None
     """The dpo-operator.io/retry value the current run has seen."""
+    job_uid: str | None = None
+    """UID of the trainer Job the operator created for the current run: the one Job it trusts as the run (a Job's
+    UID is assigned by the API server; tenants cannot write a DPOJob's status)."""
 
 
 _INTERNAL = ("specHash", "retryToken")
@@ -123,7 +126,8 @@ def run_identity(status: dict[str, Any]) -> dict[str, Any]:
     """The current run as the operator identifies it: status.run plus its bookkeeping in status.internal (or, as
     statuses before 0.2 held them, in status.run itself), e.g. {"generation": 3, "specHash": "…"}."""
     run = status.get("run") or {}
-    return {**run, **(status.get("internal") or {})} if run else {}
+    internal = status.get("internal") or {}
+    return {**run, **{k: internal[k] for k in _INTERNAL if k in internal}} if run else {}
 
 
 def _split_legacy_run(document: dict[str, Any]) -> dict[str, Any]:

@@ -21,7 +21,6 @@ from urllib3.exceptions import ReadTimeoutError
 from dpo_dev.stack import OperatorDeployment, quickstart_for_cluster
 from dpo_operator import main, manifests
 from dpo_operator.kube import ChildRejectedError, Kube, NotOwnedError, resource_path
-from dpo_operator.ownership import load_key
 
 
 @pytest.fixture(scope="module")
@@ -146,12 +145,6 @@ def test_a_request_to_an_api_server_that_never_answers_fails_after_one_timeout(
     assert not worker.is_alive(), "a request to a silent API server must not block for good"
     assert [type(exc) for exc in raised] == [ReadTimeoutError]
     assert time.monotonic() - started < 1.5 and len(connections) == 1, "one attempt, one timeout"
-
-
-def test_the_job_signing_key_is_created_once_and_read_back(kube: Kube, namespace: str) -> None:
-    first = load_key(kube, namespace, "dpo-operator-signing-key")
-    assert len(first) == 32
-    assert load_key(kube, namespace, "dpo-operator-signing-key") == first, "a restart (or a second replica) reads it"
 
 
 def test_patch_and_delete_act_on_the_object_with_that_uid_only(kube: Kube, namespace: str) -> None:

@@ -23,7 +23,6 @@ import yaml
 from dpo_dev.nodesim import Outcome
 from dpo_dev.stack import HUB_USER, LocalStack, kubectl, quickstart_for_cluster
 from dpo_dev.webhook import INJECTED_ENV, MUTATED_LABEL, SIDECAR, WEBHOOK_LABEL, JobWebhook
-from dpo_operator.ownership import SIGNATURE_ANNOTATION
 from dpo_operator.progress import parse_line
 
 NS = "e2e"
@@ -404,8 +403,8 @@ def test_a_recreated_dpojob_never_adopts_the_old_objects_job(stack: LocalStack) 
 
 
 def test_a_forged_job_copying_everything_visible_is_never_the_run(stack: LocalStack) -> None:
-    """Another user of the namespace copies the run's signed Job exactly (template, labels, annotations with the
-    signature, ownerRef) to the next run's name, plus a ConfigMap naming another model. After the victim's spec
+    """Another user of the namespace copies the run's Job exactly (template, labels, annotations, ownerRef) to the
+    next run's name, plus a ConfigMap naming another model. After the victim's spec
     edit neither is the run: the forged Job is deleted (UntrustedJob), the ConfigMap replaced, the operator's own
     Job trains the victim's spec."""
     name = "victim"
@@ -413,7 +412,7 @@ def test_a_forged_job_copying_everything_visible_is_never_the_run(stack: LocalSt
         apply(stack, dpojob(name, output={"hub": {"repoId": "demo/victim"}}))
         stack.wait_for(NS, name, lambda o: phase(o) == "Succeeded", 60)
     (original,) = jobs_of(stack, name)
-    assert SIGNATURE_ANNOTATION in original["metadata"]["annotations"]
+    assert stack.get_dpojob(NS, name)["status"]["internal"]["jobUid"] == original["metadata"]["uid"]
     forged = _visible_copy(original, f"{name}-g2")
     # Without the managed-by label only: the operator's watches would see it at once and delete it as a stray
     # (also refusing it); this way it is found only by the create that runs into it, as in the reported attack.
@@ -671,7 +670,7 @@ def test_metrics_reach_status_within_10_seconds(quickstart_run: dict) -> None:
 def test_operator_restart_mid_run_never_duplicates_the_job(quickstart_run: dict) -> None:
     assert quickstart_run["restarted"]
     assert quickstart_run["job_counts"] <= {0, 1}, "more than one trainer Job existed at once"
-    # The restarted operator read the same signing key from its Secret: its Job is adopted, not replaced.
+    # The restarted operator found the Job's UID recorded in the status: its Job is adopted, not replaced.
     assert len(quickstart_run["job_uids_before_suspend"]) == 1
 
 

@@ -1,8 +1,8 @@
-"""Which Jobs are the operator's (ownership.py): a signature over the Job's UID, not its content.
+"""Which Jobs are the operator's (Reconciler.trusted): the UID of the Job it created, recorded in the status, never
+the Job's content.
 
-The pure signer, then the reconciler against test_kueue's in-memory cluster (its Kube boundary); the same two
-directions on the real control plane, with a real mutating webhook and forged Jobs, are in
-test_operator_e2e.py, and the signing-key Secret in test_kube.py."""
+The reconciler against test_kueue's in-memory cluster (its Kube boundary); the same two directions on the real
+control plane, with a real mutating webhook and forged Jobs, are in test_operator_e2e.py."""
 
 from __future__ import annotations
 
@@ -12,61 +12,6 @@ from typing import Any
 import pytest
 
 from dpo_operator import manifests
-from dpo_operator.ownership import SIGNATURE_ANNOTATION, RunSigner
-from dpojob_api.spec import DPOJobSpec
-
-DPOJOB = {
-    "metadata": {"name": "victim", "namespace": "team-a", "uid": "dpojob-uid", "generation": 2},
-    "spec": {"model": {"name": "tiny"}, "output": {"hub": {"repoId": "org/m"}}},
-}
-
-
-def created(job_uid: str = "job-uid") -> dict[str, Any]:
-    """The Job as the API server returns it from the operator's create: with its UID."""
-    job = manifests.build_job(DPOJOB, DPOJobSpec.model_validate(DPOJOB["spec"]), 2)
-    job["metadata"]["uid"] = job_uid
-    return job
-
-
-def signed(signer: RunSigner, job: dict[str, Any]) -> dict[str, Any]:
-    job = copy.deepcopy(job)
-    job["metadata"]["annotations"][SIGNATURE_ANNOTATION] = signer.signature(job, "dpojob-uid")
-    return job
-
-
-def test_a_signed_job_stays_ours_whatever_admission_webhooks_add() -> None:
-    signer = RunSigner.ephemeral()
-    job = signed(signer, created())
-    assert signer.signed(job, "dpojob-uid")
-    mutated = copy.deepcopy(job)  # a sidecar injector, an env-adding policy, an image rewrite, extra labels
-    pod = mutated["spec"]["template"]["spec"]
-    pod["containers"].append({"name": "istio-proxy", "image": "proxy:1"})
-    pod["containers"][0]["env"].append({"name": "INJECTED", "value": "1"})
-    pod["containers"][0]["image"] = "mirror.internal/trainer:0.1.0"
-    mutated["metadata"]["labels"]["policy.example.com/checked"] = "true"
-    assert signer.signed(mutated, "dpojob-uid")
-
-
-def test_nothing_copied_from_a_signed_job_makes_another_job_pass() -> None:
-    signer = RunSigner.ephemeral()
-    ours = signed(signer, created())
-    copy_of_everything = {**copy.deepcopy(ours), "metadata": {**copy.deepcopy(ours["metadata"]), "uid": "forged-uid"}}
-    assert not signer.signed(copy_of_everything, "dpojob-uid"), "another Job (another UID) with the same annotation"
-    renamed = copy.deepcopy(ours)
-    renamed["metadata"]["name"] = manifests.run_name("victim", 3)
-    assert not signer.signed(renamed, "dpojob-uid"), "the signature names the Job"
-    assert not signer.signed(ours, "another-dpojob-uid"), "and the DPOJob it runs for"
-    template = copy.deepcopy(ours)
-    template["metadata"]["annotations"][manifests.TEMPLATE_ANNOTATION] = "0" * 16
-    assert not signer.signed(template, "dpojob-uid"), "and the template hash"
-    unsigned = created()
-    assert not signer.signed(unsigned, "dpojob-uid")
-    assert not RunSigner.ephemeral().signed(ours, "dpojob-uid"), "another key"
-    with pytest.raises(ValueError):
-        RunSigner(b"short")
-
-
-# --- the reconciler -----------------------------------------------------------------------------------
 
 
 def in_memory() -> tuple[Any, Any]:
@@ -75,20 +20,44 @@ def in_memory() -> tuple[Any, Any]:
     return in_memory_cluster()
 
 
-def test_the_operator_signs_the_job_it_creates() -> None:
+def job_uid(status: dict[str, Any]) -> str | None:
+    return (status.get("internal") or {}).get("jobUid")
+
+
+def test_the_uid_of_the_job_the_operator_created_is_recorded_with_its_run() -> None:
     from test_kueue import NAME, settle
 
     cluster, reconciler = in_memory()
     settle(cluster, reconciler)
     job = cluster.objects["Job", manifests.run_name(NAME, 1)]
-    assert reconciler.signer.signed(job, cluster.dpojob["metadata"]["uid"])
+    assert job_uid(cluster.dpojob["status"]) == job["metadata"]["uid"]
     assert cluster.dpojob["status"]["trainer"]["jobName"] == job["metadata"]["name"]
     reconciler.events.stop()
 
 
+def test_a_job_admission_webhooks_changed_stays_the_run() -> None:
+    """A sidecar injector, an env-adding policy, an image rewrite, extra labels: the Job is still the run."""
+    from test_kueue import NAME, NS, settle
+
+    cluster, reconciler = in_memory()
+    settle(cluster, reconciler)
+    job = cluster.objects["Job", manifests.run_name(NAME, 1)]
+    pod = job["spec"]["template"]["spec"]
+    pod["containers"].append({"name": "istio-proxy", "image": "proxy:1"})
+    pod["containers"][0]["env"].append({"name": "INJECTED", "value": "1"})
+    pod["containers"][0]["image"] = "mirror.internal/trainer:0.1.0"
+    job["metadata"]["labels"]["policy.example.com/checked"] = "true"
+    writes = list(cluster.job_writes)
+    cluster.feed(reconciler.cache)
+    reconciler.reconcile(NS, NAME)
+    assert cluster.job_writes == writes, "nothing deleted or created"
+    assert not any(reason == "UntrustedJob" for _, reason, _ in cluster.events)
+    reconciler.events.stop()
+
+
 def test_a_forged_job_claiming_the_next_run_is_deleted_and_the_run_gets_its_own() -> None:
-    """Everything visible copied from the run's signed Job (labels, annotations with the signature, ownerRef, the
-    exact template) onto the next run's name: not the run; deleted (by UID), an Event says why, ours replaces it."""
+    """Everything visible copied from the run's Job (labels, annotations, ownerRef, the exact template) onto the
+    next run's name: not the run; deleted (by UID), an Event says why, ours replaces it."""
     from test_kueue import NAME, settle
     from test_reconciler import new_generation
 
@@ -102,45 +71,48 @@ def test_a_forged_job_claiming_the_next_run_is_deleted_and_the_run_gets_its_own(
     new_generation(cluster, 0.2)
     settle(cluster, reconciler)
     job = cluster.objects["Job", second]
-    assert job["metadata"]["uid"] != "forged-uid" and reconciler.signer.signed(job, "dpojob-uid")
+    assert job["metadata"]["uid"] != "forged-uid" and job_uid(cluster.dpojob["status"]) == job["metadata"]["uid"]
     assert f"delete {second}" in cluster.job_writes and cluster.job_writes[-1] == f"create {second}"
     assert any(reason == "UntrustedJob" for _, reason, _ in cluster.events)
     assert cluster.dpojob["status"]["trainer"]["jobName"] == second
     reconciler.events.stop()
 
 
-def test_a_job_left_unsigned_by_a_crash_is_replaced_and_a_signed_one_is_adopted_after_a_restart() -> None:
-    """The operator stopped between creating a Job and signing it: the Job is indistinguishable from a forgery,
-    so it is replaced. A signed Job whose status write was lost (and which a webhook changed) is adopted as it is
-    by a new operator process with the same key."""
+def test_a_job_is_trusted_until_its_status_write_lands_and_replaced_if_a_restart_lost_it() -> None:
+    """Between creating a Job and the status write that records it (under a burst it waits behind other DPOJobs'
+    Jobs) the operator process trusts it from memory. A restarted operator cannot tell a Job it created but never
+    recorded from a forgery: it replaces it. One that was recorded it adopts as it is."""
     from test_kueue import NAME, NS, new_reconciler, settle
 
     cluster, reconciler = in_memory()
-    patch = cluster.patch
+    patch_status = cluster.patch_status
 
-    def killed(obj: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-        raise RuntimeError("the operator was killed")
+    def refused(dpojob: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
+        raise RuntimeError("the status write failed")
 
-    cluster.patch = killed
+    cluster.patch_status = refused
     cluster.feed(reconciler.cache)
     with pytest.raises(RuntimeError):
-        reconciler.reconcile(NS, NAME)  # a first run is recorded with its Job: created, then killed
+        reconciler.reconcile(NS, NAME)  # a first run is recorded with its Job: created, then the write fails
     name = manifests.run_name(NAME, 1)
-    unsigned_uid = cluster.objects["Job", name]["metadata"]["uid"]
-    assert SIGNATURE_ANNOTATION not in cluster.objects["Job", name]["metadata"]["annotations"]
+    created_uid = cluster.objects["Job", name]["metadata"]["uid"]
+    assert job_uid(cluster.dpojob.get("status") or {}) is None
 
-    cluster.patch = patch
-    settle(cluster, reconciler)
-    job = cluster.objects["Job", name]
-    assert job["metadata"]["uid"] != unsigned_uid and reconciler.signer.signed(job, "dpojob-uid")
+    cluster.patch_status = patch_status
+    settle(cluster, reconciler)  # the same process: its Job, recorded now
+    assert cluster.job_writes == [f"create {name}"]
+    assert job_uid(cluster.dpojob["status"]) == created_uid
 
-    job["spec"]["template"]["spec"]["containers"].append({"name": "sidecar", "image": "proxy:1"})  # a webhook
-    cluster.dpojob["status"].pop("trainer")  # the status write after the create was lost
+    cluster.dpojob["status"]["internal"].pop("jobUid")  # as if the process had stopped before that write
     restarted = new_reconciler(cluster)
-    restarted.signer = reconciler.signer  # the key is in a Secret: the same after a restart
-    writes = list(cluster.job_writes)
     settle(cluster, restarted)
-    assert cluster.job_writes == writes, "adopted: nothing deleted or created"
-    assert cluster.dpojob["status"]["trainer"]["jobName"] == name
-    reconciler.events.stop()
-    restarted.events.stop()
+    assert cluster.job_writes == [f"create {name}", f"delete {name}", f"create {name}"], "replaced"
+    assert any(reason == "UntrustedJob" for _, reason, _ in cluster.events)
+    replaced_uid = cluster.objects["Job", name]["metadata"]["uid"]
+    assert replaced_uid != created_uid and job_uid(cluster.dpojob["status"]) == replaced_uid
+
+    again = new_reconciler(cluster)
+    settle(cluster, again)
+    assert cluster.job_writes[-1] == f"create {name}" and len(cluster.job_writes) == 3, "adopted: nothing written"
+    for one in (reconciler, restarted, again):
+        one.events.stop()

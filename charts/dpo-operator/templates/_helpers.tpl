@@ -74,7 +74,7 @@ rule (a test keeps them equal). Bound cluster-wide, or per namespace in watchNam
 - apiGroups: [dpo-operator.io]
   resources: [dpojobs/finalizers]
   verbs: [update]
-# patch: the operator signs each Job it creates (an annotation), see docs/operator.md "Tenancy".
+# patch: a run that fails at once on a server without podFailurePolicy is stopped (parallelism 0).
 - apiGroups: [batch]
   resources: [jobs]
   verbs: [get, list, watch, create, patch, delete]
