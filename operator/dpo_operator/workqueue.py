@@ -14,9 +14,10 @@ What runs where:
 - `Resync` (one thread) enqueues every cached DPOJob each settings.resync_seconds (TTL clean-up, retries
   after a refused child, progress of a quiet pod), and every RELIST_EVERY passes replaces the cache with a
   fresh LIST (one request per kind, not per DPOJob) so that a missed DELETED event leaves no ghost.
-- `EventPoster` (one thread) posts the Events reconciles ask for, off the reconcile's critical path, and
-  after the urgent work (WorkQueue's urgent lane: DPOJobs whose spec was not acted on yet); each DPOJob has an
-  Event budget, so one DPOJob's flood cannot fill the queue the others' Events wait in.
+- `EventPoster` (EventPoster.POSTERS threads, each DPOJob's Events through the same one) posts the Events
+  reconciles ask for, off the reconcile's critical path, and after the urgent work (WorkQueue's urgent lane:
+  DPOJobs whose spec was not acted on yet); each DPOJob has an Event budget, so one DPOJob's flood cannot fill
+  the queue the others' Events wait in.
 - Log followers (followers.py, their own event-loop thread) stream trainer pod logs, publish each pod's
   progress at most once a second, and enqueue the DPOJob with a one-second delay (`add_after`: a key has at
   most one delayed add pending, later ones merge into it), so however fast a pod prints, its DPOJob gets at
@@ -268,11 +269,16 @@ class _Budget:
     """Events refused since the last one posted."""
 
 
+_Queued = tuple[float, tuple[dict[str, Any], str, str, str]] | None
+"""An Event waiting to be posted (when it was enqueued; post_event's arguments), or None: stop."""
+
+
 class EventPoster:
-    """Posts Kubernetes Events from one thread, in order: a reconcile only enqueues them. Events are for
-    people: they wait while DPOJobs wait for their spec to be acted on (`busy`, at most MAX_DEFER_S), and a
-    full queue (the API server refusing them for long) drops the newest with a log line rather than slowing
-    reconciles down.
+    """Posts Kubernetes Events from POSTERS threads, each DPOJob's in order (a DPOJob's Events always go through
+    the same thread): a reconcile only enqueues them. Events are for people: they wait while DPOJobs wait for
+    their spec to be acted on (`busy`, at most MAX_DEFER_S), and a full queue (the API server refusing them for
+    long) drops the newest with a log line rather than slowing reconciles down. One thread, one POST at a time,
+    fell behind 10,000 DPOJobs' two Events each and its queue overflowed.
 
     Each DPOJob has an Event budget, a token bucket per involved object as client-go's Event spam filter keeps:
     BURST Events at once, then one per REFILL_S. Events over it are not queued, only counted, and the DPOJob's
@@ -282,6 +288,8 @@ class EventPoster:
 
     name = "events"
     capacity = 10_000
+    """Events queued at most, over all threads."""
+    POSTERS = 4
     MAX_DEFER_S = 30.0
     BURST = 25
     REFILL_S = 10.0
@@ -294,9 +302,9 @@ class EventPoster:
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._post, self.health, self._busy, self._clock = post, health, busy, clock
-        self._queue: stdlib_queue.Queue[tuple[float, tuple[dict[str, Any], str, str, str]] | None] = stdlib_queue.Queue(
-            self.capacity
-        )
+        self._queues: list[stdlib_queue.Queue[_Queued]] = [
+            stdlib_queue.Queue(self.capacity // self.POSTERS) for _ in range(self.POSTERS)
+        ]
         self._budgets: dict[Key, _Budget] = {}
         self._prune_at = 1024
         self._lock = threading.Lock()
@@ -315,23 +323,28 @@ class EventPoster:
         # all), which a queued Event would otherwise keep alive until it is posted.
         try:
             involved = {"metadata": {field: meta[field] for field in ("namespace", "name", "uid") if field in meta}}
-            self._queue.put_nowait((self._clock(), (involved, event_type, reason, message)))
+            shard = self._queues[hash((meta["namespace"], meta["name"])) % self.POSTERS]
+            shard.put_nowait((self._clock(), (involved, event_type, reason, message)))
         except stdlib_queue.Full:
             log.warning("event queue full; dropped %s %s on %s", event_type, reason, meta["name"])
 
     def join(self) -> None:
         """Wait until every Event enqueued so far was posted (tests)."""
-        self._queue.join()
+        for shard in self._queues:
+            shard.join()
 
     def start(self) -> None:
-        thread = threading.Thread(target=self._run, name=self.name, daemon=True)
-        self.health.register(self.name, 120.0, thread)
-        thread.start()
+        for index, shard in enumerate(self._queues):
+            name = f"{self.name}-{index}"
+            thread = threading.Thread(target=self._run, args=(name, shard), name=name, daemon=True)
+            self.health.register(name, 120.0, thread)
+            thread.start()
 
     def stop(self) -> None:
         self._stopped.set()
-        self._queue.put(None)
-        self.health.unregister(self.name)
+        for index, shard in enumerate(self._queues):
+            shard.put(None)
+            self.health.unregister(f"{self.name}-{index}")
 
     def _spend(self, key: Key) -> int | None:
         """Take one Event from the DPOJob's budget: None when it is spent (the Event is counted as omitted),
@@ -361,11 +374,11 @@ class EventPoster:
         }
         self._prune_at = 2 * len(self._budgets) + 1024
 
-    def _run(self) -> None:
+    def _run(self, name: str, shard: stdlib_queue.Queue[_Queued]) -> None:
         while True:
-            self.health.beat(self.name)
+            self.health.beat(name)
             try:
-                entry = self._queue.get(timeout=_IDLE_WAKE_S)
+                entry = shard.get(timeout=_IDLE_WAKE_S)
             except stdlib_queue.Empty:
                 continue
             try:
@@ -375,9 +388,9 @@ class EventPoster:
                 while self._busy() and self._clock() - enqueued < self.MAX_DEFER_S:
                     if self._stopped.wait(0.2):
                         return
-                    self.health.beat(self.name)
+                    self.health.beat(name)
                 self._post(*item)
             except Exception as exc:  # no connection at all (urllib3 MaxRetryError): this Event is lost
                 log.warning("could not post event %s: %s", entry[1][2] if entry else None, exc)
             finally:
-                self._queue.task_done()
+                shard.task_done()

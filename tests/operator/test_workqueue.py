@@ -228,3 +228,33 @@ def test_events_over_budget_are_counted_and_the_next_one_says_how_many() -> None
         "Succeeded",
         "training finished (and 4 earlier Event(s) of this DPOJob not posted: over its rate limit)",
     )
+
+
+def test_events_of_different_dpojobs_are_posted_side_by_side_and_each_dpojobs_in_order() -> None:
+    """One POST at a time fell behind 10,000 DPOJobs' Events: POSTERS threads post at once, while the Events of
+    one DPOJob keep their order (the same thread posts them all)."""
+    in_flight, most, posted = 0, 0, []
+    lock = threading.Lock()
+
+    def post(dpojob: dict, _type: str, reason: str, _message: str) -> None:
+        nonlocal in_flight, most
+        with lock:
+            in_flight += 1
+            most = max(most, in_flight)
+        time.sleep(0.05)  # a slow API server
+        with lock:
+            in_flight -= 1
+            posted.append((dpojob["metadata"]["name"], reason))
+
+    poster = EventPoster(post, Health())
+    poster.start()
+    try:
+        for name in range(40):
+            for reason in ("JobCreated", "Unschedulable"):
+                poster.post({"metadata": {"name": f"d{name}", "namespace": "ns"}}, "Normal", reason, "m")
+        poster.join()
+    finally:
+        poster.stop()
+    assert len(posted) == 80 and most > 1, f"{most} at once"
+    for name in range(40):
+        assert [r for n, r in posted if n == f"d{name}"] == ["JobCreated", "Unschedulable"]
