@@ -33,6 +33,10 @@ a log stream counts once, when it opens, any other request when it completes.
    p50/p95/max over the lines written in a --lag-seconds window that starts once every DPOJob's status shows
    its first line.
 
+4. restart (--restart): the operator SIGKILLed and started again with everything of the earlier phases in
+   place: until it is ready and has reconciled every DPOJob; the new process's peak RSS against the chart's
+   memory limit (charts/dpo-operator/values.yaml), and its requests.
+
 Prints a Markdown table and writes every number as JSON (--json). Everything it starts (operator, simulator,
 control plane) is stopped at the end, also on failure (its work dir, with the logs and the audit log, is then
 kept).
@@ -47,6 +51,7 @@ import json
 import os
 import queue
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -59,6 +64,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
 
+import yaml
 from kubernetes import client, config
 from kubernetes.watch.watch import iter_resp_lines
 
@@ -420,6 +426,14 @@ class Operator:
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.process.logs().splitlines()[-lines:])
 
+    def reconciles(self) -> float:
+        """dpo_operator_reconcile_total from its /metrics."""
+        with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/metrics", timeout=10) as response:
+            for line in response.read().decode().splitlines():
+                if line.startswith("dpo_operator_reconcile_total "):
+                    return float(line.split()[1])
+        raise RuntimeError("no dpo_operator_reconcile_total in /metrics")
+
 
 def requests_summary(counts: dict[str, int], per: int) -> dict[str, Any]:
     requests = {k: v for k, v in counts.items() if not k.startswith("WATCH")}
@@ -469,6 +483,13 @@ def wait_quiet(operator: Operator, watchers: list[Watcher], quiet: float, timeou
 # --- phases ---------------------------------------------------------------------------------------------------
 
 
+def chart_memory_limit_mib() -> float:
+    """The chart's default memory limit (values.yaml resources.limits.memory, in Mi or Gi)."""
+    values = yaml.safe_load((REPO_ROOT / "charts" / "dpo-operator" / "values.yaml").read_text())
+    limit = str(values["resources"]["limits"]["memory"])
+    return float(limit[:-2]) * (1024 if limit.endswith("Gi") else 1) if limit.endswith(("Mi", "Gi")) else float(limit)
+
+
 def measure_baseline(admin: Path, count: int, threads: int) -> dict[str, Any]:
     kubectl(admin, "create", "namespace", BASELINE_NS)
     _, seconds = run_parallel(admin, threads, count, baseline_writes)
@@ -479,6 +500,40 @@ def measure_baseline(admin: Path, count: int, threads: int) -> dict[str, Any]:
         "seconds": round(seconds, 2),
         "writes_per_second": round(3 * count / seconds, 1),
         "namespace_deleted_in_s": round(time.monotonic() - started, 1),
+    }
+
+
+def measure_restart(
+    admin: Path, operator: Operator, workdir: Path, audit_log: Path, count: int, args: argparse.Namespace
+) -> tuple[Operator, dict[str, Any]]:
+    """The operator SIGKILLed (as an OOM kill or a lost node ends it) and started again with every DPOJob of the
+    earlier phases in place (their Jobs and pending pods too): until it is ready, and until it has reconciled every
+    DPOJob at least once and settled; its peak RSS over that (VmHWM of the new process) against the chart's memory
+    limit, and the requests it made (a restart that finds nothing changed should write nothing)."""
+    operator.process.stop(signal.SIGKILL)
+    restarted = Operator(admin, workdir, audit_log, args.resync_seconds)
+    started = time.monotonic()
+    restarted.start()
+    ready = time.monotonic() - started
+    deadline = started + args.timeout
+    while (done := restarted.reconciles()) < count:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{done:.0f}/{count} reconciles after the restart\n{restarted.log_tail()}")
+        time.sleep(1.0)
+    every = time.monotonic() - started
+    quiet_at = wait_quiet(restarted, [], args.quiet_seconds, timeout=args.timeout)
+    memory = restarted.memory()
+    limit = chart_memory_limit_mib()
+    print(f"restart: ready {ready:.1f}s, every DPOJob reconciled {every:.1f}s; peak RSS {memory['VmHWM']} MiB "
+          f"(chart limit {limit:.0f} MiB)", flush=True)  # fmt: skip
+    return restarted, {
+        "ready_seconds": round(ready, 1),
+        "every_dpojob_reconciled_seconds": round(every, 1),
+        "settled_seconds": round(quiet_at - started, 1),
+        "rss_mib": memory,
+        "chart_memory_limit_mib": limit,
+        "peak_fraction_of_limit": round(memory["VmHWM"] / limit, 2),
+        "requests": requests_summary(restarted.counts(), count),
     }
 
 
@@ -790,6 +845,18 @@ def table(results: dict[str, Any]) -> str:
                 "",
             ),
         ]
+    restart = results.get("restart")
+    if restart:
+        rows.append(
+            (
+                "restart (SIGKILL): ready / every DPOJob reconciled / settled; peak RSS of the new process (chart "
+                f"limit {restart['chart_memory_limit_mib']:g} MiB); requests per DPOJob",
+                f"{fmt(restart['ready_seconds'])} / {fmt(restart['every_dpojob_reconciled_seconds'])} / "
+                f"{fmt(restart['settled_seconds'])}; **{fmt(restart['rss_mib']['VmHWM'], 'MiB')}** "
+                f"({restart['peak_fraction_of_limit']:g} of the limit); {restart['requests']['per_dpojob']:g}",
+                "under the limit",
+            )
+        )
     lines = ["| " + " | ".join(row) + " |" for row in rows]
     lines.insert(1, "| --- | --- | --- |")
     return "\n".join(lines)
@@ -805,6 +872,7 @@ def main() -> None:
     parser.add_argument("--quiet-seconds", type=float, default=5.0, help="idle this long = the operator settled")
     parser.add_argument("--resync-seconds", type=float, default=30.0, help="the operator's resync (chart default)")
     parser.add_argument("--timeout", type=float, help="per phase (default: 300 s + 1 s per DPOJob)")
+    parser.add_argument("--restart", action="store_true", help="then SIGKILL the operator and measure its restart")
     parser.add_argument("--json", type=Path, help="results file (default: out/operator_scale-<count>.json)")
     args = parser.parse_args()
     args.timeout = args.timeout or 300.0 + args.count + args.running
@@ -846,6 +914,10 @@ def main() -> None:
                 if args.running:
                     results["lag"] = measure_lag(admin, operator, workdir, args.running, args)
                 results["operator_peak_rss_mib"] = operator.memory()["VmHWM"]
+                if args.restart:
+                    operator, results["restart"] = measure_restart(
+                        admin, operator, workdir, cluster.audit_log, args.count + args.running, args
+                    )
             except BaseException:
                 print(operator.log_tail(60))
                 raise
