@@ -12,7 +12,7 @@ from kopf._core.reactor.inventory import ResourceMemories, ResourceMemory  # kop
 from kubernetes import client
 
 from .cache import ObjectCache
-from .kube import Kube
+from .kube import LIST_PAGE, Kube
 from .manifests import ANNOTATION_DPOJOB, LABEL_DPOJOB, MANAGED_BY
 from .reconciler import Reconciler
 from .workqueue import WorkQueue
@@ -70,6 +70,10 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
     # DPOJobs that is 3,000 live tasks, whose memory stays fragmented after they end. Events here are handled
     # at once and need no batching, so let workers end soon.
     settings.queueing.idle_timeout = 0.5
+    # Kopf lists each resource before watching it, unpaginated by default: a restart among 10,000 DPOJobs (their
+    # Jobs and pending pods) parsed three lists of 10,000 objects at once and peaked at 932 MiB
+    # (docs/benchmarks.md). Page by page it holds one page of each.
+    settings.watching.chunk_size = LIST_PAGE
     settings.networking.error_backoffs = API_ERROR_BACKOFFS
     # The watched resources are fixed (DPOJobs, Jobs, pods): discover them once at startup. Scanning would also
     # watch every CRD and namespace and re-read API discovery on each change, where Kopf 1.45 does not retry a

@@ -271,17 +271,14 @@ class Reconciler:
             spec_error=error,
             suspended=bool(spec and spec.suspend) and not finished,
         )
-        if run_identity(old) != run:
-            # Record a run before creating anything for it: its Job is named after run.generation, which must not
-            # drift if the spec changes again (or the operator dies) before the Job exists; and this first status
-            # tells the user at once that the DPOJob was seen. Then go on from what the API server answered (no
-            # round trip through the watch) -- or, while other DPOJobs still wait for their first status (a
-            # burst), create this one's Job in its next turn, after them.
+        if old.get("run") and run_identity(old) != run:
+            # Record a run that replaces another before creating anything for it: its Job is named after
+            # run.generation, which must not drift if the spec changes again (or the operator dies) before the Job
+            # exists. Then go on from what the API server answered (no round trip through the watch). A first
+            # run is recorded with its Job, in one write: should the operator die in between and the spec change
+            # meanwhile, the next reconcile supersedes that Job, which had run for moments at most.
             dpojob = self._write_status(dpojob, old, observed)
             old = dpojob.get("status") or {}
-            if self.queue.urgent_waiting():
-                self.queue.add((namespace, name))
-                return
 
         job_name = manifests.run_name(name, generation, attempt)
         job = self._current_job(namespace, name, uid, job_name)

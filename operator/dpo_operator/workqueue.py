@@ -9,8 +9,7 @@ What runs where:
   a key to one worker at a time, so two reconciles of the same DPOJob never overlap (no per-DPOJob locks);
   a key added while it is being reconciled is reconciled once more afterwards; many adds before a worker
   gets to it coalesce into one reconcile. Keys of DPOJobs whose spec was not acted on yet go to an urgent lane
-  that workers drain first (handlers.on_dpojob decides; under a burst the reconciler only writes their first
-  status there and defers Job creation and later status writes behind it), until
+  that workers drain first (handlers.on_dpojob decides; the reconciler defers a status write behind it), until
   a key of the other lane has waited WorkQueue.READY_MAX_WAIT_S: then the lanes take turns.
 - `Resync` (one thread) enqueues every cached DPOJob each settings.resync_seconds (TTL clean-up, retries
   after a refused child, progress of a quiet pod), and every RELIST_EVERY passes replaces the cache with a
@@ -56,11 +55,11 @@ class WorkQueue:
     The same contract as client-go's workqueue: get() marks a key processing until done(key); an add during
     processing is remembered and re-queued by done(). Keys added `urgent` (a DPOJob whose spec the operator has
     not acted on yet: a new one, a changed one) are handed out before the others (status refreshes from Job
-    and pod events, progress lines, resync), so a burst of status work never delays a new DPOJob's first
-    status, and Events wait for them too (EventPoster). Not for ever: once the oldest key of the other lane has
+    and pod events, progress lines, resync), so a burst of status work never delays the start of a training
+    run, and Events wait for them too (EventPoster). Not for ever: once the oldest key of the other lane has
     waited READY_MAX_WAIT_S, the lanes take turns, so a long stream of new DPOJobs (thousands submitted over
-    minutes) still gets the Jobs of the first ones created while it goes on, at half the workers' pace at worst
-    for each lane."""
+    minutes) still gets the statuses of the first ones written while it goes on, at half the workers' pace at
+    worst for each lane."""
 
     READY_MAX_WAIT_S = 15.0
 

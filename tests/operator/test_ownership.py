@@ -88,14 +88,12 @@ def test_a_job_is_trusted_until_its_status_write_lands_and_replaced_if_a_restart
     patch_status = cluster.patch_status
 
     def refused(dpojob: dict[str, Any], patch: dict[str, Any]) -> dict[str, Any]:
-        if (patch.get("internal") or {}).get("jobUid"):
-            raise RuntimeError("the status write failed")
-        return patch_status(dpojob, patch)
+        raise RuntimeError("the status write failed")
 
     cluster.patch_status = refused
     cluster.feed(reconciler.cache)
     with pytest.raises(RuntimeError):
-        reconciler.reconcile(NS, NAME)  # records the run, creates its Job, then the write that records it fails
+        reconciler.reconcile(NS, NAME)  # a first run is recorded with its Job: created, then the write fails
     name = manifests.run_name(NAME, 1)
     created_uid = cluster.objects["Job", name]["metadata"]["uid"]
     assert job_uid(cluster.dpojob.get("status") or {}) is None

@@ -125,10 +125,8 @@ def test_a_reserved_path_spelled_another_way_is_still_reserved() -> None:
     assert validate_spec({**base, "runtime": {"nodeSelector": {"nvidia.com/gpu.product": "H100"}}})[1] is None
 
 
-def test_under_a_burst_a_new_dpojob_gets_its_first_status_at_once_and_its_job_in_its_next_turn() -> None:
-    """While other new DPOJobs wait, a reconcile only records the run (the first status: the user sees at once that
-    the DPOJob was seen); its Job comes in its next turn, after them, and the status that records the Job waits
-    again behind the urgent lane. Against the in-memory cluster of test_kueue, without Kueue labels."""
+def test_under_a_burst_a_new_dpojob_gets_its_job_first_and_its_status_in_one_write_after() -> None:
+    """Against the in-memory cluster of test_kueue (the reconciler's Kube boundary), without Kueue labels."""
     from test_kueue import NAME, NS, Cluster, new_reconciler
     from test_kueue import dpojob as kueue_dpojob
 
@@ -144,20 +142,16 @@ def test_under_a_burst_a_new_dpojob_gets_its_first_status_at_once_and_its_job_in
     reconciler.queue.add(other, urgent=True)
 
     reconciler.reconcile(NS, NAME)
-    assert cluster.job_writes == [], "no Job yet"
-    assert len(patches) == 1 and cluster.dpojob["status"]["run"] == {"generation": 1}, "the run is recorded"
-    assert (cluster.dpojob["status"]["phase"], cluster.dpojob["status"]["reason"]) == ("Pending", "Creating")
+    assert cluster.job_writes == [f"create {manifests.run_name(NAME, 1)}"], "the Job comes first"
+    assert patches == [] and "status" not in cluster.dpojob, "its status write waits for the other new DPOJob"
     assert reconciler.queue.get(timeout=1) == other, "the urgent lane first"
-    reconciler.queue.add(other, urgent=True)  # still waiting for its first status
     reconciler.queue.done(other)
-    assert reconciler.queue.get(timeout=1) == other
-    assert reconciler.queue.get(timeout=1) == (NS, NAME), "then its Job"
+    assert reconciler.queue.get(timeout=1) == (NS, NAME), "then the deferred status write"
 
-    cluster.feed(reconciler.cache)
-    reconciler.reconcile(NS, NAME)  # nothing waits in the urgent lane now: the Job, and the status recording it
-    assert len(patches) == 2, "the Job recorded in one more write"
+    reconciler.reconcile(NS, NAME)
+    assert len(patches) == 1, "a first run is recorded with its Job, in one write"
     status = cluster.dpojob["status"]
-    assert status["trainer"]["jobName"] == manifests.run_name(NAME, 1) and status["internal"]["jobUid"]
+    assert status["run"]["generation"] == 1 and status["trainer"]["jobName"] == manifests.run_name(NAME, 1)
     assert cluster.job_writes == [f"create {manifests.run_name(NAME, 1)}"], "created once"
     reconciler.events.stop()
 
