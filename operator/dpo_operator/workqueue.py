@@ -287,8 +287,9 @@ class EventPoster:
     alternating stages) can no longer fill the queue that every other DPOJob's Events wait in."""
 
     name = "events"
-    capacity = 10_000
-    """Events queued at most, over all threads."""
+    capacity = 20_000
+    """Events queued at most, over all threads (two for each of 10,000 DPOJobs submitted at once; each entry
+    holds the DPOJob's identity and the message: a few MiB when full)."""
     POSTERS = 4
     MAX_DEFER_S = 30.0
     BURST = 25

@@ -209,7 +209,7 @@ def test_deployment_is_locked_down_and_has_no_command(helm: Path) -> None:
     assert main["livenessProbe"]["failureThreshold"] == 3
     assert main["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "http"}
     assert main["readinessProbe"]["periodSeconds"] == 5
-    assert main["resources"] == {"requests": {"cpu": "100m", "memory": "128Mi"}, "limits": {"memory": "256Mi"}}
+    assert main["resources"] == {"requests": {"cpu": "100m", "memory": "160Mi"}, "limits": {"memory": "512Mi"}}
     assert pod["terminationGracePeriodSeconds"] == 30
     assert deployment["spec"]["replicas"] == 1
     assert deployment["spec"]["selector"]["matchLabels"] == {
