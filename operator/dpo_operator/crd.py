@@ -15,6 +15,7 @@ import sys
 from typing import Any
 
 import yaml
+from pydantic import BaseModel
 
 from dpojob_api.spec import API_GROUP, API_VERSION, KIND, PLURAL, DPOJobSpec
 from dpojob_api.status import DPOJobStatus
@@ -56,10 +57,10 @@ def to_structural(schema: dict[str, Any], defs: dict[str, Any], cel: bool = Fals
             raise ValueError(f"cannot express union {variants} structurally")
         inner = to_structural(non_null[0], defs, cel)
         outer = {k: v for k, v in schema.items() if k not in ("anyOf", "default", "title")}
-        node = {**inner, **{k: v for k, v in to_structural(outer, defs, cel).items() if k != "type"}}
+        merged = {**inner, **{k: v for k, v in to_structural(outer, defs, cel).items() if k != "type"}}
         if len(non_null) < len(variants):
-            node["nullable"] = True
-        return node
+            merged["nullable"] = True
+        return merged
 
     node: dict[str, Any] = {k: schema[k] for k in _KEPT_KEYWORDS if k in schema}
     if cel and CEL_KEY in schema:
@@ -87,7 +88,7 @@ def to_structural(schema: dict[str, Any], defs: dict[str, Any], cel: bool = Fals
     return node
 
 
-def openapi_schema(model: type, cel: bool = False) -> dict[str, Any]:
+def openapi_schema(model: type[BaseModel], cel: bool = False) -> dict[str, Any]:
     """Structural schema of a pydantic model (by alias, i.e. camelCase field names)."""
     raw = model.model_json_schema(by_alias=True)
     return to_structural(raw, raw.get("$defs", {}), cel)

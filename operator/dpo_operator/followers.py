@@ -249,8 +249,8 @@ class _Api:
         token = configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
         if token:
             headers["Authorization"] = token
-        elif configuration.username or configuration.password:
-            headers["Authorization"] = configuration.get_basic_auth_token()
+        elif (configuration.username or configuration.password) and (basic := configuration.get_basic_auth_token()):
+            headers["Authorization"] = basic
         options: dict[str, Any] = {"headers": headers}
         server_name = getattr(configuration, "tls_server_name", None) or getattr(configuration, "assert_hostname", None)
         if isinstance(server_name, str) and server_name:
@@ -268,7 +268,7 @@ class _EventLoop(asyncio.SelectorEventLoop):
     than one TLS record (16 KiB) per read. Only this loop's connections are affected, not Kopf's."""
 
     def _make_ssl_transport(self, *args: Any, **kwargs: Any) -> Any:
-        transport = super()._make_ssl_transport(*args, **kwargs)
+        transport = super()._make_ssl_transport(*args, **kwargs)  # type: ignore[misc]  # private (issue 17)
         protocol = getattr(transport, "_ssl_protocol", None)  # nothing has been read yet: reading starts later
         if protocol is not None and len(getattr(protocol, "_ssl_buffer", b"")) > _TLS_READ_BUFFER:
             protocol.max_size = _TLS_READ_BUFFER
@@ -348,7 +348,7 @@ class LogFollowers:
                 if not container_state(pod).get("running"):
                     continue
                 runtime = self._running()
-                if runtime is None:
+                if runtime is None or runtime.api is None:
                     return
                 # A follower that gave up is replaced, keeping what it read (its replay guard included).
                 follower = _Follower(

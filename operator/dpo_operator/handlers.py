@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -51,7 +52,7 @@ class NoObjectMemories(ResourceMemories):
         self,
         raw_body: kopf.RawBody,
         *,
-        memobase: kopf.Memo | None = None,
+        memobase: Any = None,
         noticed_by_listing: bool = False,
         ephemeral: bool = False,
     ) -> ResourceMemory:
@@ -132,8 +133,8 @@ def on_child(
     event: dict[str, Any],
     namespace: str,
     name: str,
-    labels: dict[str, str],
-    annotations: dict[str, str],
+    labels: Mapping[str, str],
+    annotations: Mapping[str, str],
     memo: kopf.Memo,
 ) -> None:
     """A trainer Job or pod changed: reconcile the DPOJob it belongs to (its full name is an annotation; the

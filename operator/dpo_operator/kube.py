@@ -201,7 +201,8 @@ class Kube:
         query = {} if kind == "DPOJob" else {"labelSelector": f"app.kubernetes.io/managed-by={MANAGED_BY}"}
         items: list[Any] = []
         revisions: list[str] = []
-        for namespace in namespaces or [None]:
+        targets: list[str | None] = [*namespaces] if namespaces else [None]
+        for namespace in targets:
             token = None
             while True:
                 listing = self.request(

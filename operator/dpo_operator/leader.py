@@ -61,13 +61,17 @@ class _LeaseApi(client.CoordinationV1Api):
             kwargs["_request_timeout"] = min(self.timeout, left)
         return kwargs
 
-    def read_namespaced_lease(self, name: str, namespace: str, **kwargs: Any) -> Any:
+    # The overrides forward every argument (the client's keyword arguments through **kwargs) and only bound the
+    # request's time, which their narrower signatures do not tell the type checker.
+    def read_namespaced_lease(self, name: str, namespace: str, **kwargs: Any) -> Any:  # type: ignore[override]
         return super().read_namespaced_lease(name, namespace, **self._bounded(kwargs))
 
-    def create_namespaced_lease(self, namespace: str, body: Any, **kwargs: Any) -> Any:
+    def create_namespaced_lease(self, namespace: str, body: Any, **kwargs: Any) -> Any:  # type: ignore[override]
         return super().create_namespaced_lease(namespace, body, **self._bounded(kwargs))
 
-    def replace_namespaced_lease(self, name: str, namespace: str, body: Any, **kwargs: Any) -> Any:
+    def replace_namespaced_lease(  # type: ignore[override]
+        self, name: str, namespace: str, body: Any, **kwargs: Any
+    ) -> Any:
         return super().replace_namespaced_lease(name, namespace, body, **self._bounded(kwargs))
 
 
@@ -89,9 +93,10 @@ class _Election(leaderelection.LeaderElection):
             log.warning("lease %s: %s", self.election_config.lock.name, exc)
             return False
 
-    def renew_loop(self) -> None:
+    def renew_loop(self, leading_failed: threading.Event | None = None) -> None:
         """Renew every retry period; return when no attempt succeeded within the renew deadline, counting the
-        time a hung request takes (the library's loop only checks its deadline between attempts)."""
+        time a hung request takes (the library's loop only checks its deadline between attempts), or once
+        released. (`leading_failed`, which the library's run() passes, is not used: LeaderElector drives this.)"""
         config = self.election_config
         try:
             while not self.released.is_set():

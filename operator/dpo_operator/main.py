@@ -9,6 +9,8 @@ import argparse
 import functools
 import logging
 import sys
+from collections.abc import Mapping
+from typing import Any
 
 import kopf
 from kubernetes import client, config
@@ -21,7 +23,10 @@ from .leader import LeaderElector
 from .manifests import LABEL_DPOJOB, MANAGED_BY
 from .settings import OperatorSettings, SettingsError
 
-CHILDREN = {LABEL_DPOJOB: kopf.PRESENT, "app.kubernetes.io/managed-by": MANAGED_BY}
+CHILDREN: dict[str, Any] = {  # a label value, or kopf.PRESENT
+    LABEL_DPOJOB: kopf.PRESENT,
+    "app.kubernetes.io/managed-by": MANAGED_BY,
+}
 log = logging.getLogger("dpo_operator")
 
 
@@ -56,22 +61,34 @@ async def pod_cache(body: kopf.Body, memo: kopf.Memo, **_: object) -> None:
 
 
 @kopf.on.event(API_GROUP, API_VERSION, PLURAL)
-async def dpojob_event(event: dict, namespace: str, name: str, memo: kopf.Memo, **_: object) -> None:
-    handlers.on_dpojob(event, namespace, name, memo)
+async def dpojob_event(event: kopf.RawEvent, namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
+    handlers.on_dpojob(dict(event), namespace or "", name, memo)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILDREN)
 async def job_event(
-    event: dict, namespace: str, name: str, labels: dict, annotations: dict, memo: kopf.Memo, **_: object
+    event: kopf.RawEvent,
+    namespace: str | None,
+    name: str,
+    labels: Mapping[str, str],
+    annotations: Mapping[str, str],
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
-    handlers.on_child(event, namespace, name, labels, annotations, memo)
+    handlers.on_child(dict(event), namespace or "", name, labels, annotations, memo)
 
 
 @kopf.on.event("", "v1", "pods", labels=CHILDREN)
 async def pod_event(
-    event: dict, namespace: str, name: str, labels: dict, annotations: dict, memo: kopf.Memo, **_: object
+    event: kopf.RawEvent,
+    namespace: str | None,
+    name: str,
+    labels: Mapping[str, str],
+    annotations: Mapping[str, str],
+    memo: kopf.Memo,
+    **_: Any,
 ) -> None:
-    handlers.on_child(event, namespace, name, labels, annotations, memo)
+    handlers.on_child(dict(event), namespace or "", name, labels, annotations, memo)
 
 
 def load_cluster_credentials() -> str:

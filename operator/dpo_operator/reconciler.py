@@ -10,6 +10,7 @@ import logging
 import threading
 import time
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 
 from kubernetes.client.exceptions import ApiException
@@ -215,9 +216,7 @@ class Reconciler:
         """Replace the cache with fresh LISTs (see ObjectCache.replace_all). A DPOJob the watch had not reported
         deleted is forgotten as a DELETED event would have it (handlers.on_dpojob)."""
         for kind in ("DPOJob", "Job", "Pod"):
-            items, revision = self.kube.list_all(
-                kind, self.settings.namespaces, keep=lambda item, kind=kind: self.cache.listed(kind, item)
-            )
+            items, revision = self.kube.list_all(kind, self.settings.namespaces, keep=partial(self.cache.listed, kind))
             if dropped := self.cache.replace_all(kind, items, revision):
                 log.warning("relist: %d %s(s) the watch had not reported deleted were dropped", len(dropped), kind)
             if kind == "DPOJob":

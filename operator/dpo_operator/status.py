@@ -217,7 +217,8 @@ def observe_outcome(obs: Observed) -> Outcome:
             # own Succeeded arrives would freeze without the termination message (where the model went).
             return Outcome("Running", "Completing", "the trainer Job completed; reading the trainer's result", None)
         final = termination_message(pod) if pod else None
-        return Outcome("Succeeded", "Succeeded", "training finished", pod and pod["metadata"]["name"], final)
+        name = pod["metadata"]["name"] if pod else None
+        return Outcome("Succeeded", "Succeeded", "training finished", name, final)
     failed_condition = _job_condition(obs.job, "Failed")
     at_once = _latest([p for p in pods if fails_at_once(p)])
     if at_once is not None and not failed_condition:
@@ -228,7 +229,8 @@ def observe_outcome(obs: Observed) -> Outcome:
         failed = _latest([p for p in pods if p.get("status", {}).get("phase") == "Failed"])
         if failed_condition.get("reason") == "DeadlineExceeded" or failed is None:
             reason = failed_condition.get("reason") or "JobFailed"
-            return Outcome("Failed", reason, failed_condition.get("message", ""), failed and failed["metadata"]["name"])
+            name = failed["metadata"]["name"] if failed else None
+            return Outcome("Failed", reason, failed_condition.get("message", ""), name)
         reason, message = pod_failure(failed)
         return Outcome("Failed", reason, message, failed["metadata"]["name"], termination_message(failed))
     if latest is None:
@@ -341,7 +343,7 @@ def compute_status(old: dict[str, Any], obs: Observed) -> DPOJobStatus:
     if previous.run and not same_run:
         runs = [*runs, archived_run(previous, previous.run)][-MAX_RUN_HISTORY:]
     frozen = _finished(previous, run)
-    if frozen:
+    if frozen and previous.phase:
         outcome = Outcome(previous.phase, _reason(previous) or previous.phase, _message(previous))
     else:
         outcome = observe_outcome(obs)

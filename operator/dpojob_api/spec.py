@@ -12,7 +12,7 @@ import hashlib
 import json
 import re
 import string
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, cast
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
@@ -32,6 +32,7 @@ gates, the push and output.directory: the trainer re-runs only those stages). Ru
 rest share a work directory, so an output-only edit, or a retry, goes on from what the earlier run trained."""
 
 DType = Literal["bfloat16", "float16", "float32"]
+Tracker = Literal["none", "tensorboard", "wandb", "mlflow", "trackio"]
 LossType = Literal[
     "sigmoid",
     "hinge",
@@ -359,7 +360,7 @@ class DPOSpec(TrainingSpec):
 
     beta: float = Field(default=0.1, gt=0)
     """Strength of the KL penalty towards the reference model."""
-    loss_type: list[LossType] = Field(default_factory=lambda: ["sigmoid"], min_length=1)
+    loss_type: list[LossType] = Field(default_factory=lambda: cast("list[LossType]", ["sigmoid"]), min_length=1)
     """DPO loss(es); several are combined with lossWeights."""
     loss_weights: list[float] | None = None
     """One weight per lossType entry."""
@@ -502,9 +503,7 @@ class CheckpointingSpec(SpecModel):
 class ReportingSpec(SpecModel):
     """Experiment trackers."""
 
-    report_to: list[Literal["none", "tensorboard", "wandb", "mlflow", "trackio"]] = Field(
-        default_factory=lambda: ["none"]
-    )
+    report_to: list[Tracker] = Field(default_factory=lambda: cast("list[Tracker]", ["none"]))
     """Trackers the Trainer reports to (progress always reaches DPOJob status)."""
 
 

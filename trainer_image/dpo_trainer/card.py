@@ -141,7 +141,7 @@ def recorded_run(text: str) -> dict[str, Any]:
         return {}
     metrics = {
         f"eval_{r.metric_type}": float(r.metric_value)
-        for r in data.eval_results or []
+        for r in getattr(data, "eval_results", None) or []  # ModelCardData's; CardData does not declare it
         if r.task_type == EVAL_TASK and isinstance(r.metric_value, int | float)
     }
     return {"generation": record.get("generation"), "specHash": record.get("spec_hash"), "metrics": metrics}

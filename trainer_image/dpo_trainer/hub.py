@@ -156,7 +156,7 @@ def run(ctx: RunContext) -> None:
         warn_if_public(api, hub)
         if hub.revision:
             api.create_branch(hub.repo_id, branch=hub.revision, exist_ok=True, repo_type="model")
-        if branch != hub.revision:
+        if branch is not None and branch != hub.revision:
             api.create_branch(hub.repo_id, branch=branch, revision=hub.revision, exist_ok=True, repo_type="model")
         commit = api.upload_folder(
             repo_id=hub.repo_id,

@@ -33,7 +33,7 @@ NPROC_ENV = "DPO_TRAINER_NPROC"
 OUTCOME_DIR_ENV = "DPO_TRAINER_OUTCOME_DIR"
 """Set by the launcher for its workers only: the directory where each rank leaves its outcome."""
 
-_ERRORS = {e.reason: e for e in ALL_ERRORS}
+_ERRORS: dict[str, type[TrainerError]] = {e.reason: e for e in ALL_ERRORS}
 
 
 def in_distributed_launch() -> bool:

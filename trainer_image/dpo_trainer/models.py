@@ -160,7 +160,8 @@ def select_precision(spec: DPOJobSpec, cuda: bool, bf16: bool) -> Precision:
     if (model_dtype, compute_dtype) != asked:
         note = "this GPU has no native bfloat16 (compute capability < 8.0): float16 where the spec says bfloat16"
     computes_in = compute_dtype if spec.quantization.mode == "4bit" else model_dtype
-    mixed: Literal["bf16", "fp16"] | None = {"bfloat16": "bf16", "float16": "fp16"}.get(computes_in) if cuda else None
+    trainer_flags: dict[str, Literal["bf16", "fp16"]] = {"bfloat16": "bf16", "float16": "fp16"}
+    mixed = trainer_flags.get(computes_in) if cuda else None
     return Precision(mixed, compute_dtype, model_dtype, note)
 
 
@@ -276,7 +277,7 @@ def keep_4bit_weights_trainable_on_cpu(model: torch.nn.Module) -> None:
     """
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
-            module.support_avx512bf16_for_cpu = False
+            setattr(module, "support_avx512bf16_for_cpu", False)  # noqa: B010 (a bitsandbytes attribute)
 
 
 def lora_config(lora: LoRASpec) -> LoraConfig:

@@ -67,6 +67,7 @@ def train_and_save(ctx: RunContext, stage: TrainingStage, trainer: Trainer) -> N
     missed an eval, save."""
     from dpo_trainer.models import trainable_in_fp32
 
+    assert trainer.model is not None  # every Trainer here is built with its model
     trainable_in_fp32(trainer.model)
     checkpoint = latest_checkpoint(ctx.layout.stage_dir(stage))
     trainer.train(resume_from_checkpoint=checkpoint)
