@@ -72,8 +72,8 @@ def startup(settings: kopf.OperatorSettings, memo: kopf.Memo) -> None:
     # at once and need no batching, so let workers end soon.
     settings.queueing.idle_timeout = 0.5
     # Kopf lists each resource before watching it, unpaginated by default: a restart among 10,000 DPOJobs (their
-    # Jobs and pending pods) parsed three lists of 10,000 objects at once and peaked at 932 MiB
-    # (docs/benchmarks.md). Page by page it holds one page of each.
+    # Jobs and pending pods) parsed three lists of 10,000 objects at once, several times the operator's settled
+    # memory (measured in docs/benchmarks.md). Page by page it holds one page of each.
     settings.watching.chunk_size = LIST_PAGE
     settings.networking.error_backoffs = API_ERROR_BACKOFFS
     # The watched resources are fixed (DPOJobs, Jobs, pods): discover them once at startup. Scanning would also
