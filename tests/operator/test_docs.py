@@ -100,3 +100,28 @@ def test_the_gpu_guide_says_what_to_change_for_every_operator_reason() -> None:
     for reason in operator_reasons:
         assert f"| `{reason}` |" in text, reason
     assert "trainer.md#exit-codes-and-the-termination-message" in text
+
+
+def test_every_event_reason_the_operator_posts_is_in_the_events_section() -> None:
+    """Reasons as literals in events.post(...) and Event(...) calls, plus the pending ones (status.PENDING_EVENTS),
+    each named in docs/operator.md's Events section (it once missed FailedCreate and NotOwned)."""
+    import ast
+    import re
+
+    from dpo_operator.status import PENDING_EVENTS
+
+    posted = set(PENDING_EVENTS)
+    for module in ("reconciler.py", "status.py"):
+        tree = ast.parse((ROOT / "operator/dpo_operator" / module).read_text())
+        for call in (node for node in ast.walk(tree) if isinstance(node, ast.Call)):
+            name = call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
+            position = {"post": 2, "Event": 1}.get(name)
+            if position is not None and len(call.args) > position:
+                reason = call.args[position]
+                if isinstance(reason, ast.Constant) and isinstance(reason.value, str):
+                    posted.add(reason.value)
+    assert {"JobCreated", "UntrustedJob", "Succeeded", "NewRun"} <= posted, "the scan finds the calls"
+    text = (ROOT / "docs/operator.md").read_text()
+    section = text[text.index("## Events") : text.index("## Lifecycle")]
+    documented = set(re.findall(r"`([A-Z][A-Za-z]+)`", section))
+    assert posted <= documented, f"docs/operator.md ## Events: add {sorted(posted - documented)}"
