@@ -66,20 +66,8 @@ async def dpojob_event(event: kopf.RawEvent, namespace: str | None, name: str, m
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILDREN)
-async def job_event(
-    event: kopf.RawEvent,
-    namespace: str | None,
-    name: str,
-    labels: Mapping[str, str],
-    annotations: Mapping[str, str],
-    memo: kopf.Memo,
-    **_: Any,
-) -> None:
-    handlers.on_child(dict(event), namespace or "", name, labels, annotations, memo)
-
-
 @kopf.on.event("", "v1", "pods", labels=CHILDREN)
-async def pod_event(
+async def child_event(
     event: kopf.RawEvent,
     namespace: str | None,
     name: str,

@@ -306,6 +306,8 @@ class EventPoster:
         self._queues: list[stdlib_queue.Queue[_Queued]] = [
             stdlib_queue.Queue(self.capacity // self.POSTERS) for _ in range(self.POSTERS)
         ]
+        self._names = [f"{self.name}-{index}" for index in range(self.POSTERS)]
+        """Each thread's name, as Health knows it."""
         self._budgets: dict[Key, _Budget] = {}
         self._prune_at = 1024
         self._lock = threading.Lock()
@@ -335,17 +337,16 @@ class EventPoster:
             shard.join()
 
     def start(self) -> None:
-        for index, shard in enumerate(self._queues):
-            name = f"{self.name}-{index}"
+        for name, shard in zip(self._names, self._queues, strict=True):
             thread = threading.Thread(target=self._run, args=(name, shard), name=name, daemon=True)
             self.health.register(name, 120.0, thread)
             thread.start()
 
     def stop(self) -> None:
         self._stopped.set()
-        for index, shard in enumerate(self._queues):
+        for name, shard in zip(self._names, self._queues, strict=True):
             shard.put(None)
-            self.health.unregister(f"{self.name}-{index}")
+            self.health.unregister(name)
 
     def _spend(self, key: Key) -> int | None:
         """Take one Event from the DPOJob's budget: None when it is spent (the Event is counted as omitted),
