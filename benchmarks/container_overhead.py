@@ -34,7 +34,7 @@ from kubernetes import client, config, watch
 
 from dpo_dev.cluster import LocalCluster
 from dpo_dev.images import ensure_images
-from dpo_dev.nodesim import NodeSimulator, NodeSpec
+from dpo_dev.nodesim import NodeSimConfig, NodeSimulator, NodeSpec
 from dpo_dev.stack import OPERATOR_NAMESPACE, RELEASE, LocalStack, kubectl, quickstart_for_cluster
 
 MODES = ("process", "container")
@@ -93,8 +93,7 @@ def pod_starts(kubeconfig: Path, workdir: Path, rounds: int) -> dict[str, Any]:
                     taints=[{"key": "bench", "value": mode, "effect": "NoSchedule"}],
                 )
             ],
-            mode=mode,
-            workdir=workdir / mode,
+            config=NodeSimConfig(mode=mode, workdir=workdir / mode),
         ).start()
         for mode in MODES
     }

@@ -17,7 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from dpo_dev.cluster import LocalCluster, ensure_binaries
+from dpo_dev.build import ensure_binaries
+from dpo_dev.cluster import LocalCluster
 from dpo_dev.nodesim import NodeSimulator, NodeSpec
 
 

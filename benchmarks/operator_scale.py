@@ -26,9 +26,9 @@ a log stream counts once, when it opens, any other request when it completes.
 3. metric lag (--running M > 0): a simulated node (dpo_dev.nodesim, simulate mode) runs the pods of M more
    DPOJobs forever, and this process appends a progress line to each pod's container log (the simulator's
    LogFile of that container) every --line-interval seconds, staggered, as the trainer's stdout would:
-   ``{"kind": "dpo-trainer/progress", "event": "log", "stage": "dpo", "step": k, "totalSteps": ...,
-   "time": <unix time>, "metrics": {"rewards/accuracies": ...}}``. The simulator serves that log to the API
-   server's log stream (``kubectl logs -f``), so the operator reads it exactly as from a kubelet. Lag of a
+   a dpojob_api.progress.StageLog of the dpo stage (step k, its rewards/accuracies), the trainer's own model.
+   The simulator serves that log to the API server's log stream (``kubectl logs -f``), so the operator reads it
+   exactly as from a kubelet. Lag of a
    line = its write -> the first DPOJob watch event whose status.progress.step and status.metrics reflect it;
    p50/p95/max over the lines written in a --lag-seconds window that starts once every DPOJob's status shows
    its first line.
@@ -57,22 +57,23 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections import Counter
 from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import yaml
 from kubernetes import client, config
 from kubernetes.watch.watch import iter_resp_lines
 
+from dpo_dev.audit import AuditCounter
 from dpo_dev.cluster import LocalCluster, write_sa_kubeconfig
-from dpo_dev.nodesim import RUN_FOREVER, NodeSimulator, NodeSpec
+from dpo_dev.nodesim import RUN_FOREVER, NodeSimConfig, NodeSimulator, NodeSpec
 from dpo_dev.stack import OPERATOR_ACCOUNT, OPERATOR_NAMESPACE, OperatorProcess, install, kubectl
 from dpo_operator import manifests
+from dpojob_api.progress import StageLog
 from dpojob_api.spec import API_GROUP, API_VERSION, PLURAL, DPOJobSpec
+from dpojob_api.vocabulary import Stage
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BASELINE_NS, OPERATOR_NS, LAG_NS = "bench-baseline", "bench-operator", "bench-lag"
@@ -81,9 +82,6 @@ OPERATOR_USER = f"system:serviceaccount:{OPERATOR_NAMESPACE}:{OPERATOR_ACCOUNT}"
 """Who the API server sees when the operator (under its ServiceAccount's token) calls: the one audited user."""
 STREAMS = ("WATCH", "GET pods/log")
 """Long-lived requests: counted when opened, and not activity for the quiescence test."""
-AUDIT_VERBS = {"create": "POST", "update": "PUT", "patch": "PATCH"}
-"""Audit verbs named by their HTTP method, as the proxy names them; the others (get, list, watch, delete,
-deletecollection, and a non-resource request's method) are upper-cased."""
 
 
 # --- small helpers ----------------------------------------------------------------------------------------
@@ -299,79 +297,6 @@ class FirstSeen:
                 self.times.setdefault(name, arrived)
             if self.status_too and kind != "DELETED" and (obj.get("status") or {}).get("phase"):
                 self.status_times.setdefault(name, arrived)
-
-
-# --- the operator's requests, from the audit log ------------------------------------------------------------
-
-
-def audit_key(event: dict[str, Any]) -> str:
-    """An audit event's request as dpo_dev.api_proxy counts it: "VERB resource[/subresource]" (no group, no
-    namespace: "PATCH dpojobs/status", "WATCH jobs", "GET pods/log"), a non-resource URL by its path
-    ("GET /version", "GET /apis/dpo.dev/v1")."""
-    ref = event.get("objectRef") or {}
-    verb = event["verb"]
-    if not ref.get("resource"):
-        path = urlsplit(event["requestURI"]).path
-        return f"{verb.upper()} /" + "/".join(part for part in path.split("/") if part)
-    resource = ref["resource"] + (f"/{ref['subresource']}" if ref.get("subresource") else "")
-    return f"{AUDIT_VERBS.get(verb, verb.upper())} {resource}"
-
-
-class AuditCounter:
-    """Requests by "VERB resource", from the JSON lines the API server appended to its audit log since the last
-    read; the interface of dpo_dev.api_proxy's counters (counts, reset).
-
-    A long-running request logs an event when it opens (a watch its RequestReceived, a log stream its
-    ResponseStarted: see LocalCluster.audit_log) and ResponseComplete when it ends: it is counted once, when it
-    opens (as the proxy counts it on arrival). Any other request logs only ResponseComplete, and counts then.
-    """
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._offset = 0
-        self._partial = b""
-        self._open: set[str] = set()  # auditIDs of long-running requests counted when they opened
-        self._requests: Counter[str] = Counter()
-        self._lock = threading.Lock()
-
-    def _read(self) -> None:
-        try:
-            with self.path.open("rb") as log:
-                log.seek(self._offset)
-                data = log.read()
-        except FileNotFoundError:  # the API server creates it with its first event
-            return
-        self._offset += len(data)
-        *lines, self._partial = (self._partial + data).split(b"\n")
-        for line in lines:
-            if line.strip():
-                self._event(json.loads(line))
-
-    def _event(self, event: dict[str, Any]) -> None:
-        stage, audit_id = event.get("stage"), event.get("auditID", "")
-        if audit_id in self._open:  # a later stage of a watch/log stream counted when it opened
-            if stage in ("ResponseComplete", "Panic"):
-                self._open.discard(audit_id)
-            return
-        if stage in ("RequestReceived", "ResponseStarted"):
-            self._open.add(audit_id)
-        elif stage not in ("ResponseComplete", "Panic"):
-            return
-        self._requests[audit_key(event)] += 1
-
-    def counts(self) -> dict[str, int]:
-        """Requests so far by "VERB resource", most frequent first."""
-        with self._lock:
-            self._read()
-            return dict(self._requests.most_common())
-
-    def reset(self) -> dict[str, int]:
-        """The counts so far; counting starts again from zero."""
-        with self._lock:
-            self._read()
-            counts = dict(self._requests.most_common())
-            self._requests.clear()
-            return counts
 
 
 # --- the operator ------------------------------------------------------------------------------------------------
@@ -634,22 +559,17 @@ def accuracy_at(step: int) -> float:
 
 
 def progress_line(step: int) -> bytes:
-    event = {
-        "kind": "dpo-trainer/progress",
-        "event": "log",
-        "stage": "dpo",
-        "step": step,
-        "totalSteps": TOTAL_STEPS,
-        "time": time.time(),
-        "metrics": {"loss": 0.5, "rewards/accuracies": accuracy_at(step), "rewards/margins": 0.1},
-    }
-    return json.dumps(event).encode() + b"\n"
+    """A DPO log line as the trainer writes it (the same model)."""
+    metrics = {"loss": 0.5, "rewards/accuracies": accuracy_at(step), "rewards/margins": 0.1}
+    return StageLog(stage=Stage.DPO, step=step, totalSteps=TOTAL_STEPS, metrics=metrics).line().encode() + b"\n"
 
 
 def measure_lag(admin: Path, operator: Operator, workdir: Path, running: int, args: argparse.Namespace) -> dict:
     kubectl(admin, "create", "namespace", LAG_NS)
     node = NodeSpec("bench-node", cpu="1000", memory="4Ti", pods=running + 10)
-    simulator = NodeSimulator(admin, [node], mode="simulate", workdir=workdir / "node", heartbeat_s=10)
+    simulator = NodeSimulator(
+        admin, [node], config=NodeSimConfig(mode="simulate", workdir=workdir / "node", heartbeat_s=10)
+    )
     api = api_client(admin)
     statuses = StatusLog()
     watcher = Watcher(api, "dpojobs", LAG_NS, statuses)

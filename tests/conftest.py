@@ -36,7 +36,7 @@ def pytest_collection_finish(session: pytest.Session) -> None:
     needed = {name for item in session.items for name in getattr(item, "fixturenames", ())}
     if session.config.option.collectonly or not needed & {"cluster", "helm"}:
         return
-    from dpo_dev.cluster import ensure_binaries, ensure_helm
+    from dpo_dev.build import ensure_binaries, ensure_helm
 
     reporter = session.config.pluginmanager.get_plugin("terminalreporter")
 
@@ -68,7 +68,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ClusterHandle]
 
     Teardown stops every component by PID and fails if any process of theirs is left.
     """
-    from dpo_dev.cluster import LocalCluster, processes_in_groups
+    from dpo_dev.cluster import LocalCluster
+    from dpo_dev.processes import processes_in_groups
 
     with pytest.MonkeyPatch.context() as env:
         if os.environ.get("USE_EXISTING_CLUSTER") == "1":
@@ -144,8 +145,8 @@ def node_simulator(admin_kubeconfig: Path, tmp_path_factory: pytest.TempPathFact
     ``dpo_dev.nodesim``). ``DPO_NODESIM_ADDRESS`` sets the address the kubelet endpoint binds to and
     advertises (on kind, an address the apiserver container can reach). Teardown fails on leftover processes.
     """
-    from dpo_dev.cluster import processes_in_groups
-    from dpo_dev.nodesim import NodeSimulator, NodeSpec
+    from dpo_dev.nodesim import NodeSimConfig, NodeSimulator, NodeSpec
+    from dpo_dev.processes import processes_in_groups
 
     pool = {FIXTURE_POOL_LABEL: "fixture"}
     gpu = {**pool, "nvidia.com/gpu.present": "true"}
@@ -157,10 +158,12 @@ def node_simulator(admin_kubeconfig: Path, tmp_path_factory: pytest.TempPathFact
     simulator = NodeSimulator(
         admin_kubeconfig,
         nodes,
-        mode="process",
-        workdir=tmp_path_factory.mktemp("nodesim"),
-        address=os.environ.get("DPO_NODESIM_ADDRESS", "127.0.0.1"),
-        max_grace_s=5.0,
+        config=NodeSimConfig(
+            mode="process",
+            workdir=tmp_path_factory.mktemp("nodesim"),
+            address=os.environ.get("DPO_NODESIM_ADDRESS", "127.0.0.1"),
+            max_grace_s=5.0,
+        ),
     )
     simulator.start()
     try:
@@ -190,7 +193,7 @@ def namespace(api_client: object) -> Iterator[str]:
 @pytest.fixture(scope="session")
 def helm() -> Path:
     """The helm binary (fetched once into the cache beside the control-plane binaries)."""
-    from dpo_dev.cluster import ensure_helm
+    from dpo_dev.build import ensure_helm
 
     return ensure_helm()
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import tomllib
 from pathlib import Path
+from typing import Any
 
 import dockerfile
 from packaging.requirements import Requirement
@@ -44,11 +45,21 @@ def env_vars(commands: tuple[dockerfile.Command, ...]) -> dict[str, str]:
     return result
 
 
-def requirements(extras: tuple[str, ...]) -> dict[NormalizedName, Requirement]:
-    """pyproject's base dependencies plus the given extras, by normalized name."""
+def pyproject(image_dir: str) -> dict[str, Any]:
+    """The pyproject.toml an image installs (operator/ or trainer_image/)."""
+    return tomllib.loads((ROOT / image_dir / "pyproject.toml").read_text())
+
+
+def requirements(image_dir: str) -> dict[NormalizedName, Requirement]:
+    """The dependencies of the project an image installs, by normalized name."""
+    parsed = (Requirement(line) for line in pyproject(image_dir)["project"]["dependencies"])
+    return {canonicalize_name(r.name): r for r in parsed}
+
+
+def workspace_requirements(extra: str) -> dict[NormalizedName, Requirement]:
+    """The top-level (development) pyproject's base dependencies plus one extra, by normalized name."""
     project = PYPROJECT["project"]
-    lines = [*project["dependencies"], *(dep for extra in extras for dep in project["optional-dependencies"][extra])]
-    parsed = (Requirement(line) for line in lines)
+    parsed = (Requirement(line) for line in [*project["dependencies"], *project["optional-dependencies"][extra]])
     return {canonicalize_name(r.name): r for r in parsed}
 
 
@@ -88,15 +99,9 @@ def pip_installs(commands: tuple[dockerfile.Command, ...]) -> list[list[str]]:
     return installs
 
 
-def project_extras(installs: list[list[str]]) -> set[str]:
-    """Extras of every install of the project itself (`.[a,b]`)."""
-    extras: set[str] = set()
-    for args in installs:
-        for arg in args:
-            match = re.fullmatch(r"\.\[([\w,-]+)\]", arg)
-            if match:
-                extras.update(match.group(1).split(","))
-    return extras
+def project_installs(installs: list[list[str]]) -> set[str]:
+    """Local projects pip installs (`./operator`), by their directory."""
+    return {arg[2:] for args in installs for arg in args if re.fullmatch(r"\./[\w-]+", arg)}
 
 
 def constraint_files(installs: list[list[str]]) -> set[str]:
@@ -110,7 +115,7 @@ def constraint_files(installs: list[list[str]]) -> set[str]:
 
 
 def unpinned(installs: list[list[str]]) -> list[str]:
-    """Requirements named on a pip command line without `==` (the project itself, `.[extra]`, excepted)."""
+    """Requirements named on a pip command line without `==` (a local project, `./operator`, excepted)."""
     loose = []
     for args in installs:
         takes_value = False
@@ -119,7 +124,7 @@ def unpinned(installs: list[list[str]]) -> list[str]:
                 takes_value = False
             elif arg.startswith("-"):
                 takes_value = arg in ("-r", "-c", "--requirement", "--constraint", "-i", "--index-url")
-            elif not re.fullmatch(r"\.(\[[\w,-]+\])?", arg) and not PIN.fullmatch(arg):
+            elif not re.fullmatch(r"\./[\w-]+", arg) and not PIN.fullmatch(arg):
                 loose.append(arg)
     return loose
 

@@ -321,7 +321,7 @@ class ApiProxyProcess:
         self._context = ssl.create_default_context()
 
     def start(self, timeout: float = 30.0) -> ApiProxyProcess:
-        from .cluster import die_with_parent
+        from .processes import die_with_parent
 
         self.workdir.mkdir(parents=True, exist_ok=True)
         argv = [sys.executable, "-m", "dpo_dev.api_proxy", "--upstream", self.upstream, "--ca", str(self.ca_file)]

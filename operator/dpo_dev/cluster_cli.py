@@ -27,20 +27,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .cluster import (
-    LocalCluster,
-    StepError,
-    cache_dir,
-    ensure_binaries,
-    ensure_helm,
-    kill_pid,
-    pid_alive,
-    stop_state,
-    tail,
-    write_sa_kubeconfig,
-    write_state,
-)
+from .build import StepError, cache_dir, ensure_binaries, ensure_helm, tail
+from .cluster import LocalCluster, stop_state, write_sa_kubeconfig, write_state
 from .images import ensure_images
+from .processes import kill_pid, pid_alive
 
 DEFAULT_NODES = ["nodesim-gpu-0:gpus=1,cpu=8,memory=32Gi,label.nvidia.com/gpu.present=true"]
 
@@ -77,7 +67,7 @@ def cmd_build(_: argparse.Namespace) -> int:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from .nodesim import NodeSimulator, parse_node
+    from .nodesim import NodeSimConfig, NodeSimulator, parse_node
 
     run = _run_dir(args.name)
     state = _read_state(args.name)
@@ -102,9 +92,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     try:
         cluster.start()
         if nodes:
-            simulator = NodeSimulator(
-                cluster.kubeconfig, nodes, mode=args.mode, workdir=run / "nodesim", cwd=Path(args.cwd)
-            ).start()
+            config = NodeSimConfig(mode=args.mode, workdir=run / "nodesim", cwd=Path(args.cwd))
+            simulator = NodeSimulator(cluster.kubeconfig, nodes, config=config).start()
         state = cluster.state() | {
             "supervisor": {"pid": os.getpid(), "executable": _own_argv0()},
             "nodes": [n.name for n in nodes],

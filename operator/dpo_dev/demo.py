@@ -18,7 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from .cluster import LocalCluster, StepError
+from .build import StepError
+from .cluster import LocalCluster
 from .images import ensure_images, podman_env
 from .stack import LocalStack, kubectl, quickstart_for_cluster
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from .cluster import DEBIAN_SUITE, Progress, StepError, _cache_lock, _quiet, _run_step, cache_dir, debian_mirror
+from .build import DEBIAN_SUITE, Progress, StepError, _cache_lock, _quiet, _run_step, cache_dir, debian_mirror
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 VERSION = "0.1.0"

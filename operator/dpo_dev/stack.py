@@ -28,13 +28,13 @@ from typing import Any
 
 import yaml
 
-from dpo_operator import crd
+from dpo_dev import crd
 from dpojob_api.spec import RuntimeSpec
 
-from .cluster import ensure_helm
+from .build import ensure_helm
 from .hub import LocalHub
 from .images import VERSION, ensure_images
-from .nodesim import NodeSimulator, NodeSpec
+from .nodesim import NodeSimConfig, NodeSimulator, NodeSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHART = REPO_ROOT / "charts" / "dpo-operator"
@@ -210,12 +210,14 @@ class LocalStack:
         self.simulator = NodeSimulator(
             self.admin_kubeconfig,
             [NodeSpec("gpu-node-0", cpu="16", memory="128Gi", gpus=gpus, labels={"nvidia.com/gpu.present": "true"})],
-            mode=mode,
-            workdir=self.workdir / "node",
-            cwd=REPO_ROOT,
-            env=TRAINER_PROCESS_ENV,
-            # DPOJobs name no image: the default (the project's published trainer) is the locally built one.
-            preloaded_images={RuntimeSpec.model_fields["image"].default: f"localhost/dpo-trainer:{VERSION}"},
+            config=NodeSimConfig(
+                mode=mode,
+                workdir=self.workdir / "node",
+                cwd=REPO_ROOT,
+                env=TRAINER_PROCESS_ENV,
+                # DPOJobs name no image: the default (the project's published trainer) is the locally built one.
+                preloaded_images={RuntimeSpec.model_fields["image"].default: f"localhost/dpo-trainer:{VERSION}"},
+            ),
         )
         self.operator = OperatorDeployment(self.admin_kubeconfig, self.simulator, self.workdir)
         self.values = {"replicas": replicas, "resyncSeconds": resync_seconds, "verbose": True, **(values or {})}

@@ -43,6 +43,8 @@ from typing import Any
 import aiohttp
 from kubernetes import client
 
+from dpojob_api.vocabulary import FINISHED_POD_PHASES
+
 from .health import Health
 from .manifests import CONTAINER
 from .progress import TrainerProgress, parse_line
@@ -56,13 +58,13 @@ LOOP_NAME = "log-followers"
 """The event loop's name in the Health registry (and its thread's name)."""
 DEFAULT_MAX_STREAMS = 1000
 """Log streams open at once. Why 1,000: it follows 1,000 concurrently running jobs (one running pod each), the
-scale the operator is sized for, without any waiting, and its cost fits the chart's 256 MiB memory limit.
-What one stream costs: on the API server a long-running request (exempt from --max-requests-inflight and
-priority-and-fairness seats) plus a kubelet connection it proxies, a few per node; here one socket (a file
-descriptor: the soft RLIMIT_NOFILE is raised to fit) and ≈ 80 KiB (measured with 1,000 TLS streams: ≈ 20 KiB
-of aiohttp and task state, the rest OpenSSL's per-connection state and the 16 KiB read buffer, see _EventLoop),
-so ≈ 80 MiB at the bound. Beyond it, memory (and the kubelets' and API server's work) would grow without a
-limit with the number of running pods; pods beyond the bound wait their turn instead."""
+scale the operator is sized for, without any waiting, within the chart's memory limit. What one stream costs:
+on the API server a long-running request (exempt from --max-requests-inflight and priority-and-fairness seats)
+plus a kubelet connection it proxies, a few per node; here one socket (a file descriptor: the soft
+RLIMIT_NOFILE is raised to fit), aiohttp and task state, OpenSSL's per-connection state and the read buffer
+(see _EventLoop; the measured cost is in docs/benchmarks.md, "Log followers"). Beyond the bound, memory (and the
+kubelets' and API server's work) would grow without a limit with the number of running pods; pods beyond it
+wait their turn instead."""
 PUBLISH_INTERVAL_S = 1.0
 """A pod's progress reaches status at most this often (docs/operator.md promises one write a second)."""
 _TLS_READ_BUFFER = 16 * 1024
@@ -264,8 +266,8 @@ class _Api:
 
 class _EventLoop(asyncio.SelectorEventLoop):
     """The followers' loop: asyncio gives every TLS connection a 256 KiB read buffer (sslproto.SSLProtocol.
-    max_size), which would make 1,000 streams cost 310 MiB (measured) instead of 80. A log stream needs no more
-    than one TLS record (16 KiB) per read. Only this loop's connections are affected, not Kopf's."""
+    max_size), several times what the rest of a stream costs (docs/benchmarks.md, "Log followers"). A log stream
+    needs no more than one TLS record (16 KiB) per read. Only this loop's connections are affected, not Kopf's."""
 
     def _make_ssl_transport(self, *args: Any, **kwargs: Any) -> Any:
         transport = super()._make_ssl_transport(*args, **kwargs)  # type: ignore[misc]  # private (issue 17)
@@ -548,7 +550,7 @@ class LogFollowers:
             if response.status != 200:
                 raise _StatusError(response.status, await response.content.read(4096))
             pod = await response.json()
-        if (pod.get("status") or {}).get("phase") in ("Succeeded", "Failed"):
+        if (pod.get("status") or {}).get("phase") in FINISHED_POD_PHASES:
             return True
         statuses = (pod.get("status") or {}).get("containerStatuses") or []
         return any(s.get("name") == CONTAINER and (s.get("state") or {}).get("terminated") for s in statuses)

@@ -119,8 +119,8 @@ def resource_path(kind: str, namespace: str | None, name: str | None = None, sub
 class Kube:
     """The API requests the operator makes, as JSON in and out, over the kubernetes client's ApiClient (its
     credentials, TLS, token refresh and connection pool). Not through its typed API classes: importing those
-    and their models for batch/v1 and core/v1 costs 22 MiB, a quarter of the operator's memory, and the
-    operator reads the API server's JSON anyway."""
+    and their models for batch/v1 and core/v1 costs a good share of the operator's memory (docs/benchmarks.md),
+    and the operator reads the API server's JSON anyway."""
 
     api_client: client.ApiClient
     request_timeout: tuple[float, float] = REQUEST_TIMEOUT

@@ -1,4 +1,5 @@
-"""Entry module: registers the Kopf handlers, and the `dpo-operator` console script.
+"""Entry module: the Kopf handlers (thin: they hand every event to the reconciler, see reconciler.py) and the
+`dpo-operator` console script.
 
 Run with `dpo-operator` (settings from DPO_OPERATOR_* env, see settings.py; the Helm chart sets them).
 """
@@ -6,9 +7,11 @@ Run with `dpo-operator` (settings from DPO_OPERATOR_* env, see settings.py; the 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import functools
 import logging
 import sys
+import threading
 from collections.abc import Mapping
 from typing import Any
 
@@ -17,52 +20,82 @@ from kubernetes import client, config
 
 from dpojob_api.spec import API_GROUP, API_VERSION, PLURAL
 
-from . import handlers, health, metrics
-from .kube import one_attempt
+from . import health, kopf_config, metrics
+from .cache import ObjectCache
+from .kube import Kube, one_attempt
 from .leader import LeaderElector
-from .manifests import LABEL_DPOJOB, MANAGED_BY
+from .manifests import ANNOTATION_DPOJOB, LABEL_DPOJOB, MANAGED_BY
+from .reconciler import Reconciler
 from .settings import OperatorSettings, SettingsError
+from .workqueue import WorkQueue
 
 CHILDREN: dict[str, Any] = {  # a label value, or kopf.PRESENT
     LABEL_DPOJOB: kopf.PRESENT,
     "app.kubernetes.io/managed-by": MANAGED_BY,
 }
 log = logging.getLogger("dpo_operator")
+EVENT_LOOP = "kopf-event-loop"
+_BEAT_SECONDS = 5.0
 
 
 @kopf.on.startup()
 def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: object) -> None:
-    handlers.startup(settings, memo)
+    """Set Kopf up (kopf_config) and start the reconciler. Handlers are on.event only, so Kopf writes nothing to
+    the objects: no finalizer, no annotations. cli() has loaded the cluster credentials and put the operator's
+    settings and health in the memo."""
+    kopf_config.configure(settings)
+    kube = Kube(client.ApiClient())
+    memo.cache, memo.queue = ObjectCache(), WorkQueue()
+    memo.reconciler = Reconciler(kube, memo.cache, memo.queue, memo.settings, memo.health, kube.server_features())
+    memo.reconciler.start()
+    memo.health.ready.set()
 
 
 @kopf.on.startup()
 async def beat_event_loop(memo: kopf.Memo, **_: object) -> None:
-    await handlers.beat_event_loop(memo)
+    """Let /healthz see Kopf's event loop: a stalled loop (every watch and handler with it) stops beating."""
+    health = memo.health
+    health.register(EVENT_LOOP, max_silence=60.0, thread=threading.main_thread())
+
+    async def beat() -> None:
+        while True:
+            health.beat(EVENT_LOOP)
+            await asyncio.sleep(_BEAT_SECONDS)
+
+    memo.event_loop_beat = asyncio.get_running_loop().create_task(beat())
 
 
 @kopf.on.cleanup()
 def cleanup(memo: kopf.Memo, **_: object) -> None:
-    handlers.cleanup(memo)
+    """On SIGTERM: stop the loops, then hand the Lease over at once (before Kopf's own shutdown finishes,
+    which the kubelet may cut short with SIGKILL)."""
+    memo.health.ready.clear()
+    memo.reconciler.stop()
+    if memo.elector is not None:
+        memo.elector.release()
 
 
-@kopf.index(API_GROUP, API_VERSION, PLURAL)
-async def dpojob_cache(body: kopf.Body, memo: kopf.Memo, **_: object) -> None:
-    handlers.hold(body, memo)
-
-
-@kopf.index("batch", "v1", "jobs", labels=CHILDREN)
-async def job_cache(body: kopf.Body, memo: kopf.Memo, **_: object) -> None:
-    handlers.hold(body, memo)
-
-
-@kopf.index("", "v1", "pods", labels=CHILDREN)
-async def pod_cache(body: kopf.Body, memo: kopf.Memo, **_: object) -> None:
-    handlers.hold(body, memo)
+@kopf.index(API_GROUP, API_VERSION, PLURAL, id="dpojobs")  # one index per resource: Kopf keys indexes by id
+@kopf.index("batch", "v1", "jobs", labels=CHILDREN, id="jobs")
+@kopf.index("", "v1", "pods", labels=CHILDREN, id="pods")
+async def hold(body: kopf.Body, memo: kopf.Memo, **_: object) -> None:
+    """Index function for every watched resource: keep the object in the cache (see cache.py). Kopf holds all
+    handlers back until the initial listing of every indexed resource is in, so no reconcile sees a cluster
+    half-listed."""
+    memo.cache.put(body)
 
 
 @kopf.on.event(API_GROUP, API_VERSION, PLURAL)
 async def dpojob_event(event: kopf.RawEvent, namespace: str | None, name: str, memo: kopf.Memo, **_: Any) -> None:
-    handlers.on_dpojob(dict(event), namespace or "", name, memo)
+    """A DPOJob changed: reconcile it, urgently when its spec has not been acted on (see workqueue.py)."""
+    namespace = namespace or ""
+    if event.get("type") == "DELETED":
+        memo.cache.remove("DPOJob", namespace, name)
+        memo.reconciler.forget(namespace, name)
+        return
+    dpojob = event.get("object") or {}
+    acted_on = (dpojob.get("status") or {}).get("observedGeneration") == dpojob.get("metadata", {}).get("generation")
+    memo.queue.add((namespace, name), urgent=not acted_on)
 
 
 @kopf.on.event("batch", "v1", "jobs", labels=CHILDREN)
@@ -76,7 +109,11 @@ async def child_event(
     memo: kopf.Memo,
     **_: Any,
 ) -> None:
-    handlers.on_child(dict(event), namespace or "", name, labels, annotations, memo)
+    """A trainer Job or pod changed: reconcile the DPOJob it belongs to (its full name is an annotation; the
+    label may be shortened)."""
+    if event.get("type") == "DELETED":
+        memo.cache.remove(event["object"]["kind"], namespace or "", name, labels)
+    memo.queue.add((namespace or "", annotations.get(ANNOTATION_DPOJOB) or labels[LABEL_DPOJOB]))
 
 
 def load_cluster_credentials() -> str:
@@ -94,7 +131,7 @@ def load_cluster_credentials() -> str:
 
 def stop_reconciling(memo: kopf.Memo, timeout: float) -> bool:
     """Take no more work and wait up to `timeout` seconds for the reconciles in flight; True when they ended."""
-    queue = memo.get("queue")  # handlers.startup made it, if Kopf got that far
+    queue = memo.get("queue")  # startup() made it, if Kopf got that far
     if queue is None:
         return True
     queue.shut_down()
@@ -116,7 +153,7 @@ def cli() -> None:
     verbose = args.verbose or settings.verbose
     kopf.configure(verbose=verbose)
     if not verbose:
-        # Kopf logs "Handler … succeeded" at INFO for every watch event (a sixth of its CPU at 1,000 DPOJobs);
+        # Kopf logs "Handler … succeeded" at INFO for every watch event (a share of its CPU: docs/benchmarks.md);
         # its warnings and errors still show.
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     metrics.per_dpojob_series(settings.per_dpojob_series)
@@ -138,7 +175,7 @@ def cli() -> None:
             clusterwide=not settings.namespaces,
             namespaces=settings.namespaces,
             memo=memo,
-            memories=handlers.NoObjectMemories(),
+            memories=kopf_config.NoObjectMemories(),
         )
     finally:
         if elector is not None:

@@ -15,13 +15,9 @@ from typing import Any
 import yaml
 from kubernetes.utils import parse_quantity
 
-from dpojob_api.progress import (
-    FAIL_AT_ONCE_EXIT_CODES,
-    SPEC_DIGEST_ENV,
-    TERMINATION_MESSAGE_PATH,
-    TERMINATION_PATH_ENV,
-)
+from dpojob_api.progress import SPEC_DIGEST_ENV, TERMINATION_MESSAGE_PATH, TERMINATION_PATH_ENV
 from dpojob_api.spec import API_GROUP, API_VERSION, KIND, DPOJobSpec, VolumeClaim, digest, training_hash
+from dpojob_api.vocabulary import FAIL_AT_ONCE_EXIT_CODES
 
 CONFIG_MOUNT = "/etc/dpo-operator"
 SPEC_FILE = "dpojob.yaml"

@@ -17,7 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed")
+from dpojob_api.vocabulary import Phase
 
 REGISTRY = CollectorRegistry()
 
@@ -85,7 +85,7 @@ class StateCollector(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         counts = Tally(self.phases())
         by_phase = GaugeMetricFamily("dpo_operator_dpojobs", "DPOJobs by status.phase.", labels=["phase"])
-        for phase in sorted(set(PHASES) | counts.keys()):
+        for phase in sorted(set(Phase) | counts.keys()):
             by_phase.add_metric([phase], counts.get(phase, 0))
         yield by_phase
         yield GaugeMetricFamily("dpo_operator_log_followers", "Trainer pod logs being followed.", self.followers())

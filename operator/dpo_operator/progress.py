@@ -17,17 +17,11 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from dpojob_api.progress import (
-    PROGRESS_KIND,
-    STAGE_WEIGHTS,
-    TRAINER_STAGES,
-    ProgressEvent,
-    bounded_metrics,
-    finite,
-    status_metrics,
-)
+from dpojob_api.progress import PROGRESS_KIND, ProgressEvent, bounded_metrics, finite, status_metrics
+from dpojob_api.vocabulary import STAGE_WEIGHTS, Stage
 
 _MARKER = '{"kind": "' + PROGRESS_KIND + '"'
+_STAGES = list(Stage)
 
 
 def parse_line(line: str) -> dict[str, Any] | None:
@@ -57,7 +51,7 @@ def _rfc3339(timestamp: float) -> str:
 class TrainerProgress:
     """What the trainer has reported so far for one pod, folded from its events in order."""
 
-    stage: str | None = None
+    stage: Stage | None = None
     step: int = 0
     total_steps: int = 0
     first_seen: tuple[float, int] | None = None
@@ -75,19 +69,19 @@ class TrainerProgress:
         if finite(when):
             self.updated = float(when)
         if kind == "stage_start" and stage in STAGE_WEIGHTS:
-            self.stage, self.step, self.total_steps, self.first_seen = stage, 0, 0, None
-            if stage in ("sft", "dpo"):
+            self.stage, self.step, self.total_steps, self.first_seen = Stage(stage), 0, 0, None
+            if stage in (Stage.SFT, Stage.DPO):
                 self.metrics = {}  # each training stage reports its own loss; don't mix SFT's into DPO's
         elif kind == "log":
             if stage in STAGE_WEIGHTS and stage != self.stage:
-                self.stage, self.first_seen = stage, None
+                self.stage, self.first_seen = Stage(stage), None
             self.step, self.total_steps = event["step"], event["totalSteps"]
             if self.first_seen is None and self.updated is not None:
                 self.first_seen = (self.updated, self.step)
             self.metrics = bounded_metrics({**self.metrics, **event["metrics"]})
         elif kind == "done":
             self.done = True
-            self.stage = "push"
+            self.stage = Stage.PUSH
             self.metrics = bounded_metrics({**self.metrics, **event["summary_metrics"]})
 
     def percent(self) -> int:
@@ -96,7 +90,7 @@ class TrainerProgress:
             return 100
         if self.stage is None:
             return 0
-        before = sum(STAGE_WEIGHTS[s] for s in TRAINER_STAGES[: TRAINER_STAGES.index(self.stage)])
+        before = sum(STAGE_WEIGHTS[s] for s in _STAGES[: _STAGES.index(self.stage)])
         within = self.step / self.total_steps if self.total_steps else 0.0
         return min(99, int(100 * (before + within * STAGE_WEIGHTS[self.stage]) / sum(STAGE_WEIGHTS.values())))
 
@@ -118,7 +112,7 @@ class TrainerProgress:
         if stage_left is None or pace is None or self.stage is None:
             return None
         per_weight = pace * self.total_steps / STAGE_WEIGHTS[self.stage]
-        later = sum(STAGE_WEIGHTS[s] for s in TRAINER_STAGES[TRAINER_STAGES.index(self.stage) + 1 :])
+        later = sum(STAGE_WEIGHTS[s] for s in _STAGES[_STAGES.index(self.stage) + 1 :])
         return stage_left + round(per_weight * later)
 
     def status_fields(self) -> dict[str, Any]:

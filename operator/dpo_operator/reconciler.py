@@ -18,6 +18,7 @@ from pydantic import ValidationError
 
 from dpojob_api.spec import DPOJobSpec, describe_validation_error, legacy_spec_hash, spec_hash
 from dpojob_api.status import run_identity
+from dpojob_api.vocabulary import FINISHED_POD_PHASES, EventReason, JobConditionType, Phase
 
 from . import manifests, metrics
 from .cache import Key, ObjectCache, slim
@@ -32,7 +33,15 @@ from .kube import (
     prune_none,
 )
 from .settings import OperatorSettings
-from .status import Observed, compute_status, run_finished, trainer_started, transition_events, utc_from_rfc3339
+from .status import (
+    Observed,
+    compute_status,
+    job_condition,
+    run_finished,
+    trainer_started,
+    transition_events,
+    utc_from_rfc3339,
+)
 from .workqueue import EventPoster, Resync, Workers, WorkQueue
 
 log = logging.getLogger(__name__)
@@ -80,7 +89,7 @@ def current_run(dpojob: dict[str, Any]) -> dict[str, Any]:
     retry = (dpojob["metadata"].get("annotations") or {}).get(RETRY_ANNOTATION)
     if previous.get("specHash") not in (digest, legacy_spec_hash(spec)):
         return {"generation": dpojob["metadata"]["generation"], "specHash": digest, "retryToken": retry}
-    if retry and retry != previous.get("retryToken") and status.get("phase") == "Failed":
+    if retry and retry != previous.get("retryToken") and status.get("phase") == Phase.FAILED:
         return {**previous, "attempt": previous.get("attempt", 0) + 1, "retryToken": retry}
     return previous
 
@@ -96,7 +105,7 @@ def stopping_pod(pods: list[dict[str, Any]], dpojob_name: str, now: datetime) ->
     GPUs. Only pods whose controller is a Job named as one of the DPOJob's runs count (any pod can carry our
     labels), and a pod still there STUCK_TERMINATING past its deletion deadline (a lost node) does not."""
     for pod in pods:
-        if pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+        if pod.get("status", {}).get("phase") in FINISHED_POD_PHASES:
             continue
         owners = pod["metadata"].get("ownerReferences") or []
         if not any(
@@ -214,7 +223,7 @@ class Reconciler:
 
     def relist(self) -> None:
         """Replace the cache with fresh LISTs (see ObjectCache.replace_all). A DPOJob the watch had not reported
-        deleted is forgotten as a DELETED event would have it (handlers.on_dpojob)."""
+        deleted is forgotten as a DELETED event would have it (main.dpojob_event)."""
         for kind in ("DPOJob", "Job", "Pod"):
             items, revision = self.kube.list_all(kind, self.settings.namespaces, keep=partial(self.cache.listed, kind))
             if dropped := self.cache.replace_all(kind, items, revision):
@@ -292,7 +301,7 @@ class Reconciler:
                 self.events.post(
                     dpojob,
                     "Normal",
-                    "JobReplaced",
+                    EventReason.JOB_REPLACED,
                     f"the spec changed before training started: trainer Job {job_name} is re-created with it",
                 )
                 job = None
@@ -336,7 +345,11 @@ class Reconciler:
         dpojob = self._write_status(dpojob, old, observed)
         if job is not None and self._created.get((namespace, name)) == job["metadata"]["uid"]:
             del self._created[(namespace, name)]  # recorded in the status now
-        if job is not None and observed.spec_error is None and (dpojob.get("status") or {}).get("phase") == "Failed":
+        if (
+            job is not None
+            and observed.spec_error is None
+            and (dpojob.get("status") or {}).get("phase") == Phase.FAILED
+        ):
             self._stop(job)
         if finished and spec is not None:
             self._expire(dpojob, spec, job)
@@ -371,8 +384,7 @@ class Reconciler:
         """The run failed in a way the same spec meets again (status.fails_at_once), on a server without
         podFailurePolicy: stop the Job from starting another pod (parallelism 0, its pods kept for their logs)."""
         job_spec = job.get("spec") or {}
-        conditions = (job.get("status") or {}).get("conditions") or []
-        ended = any(c.get("type") in ("Complete", "Failed") and c.get("status") == "True" for c in conditions)
+        ended = job_condition(job, JobConditionType.COMPLETE) or job_condition(job, JobConditionType.FAILED)
         if ended or job_spec.get("parallelism") == 0:
             return
         stopped = slim({"kind": "Job", **self.kube.patch(job, {"spec": {"parallelism": 0}})})
@@ -402,7 +414,7 @@ class Reconciler:
         it now is."""
         new = compute_status(old, observed).to_document()
         meta = dpojob["metadata"]
-        self.phases[(meta["namespace"], meta["name"])] = new.get("phase", "Pending")
+        self.phases[(meta["namespace"], meta["name"])] = new.get("phase", Phase.PENDING)
         metrics.record_rewards(meta["namespace"], meta["name"], new.get("rewards") or {})
         if patch := merge_patch(old, new):
             with metrics.STATUS_PATCH_SECONDS.time():
@@ -439,13 +451,16 @@ class Reconciler:
                 )
                 metrics.JOB_CREATION_DELAY.observe(max(delay.total_seconds(), 0.0))
             self.events.post(
-                dpojob, "Normal", "JobCreated", f"created trainer Job {job['metadata']['name']} (run {generation})"
+                dpojob,
+                "Normal",
+                EventReason.JOB_CREATED,
+                f"created trainer Job {job['metadata']['name']} (run {generation})",
             )
             if manifests.queue_name(dpojob) and spec.runtime.checkpoint_volume is None:
                 self.events.post(
                     dpojob,
                     "Warning",
-                    "PreemptionRestartsTraining",
+                    EventReason.PREEMPTION_RESTARTS_TRAINING,
                     f"queued in Kueue queue {manifests.queue_name(dpojob)} without spec.runtime.checkpointVolume: "
                     "if Kueue preempts the run, training starts again from the beginning",
                 )
@@ -496,7 +511,7 @@ class Reconciler:
         self.events.post(
             dpojob,
             "Warning",
-            "UntrustedJob",
+            EventReason.UNTRUSTED_JOB,
             f"Job {name} names this DPOJob as its controller but the operator did not create it (or stopped before "
             "recording it): deleted; the run's Job is created again",
         )
@@ -521,7 +536,7 @@ class Reconciler:
         if datetime.now(UTC) >= utc_from_rfc3339(completed) + timedelta(seconds=ttl):
             self._delete_child(job, dpojob["metadata"]["uid"])
             self.events.post(
-                dpojob, "Normal", "Cleaned", f"deleted trainer Job {job['metadata']['name']} after {ttl}s TTL"
+                dpojob, "Normal", EventReason.CLEANED, f"deleted trainer Job {job['metadata']['name']} after {ttl}s TTL"
             )
 
 

@@ -11,9 +11,8 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Literal
 
-from dpojob_api.progress import FAIL_AT_ONCE, FAIL_AT_ONCE_EXIT_CODES, TerminationMessage, status_metrics
+from dpojob_api.progress import TerminationMessage, status_metrics
 from dpojob_api.status import (
-    CONDITION_TYPES,
     Bookkeeping,
     Condition,
     DPOJobStatus,
@@ -24,18 +23,28 @@ from dpojob_api.status import (
     RunRef,
     TrainerRef,
 )
+from dpojob_api.vocabulary import (
+    FAIL_AT_ONCE,
+    FAIL_AT_ONCE_EXIT_CODES,
+    IN_PROGRESS_PHASES,
+    OOM_KILLED,
+    PENDING_WARNINGS,
+    REASONS,
+    STUCK_BEFORE_START,
+    TERMINAL_PHASES,
+    WAITING_REASONS,
+    ConditionType,
+    EventReason,
+    JobConditionType,
+    Phase,
+    PodPhase,
+    Reason,
+    Stage,
+)
 
 from .manifests import CONTAINER
 
-TERMINAL = ("Succeeded", "Failed")
 MAX_RUN_HISTORY = 10
-_WAITING_PROBLEMS = {
-    "ErrImagePull": "ImagePullBackOff",
-    "ImagePullBackOff": "ImagePullBackOff",
-    "InvalidImageName": "ImagePullBackOff",
-    "CreateContainerConfigError": "CreateContainerConfigError",
-    "CreateContainerError": "CreateContainerConfigError",
-}
 # Carried from the previous status while the run is the same; reset when a new run starts.
 _RUN_FIELDS = (
     "stage",
@@ -83,8 +92,9 @@ class Observed:
 class Outcome:
     """Phase and the condition reason/message explaining it."""
 
-    phase: str
+    phase: Phase
     reason: str
+    """A Reason, or a pod's or Job's own reason passed on."""
     message: str = ""
     pod_name: str | None = None
     final: TerminationMessage | None = None
@@ -112,15 +122,18 @@ def pod_failure(pod: dict[str, Any]) -> tuple[str, str]:
     """Reason code and one-line message for a failed trainer pod."""
     terminated = container_state(pod).get("terminated") or {}
     final = termination_message(pod)
-    if terminated.get("reason") == "OOMKilled":
-        return "OutOfMemory", "the trainer container was OOMKilled: raise spec.runtime.memory or lower batch sizes"
+    if terminated.get("reason") == OOM_KILLED:
+        return (
+            Reason.OUT_OF_MEMORY,
+            "the trainer container was OOMKilled: raise spec.runtime.memory or lower batch sizes",
+        )
     if final.reason:
         return final.reason, final.message
     if terminated:
         tail = (terminated.get("message") or "").strip().splitlines()[-1:] or [""]
-        return "TrainerError", f"trainer exited with code {terminated.get('exitCode')}: {tail[0]}".rstrip(": ")
+        return Reason.TRAINER_EXITED, f"trainer exited with code {terminated.get('exitCode')}: {tail[0]}".rstrip(": ")
     reason = pod.get("status", {}).get("reason")
-    return (reason or "PodFailed"), pod.get("status", {}).get("message", "the trainer pod failed")
+    return (reason or Reason.POD_FAILED), pod.get("status", {}).get("message", "the trainer pod failed")
 
 
 def trainer_started(pod: dict[str, Any]) -> bool:
@@ -136,48 +149,35 @@ def trainer_started(pod: dict[str, Any]) -> bool:
 def fails_at_once(pod: dict[str, Any]) -> bool:
     """The trainer pod failed in a way the same spec meets again (FAIL_AT_ONCE: its termination message's reason,
     else its exit code): the run is not retried. A kernel OOM kill keeps its retries (the next pod may fit)."""
-    if pod.get("status", {}).get("phase") != "Failed":
+    if pod.get("status", {}).get("phase") != PodPhase.FAILED:
         return False
     terminated = container_state(pod).get("terminated") or {}
-    if not terminated or terminated.get("reason") == "OOMKilled":
+    if not terminated or terminated.get("reason") == OOM_KILLED:
         return False
     reason = termination_message(pod).reason
     return reason in FAIL_AT_ONCE if reason else terminated.get("exitCode") in FAIL_AT_ONCE_EXIT_CODES
-
-
-_EDIT_APPLIES = "while no trainer has started, an edit re-creates the trainer Job at once"
-FIXES = {
-    "Unschedulable": f"fix spec.runtime (gpus, cpu, memory, nodeSelector, tolerations, affinity): {_EDIT_APPLIES}",
-    "ImagePullBackOff": f"fix spec.runtime.image (or spec.runtime.imagePullSecrets): {_EDIT_APPLIES}",
-    "CreateContainerConfigError": (
-        f"check spec.hubTokenSecretRef and the volume claims in spec.runtime (they must exist): {_EDIT_APPLIES}"
-    ),
-    "FailedCreate": (
-        "fix spec.runtime (serviceAccountName, priorityClassName, requests within the namespace's quota): "
-        + _EDIT_APPLIES
-    ),
-}
-"""What to change for each way a run gets stuck before its trainer starts (appended to the status message)."""
 
 
 def pending_problem(pod: dict[str, Any]) -> tuple[str, str] | None:
     """Why a pod is stuck before running (unschedulable, image pull, config) and what to change, or None."""
     for condition in pod.get("status", {}).get("conditions") or []:
         if condition.get("type") == "PodScheduled" and condition.get("status") == "False":
-            reason = condition.get("reason") or "Unschedulable"
+            reason = condition.get("reason") or Reason.UNSCHEDULABLE
             return reason, _with_fix(reason, condition.get("message", ""))
     waiting = container_state(pod).get("waiting") or {}
-    if waiting.get("reason") in _WAITING_PROBLEMS:
-        reason = _WAITING_PROBLEMS[waiting["reason"]]
+    if waiting.get("reason") in WAITING_REASONS:
+        reason = WAITING_REASONS[waiting["reason"]]
         return reason, _with_fix(reason, waiting.get("message") or waiting["reason"])
     return None
 
 
 def _with_fix(reason: str, message: str) -> str:
-    return f"{message.rstrip('. ')} — {FIXES[reason]}" if reason in FIXES else message
+    """The message of a run stuck before its trainer starts, with what to change (REASONS' fix)."""
+    return f"{message.rstrip('. ')} — {REASONS[Reason(reason)].fix}" if reason in STUCK_BEFORE_START else message
 
 
-def _job_condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
+def job_condition(job: dict[str, Any], kind: JobConditionType) -> dict[str, Any] | None:
+    """The Job's condition of that type if it is True."""
     for condition in job.get("status", {}).get("conditions") or []:
         if condition.get("type") == kind and condition.get("status") == "True":
             return condition
@@ -187,87 +187,89 @@ def _job_condition(job: dict[str, Any], kind: str) -> dict[str, Any] | None:
 def observe_outcome(obs: Observed) -> Outcome:
     """Phase of the current run from the Job and its pods."""
     if obs.spec_error is not None:
-        return Outcome("Failed", "InvalidSpec", obs.spec_error)
+        return Outcome(Phase.FAILED, Reason.INVALID_SPEC, obs.spec_error)
     if obs.suspended:
-        return Outcome("Suspended", "Suspended", "spec.suspend is true: the trainer is stopped")
+        return Outcome(Phase.SUSPENDED, Reason.SUSPENDED, "spec.suspend is true: the trainer is stopped")
     if obs.job is None:
         if obs.not_owned:
-            return Outcome("Pending", "NotOwned", obs.not_owned)
+            return Outcome(Phase.PENDING, Reason.NOT_OWNED, obs.not_owned)
         if obs.rejected is not None:
             # 400/422: the spec produced an object the server rejects (fix the spec); 403 and others: the
             # namespace refuses it (quota, RBAC, admission policy) — retried at the next spec change.
             code, message = obs.rejected
             if code in (400, 422):
-                return Outcome("Failed", "InvalidSpec", message)
-            return Outcome("Pending", "CreateRejected", message)
+                return Outcome(Phase.FAILED, Reason.INVALID_SPEC, message)
+            return Outcome(Phase.PENDING, Reason.CREATE_REJECTED, message)
         if obs.waiting:
-            return Outcome("Pending", "WaitingForCleanup", obs.waiting)
-        return Outcome("Pending", "Creating", "creating the trainer Job")
+            return Outcome(Phase.PENDING, Reason.WAITING_FOR_CLEANUP, obs.waiting)
+        return Outcome(Phase.PENDING, Reason.CREATING, "creating the trainer Job")
     pods = obs.pods
     latest = _latest(pods)
-    if (obs.job.get("spec") or {}).get("suspend") and not _job_condition(obs.job, "Complete"):
+    if (obs.job.get("spec") or {}).get("suspend") and not job_condition(obs.job, JobConditionType.COMPLETE):
         # Only Kueue suspends our Jobs (a user's spec.suspend deletes the Job): queued, or preempted.
         queue = (obs.job["metadata"].get("labels") or {}).get("kueue.x-k8s.io/queue-name", "its queue")
-        return Outcome("Pending", "Queued", f"waiting for Kueue to admit the trainer Job in queue {queue}")
-    if _job_condition(obs.job, "Complete"):
-        done = [p for p in pods if p.get("status", {}).get("phase") == "Succeeded"]
+        return Outcome(Phase.PENDING, Reason.QUEUED, f"waiting for Kueue to admit the trainer Job in queue {queue}")
+    if job_condition(obs.job, JobConditionType.COMPLETE):
+        done = [p for p in pods if p.get("status", {}).get("phase") == PodPhase.SUCCEEDED]
         pod = _latest(done)
         if pod is None and latest is not None:
             # The Job's and the pods' watches deliver independently: a final status written before the pod's
             # own Succeeded arrives would freeze without the termination message (where the model went).
-            return Outcome("Running", "Completing", "the trainer Job completed; reading the trainer's result", None)
+            return Outcome(
+                Phase.RUNNING, Reason.COMPLETING, "the trainer Job completed; reading the trainer's result", None
+            )
         final = termination_message(pod) if pod else None
         name = pod["metadata"]["name"] if pod else None
-        return Outcome("Succeeded", "Succeeded", "training finished", name, final)
-    failed_condition = _job_condition(obs.job, "Failed")
+        return Outcome(Phase.SUCCEEDED, Reason.SUCCEEDED, "training finished", name, final)
+    failed_condition = job_condition(obs.job, JobConditionType.FAILED)
     at_once = _latest([p for p in pods if fails_at_once(p)])
     if at_once is not None and not failed_condition:
         # Servers without podFailurePolicy would retry it: the run fails now and the reconciler stops the Job.
         reason, message = pod_failure(at_once)
-        return Outcome("Failed", reason, message, at_once["metadata"]["name"], termination_message(at_once))
+        return Outcome(Phase.FAILED, reason, message, at_once["metadata"]["name"], termination_message(at_once))
     if failed_condition:
-        failed = _latest([p for p in pods if p.get("status", {}).get("phase") == "Failed"])
-        if failed_condition.get("reason") == "DeadlineExceeded" or failed is None:
-            reason = failed_condition.get("reason") or "JobFailed"
+        failed = _latest([p for p in pods if p.get("status", {}).get("phase") == PodPhase.FAILED])
+        if failed_condition.get("reason") == Reason.DEADLINE_EXCEEDED or failed is None:
+            reason = failed_condition.get("reason") or Reason.JOB_FAILED
             name = failed["metadata"]["name"] if failed else None
-            return Outcome("Failed", reason, failed_condition.get("message", ""), name)
+            return Outcome(Phase.FAILED, reason, failed_condition.get("message", ""), name)
         reason, message = pod_failure(failed)
-        return Outcome("Failed", reason, message, failed["metadata"]["name"], termination_message(failed))
+        return Outcome(Phase.FAILED, reason, message, failed["metadata"]["name"], termination_message(failed))
     if latest is None:
         if obs.pod_creation_error:
             message = _with_fix(
-                "FailedCreate", f"the Job controller cannot create the trainer pod: {obs.pod_creation_error}"
+                Reason.FAILED_CREATE, f"the Job controller cannot create the trainer pod: {obs.pod_creation_error}"
             )
-            return Outcome("Pending", "FailedCreate", message)
-        return Outcome("Pending", "PodCreating", "waiting for the Job controller to create the trainer pod")
+            return Outcome(Phase.PENDING, Reason.FAILED_CREATE, message)
+        return Outcome(Phase.PENDING, Reason.POD_CREATING, "waiting for the Job controller to create the trainer pod")
     name = latest["metadata"]["name"]
     phase = latest.get("status", {}).get("phase")
-    if phase == "Running":
-        return Outcome("Running", "Running", f"trainer pod {name} is running", name)
+    if phase == PodPhase.RUNNING:
+        return Outcome(Phase.RUNNING, Reason.RUNNING, f"trainer pod {name} is running", name)
     problem = pending_problem(latest)
     if problem is not None:
-        return Outcome("Pending", problem[0], problem[1], name)
-    return Outcome("Pending", "PodPending", f"trainer pod {name} is {phase or 'Pending'}", name)
+        return Outcome(Phase.PENDING, problem[0], problem[1], name)
+    return Outcome(Phase.PENDING, Reason.POD_PENDING, f"trainer pod {name} is {phase or PodPhase.PENDING}", name)
 
 
 def _conditions(old: list[Condition], outcome: Outcome, generation: int, now: str) -> list[Condition]:
-    """The kstatus conditions (CONDITION_TYPES) for the outcome: Ready always, with the outcome's reason and message
+    """The kstatus conditions (ConditionType) for the outcome: Ready always, with the outcome's reason and message
     (True once succeeded, Unknown while in progress, False when failed or suspended), and Reconciling, Stalled or
     Suspended while they are True. lastTransitionTime is kept where a condition's status did not change."""
-    in_progress = outcome.phase in ("Pending", "Running")
+    in_progress = outcome.phase in IN_PROGRESS_PHASES
     ready: Literal["True", "False", "Unknown"] = (
-        "True" if outcome.phase == "Succeeded" else "Unknown" if in_progress else "False"
+        "True" if outcome.phase == Phase.SUCCEEDED else "Unknown" if in_progress else "False"
     )
-    wanted = {"Ready": ready}
+    wanted = {ConditionType.READY: ready}
     if in_progress:
-        wanted["Reconciling"] = "True"
-    elif outcome.phase == "Failed":
-        wanted["Stalled"] = "True"
-    elif outcome.phase == "Suspended":
-        wanted["Suspended"] = "True"
+        wanted[ConditionType.RECONCILING] = "True"
+    elif outcome.phase == Phase.FAILED:
+        wanted[ConditionType.STALLED] = "True"
+    elif outcome.phase == Phase.SUSPENDED:
+        wanted[ConditionType.SUSPENDED] = "True"
     previous = {c.type: c for c in old}
     conditions = []
-    for kind in CONDITION_TYPES:
+    for kind in ConditionType:
         if kind not in wanted:
             continue
         before = previous.get(kind)
@@ -306,9 +308,9 @@ def archived_run(status: DPOJobStatus, run: RunRef) -> Run:
 
 def _reason(status: DPOJobStatus) -> str | None:
     """The reason of a finished run's outcome: its Ready condition's (also in statuses of earlier versions)."""
-    if status.phase not in TERMINAL:
+    if status.phase not in TERMINAL_PHASES:
         return None
-    return next((c.reason for c in status.conditions if c.type == "Ready"), None)
+    return next((c.reason for c in status.conditions if c.type == ConditionType.READY), None)
 
 
 def run_finished(old: dict[str, Any], run: dict[str, Any]) -> bool:
@@ -321,7 +323,7 @@ def _finished(status: DPOJobStatus, run: RunRef) -> bool:
 
     InvalidSpec is not final: the spec can be fixed through fields (runtime) that do not start a new run.
     """
-    return status.run == run and status.phase in TERMINAL and _reason(status) != "InvalidSpec"
+    return status.run == run and status.phase in TERMINAL_PHASES and _reason(status) != Reason.INVALID_SPEC
 
 
 def _is_newer(reported: DPOJobStatus, old: DPOJobStatus) -> bool:
@@ -365,7 +367,7 @@ def compute_status(old: dict[str, Any], obs: Observed) -> DPOJobStatus:
     if obs.job is not None:
         latest = _latest(obs.pods)
         name = obs.job["metadata"]["name"]
-        failed = _latest([p for p in obs.pods if p.get("status", {}).get("phase") == "Failed"])
+        failed = _latest([p for p in obs.pods if p.get("status", {}).get("phase") == PodPhase.FAILED])
         status.trainer = TrainerRef(
             job_name=name,
             config_map_name=name,
@@ -375,18 +377,18 @@ def compute_status(old: dict[str, Any], obs: Observed) -> DPOJobStatus:
         # Every failed pod was retried but the one that failed the run. A Job recreated on resume starts counting
         # again; the run's count never goes down.
         failed_pods = int(obs.job.get("status", {}).get("failed") or 0)
-        retried = failed_pods - 1 if outcome.phase == "Failed" and failed_pods else failed_pods
+        retried = failed_pods - 1 if outcome.phase == Phase.FAILED and failed_pods else failed_pods
         status.retries = max(retried, status.retries)
     elif same_run and previous.trainer:
         status.trainer = previous.trainer
 
-    if outcome.phase in ("Running", "Succeeded", "Failed") and obs.spec_error is None:
+    if outcome.phase not in (Phase.PENDING, Phase.SUSPENDED) and obs.spec_error is None:
         status.start_time = status.start_time or (obs.job or {}).get("status", {}).get("startTime") or now
     if obs.progress and not frozen:
         reported = DPOJobStatus.from_document(obs.progress)
         if not same_run or _is_newer(reported, previous):
             status = status.model_copy(update={name: getattr(reported, name) for name in reported.model_fields_set})
-    if outcome.phase not in TERMINAL:
+    if outcome.phase not in TERMINAL_PHASES:
         status.completion_time = None  # e.g. an InvalidSpec fixed through runtime: the run goes on
     else:
         status.completion_time = status.completion_time or now
@@ -396,7 +398,7 @@ def compute_status(old: dict[str, Any], obs: Observed) -> DPOJobStatus:
 
 
 def _message(status: DPOJobStatus) -> str:
-    return next((c.message for c in status.conditions if c.type == "Ready"), "")
+    return next((c.message for c in status.conditions if c.type == ConditionType.READY), "")
 
 
 def _apply_final(status: DPOJobStatus, final: TerminationMessage) -> None:
@@ -412,8 +414,8 @@ def _apply_final(status: DPOJobStatus, final: TerminationMessage) -> None:
         status.model = ModelLocation(**location)
     if final.stage is not None:
         status.stage = final.stage
-    if status.phase == "Succeeded":
-        status.stage = "push"
+    if status.phase == Phase.SUCCEEDED:
+        status.stage = Stage.PUSH
         done = {"percent": 100, "eta_seconds": 0, "eta": "0s", "stage_eta_seconds": 0}
         status.progress = (status.progress or Progress()).model_copy(update=done)
 
@@ -435,28 +437,32 @@ def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
         events.append(
             Event(
                 "Normal",
-                "NewRun",
+                EventReason.NEW_RUN,
                 f"training spec changed at generation {new_run['generation']}: starting a new run "
                 f"(previous run {old.get('phase', 'unknown')} kept in status.runs)",
             )
         )
     same_run = old_run == new_run
     if new.get("stage") and (not same_run or old.get("stage") != new.get("stage")):
-        events.append(Event("Normal", "StageStarted", f"stage {new['stage']} started"))
+        events.append(Event("Normal", EventReason.STAGE_STARTED, f"stage {new['stage']} started"))
     retries_before = old.get("retries", 0) if same_run else 0
-    if new.get("retries", 0) > retries_before and new.get("phase") != "Failed":
+    if new.get("retries", 0) > retries_before and new.get("phase") != Phase.FAILED:
         why = ((new.get("trainer") or {}).get("lastFailure") or "").strip()
         because = f" ({why})" if why else ""
         events.append(
-            Event("Warning", "Retrying", f"trainer pod failed{because}, {new['retries']} so far; the Job retries it")
+            Event(
+                "Warning",
+                EventReason.RETRYING,
+                f"trainer pod failed{because}, {new['retries']} so far; the Job retries it",
+            )
         )
     old_phase = old.get("phase") if same_run else None
     phase = new.get("phase")
-    reason = (_condition(new, "Ready") or {}).get("reason")
-    if phase == "Pending" and old_phase != "Suspended":
+    reason = (_condition(new, ConditionType.READY) or {}).get("reason")
+    if phase == Phase.PENDING and old_phase != Phase.SUSPENDED:
         # Waiting for a pod is routine; only problems (unschedulable, image pull, config) and waiting in a
         # Kueue queue (admission can take hours) deserve an Event.
-        old_reason = (_condition(old, "Ready") or {}).get("reason") if same_run else None
+        old_reason = (_condition(old, ConditionType.READY) or {}).get("reason") if same_run else None
         if reason in PENDING_EVENTS and reason != old_reason:
             events.append(_phase_event(new, old_phase))
     elif phase != old_phase:
@@ -468,37 +474,28 @@ def _condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:
     return next((c for c in status.get("conditions") or [] if c.get("type") == kind), None)
 
 
-_PENDING_WARNINGS = {
-    "Unschedulable",
-    "ImagePullBackOff",
-    "CreateContainerConfigError",
-    "WaitingForCleanup",
-    "CreateRejected",
-    "FailedCreate",
-    "NotOwned",
-}
-PENDING_EVENTS = {*_PENDING_WARNINGS, "Queued"}
+PENDING_EVENTS = PENDING_WARNINGS | {Reason.QUEUED}
 """Reasons of a Pending DPOJob worth an Event (waiting for a pod to start is routine)."""
 
 
 def _phase_event(status: dict[str, Any], old_phase: str | None) -> Event:
     phase = status["phase"]
-    ready = _condition(status, "Ready") or {}
-    if phase == "Succeeded":
+    ready = _condition(status, ConditionType.READY) or {}
+    if phase == Phase.SUCCEEDED:
         model = status.get("model") or {}
         where = model.get("commitUrl") or model.get("repoId") or model.get("directory") or "the output"
-        return Event("Normal", "Succeeded", f"training finished; merged model at {where}")
-    if phase == "Failed":
-        return Event("Warning", ready.get("reason") or "Failed", ready.get("message") or "training failed")
-    if phase == "Suspended":
-        return Event("Normal", "Suspended", "suspended: trainer Job deleted; it resumes from its checkpoint")
-    if old_phase == "Suspended":
-        return Event("Normal", "Resumed", "resumed: the trainer continues from its newest checkpoint")
-    if phase == "Running":
-        return Event("Normal", "Running", ready.get("message") or "trainer running")
-    if ready.get("reason") == "Queued":
-        return Event("Normal", "Queued", ready.get("message") or "waiting for Kueue admission")
-    return Event("Warning", ready.get("reason") or "Pending", ready.get("message") or "waiting for the trainer")
+        return Event("Normal", Reason.SUCCEEDED, f"training finished; merged model at {where}")
+    if phase == Phase.FAILED:
+        return Event("Warning", ready.get("reason") or Phase.FAILED, ready.get("message") or "training failed")
+    if phase == Phase.SUSPENDED:
+        return Event("Normal", Reason.SUSPENDED, "suspended: trainer Job deleted; it resumes from its checkpoint")
+    if old_phase == Phase.SUSPENDED:
+        return Event("Normal", EventReason.RESUMED, "resumed: the trainer continues from its newest checkpoint")
+    if phase == Phase.RUNNING:
+        return Event("Normal", Reason.RUNNING, ready.get("message") or "trainer running")
+    if ready.get("reason") == Reason.QUEUED:
+        return Event("Normal", Reason.QUEUED, ready.get("message") or "waiting for Kueue admission")
+    return Event("Warning", ready.get("reason") or Phase.PENDING, ready.get("message") or "waiting for the trainer")
 
 
 def utc_from_rfc3339(value: str) -> datetime:

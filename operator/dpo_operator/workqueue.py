@@ -9,7 +9,7 @@ What runs where:
   a key to one worker at a time, so two reconciles of the same DPOJob never overlap (no per-DPOJob locks);
   a key added while it is being reconciled is reconciled once more afterwards; many adds before a worker
   gets to it coalesce into one reconcile. Keys of DPOJobs whose spec was not acted on yet go to an urgent lane
-  that workers drain first (handlers.on_dpojob decides; the reconciler defers a status write behind it), until
+  that workers drain first (main.dpojob_event decides; the reconciler defers a status write behind it), until
   a key of the other lane has waited WorkQueue.READY_MAX_WAIT_S: then the lanes take turns.
 - `Resync` (one thread) enqueues every cached DPOJob each settings.resync_seconds (TTL clean-up, retries
   after a refused child, progress of a quiet pod), and every RELIST_EVERY passes replaces the cache with a

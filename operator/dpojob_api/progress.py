@@ -11,18 +11,19 @@ one JSON object:
     done         {"summary": {"metrics"}}
     error        {"reason", "message"}
 
-The trainer writes these; the operator validates each one with ProgressEvent, because pod output is untrusted
+The trainer (and the benchmarks standing in for it) write them as StageStart, StageLog, StageEnd, Done and
+TrainerFailed; the operator validates each line with ProgressEvent, leniently, because pod output is untrusted
 input: anything running in the pod can print such a line. The termination message, {"reason", "message",
 "metrics", "model"}, is written and read through TerminationMessage for the same reason.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import time
-from dataclasses import dataclass
-from typing import Annotated, Any, Literal, TypeGuard, get_args
+from typing import Annotated, Any, Literal, TypeGuard
 
 from pydantic import (
     BaseModel,
@@ -35,100 +36,65 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from .vocabulary import Stage
+
 PROGRESS_KIND = "dpo-trainer/progress"
+
+
+class _Line(BaseModel):
+    """What every progress line carries; dumped by `line()` as the JSON the operator reads."""
+
+    model_config = ConfigDict(use_enum_values=True, ser_json_inf_nan="null")
+
+    kind: Literal["dpo-trainer/progress"] = "dpo-trainer/progress"
+    time: float = Field(default_factory=time.time)
+
+    def line(self) -> str:
+        """One JSON line, starting as the operator looks for it (`{"kind": "dpo-trainer/progress"`); NaN and
+        infinities as null (json.dumps would write invalid JSON)."""
+        return json.dumps(self.model_dump(mode="json"), ensure_ascii=False, allow_nan=False)
+
+
+class StageStart(_Line):
+    event: Literal["stage_start"] = "stage_start"
+    stage: Stage
+
+
+class StageLog(_Line):
+    """One Trainer log: every key it logged (loss, rewards/*, eval_*, learning_rate, ...)."""
+
+    event: Literal["log"] = "log"
+    stage: Stage
+    step: int
+    totalSteps: int
+    epoch: float | None = None
+    metrics: dict[str, Any]
+
+
+class StageEnd(_Line):
+    event: Literal["stage_end"] = "stage_end"
+    stage: Stage
+    seconds: float
+    skipped: bool
+    """Finished by an earlier run with the same inputs (seconds is then 0)."""
+
+
+class Done(_Line):
+    event: Literal["done"] = "done"
+    summary: dict[str, Any]
+    """summary.json: {"metrics", "stages", "model", ...}."""
+
+
+class TrainerFailed(_Line):
+    event: Literal["error"] = "error"
+    reason: str
+    """A vocabulary.Reason."""
+    message: str
+
+
+ProgressLine = StageStart | StageLog | StageEnd | Done | TrainerFailed
+"""What the trainer writes."""
 EventKind = Literal["stage_start", "log", "stage_end", "done", "error"]
-TrainerStage = Literal["data", "sft", "sft_merge", "dpo_data", "dpo", "dpo_merge", "model_card", "gates", "push"]
-TRAINER_STAGES: tuple[str, ...] = get_args(TrainerStage)
-Reason = Literal[
-    "Succeeded",
-    "InvalidSpec",
-    "DatasetError",
-    "ModelLoadError",
-    "HubAuthError",
-    "HubError",
-    "OutOfMemory",
-    "TrainingError",
-    "QualityGateFailed",
-    "GPUUnavailable",
-    "GPUOutOfMemory",
-    "Interrupted",
-]
-"""The reason in a termination message (and an `error` event); the trainer's exit code maps to the same."""
-
-
-@dataclass(frozen=True)
-class ReasonInfo:
-    """What one trainer reason means to the operator and to users."""
-
-    exit_code: int
-    retried: bool
-    """Whether the Job retries a trainer pod that failed with it (up to spec.runtime.backoffLimit). A failure the
-    same spec meets again (a bad spec, dataset, model or token, a failed gate, CUDA memory) ends the run at once:
-    a retry would only repeat the download and the training before failing the same way."""
-    meaning: str
-    fix: str
-    """What to change."""
-
-
-TRAINER_REASONS: dict[str, ReasonInfo] = {
-    "Succeeded": ReasonInfo(0, False, "the merged model is saved (and pushed when `output.hub` is set)", "—"),
-    "InvalidSpec": ReasonInfo(
-        2, False, "the DPOJob file is unreadable, not one DPOJob, or fails validation", "the field the message names"
-    ),
-    "DatasetError": ReasonInfo(
-        3,
-        False,
-        "a dataset is missing or unreadable, lacks a column a template names, or ends up empty",
-        "the source, `format` or template the message names (it lists the columns that exist)",
-    ),
-    "ModelLoadError": ReasonInfo(
-        4,
-        False,
-        "the base model or its tokenizer cannot be loaded",
-        "`model.name`/`revision`; for a gated model, a token that may read it",
-    ),
-    "HubAuthError": ReasonInfo(
-        5,
-        False,
-        "the Hub refused the token (401/403, gated repo), no token for a push, or a read-only token for a push",
-        "the Secret of `hubTokenSecretRef`: a write token for the target namespace",
-    ),
-    "HubError": ReasonInfo(
-        6, True, "any other Hub failure (repo not found, server error, network)", "the repository id, or wait"
-    ),
-    "OutOfMemory": ReasonInfo(
-        7, False, "host memory ran out inside the trainer (a kernel OOM kill is retried)", "`runtime.memory`"
-    ),
-    "TrainingError": ReasonInfo(
-        8, True, "anything else that failed while training, merging or writing", "read `debug.log` (gpu.md)"
-    ),
-    "QualityGateFailed": ReasonInfo(
-        9,
-        False,
-        "a check of `output.gates` missed: nothing pushed, the merged model kept",
-        "the training spec, or the gate",
-    ),
-    "GPUUnavailable": ReasonInfo(
-        10,
-        True,
-        "`runtime.gpus` > 0 but torch cannot use CUDA (a retry may land on a working node)",
-        "the node's driver (>= 580) and device plugin, or `runtime.gpus: 0`",
-    ),
-    "GPUOutOfMemory": ReasonInfo(
-        11,
-        False,
-        "CUDA ran out of GPU memory; the message names the stage, the GPU's memory and the knobs to turn",
-        "the stage's `batchSize` (and `gradientAccumulationSteps`), `gradientCheckpointing`, `maxLength`",
-    ),
-    "Interrupted": ReasonInfo(
-        143, True, "SIGTERM/SIGINT; a checkpoint was saved when possible, a rerun resumes", "nothing: it resumes"
-    ),
-}
-"""Every trainer reason (the Reason literal): its exit code, whether it is retried, what it means."""
-FAIL_AT_ONCE = frozenset(name for name, info in TRAINER_REASONS.items() if not info.retried and info.exit_code)
-"""Trainer reasons that end the run at the first failed pod."""
-FAIL_AT_ONCE_EXIT_CODES = tuple(sorted(TRAINER_REASONS[name].exit_code for name in FAIL_AT_ONCE))
-
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 TERMINATION_PATH_ENV = "DPO_TERMINATION_MESSAGE_PATH"
 """The trainer writes its termination message where this env var says (the pod spec sets it)."""
@@ -138,18 +104,6 @@ SPEC_DIGEST_ENV = "DPO_SPEC_SHA256"
 TERMINATION_MESSAGE_LIMIT = 4096
 """Kubernetes truncates a termination message at 4 KiB."""
 
-STAGE_WEIGHTS: dict[str, int] = {
-    "data": 1,
-    "sft": 40,
-    "sft_merge": 3,
-    "dpo_data": 1,
-    "dpo": 50,
-    "dpo_merge": 3,
-    "model_card": 1,
-    "gates": 1,
-    "push": 1,
-}
-"""Share of the whole run each trainer stage covers, for status.progress.percent (training dominates)."""
 REWARD_KEYS: dict[str, str] = {
     "rewards/chosen": "chosen",
     "rewards/rejected": "rejected",
@@ -274,12 +228,12 @@ class TerminationMessage(BaseModel):
     message is cut to TERMINATION_MESSAGE_LIMIT), never the whole message, and reading never raises.
     """
 
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", use_enum_values=True)
 
     reason: Annotated[str | None, Field(pattern=r"^[A-Z][A-Za-z0-9]{0,63}$"), WrapValidator(_none_if_invalid)] = None
-    """A Reason; any CamelCase word is taken, so an older operator reads a newer trainer's reasons."""
+    """A vocabulary.Reason; any CamelCase word is taken, so an older operator reads a newer trainer's reasons."""
     message: str = ""
-    stage: Annotated[TrainerStage | None, WrapValidator(_none_if_invalid)] = None
+    stage: Annotated[Stage | None, WrapValidator(_none_if_invalid)] = None
     """The stage a failed run stopped in (the progress stream's last word may not have been read yet)."""
     metrics: dict[str, float] = Field(default_factory=dict)
     model: Annotated[TrainedModel | None, WrapValidator(_none_if_invalid)] = None

@@ -331,32 +331,35 @@ class SFTSpec(TrainingSpec):
     """Pack several rows into each maxLength sequence."""
 
 
+def _dpo_rules(schema: dict[str, Any], model: type[BaseModel]) -> None:
+    """The dpo section's CEL rules, from the same defaults and loss names the validator below uses. Enforced at
+    apply time on Kubernetes >= 1.25; older servers ignore them and the operator's validation reports the same
+    problem as InvalidSpec."""
+    defaults = {name: field.default for name, field in model.model_fields.items()}
+    smoothed = " || ".join(f"t == '{loss}'" for loss in LABEL_SMOOTHED_LOSSES)
+    schema["x-kubernetes-validations"] = [
+        {
+            "rule": "!has(self.lossWeights) || size(self.lossWeights) == "
+            "(has(self.lossType) ? size(self.lossType) : 1)",
+            "message": "lossWeights needs one weight per lossType entry",
+        },
+        {
+            "rule": f"!has(self.lossType) || !self.lossType.exists(t, {smoothed}) || "
+            "(has(self.labelSmoothing) && self.labelSmoothing > 0.0)",
+            "message": f"lossType {' and '.join(LABEL_SMOOTHED_LOSSES)} need labelSmoothing > 0",
+        },
+        {
+            "rule": f"(has(self.maxPromptLength) ? self.maxPromptLength : {defaults['max_prompt_length']}) < "
+            f"(has(self.maxLength) ? self.maxLength : {defaults['max_length']})",
+            "message": "maxPromptLength must be less than maxLength",
+        },
+    ]
+
+
 class DPOSpec(TrainingSpec):
     """Direct Preference Optimization on the merged SFT model."""
 
-    model_config = ConfigDict(
-        json_schema_extra={
-            # Enforced at apply time on Kubernetes >= 1.25 (CEL); older servers ignore it and the operator's
-            # validation (the model validator below) reports the same problem as InvalidSpec.
-            "x-kubernetes-validations": [
-                {
-                    "rule": "!has(self.lossWeights) || size(self.lossWeights) == "
-                    "(has(self.lossType) ? size(self.lossType) : 1)",
-                    "message": "lossWeights needs one weight per lossType entry",
-                },
-                {
-                    "rule": "!has(self.lossType) || !self.lossType.exists(t, t == 'exo_pair' || t == 'robust') || "
-                    "(has(self.labelSmoothing) && self.labelSmoothing > 0.0)",
-                    "message": "lossType exo_pair and robust need labelSmoothing > 0",
-                },
-                {
-                    "rule": "(has(self.maxPromptLength) ? self.maxPromptLength : 512) < "
-                    "(has(self.maxLength) ? self.maxLength : 1024)",
-                    "message": "maxPromptLength must be less than maxLength",
-                },
-            ]
-        }
-    )
+    model_config = ConfigDict(json_schema_extra=lambda schema, model: _dpo_rules(schema, model))
 
     beta: float = Field(default=0.1, gt=0)
     """Strength of the KL penalty towards the reference model."""

@@ -7,14 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.alias_generators import to_camel
 
-from .progress import TrainerStage
-
-Phase = Literal["Pending", "Running", "Succeeded", "Failed", "Suspended"]
-CONDITION_TYPES = ("Ready", "Reconciling", "Stalled", "Suspended")
-"""The conditions the operator writes, as kstatus (Flux, cli-utils, Config Sync) reads them: Ready always (True once
-the run succeeded, Unknown while it is in progress, False otherwise), the others only while True: Reconciling
-(pending or running), Stalled (failed: nothing happens until the spec or the retry annotation changes),
-Suspended. The CRD takes any type, so a later version may add one without breaking an older CRD."""
+from .vocabulary import Phase, Stage
 
 
 class StatusModel(BaseModel):
@@ -28,6 +21,7 @@ class StatusModel(BaseModel):
         use_attribute_docstrings=True,
         extra="allow",
         validate_assignment=True,
+        use_enum_values=True,
     )
 
 
@@ -35,7 +29,7 @@ class Condition(StatusModel):
     """A Kubernetes-style condition (kstatus / Flux / Argo CD read these)."""
 
     type: str = Field(max_length=64, pattern=r"^[A-Z][A-Za-z0-9]*$")
-    """One of CONDITION_TYPES."""
+    """A vocabulary.ConditionType (any CamelCase word is kept: another version's type)."""
     status: Literal["True", "False", "Unknown"]
     reason: str
     """CamelCase reason, e.g. Running, Succeeded, OutOfMemory, Unschedulable, InvalidSpec."""
@@ -142,7 +136,7 @@ def _split_legacy_run(document: dict[str, Any]) -> dict[str, Any]:
 class Run(RunRef):
     """A finished or superseded run, kept for the retraining history."""
 
-    phase: Phase = "Pending"
+    phase: Phase = Phase.PENDING
     reason: str | None = None
     start_time: str | None = None
     completion_time: str | None = None
@@ -161,7 +155,7 @@ class DPOJobStatus(StatusModel):
     reason: str | None = None
     """Why the DPOJob is in its phase, where that says more than the phase (ImagePullBackOff, Queued,
     HubAuthError, ...); the REASON column."""
-    stage: TrainerStage | None = None
+    stage: Stage | None = None
     """The trainer stage running (or the last one), as the trainer names them: data, sft, sft_merge, dpo_data,
     dpo, dpo_merge, model_card, gates, push."""
     conditions: list[Condition] = Field(

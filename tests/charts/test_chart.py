@@ -12,7 +12,7 @@ import pytest
 import yaml
 from kubernetes import client
 
-from dpo_operator import crd
+from dpo_dev import crd
 
 ROOT = Path(__file__).resolve().parents[2]
 CHART = ROOT / "charts" / "dpo-operator"
@@ -390,7 +390,7 @@ def test_network_policy_admits_only_the_monitoring_pods_to_the_operator_port(hel
 def test_crd_template_is_generated() -> None:
     committed = (ROOT / crd.HELM_CRD_FILE).read_text()
     assert committed == crd.render_helm(), (
-        f"{crd.HELM_CRD_FILE} drifted: run `python -m dpo_operator.crd --helm > {crd.HELM_CRD_FILE}`"
+        f"{crd.HELM_CRD_FILE} drifted: run `python -m dpo_dev.crd --helm > {crd.HELM_CRD_FILE}`"
     )
 
 

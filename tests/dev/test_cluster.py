@@ -17,14 +17,9 @@ import pytest
 from kubernetes import client, config
 from kubernetes.client.rest import ApiException
 
-from dpo_dev.cluster import (
-    Binaries,
-    LocalCluster,
-    StepError,
-    cache_dir,
-    ensure_binaries,
-    processes_in_groups,
-)
+from dpo_dev.build import Binaries, StepError, cache_dir, ensure_binaries
+from dpo_dev.cluster import LocalCluster
+from dpo_dev.processes import processes_in_groups
 
 from .conftest import allowed, wait_for
 

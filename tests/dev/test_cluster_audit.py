@@ -1,16 +1,14 @@
-"""LocalCluster's opt-in audit log, and the benchmark's request counter on it (benchmarks/operator_scale.py):
-it must name and count a client's requests exactly as the counting proxy (dpo_dev.api_proxy) does."""
+"""LocalCluster's opt-in audit log, and the request counter on it (dpo_dev.audit, used by
+benchmarks/operator_scale.py): it must name and count a client's requests exactly as the counting proxy
+(dpo_dev.api_proxy) does."""
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
-import sys
 from collections.abc import Iterator
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
@@ -18,25 +16,15 @@ from kubernetes import client, config, watch
 from kubernetes.client.rest import ApiException
 
 from dpo_dev.api_proxy import ApiProxy, upstream_of
+from dpo_dev.audit import AuditCounter
 from dpo_dev.cluster import LocalCluster
 
 from .conftest import allowed, wait_for
 
 pytestmark = pytest.mark.timeout(300)
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
 AUDITED = ("default", "audited")
 AUDITED_USER = f"system:serviceaccount:{AUDITED[0]}:{AUDITED[1]}"
-
-
-def _benchmark() -> ModuleType:
-    path = REPO_ROOT / "benchmarks" / "operator_scale.py"
-    spec = importlib.util.spec_from_file_location("operator_scale_under_test", path)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses and the like look their module up
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -100,7 +88,7 @@ def test_audit_counts_match_the_counting_proxy(audited: LocalCluster, tmp_path: 
             }
         )
     kubeconfig = audited.sa_kubeconfig(*AUDITED)
-    counter = _benchmark().AuditCounter(audited.audit_log)
+    counter = AuditCounter(audited.audit_log)
     ca = tmp_path / "apiserver-ca.crt"
     with ApiProxy(upstream_of(kubeconfig, ca), ca, tmp_path / "proxy") as proxy:
         proxied = proxy.kubeconfig(kubeconfig, tmp_path / "proxied.kubeconfig")

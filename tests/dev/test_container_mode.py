@@ -14,17 +14,18 @@ from typing import Any
 import pytest
 from kubernetes import client
 
-from dpo_dev.cluster import processes_in_groups
 from dpo_dev.images import ImageInfo, ensure_images
 from dpo_dev.nodesim import (
     SERVICE_ACCOUNT_DIR,
     ContainerConfigError,
     ContainerRun,
+    NodeSimConfig,
     NodeSimulator,
     NodeSpec,
     local_image_refs,
     podman_run_args,
 )
+from dpo_dev.processes import processes_in_groups
 
 from .conftest import wait_for
 
@@ -63,9 +64,7 @@ def container_node(
     simulator = NodeSimulator(
         admin_kubeconfig,
         [NodeSpec("ctr-node-0", cpu="8", memory="32Gi", labels=dict(POOL), taints=[TAINT])],
-        mode="container",
-        workdir=tmp_path_factory.mktemp("nodesim-containers"),
-        max_grace_s=5.0,
+        config=NodeSimConfig(mode="container", workdir=tmp_path_factory.mktemp("nodesim-containers"), max_grace_s=5.0),
     )
     simulator.start()
     try:

@@ -4,6 +4,7 @@ process-mode pod: its own IP, a service-account token at the in-cluster path, pr
 
 from __future__ import annotations
 
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -18,8 +19,8 @@ from typing import Any
 import pytest
 from kubernetes import client, watch
 
-from dpo_dev.cluster import processes_in_groups
 from dpo_dev.nodesim import SERVICE_ACCOUNT_DIR, NodeSimulator, Outcome
+from dpo_dev.processes import processes_in_groups
 
 from .conftest import wait_for
 
@@ -124,7 +125,7 @@ def test_fake_nodes_are_ready_with_gpus_and_kubelet_endpoint(node_simulator: Nod
     assert node.status.allocatable["nvidia.com/gpu"] == "2"
     assert {c.type: c.status for c in node.status.conditions}["Ready"] == "True"
     assert node.status.daemon_endpoints.kubelet_endpoint.port == node_simulator.kubelet_port
-    assert [a.address for a in node.status.addresses if a.type == "InternalIP"] == [node_simulator.address]
+    assert [a.address for a in node.status.addresses if a.type == "InternalIP"] == [node_simulator.config.address]
     assert not any(t.key == "node.kubernetes.io/not-ready" for t in node.spec.taints or [])
     lease = client.CoordinationV1Api(api_client).read_namespaced_lease("sim-gpu-0", "kube-node-lease")
     assert lease.spec.holder_identity == "sim-gpu-0"
@@ -174,7 +175,7 @@ def test_process_mode_hello_job(node_simulator: NodeSimulator, api_client: Any, 
     name = pod_of_job(core, namespace, "hello").metadata.name
     pod = pod_phase(core, namespace, name, ("Succeeded", "Failed"))
     assert pod.status.phase == "Succeeded"
-    assert pod.status.host_ip == node_simulator.address and pod.status.start_time is not None
+    assert pod.status.host_ip == node_simulator.config.address and pod.status.start_time is not None
     assert pod.status.pod_ip.startswith("127.77.") and pod.status.pod_ips[0].ip == pod.status.pod_ip
     terminated = pod.status.container_statuses[0].state.terminated
     assert (terminated.exit_code, terminated.reason, terminated.message) == (0, "Completed", "said hi")
@@ -424,7 +425,8 @@ def test_failing_token_mount_is_a_start_error(
     fake.write_text("#!/bin/sh\necho 'mount: /var/run: permission denied.' >&2\nexit 32\n")
     fake.chmod(0o755)
     path = os.pathsep.join([str(tmp_path), str(Path(sys.executable).parent), os.environ["PATH"]])
-    monkeypatch.setitem(node_simulator.extra_env, "PATH", path)
+    config = node_simulator.config
+    monkeypatch.setattr(node_simulator, "config", dataclasses.replace(config, env={**config.env, "PATH": path}))
     core = client.CoreV1Api(api_client)
     create_pod(core, namespace, "no-mount", template([sys.executable, "-c", "print('must not run')"]))
     pod = pod_phase(core, namespace, "no-mount", ("Succeeded", "Failed"))
@@ -455,7 +457,7 @@ def test_pods_get_their_own_ip_and_readiness_follows_the_probe(
     ips = [p.status.pod_ip for p in pods]
     assert len(set(ips)) == 2 and all(ip.startswith("127.77.") for ip in ips)  # both bound $(POD_IP):8080
     for pod in pods:
-        assert pod.status.host_ip == node_simulator.address
+        assert pod.status.host_ip == node_simulator.config.address
         conditions = {c.type: c.status for c in pod.status.conditions}
         assert conditions["Ready"] == conditions["ContainersReady"] == "True"
         assert pod.status.container_statuses[0].started and pod.status.container_statuses[0].ready
@@ -547,7 +549,7 @@ def test_image_pull_failure_is_reported(node_simulator: NodeSimulator, api_clien
 
 
 def test_env_expansion_follows_kubernetes_rules() -> None:
-    from dpo_dev.nodesim import _expand
+    from dpo_dev.nodesim.pods import _expand
 
     env = {"A": "1", "B": "two"}
     assert _expand("$(A)-$(B)", env) == "1-two"
@@ -555,7 +557,7 @@ def test_env_expansion_follows_kubernetes_rules() -> None:
 
 
 def test_path_rewriting_respects_path_boundaries(tmp_path: Path) -> None:
-    from dpo_dev.nodesim import _path_rewriter
+    from dpo_dev.nodesim.process import _path_rewriter
 
     spec = {"volumeMounts": [{"name": "data", "mountPath": "/data"}, {"name": "cfg", "mountPath": "/data/cfg/"}]}
     rewrite = _path_rewriter(spec, {"data": tmp_path / "d", "cfg": tmp_path / "c"}, tmp_path / "msg")

@@ -49,3 +49,22 @@ def test_messages_explain() -> None:
     running = dpojob(observedGeneration=2, phase="Running", stage="dpo", progress={"percent": 60}, conditions=[ready])
     assert health(running)[1].startswith("Stage dpo, 60%")
     assert health(dpojob(observedGeneration=2, phase="Succeeded", model={"commitUrl": "u"}))[1].endswith(": u")
+
+
+def test_every_phase_has_its_health() -> None:
+    """The script maps each vocabulary.Phase (a phase added to the API must be added to the health check)."""
+    from dpojob_api.vocabulary import Phase
+
+    expected = {
+        Phase.PENDING: "Progressing",
+        Phase.RUNNING: "Progressing",
+        Phase.SUCCEEDED: "Healthy",
+        Phase.FAILED: "Degraded",
+        Phase.SUSPENDED: "Suspended",
+    }
+    assert set(expected) == set(Phase)
+    model = {"commitUrl": "u"}
+    for phase, health_status in expected.items():
+        assert health(dpojob(observedGeneration=2, phase=phase.value, model=model))[0] == health_status, phase
+    script = SCRIPT.read_text()
+    assert all(f'"{phase}"' in script for phase in set(Phase) - {Phase.PENDING, Phase.RUNNING})

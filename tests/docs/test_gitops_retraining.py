@@ -24,9 +24,9 @@ import pytest
 import yaml
 from test_argocd_health import health
 
+from dpo_dev import crd
 from dpo_dev.nodesim import Outcome, Rule
 from dpo_dev.stack import HUB_USER, LocalStack, kubectl, quickstart_for_cluster
-from dpo_operator import crd
 from dpo_operator.manifests import LABEL_DPOJOB
 from dpo_operator.reconciler import RETRY_ANNOTATION, validate_spec
 from dpojob_api.spec import DPOJobSpec

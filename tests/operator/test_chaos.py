@@ -8,6 +8,7 @@ status agrees with its Job.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -33,7 +34,8 @@ pytestmark = pytest.mark.timeout(900)
 def stack(admin_kubeconfig: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     values = {"leaderElection": {"enabled": False}}  # one replica, restarted in place: the quickest comeback
     with LocalStack(admin_kubeconfig, tmp_path_factory.mktemp("chaos"), resync_seconds=5, values=values) as stack:
-        stack.simulator.max_restart_backoff_s = 2.0  # CrashLoopBackOff, shortened so 20 kills fit in minutes
+        # CrashLoopBackOff, shortened so 20 kills fit in minutes
+        stack.simulator.config = dataclasses.replace(stack.simulator.config, max_restart_backoff_s=2.0)
         kubectl(admin_kubeconfig, "create", "namespace", NS, check=False)
         yield stack
 

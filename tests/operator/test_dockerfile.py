@@ -17,12 +17,14 @@ from dockerfile_checks import (
     is_ignored,
     parse,
     pip_installs,
-    project_extras,
+    project_installs,
+    pyproject,
     read_pins,
     requirements,
     run_pins,
     secret_problems,
     unpinned,
+    workspace_requirements,
 )
 from packaging.specifiers import SpecifierSet
 
@@ -60,25 +62,34 @@ def test_runs_as_a_numeric_non_root_user() -> None:
 def test_entrypoint_is_the_operator_serving_on_its_default_port() -> None:
     (entrypoint,) = instructions(COMMANDS, "ENTRYPOINT")
     assert entrypoint.json and entrypoint.value == ("dpo-operator",), "settings come from env, not arguments"
-    assert "dpo-operator" in PYPROJECT["project"]["scripts"]
+    assert pyproject("operator")["project"]["scripts"] == {"dpo-operator": "dpo_operator.main:cli"}, "no other script"
     default_port = OperatorSettings.model_fields["port"].default
     assert instructions(COMMANDS, "EXPOSE")[0].value == (str(default_port),)
 
 
-def test_installs_only_the_operator_extra_pinned_within_pyproject() -> None:
+def test_installs_only_the_operator_project_pinned_within_its_ranges() -> None:
     installs = pip_installs(COMMANDS)
-    assert project_extras(installs) == {"operator"}
+    assert project_installs(installs) == {"operator"}
     assert not unpinned(installs)
     assert constraint_files(installs) == {"operator/constraints.txt"}
-    required = requirements(("operator",))
+    required = requirements("operator")
     pins = read_pins(CONSTRAINTS)
     assert not check_pins(pins, required)
-    assert set(pins) == set(required), "constraints.txt pins exactly pyproject's base + operator dependencies"
+    assert set(pins) == set(required), "constraints.txt pins exactly operator/pyproject.toml's dependencies"
     assert not run_pins(COMMANDS)
 
 
+def test_the_image_project_has_the_development_installs_ranges_and_only_its_packages() -> None:
+    """operator/pyproject.toml (the image) and the top-level pyproject.toml (the development install) agree."""
+    assert requirements("operator") == workspace_requirements("operator")
+    assert pyproject("operator")["tool"]["setuptools"]["packages"]["find"]["include"] == [
+        "dpojob_api*",
+        "dpo_operator*",
+    ]
+
+
 def test_no_ml_stack_in_the_image() -> None:
-    trainer_only = set(requirements(("trainer",))) - set(requirements(("operator",)))
+    trainer_only = set(requirements("trainer_image")) - set(requirements("operator"))
     text = DOCKERFILE.read_text().lower() + CONSTRAINTS.read_text().lower()
     assert not [name for name in trainer_only if re.search(rf"\b{re.escape(name)}\b", text)]
     # The shared API and the operator; no trainer code, no development tools.

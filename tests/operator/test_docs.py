@@ -5,11 +5,10 @@ from __future__ import annotations
 import typing
 from collections.abc import Iterator
 from pathlib import Path
-from typing import get_args
 
 from pydantic import BaseModel
 
-from dpo_operator import docs
+from dpo_dev import docs
 from dpojob_api.spec import DPOJobSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -18,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_committed_reference_matches_the_models() -> None:
     committed = (ROOT / docs.DOCS_FILE).read_text()
     assert committed == docs.render(), (
-        f"{docs.DOCS_FILE} drifted from the spec: run `python -m dpo_operator.docs > {docs.DOCS_FILE}`"
+        f"{docs.DOCS_FILE} drifted from the spec: run `python -m dpo_dev.docs > {docs.DOCS_FILE}`"
     )
 
 
@@ -68,16 +67,16 @@ def test_trainer_doc_links_the_reference_and_matches_the_trainer() -> None:
     """docs/trainer.md is hand-written: its exit-code table and stage list must follow the code."""
     from dpo_trainer.errors import ALL_ERRORS
     from dpo_trainer.pipeline import STAGES
-    from dpojob_api.progress import TRAINER_REASONS, Reason
+    from dpojob_api.vocabulary import EXIT_CODES, TRAINER_REASONS, Reason
 
     text = (ROOT / "docs" / "trainer.md").read_text()
     assert "(spec-reference.md)" in text
     for error in ALL_ERRORS:
         assert f"| `{error.reason}` | {error.exit_code} |" in text, error.reason
     for name, info in TRAINER_REASONS.items():
-        retried = "—" if name == "Succeeded" else ("yes" if info.retried else "no: the run fails at once")
-        assert f"| `{name}` | {info.exit_code} | {retried} | {info.meaning} | {info.fix} |" in text, name
-    assert {error.reason for error in ALL_ERRORS} | {"Succeeded"} == set(TRAINER_REASONS) == set(get_args(Reason))
+        retried = "—" if name == Reason.SUCCEEDED else ("yes" if info.retried else "no: the run fails at once")
+        assert f"| `{name}` | {EXIT_CODES[name]} | {retried} | {info.meaning} | {info.fix} |" in text, name
+    assert {error.reason for error in ALL_ERRORS} | {Reason.SUCCEEDED} == set(TRAINER_REASONS)
     assert " → ".join(stage.name for stage in STAGES) in text
     for stage in STAGES:
         assert f"| `{stage.name}` |" in text, stage.name
@@ -86,41 +85,27 @@ def test_trainer_doc_links_the_reference_and_matches_the_trainer() -> None:
 def test_the_gpu_guide_says_what_to_change_for_every_operator_reason() -> None:
     """docs/gpu.md's troubleshooting table has a row for every reason a DPOJob can wait or fail with on the
     operator's side; the trainer's reasons are trainer.md's table (checked above), linked from there."""
-    from dpo_operator.status import FIXES, PENDING_EVENTS
+    from dpojob_api.vocabulary import REASONS
 
     text = (ROOT / "docs" / "gpu.md").read_text()
     operator_reasons = {
-        *FIXES,
-        *PENDING_EVENTS,
-        "InvalidSpec",
-        "OutOfMemory",
-        "DeadlineExceeded",
-        "BackoffLimitExceeded",
+        r for r, info in REASONS.items() if info.origin != "trainer" and not info.fix.startswith("nothing")
     }
+    operator_reasons |= {"InvalidSpec", "OutOfMemory", "Queued"}
     for reason in operator_reasons:
         assert f"| `{reason}` |" in text, reason
     assert "trainer.md#exit-codes-and-the-termination-message" in text
 
 
 def test_every_event_reason_the_operator_posts_is_in_the_events_section() -> None:
-    """Reasons as literals in events.post(...) and Event(...) calls, plus the pending ones (status.PENDING_EVENTS),
-    each named in docs/operator.md's Events section (it once missed FailedCreate and NotOwned)."""
-    import ast
+    """Every Event reason (vocabulary.EventReason, the pending problems of status.PENDING_EVENTS, and the phases
+    an Event announces) is named in docs/operator.md's Events section (it once missed FailedCreate and NotOwned)."""
     import re
 
     from dpo_operator.status import PENDING_EVENTS
+    from dpojob_api.vocabulary import EventReason, Reason
 
-    posted = set(PENDING_EVENTS)
-    for module in ("reconciler.py", "status.py"):
-        tree = ast.parse((ROOT / "operator/dpo_operator" / module).read_text())
-        for call in (node for node in ast.walk(tree) if isinstance(node, ast.Call)):
-            name = call.func.attr if isinstance(call.func, ast.Attribute) else getattr(call.func, "id", "")
-            position = {"post": 2, "Event": 1}.get(name)
-            if position is not None and len(call.args) > position:
-                reason = call.args[position]
-                if isinstance(reason, ast.Constant) and isinstance(reason.value, str):
-                    posted.add(reason.value)
-    assert {"JobCreated", "UntrustedJob", "Succeeded", "NewRun"} <= posted, "the scan finds the calls"
+    posted = {*EventReason, *PENDING_EVENTS, Reason.RUNNING, Reason.SUCCEEDED, Reason.SUSPENDED}
     text = (ROOT / "docs/operator.md").read_text()
     section = text[text.index("## Events") : text.index("## Lifecycle")]
     documented = set(re.findall(r"`([A-Z][A-Za-z]+)`", section))

@@ -6,7 +6,7 @@ import asyncio
 
 import kopf
 
-from dpo_operator.handlers import NoObjectMemories
+from dpo_operator.kopf_config import NoObjectMemories
 
 
 def test_kopf_keeps_no_record_of_a_watched_object_between_its_events() -> None:

@@ -9,8 +9,9 @@ from kubernetes.client import V1Job
 from pydantic import ValidationError
 
 from dpo_operator import manifests
-from dpojob_api.progress import FAIL_AT_ONCE, SPEC_DIGEST_ENV, TRAINER_REASONS
+from dpojob_api.progress import SPEC_DIGEST_ENV
 from dpojob_api.spec import DPOJob, DPOJobSpec, digest, spec_hash
+from dpojob_api.vocabulary import EXIT_CODES, FAIL_AT_ONCE
 
 DPOJOB = {
     "apiVersion": "dpo-operator.io/v1alpha1",
@@ -229,7 +230,7 @@ def test_on_current_servers_the_job_fails_at_once_on_a_deterministic_trainer_exi
     ignore, fail = job["spec"]["podFailurePolicy"]["rules"]
     assert ignore["action"] == "Ignore" and fail["action"] == "FailJob"
     assert fail["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [2, 3, 4, 5, 7, 9, 11]}
-    assert set(fail["onExitCodes"]["values"]) == {TRAINER_REASONS[r].exit_code for r in FAIL_AT_ONCE}
+    assert set(fail["onExitCodes"]["values"]) == {EXIT_CODES[r] for r in FAIL_AT_ONCE}
     V1Job.model_validate(job)
     misspelt = copy.deepcopy(job)
     misspelt["spec"]["podFailurePolicy"]["rules"][1]["onExitCode"] = misspelt["spec"]["podFailurePolicy"]["rules"][

@@ -1,9 +1,22 @@
 """Folding the trainer's JSON progress lines into status fields."""
 
 import json
+from typing import get_args
+
+import pytest
 
 from dpo_operator.progress import TrainerProgress, human_duration, parse_line
-from dpojob_api.progress import MAX_METRICS
+from dpojob_api.progress import (
+    MAX_METRICS,
+    Done,
+    EventKind,
+    ProgressLine,
+    StageEnd,
+    StageLog,
+    StageStart,
+    TrainerFailed,
+)
+from dpojob_api.vocabulary import Reason, Stage
 
 
 def line(event: str, **fields) -> str:
@@ -109,10 +122,10 @@ def test_metric_keys_are_bounded() -> None:
 def test_every_trainer_stage_has_a_weight_and_is_a_status_stage() -> None:
     """The trainer's stage table is the source of truth; the operator must know each stage it can report."""
     from dpo_trainer.pipeline import STAGES
-    from dpojob_api.progress import STAGE_WEIGHTS, TRAINER_STAGES
+    from dpojob_api.vocabulary import STAGE_WEIGHTS, Stage
 
     names = [stage.name for stage in STAGES]
-    assert list(STAGE_WEIGHTS) == names and list(TRAINER_STAGES) == names
+    assert list(STAGE_WEIGHTS) == names and list(Stage) == names
 
 
 def test_status_shows_metrics_to_four_significant_digits() -> None:
@@ -123,3 +136,29 @@ def test_status_shows_metrics_to_four_significant_digits() -> None:
     fields = progress.status_fields()
     assert fields["metrics"]["loss"] == 0.4532 and fields["rewards"] == {"margins": 0.0001235}
     assert fields["evalRewards"] == {"accuracies": 0.8765}
+
+
+@pytest.mark.parametrize(
+    "written",
+    [
+        StageStart(stage=Stage.SFT),
+        StageLog(stage=Stage.DPO, step=3, totalSteps=10, epoch=0.5, metrics={"loss": 0.5, "rewards/margins": 0.2}),
+        StageEnd(stage=Stage.DPO, seconds=2.0, skipped=True),
+        Done(summary={"metrics": {"eval_loss": 0.4}, "stages": {}}),
+        TrainerFailed(reason=Reason.DATASET_ERROR, message="no column x"),
+    ],
+    ids=lambda line: line.event,
+)
+def test_every_line_the_trainer_writes_is_read_as_written(written: ProgressLine) -> None:
+    """The writer's models (the trainer's, the benchmarks') and the operator's reader agree on the wire format."""
+    read = parse_line("step 3/10 |####| " + written.line())
+    assert read is not None and read["event"] == written.event and read["time"] == pytest.approx(written.time)
+    fields = written.model_dump()
+    assert {key: read[key] for key in fields if key in read} == {key: fields[key] for key in fields if key in read}
+    if isinstance(written, Done):
+        assert read["summary_metrics"] == {"eval_loss": 0.4}
+
+
+def test_the_reader_knows_every_kind_the_writer_writes() -> None:
+    kinds = {line.model_fields["event"].default for line in get_args(ProgressLine)}
+    assert kinds == set(get_args(EventKind))

@@ -11,7 +11,7 @@ import pytest
 import yaml
 from pydantic import ValidationError
 
-from dpo_operator.crd import CRD_FILE
+from dpo_dev.crd import CRD_FILE
 from dpo_operator.kube import merge_patch
 from dpo_operator.status import Observed, compute_status, transition_events
 from dpojob_api.status import Condition, DPOJobStatus, Progress, run_identity

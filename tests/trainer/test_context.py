@@ -7,7 +7,7 @@ from pathlib import Path
 
 from dpo_trainer.context import RunState, fingerprint
 from dpo_trainer.layout import STAGE_DIRECTORIES, RunLayout
-from dpojob_api.progress import TRAINER_STAGES
+from dpojob_api.vocabulary import Stage
 
 
 def test_fingerprints_chain() -> None:
@@ -44,8 +44,8 @@ def test_starting_a_stage_forgets_the_later_ones(tmp_path: Path) -> None:
 def test_every_stage_owns_a_directory_of_its_own(tmp_path: Path) -> None:
     """A stage whose inputs changed wipes its directory: it must hold nothing another stage made."""
     layout = RunLayout(tmp_path)
-    assert list(STAGE_DIRECTORIES) == list(TRAINER_STAGES)
-    directories = [layout.stage_dir(stage) for stage in TRAINER_STAGES]
+    assert list(STAGE_DIRECTORIES) == list(Stage)
+    directories = [layout.stage_dir(stage) for stage in Stage]
     assert len(set(directories)) == len(directories) and all(d.parent == tmp_path for d in directories)
     assert layout.model == tmp_path / "model" and layout.stage_dir("dpo_merge") == layout.model
     for path in (layout.state, layout.summary, layout.debug_log):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from types import SimpleNamespace
-from typing import get_args
 
 import pytest
 
@@ -22,7 +21,7 @@ from dpo_trainer.errors import (
     reraise,
     scrub,
 )
-from dpojob_api.progress import Reason
+from dpojob_api.vocabulary import TRAINER_REASONS, Reason
 
 
 class FakeHTTPError(Exception):
@@ -108,7 +107,7 @@ def test_reraise_chains_library_errors_but_not_trainer_errors() -> None:
 
 def test_the_error_reasons_are_the_shared_contract() -> None:
     """Every reason the trainer reports is one the operator knows, and every failure the operator knows exists."""
-    assert sorted(error.reason for error in ALL_ERRORS) == sorted(set(get_args(Reason)) - {"Succeeded"})
+    assert sorted(error.reason for error in ALL_ERRORS) == sorted(set(TRAINER_REASONS) - {Reason.SUCCEEDED})
 
 
 def test_out_of_memory_names_what_ran_out_and_the_knobs_to_turn() -> None:

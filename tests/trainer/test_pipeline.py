@@ -25,8 +25,9 @@ from dpo_trainer.pipeline import STAGES, plan
 from dpo_trainer.progress import Reporter
 from dpo_trainer.specfile import load_job
 from dpo_trainer.training import latest_checkpoint
-from dpojob_api.progress import PROGRESS_KIND, TRAINER_STAGES
+from dpojob_api.progress import PROGRESS_KIND
 from dpojob_api.spec import DPOJobSpec, HubOutput, OutputSpec
+from dpojob_api.vocabulary import Stage
 
 from .conftest import (
     DPO_KEYS,
@@ -48,7 +49,7 @@ ALL_STAGES = ["data", "sft", "sft_merge", "dpo_data", "dpo", "dpo_merge", "model
 
 
 def test_the_stage_table_is_the_stage_sequence_the_operator_knows() -> None:
-    assert tuple(stage.name for stage in STAGES) == TRAINER_STAGES
+    assert tuple(stage.name for stage in STAGES) == tuple(Stage)
 
 
 def test_stdout_holds_only_progress_events_in_stage_order(quickstart_run: CliRun) -> None:

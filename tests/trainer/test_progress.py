@@ -13,16 +13,21 @@ from dpojob_api.progress import (
     PROGRESS_KIND,
     TERMINATION_MESSAGE_LIMIT,
     TERMINATION_PATH_ENV,
+    Done,
     ProgressEvent,
+    StageEnd,
+    StageLog,
     TerminationMessage,
 )
+from dpojob_api.vocabulary import Stage
 
 
 def test_events_are_flushed_json_lines_with_nan_as_null() -> None:
     stream = io.StringIO()
     reporter = Reporter(stream, secrets=("tok-123456",))
-    reporter.emit("log", stage="dpo", step=1, metrics={"loss": float("nan"), "x": float("inf"), "note": "tok-123456"})
-    reporter.emit("stage_end", stage="dpo", seconds=1.5, skipped=False)
+    metrics = {"loss": float("nan"), "x": float("inf"), "note": "tok-123456"}
+    reporter.emit(StageLog(stage=Stage.DPO, step=1, totalSteps=2, metrics=metrics))
+    reporter.emit(StageEnd(stage=Stage.DPO, seconds=1.5, skipped=False))
     lines = stream.getvalue().splitlines()
     first, second = (json.loads(line) for line in lines)
     assert first["kind"] == PROGRESS_KIND and first["event"] == "log" and isinstance(first["time"], float)
@@ -33,7 +38,7 @@ def test_events_are_flushed_json_lines_with_nan_as_null() -> None:
 
 def test_disabled_reporter_is_silent() -> None:
     stream = io.StringIO()
-    Reporter(stream, enabled=False).emit("done", summary={})
+    Reporter(stream, enabled=False).emit(Done(summary={}))
     assert stream.getvalue() == ""
 
 

@@ -22,12 +22,14 @@ from dockerfile_checks import (
     is_ignored,
     parse,
     pip_installs,
-    project_extras,
+    project_installs,
+    pyproject,
     read_pins,
     requirements,
     run_pins,
     secret_problems,
     unpinned,
+    workspace_requirements,
 )
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
@@ -101,7 +103,7 @@ def test_entrypoint_is_the_cli_and_the_default_runs_the_quickstart() -> None:
     assert entrypoint.json and list(entrypoint.value) == ["dpo-trainer"]
     assert list(entrypoint.value) == operator_pod()[1]["command"]
     assert cmd.json and list(cmd.value) == ["run", "examples/quickstart.yaml"]
-    assert "dpo-trainer" in PYPROJECT["project"]["scripts"]
+    assert pyproject("trainer_image")["project"]["scripts"] == {"dpo-trainer": "dpo_trainer.cli:main"}
 
 
 def test_quickstart_assets_are_in_the_working_directory() -> None:
@@ -117,13 +119,14 @@ def test_quickstart_assets_are_in_the_working_directory() -> None:
 
 def test_pins_are_exactly_the_trainer_extra_within_pyproject_ranges() -> None:
     installs = pip_installs(COMMANDS)
-    assert project_extras(installs) == {"trainer"}
+    assert project_installs(installs) == {"trainer_image"}
     assert not unpinned(installs)
     assert constraint_files(installs) == {"trainer_image/constraints.txt"}
-    required = requirements(("trainer",))
+    required = requirements("trainer_image")
     pins = read_pins(CONSTRAINTS)
     assert not check_pins(pins, required)
-    assert set(pins) == set(required), "constraints.txt pins exactly pyproject's base + trainer dependencies"
+    assert set(pins) == set(required), "constraints.txt pins exactly trainer_image/pyproject.toml's dependencies"
+    assert required == workspace_requirements("trainer"), "the image's ranges are the development install's"
     for name, version in run_pins(COMMANDS).items():
         assert name in BUILD_TOOLS or not check_pins({name: version}, required), f"{name}=={version}"
     for args in installs:
@@ -139,7 +142,7 @@ def test_pins_are_exactly_the_trainer_extra_within_pyproject_ranges() -> None:
 )
 def test_pin_check_catches_drift(pins: dict[str, str], problem: str) -> None:
     """The checker itself: a pin outside the range and a missing pin are both reported."""
-    required = {canonicalize_name("torch"): requirements(("trainer",))[canonicalize_name("torch")]}
+    required = {canonicalize_name("torch"): requirements("trainer_image")[canonicalize_name("torch")]}
     found = check_pins({canonicalize_name(k): Version(v) for k, v in pins.items()}, required)
     assert len(found) == 1 and problem in found[0]
 

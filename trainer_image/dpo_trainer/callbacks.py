@@ -8,7 +8,8 @@ from transformers import TrainerCallback, TrainerControl, TrainerState, Training
 
 from dpo_trainer.context import RunContext
 from dpo_trainer.layout import TrainingStage
-from dpo_trainer.progress import Reporter
+from dpo_trainer.progress import Reporter, to_json_safe
+from dpojob_api.progress import StageLog
 
 
 class ProgressCallback(TrainerCallback):
@@ -28,12 +29,13 @@ class ProgressCallback(TrainerCallback):
     ) -> None:
         if state.is_world_process_zero and logs:
             self.reporter.emit(
-                "log",
-                stage=self.stage,
-                step=state.global_step,
-                totalSteps=state.max_steps,
-                epoch=state.epoch,
-                metrics=dict(logs),
+                StageLog(
+                    stage=self.stage,
+                    step=state.global_step,
+                    totalSteps=state.max_steps,
+                    epoch=state.epoch,
+                    metrics=to_json_safe(dict(logs)),
+                )
             )
 
 

@@ -23,8 +23,8 @@ from dpo_trainer.layout import PLOT_FILE
 from dpo_trainer.memory import GPU_METRIC_PREFIX
 from dpo_trainer.specfile import looks_like_path
 from dpo_trainer.training import stage_metrics
-from dpojob_api.progress import TRAINER_STAGES
 from dpojob_api.spec import NOT_ABOUT_THE_MODEL, model_identity
+from dpojob_api.vocabulary import Stage
 
 PLOTTED = ("rewards/margins", "rewards/accuracies")
 RECORD = "dpo_operator"
@@ -238,14 +238,14 @@ def render_card(
 
 def run(ctx: RunContext) -> None:
     layout = ctx.layout
-    plot_training_curves(ctx.read_json(layout.log_history("dpo")) or [], str(layout.plot))
-    sft_metrics = stage_metrics(ctx, "sft") if ctx.spec.sft.enabled else {}
+    plot_training_curves(ctx.read_json(layout.log_history(Stage.DPO)) or [], str(layout.plot))
+    sft_metrics = stage_metrics(ctx, Stage.SFT) if ctx.spec.sft.enabled else {}
     target = read_target(ctx) if ctx.spec.output.hub is not None else None
     if target is not None:
         ctx.write_json(layout.target, target)
-    recorded = {stage: ctx.state.stages.get(stage, {}).get("gpu") for stage in TRAINER_STAGES}
+    recorded = {stage.value: ctx.state.stages.get(stage, {}).get("gpu") for stage in Stage}
     gpu_memory = {stage: record for stage, record in recorded.items() if record}
-    card = render_card(ctx, stage_metrics(ctx, "dpo"), sft_metrics, target, gpu_memory)
+    card = render_card(ctx, stage_metrics(ctx, Stage.DPO), sft_metrics, target, gpu_memory)
     layout.card.write_text(card, encoding="utf-8")
     folders = [layout.model] + ([Path(ctx.spec.output.directory)] if ctx.spec.output.directory else [])
     for folder in folders:

@@ -43,8 +43,10 @@ from dpo_trainer import launch, pipeline
 from dpo_trainer.context import is_main_process, world_size
 from dpo_trainer.errors import ALL_ERRORS, TrainerError, classify, one_line, scrub
 from dpo_trainer.layout import RunLayout
-from dpo_trainer.progress import Reporter, write_termination_message
+from dpo_trainer.progress import Reporter, to_json_safe, write_termination_message
 from dpo_trainer.specfile import parse_job, read_job, resolve_local_paths, run_metadata
+from dpojob_api.progress import Done, TrainerFailed
+from dpojob_api.vocabulary import Reason
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -137,7 +139,7 @@ def fail(
             pass
     print(f"{prog}: {error.reason}: {message}{where}", file=sys.stderr, flush=True)
     if launch.outcome_path() is None:  # else the launcher emits the launch's one error event
-        reporter.emit("error", reason=error.reason, message=message)
+        reporter.emit(TrainerFailed(reason=error.reason, message=message))
     stage = {"stage": reporter.stage} if reporter.stage else {}
     report_outcome({"reason": error.reason, "message": message, **stage}, secrets)
     return error.exit_code
@@ -180,12 +182,12 @@ def _run(argv: list[str] | None) -> int:
         summary = pipeline.run(spec, out_dir, reporter, token, run_metadata(document, job))
     except (Exception, KeyboardInterrupt) as exc:
         return fail(classify(exc), exc, reporter, out_dir, secrets)
-    reporter.emit("done", summary=summary)
+    reporter.emit(Done(summary=to_json_safe(summary)))
     if not is_main_process():
         return 0
     metrics = summary["metrics"]
     report_outcome(
-        {"reason": "Succeeded", "metrics": pipeline.key_metrics(metrics), "model": summary["model"]}, secrets
+        {"reason": Reason.SUCCEEDED.value, "metrics": pipeline.key_metrics(metrics), "model": summary["model"]}, secrets
     )
     shown = ", ".join(
         f"{k}={metrics[k]:.4g}" for k in ("rewards/accuracies", "rewards/margins", "loss") if k in metrics

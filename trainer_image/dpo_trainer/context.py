@@ -22,8 +22,8 @@ from typing import TYPE_CHECKING, Any
 
 from dpo_trainer.layout import RunLayout
 from dpo_trainer.progress import Reporter
-from dpojob_api.progress import TrainerStage
 from dpojob_api.spec import DPOJobSpec
+from dpojob_api.vocabulary import Stage
 
 if TYPE_CHECKING:
     from torch.distributed import ProcessGroup
@@ -136,7 +136,7 @@ class RunContext:
         """Where users find the final model: output.directory when set, else DIR/model."""
         return Path(self.spec.output.directory) if self.spec.output.directory else self.layout.model
 
-    def prepare_stage_dir(self, stage: TrainerStage, *, wipe: bool) -> None:
+    def prepare_stage_dir(self, stage: Stage, *, wipe: bool) -> None:
         """Give a stage its directory; `wipe` drops what it holds (its inputs changed: no stale checkpoint is
         resumed). Every rank waits until the main process has done it."""
         path = self.layout.stage_dir(stage)

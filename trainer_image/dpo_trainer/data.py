@@ -38,6 +38,7 @@ from dpo_trainer.errors import DatasetError
 from dpo_trainer.layout import SplitPart, TrainingStage
 from dpo_trainer.sources import Row, RowStream, describe, load_source, num_proc
 from dpojob_api.spec import DatasetSource, DPOData, DPOJobSpec, TrainingSpec, template_fields
+from dpojob_api.vocabulary import Stage
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -413,7 +414,7 @@ def run_sft_data(ctx: RunContext) -> None:
         tokenizer = load_tokenizer(spec, spec.model.name, spec.model.revision, ctx.token)
         splits["train"], splits["eval"] = sft_splits(reader, spec, tokenizer)
     check_dpo_columns(reader, spec)
-    save(ctx, "sft", splits, {"sources": reader.sources})
+    save(ctx, Stage.SFT, splits, {"sources": reader.sources})
 
 
 def run_dpo_data(ctx: RunContext) -> None:
@@ -425,12 +426,12 @@ def run_dpo_data(ctx: RunContext) -> None:
     tokenizer = load_tokenizer(spec, spec.model.name, spec.model.revision, ctx.token)
     train, evaluation, dropped = dpo_splits(reader, spec, tokenizer)
     stats = {"dpo_train_dropped_long_prompts": dropped, "sources": reader.sources}
-    save(ctx, "dpo", {"train": train, "eval": evaluation}, stats)
+    save(ctx, Stage.DPO, {"train": train, "eval": evaluation}, stats)
 
 
 def stats(ctx: RunContext) -> dict[str, Any]:
     """Both data stages' stats.json as one (summary.json "data")."""
-    parts = [ctx.read_json(ctx.layout.data_stats(stage)) or {} for stage in ("sft", "dpo")]
+    parts = [ctx.read_json(ctx.layout.data_stats(stage)) or {} for stage in (Stage.SFT, Stage.DPO)]
     sources = {k: v for part in parts for k, v in part.pop("sources", {}).items()}
     return {k: v for part in parts for k, v in part.items()} | ({"sources": sources} if sources else {})
 

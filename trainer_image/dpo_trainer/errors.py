@@ -1,7 +1,7 @@
 """Failure reasons, their exit codes, and turning any exception into one clear, token-free line.
 
 The operator reads the reason from the container's termination message and the exit code from the
-pod status, so both are part of the trainer's contract: dpojob_api.progress.TRAINER_REASONS lists every reason
+pod status, so both are part of the trainer's contract: dpojob_api.vocabulary.REASONS lists every reason
 with its exit code, whether the operator retries it, and what it means.
 """
 
@@ -12,7 +12,7 @@ import sys
 from collections.abc import Iterable, Iterator
 from typing import ClassVar, NoReturn
 
-from dpojob_api.progress import TRAINER_REASONS, Reason
+from dpojob_api.vocabulary import EXIT_CODES, Reason
 
 MAX_MESSAGE_CHARS = 1000
 _HF_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}")
@@ -21,8 +21,12 @@ _HF_TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}")
 class TrainerError(Exception):
     """A failure with a reason code the operator understands; str() is one human-readable line."""
 
-    reason: ClassVar[Reason] = "TrainingError"
-    exit_code: ClassVar[int] = TRAINER_REASONS["TrainingError"].exit_code
+    reason: ClassVar[Reason] = Reason.TRAINING_ERROR
+    exit_code: ClassVar[int] = EXIT_CODES[Reason.TRAINING_ERROR]
+
+    def __init_subclass__(cls) -> None:
+        super().__init_subclass__()
+        cls.exit_code = EXIT_CODES[cls.reason]
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -30,58 +34,47 @@ class TrainerError(Exception):
 
 
 class InvalidSpec(TrainerError):
-    reason = "InvalidSpec"
-    exit_code = TRAINER_REASONS["InvalidSpec"].exit_code
+    reason = Reason.INVALID_SPEC
 
 
 class DatasetError(TrainerError):
-    reason = "DatasetError"
-    exit_code = TRAINER_REASONS["DatasetError"].exit_code
+    reason = Reason.DATASET_ERROR
 
 
 class ModelLoadError(TrainerError):
-    reason = "ModelLoadError"
-    exit_code = TRAINER_REASONS["ModelLoadError"].exit_code
+    reason = Reason.MODEL_LOAD_ERROR
 
 
 class HubAuthError(TrainerError):
-    reason = "HubAuthError"
-    exit_code = TRAINER_REASONS["HubAuthError"].exit_code
+    reason = Reason.HUB_AUTH_ERROR
 
 
 class HubError(TrainerError):
-    reason = "HubError"
-    exit_code = TRAINER_REASONS["HubError"].exit_code
+    reason = Reason.HUB_ERROR
 
 
 class OutOfMemory(TrainerError):
-    reason = "OutOfMemory"
-    exit_code = TRAINER_REASONS["OutOfMemory"].exit_code
+    reason = Reason.OUT_OF_MEMORY
 
 
 class TrainingError(TrainerError):
-    reason = "TrainingError"
-    exit_code = TRAINER_REASONS["TrainingError"].exit_code
+    reason = Reason.TRAINING_ERROR
 
 
 class GPUOutOfMemory(TrainerError):
-    reason = "GPUOutOfMemory"
-    exit_code = TRAINER_REASONS["GPUOutOfMemory"].exit_code
+    reason = Reason.GPU_OUT_OF_MEMORY
 
 
 class QualityGateFailed(TrainerError):
-    reason = "QualityGateFailed"
-    exit_code = TRAINER_REASONS["QualityGateFailed"].exit_code
+    reason = Reason.QUALITY_GATE_FAILED
 
 
 class GPUUnavailable(TrainerError):
-    reason = "GPUUnavailable"
-    exit_code = TRAINER_REASONS["GPUUnavailable"].exit_code
+    reason = Reason.GPU_UNAVAILABLE
 
 
 class Interrupted(TrainerError):
-    reason = "Interrupted"
-    exit_code = TRAINER_REASONS["Interrupted"].exit_code
+    reason = Reason.INTERRUPTED
 
 
 ALL_ERRORS: tuple[type[TrainerError], ...] = (

@@ -17,6 +17,7 @@ from dpo_trainer.context import RunContext
 from dpo_trainer.errors import QualityGateFailed
 from dpo_trainer.training import stage_metrics
 from dpojob_api.spec import QualityGates
+from dpojob_api.vocabulary import Stage
 
 THRESHOLDS = (  # (field, name in the spec, metric, higher is better)
     ("min_eval_reward_accuracy", "minEvalRewardAccuracy", "eval_rewards/accuracies", True),
@@ -86,7 +87,7 @@ def check(
 def run(ctx: RunContext) -> None:
     """Check, record the verdict, say it on stderr; any failed check fails the run before the push."""
     assert ctx.spec.output.gates is not None
-    checks, notes = check(ctx.spec.output.gates, stage_metrics(ctx, "dpo"), ctx.read_json(ctx.layout.target))
+    checks, notes = check(ctx.spec.output.gates, stage_metrics(ctx, Stage.DPO), ctx.read_json(ctx.layout.target))
     failed = [c["message"] for c in checks if not c["passed"]]
     ctx.write_json(ctx.layout.gates_result, {"passed": not failed, "checks": checks, "notes": notes})
     for line in [*(f"gate passed: {c['message']}" for c in checks if c["passed"]), *(f"note: {n}" for n in notes)]:

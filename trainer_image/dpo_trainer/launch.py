@@ -5,7 +5,7 @@ validated: with more than one visible CUDA device (or `--nproc N` / DPO_TRAINER_
 CPU, where the workers talk over gloo) it re-runs itself under torch.distributed.run (torchrun, standalone
 rendezvous on localhost) and waits. The workers train SFT and DPO with DDP, each keeping its own (4-bit)
 copy of the model on its own GPU; rank 0 alone prepares data, merges, writes the card, pushes and prints
-progress events (pipeline.Stage.main_only).
+progress events (pipeline.PipelineStage.main_only).
 
 The launcher keeps the pod's contract, whichever rank fails: its workers leave their outcome in
 $DPO_TRAINER_OUTCOME_DIR/rank-<r>.json instead of the termination message, and the launcher writes the
@@ -28,6 +28,7 @@ from typing import Any
 
 from dpo_trainer.errors import ALL_ERRORS, Interrupted, InvalidSpec, TrainerError, TrainingError, scrub
 from dpo_trainer.progress import to_json_safe
+from dpojob_api.vocabulary import Reason
 
 NPROC_ENV = "DPO_TRAINER_NPROC"
 OUTCOME_DIR_ENV = "DPO_TRAINER_OUTCOME_DIR"
@@ -76,7 +77,7 @@ class Report:
 
     @property
     def reason(self) -> str:
-        return str(self.termination.get("reason", "TrainingError"))
+        return str(self.termination.get("reason", Reason.TRAINING_ERROR))
 
 
 @dataclass(frozen=True)
@@ -132,7 +133,9 @@ def root_cause(reports: dict[int, Report], exits: dict[int, Exit]) -> TrainerErr
     than about the earliest report of a failure (torchrun stamps exits in whole seconds); else that
     earliest report is; else the workers were only interrupted.
     """
-    own = sorted((r for r in reports.values() if r.reason not in ("Succeeded", "Interrupted")), key=lambda r: r.time)
+    own = sorted(
+        (r for r in reports.values() if r.reason not in (Reason.SUCCEEDED, Reason.INTERRUPTED)), key=lambda r: r.time
+    )
     crashed = sorted(
         (rank for rank, e in exits.items() if rank not in reports and e.code != -signal.SIGTERM),
         key=lambda rank: (exits[rank].timestamp, rank),
@@ -148,7 +151,7 @@ def root_cause(reports: dict[int, Report], exits: dict[int, Exit]) -> TrainerErr
 
 def interrupted(reports: dict[int, Report]) -> Interrupted:
     """Interrupted, in rank 0's words when it reported it (it says whether a checkpoint was saved)."""
-    first = min((r for r in reports.values() if r.reason == "Interrupted"), key=lambda r: r.rank, default=None)
+    first = min((r for r in reports.values() if r.reason == Reason.INTERRUPTED), key=lambda r: r.rank, default=None)
     message = first.termination.get("message") if first else None
     return Interrupted(message or "the launcher was stopped; rerun with the same output directory to resume")
 
@@ -182,4 +185,4 @@ def run_workers(nproc: int, worker_args: list[str]) -> dict[str, Any]:
         raise interrupted(reports)
     if exits is not None:
         raise root_cause(reports, exits)
-    return reports[0].termination if 0 in reports else {"reason": "Succeeded"}
+    return reports[0].termination if 0 in reports else {"reason": Reason.SUCCEEDED.value}

@@ -21,18 +21,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from dpojob_api.progress import TRAINER_STAGES, TrainerStage
+from dpojob_api.vocabulary import Stage, TrainingStage
 
-TrainingStage = Literal["sft", "dpo"]
 SplitPart = Literal["train", "eval"]
 
 CARD_FILE = "README.md"
 """The model card's file name: in DIR/model_card, next to the weights, and in a Hub repository."""
 PLOT_FILE = "training_curves.png"
 
-STAGE_DIRECTORIES: dict[str, str] = {stage: stage for stage in TRAINER_STAGES} | {"dpo_merge": "model"}
+STAGE_DIRECTORIES: dict[Stage, str] = {stage: stage.value for stage in Stage} | {Stage.DPO_MERGE: "model"}
 """Each stage's directory under DIR; dpo_merge writes DIR/model, the model users get."""
-DATA_STAGES: dict[TrainingStage, TrainerStage] = {"sft": "data", "dpo": "dpo_data"}
+DATA_STAGES: dict[TrainingStage, Stage] = {Stage.SFT: Stage.DATA, Stage.DPO: Stage.DPO_DATA}
 """The stage that prepares each training stage's rows."""
 
 
@@ -42,7 +41,7 @@ class RunLayout:
 
     root: Path
 
-    def stage_dir(self, stage: TrainerStage) -> Path:
+    def stage_dir(self, stage: Stage) -> Path:
         return self.root / STAGE_DIRECTORIES[stage]
 
     @property
@@ -76,30 +75,30 @@ class RunLayout:
     @property
     def sft_model(self) -> Path:
         """The base with the SFT adapter merged: what DPO trains on."""
-        return self.stage_dir("sft_merge")
+        return self.stage_dir(Stage.SFT_MERGE)
 
     @property
     def model(self) -> Path:
         """The final model: the DPO adapter merged into the SFT model."""
-        return self.stage_dir("dpo_merge")
+        return self.stage_dir(Stage.DPO_MERGE)
 
     @property
     def card(self) -> Path:
-        return self.stage_dir("model_card") / CARD_FILE
+        return self.stage_dir(Stage.MODEL_CARD) / CARD_FILE
 
     @property
     def plot(self) -> Path:
-        return self.stage_dir("model_card") / PLOT_FILE
+        return self.stage_dir(Stage.MODEL_CARD) / PLOT_FILE
 
     @property
     def target(self) -> Path:
         """What the card at output.hub's target revision records (read by the card stage, compared by the gates)."""
-        return self.stage_dir("model_card") / "target.json"
+        return self.stage_dir(Stage.MODEL_CARD) / "target.json"
 
     @property
     def gates_result(self) -> Path:
-        return self.stage_dir("gates") / "result.json"
+        return self.stage_dir(Stage.GATES) / "result.json"
 
     @property
     def push_result(self) -> Path:
-        return self.stage_dir("push") / "result.json"
+        return self.stage_dir(Stage.PUSH) / "result.json"

@@ -32,9 +32,9 @@ def release() -> None:
     """Free what no stage references any more, hand the GPU's cached blocks back and restart its peak counters.
 
     What survives the collection (the imported libraries: half a million objects once torch, transformers and TRL
-    are in) is then frozen: no later collection scans it again, neither ours (a full one over it costs ~0.3 s,
-    per stage) nor the automatic ones during training. A stage's own objects are created after the freeze, so
-    the next stage's collection still frees them.
+    are in) is then frozen: no later collection scans it again, neither ours (a full one over it takes a
+    noticeable fraction of a second, per stage) nor the automatic ones during training. A stage's own objects
+    are created after the freeze, so the next stage's collection still frees them.
     """
     gc.collect()
     gc.freeze()

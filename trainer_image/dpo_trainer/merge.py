@@ -3,7 +3,7 @@
 This is the fix for the seed's defect (TRL issue #926): the SFT adapter is merged into the base loaded
 in model.dtype before DPO, and the DPO adapter is merged into that merged-SFT model, never into the
 plain base. Merging into 4-bit weights would re-quantize, so both merges load in model.dtype.
-Only the main process runs these stages (see pipeline.Stage.main_only).
+Only the main process runs these stages (see pipeline.PipelineStage.main_only).
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dpo_trainer.context import RunContext
 from dpo_trainer.errors import TrainingError, reraise
 from dpo_trainer.models import load_model, load_tokenizer
 from dpo_trainer.training import dpo_input
+from dpojob_api.vocabulary import Stage
 
 
 def merge_adapter(ctx: RunContext, base: str, revision: str | None, adapter: Path, out: Path) -> None:
@@ -33,13 +34,13 @@ def merge_adapter(ctx: RunContext, base: str, revision: str | None, adapter: Pat
 
 def run_sft_merge(ctx: RunContext) -> None:
     spec = ctx.spec
-    merge_adapter(ctx, spec.model.name, spec.model.revision, ctx.layout.adapter("sft"), ctx.layout.sft_model)
+    merge_adapter(ctx, spec.model.name, spec.model.revision, ctx.layout.adapter(Stage.SFT), ctx.layout.sft_model)
 
 
 def run_dpo_merge(ctx: RunContext) -> None:
     """Merge the DPO adapter; DIR/model is what the card describes and the push uploads."""
     base, revision = dpo_input(ctx)
-    merge_adapter(ctx, base, revision, ctx.layout.adapter("dpo"), ctx.layout.model)
+    merge_adapter(ctx, base, revision, ctx.layout.adapter(Stage.DPO), ctx.layout.model)
     target = ctx.spec.output.directory
     if target:
         try:

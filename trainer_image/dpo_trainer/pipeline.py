@@ -2,8 +2,8 @@
 
     data → sft → sft_merge → dpo_data → dpo → dpo_merge → model_card → gates → push
 
-STAGES is the source of truth for the stages: their order (dpojob_api.progress.TRAINER_STAGES, the
-operator's view, must match it), what each runs and what invalidates it. Where each stage writes under the
+STAGES is the table of the stages: their order (dpojob_api.vocabulary.Stage, which the operator reads, must
+match it), what each runs and what invalidates it. Where each stage writes under the
 work directory DIR: see dpo_trainer.layout. sft.enabled=false skips sft and sft_merge; gates runs only when
 output.gates is set, push only when output.hub is.
 
@@ -32,8 +32,9 @@ from dpo_trainer.context import RunContext, RunState, fingerprint, is_main_proce
 from dpo_trainer.layout import RunLayout, TrainingStage
 from dpo_trainer.progress import Reporter
 from dpo_trainer.specfile import spec_as_yaml_dict
-from dpojob_api.progress import TrainerStage
+from dpojob_api.progress import StageEnd, StageStart
 from dpojob_api.spec import DPOJobSpec, model_identity
+from dpojob_api.vocabulary import Stage
 
 KEY_METRICS_PREFIXES = ("rewards/", "eval_", memory.GPU_METRIC_PREFIX)
 
@@ -43,10 +44,10 @@ def _always(spec: DPOJobSpec) -> bool:
 
 
 @dataclass(frozen=True)
-class Stage:
+class PipelineStage:
     """One unit of work. `inputs` picks the spec parts whose change invalidates this stage (and later ones)."""
 
-    name: TrainerStage
+    name: Stage
     run: Callable[[RunContext], None]
     inputs: Callable[[dict[str, Any]], Any]
     enabled: Callable[[DPOJobSpec], bool] = _always
@@ -57,37 +58,39 @@ def _sft_enabled(spec: DPOJobSpec) -> bool:
     return spec.sft.enabled
 
 
-STAGES: tuple[Stage, ...] = (
-    Stage(
-        name="data",
+STAGES: tuple[PipelineStage, ...] = (
+    PipelineStage(
+        name=Stage.DATA,
         run=data.run_sft_data,
         inputs=lambda s: [s["model"], s["data"], s["sft"]["enabled"], data.sft_inputs(DPOJobSpec.model_validate(s))],
     ),
-    Stage(
-        name="sft",
+    PipelineStage(
+        name=Stage.SFT,
         run=training.run_sft,
         inputs=lambda s: [s["sft"], s["quantization"], s["seed"]],
         enabled=_sft_enabled,
         main_only=False,
     ),
-    Stage(name="sft_merge", run=merge.run_sft_merge, inputs=lambda s: [], enabled=_sft_enabled),
-    Stage(name="dpo_data", run=data.run_dpo_data, inputs=lambda s: data.dpo_inputs(DPOJobSpec.model_validate(s))),
-    Stage(
-        name="dpo",
+    PipelineStage(name=Stage.SFT_MERGE, run=merge.run_sft_merge, inputs=lambda s: [], enabled=_sft_enabled),
+    PipelineStage(
+        name=Stage.DPO_DATA, run=data.run_dpo_data, inputs=lambda s: data.dpo_inputs(DPOJobSpec.model_validate(s))
+    ),
+    PipelineStage(
+        name=Stage.DPO,
         run=training.run_dpo,
         inputs=lambda s: [s["dpo"], s["quantization"], s["seed"]],
         main_only=False,
     ),
-    Stage(name="dpo_merge", run=merge.run_dpo_merge, inputs=lambda s: [s["output"]["directory"]]),
-    Stage(name="model_card", run=card.run, inputs=model_identity),
-    Stage(
-        name="gates",
+    PipelineStage(name=Stage.DPO_MERGE, run=merge.run_dpo_merge, inputs=lambda s: [s["output"]["directory"]]),
+    PipelineStage(name=Stage.MODEL_CARD, run=card.run, inputs=model_identity),
+    PipelineStage(
+        name=Stage.GATES,
         run=gates.run,
         inputs=lambda s: [s["output"]["gates"]],
         enabled=lambda spec: spec.output.gates is not None,
     ),
-    Stage(
-        name="push",
+    PipelineStage(
+        name=Stage.PUSH,
         run=hub.run,
         inputs=lambda s: [s["output"]["hub"]],
         enabled=lambda spec: spec.output.hub is not None,
@@ -95,7 +98,7 @@ STAGES: tuple[Stage, ...] = (
 )
 
 
-def plan(spec: DPOJobSpec) -> list[tuple[Stage, str]]:
+def plan(spec: DPOJobSpec) -> list[tuple[PipelineStage, str]]:
     """The enabled stages in order, each with its chained fingerprint."""
     spec_dict = spec_as_yaml_dict(spec)
     chain = ""
@@ -123,11 +126,11 @@ def model_location(ctx: RunContext) -> dict[str, Any]:
 def build_summary(ctx: RunContext) -> dict[str, Any]:
     """DIR/summary.json and the `done` event: final metrics, stage timings, row counts, parallelism, model location,
     and the gates' verdict when output.gates is set."""
-    trained: list[TrainingStage] = ["sft", "dpo"] if ctx.spec.sft.enabled else ["dpo"]
+    trained: list[TrainingStage] = [Stage.SFT, Stage.DPO] if ctx.spec.sft.enabled else [Stage.DPO]
     verdict = {"gates": ctx.read_json(ctx.layout.gates_result)} if ctx.spec.output.gates else {}
     return {
-        "metrics": training.stage_metrics(ctx, "dpo"),
-        "sftMetrics": training.stage_metrics(ctx, "sft") if ctx.spec.sft.enabled else {},
+        "metrics": training.stage_metrics(ctx, Stage.DPO),
+        "sftMetrics": training.stage_metrics(ctx, Stage.SFT) if ctx.spec.sft.enabled else {},
         "parallelism": {stage: ctx.read_json(ctx.layout.parallelism(stage)) or {} for stage in trained},
         "stages": ctx.timings,
         "data": data.stats(ctx),
@@ -157,11 +160,11 @@ def run(
     if is_main_process():  # one whoami, not one per GPU; should it fail, the launcher stops the waiting ranks
         hub.check_token(ctx)
     for stage, chain in plan(spec):
-        reporter.emit("stage_start", stage=stage.name)
+        reporter.emit(StageStart(stage=stage.name))
         if ctx.state.is_done(stage.name, chain):
             done = ctx.state.stages[stage.name]
             ctx.timings[stage.name] = {"seconds": done.get("seconds", 0.0), "skipped": True, **_gpu(done.get("gpu"))}
-            reporter.emit("stage_end", stage=stage.name, seconds=0.0, skipped=True)
+            reporter.emit(StageEnd(stage=stage.name, seconds=0.0, skipped=True))
             continue
         ctx.prepare_stage_dir(stage.name, wipe=not ctx.state.is_resumable(stage.name, chain))
         ctx.state.start(stage.name, chain, later=[s.name for s in STAGES[STAGES.index(stage) + 1 :]])
@@ -173,7 +176,7 @@ def run(
         seconds, gpu = round(time.monotonic() - started, 3), _gpu(used.result())
         ctx.state.mark(stage.name, chain, "done", seconds=seconds, **gpu)
         ctx.timings[stage.name] = {"seconds": seconds, "skipped": False, **gpu}
-        reporter.emit("stage_end", stage=stage.name, seconds=seconds, skipped=False)
+        reporter.emit(StageEnd(stage=stage.name, seconds=seconds, skipped=False))
     summary = build_summary(ctx)
     if is_main_process():
         layout.summary.write_text(json.dumps(summary, indent=2))

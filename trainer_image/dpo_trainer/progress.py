@@ -11,20 +11,20 @@ import contextlib
 import json
 import math
 import os
-import time
 from pathlib import Path
 from typing import Any, TextIO
 
 from dpo_trainer.errors import one_line, scrub
 from dpojob_api.progress import (
-    PROGRESS_KIND,
     TERMINATION_MESSAGE_LIMIT,
     TERMINATION_MESSAGE_PATH,
     TERMINATION_PATH_ENV,
-    EventKind,
+    ProgressLine,
+    StageStart,
     TerminationMessage,
     metric_priority,
 )
+from dpojob_api.vocabulary import Reason, Stage
 
 
 def to_json_safe(value: Any) -> Any:
@@ -47,16 +47,15 @@ class Reporter:
         self.stream = stream
         self.enabled = enabled
         self.secrets = secrets
-        self.stage: str | None = None
+        self.stage: Stage | None = None
         """The stage started last: a failure's termination message names it (status.stage of a failed run)."""
 
-    def emit(self, event: EventKind, **fields: Any) -> None:
-        if event == "stage_start":
-            self.stage = fields.get("stage")
+    def emit(self, event: ProgressLine) -> None:
+        if isinstance(event, StageStart):
+            self.stage = event.stage
         if not self.enabled:
             return
-        record = {"kind": PROGRESS_KIND, "event": event, "time": time.time(), **to_json_safe(fields)}
-        line = scrub(json.dumps(record, allow_nan=False, ensure_ascii=False), self.secrets)
+        line = scrub(event.line(), self.secrets)
         self.stream.write(line + "\n")
         self.stream.flush()
 
@@ -88,7 +87,7 @@ def fit_termination_message(payload: dict[str, Any], limit: int = TERMINATION_ME
         payload["message"] = message
         data = _encode(payload)
     if len(data) > limit:
-        data = _encode({"reason": payload.get("reason", "TrainingError")})
+        data = _encode({"reason": payload.get("reason", Reason.TRAINING_ERROR.value)})
     return data
 
 

@@ -17,6 +17,7 @@ from dpo_trainer.data import load_split
 from dpo_trainer.errors import DatasetError, Interrupted, TrainingError, reraise
 from dpo_trainer.layout import TrainingStage
 from dpo_trainer.memory import as_metrics
+from dpojob_api.vocabulary import Stage
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainingArguments
@@ -139,21 +140,21 @@ def run_sft(ctx: RunContext) -> None:
 
     spec = ctx.spec
     train, evaluation, tokenizer, model = _stage_inputs(
-        ctx, "sft", spec.model.name, spec.model.revision, "the data stage produced no SFT rows"
+        ctx, Stage.SFT, spec.model.name, spec.model.revision, "the data stage produced no SFT rows"
     )
     try:
         trainer = SFTTrainer(
             model=model,
-            args=sft_config(spec, str(ctx.layout.stage_dir("sft")), evaluation is not None),
+            args=sft_config(spec, str(ctx.layout.stage_dir(Stage.SFT)), evaluation is not None),
             train_dataset=train,
             eval_dataset=evaluation,
             processing_class=tokenizer,
             peft_config=lora_config(spec.sft.lora),
-            callbacks=callbacks(ctx, "sft"),
+            callbacks=callbacks(ctx, Stage.SFT),
         )
-        train_and_save(ctx, "sft", trainer)
+        train_and_save(ctx, Stage.SFT, trainer)
     except Exception as exc:
-        reraise(exc, TrainingError, "sft")
+        reraise(exc, TrainingError, Stage.SFT)
 
 
 def dpo_input(ctx: RunContext) -> tuple[str, str | None]:
@@ -173,22 +174,22 @@ def run_dpo(ctx: RunContext) -> None:
     spec = ctx.spec
     path, revision = dpo_input(ctx)
     train, evaluation, tokenizer, model = _stage_inputs(
-        ctx, "dpo", path, revision, "the data stage produced no DPO pairs"
+        ctx, Stage.DPO, path, revision, "the data stage produced no DPO pairs"
     )
     try:
         trainer = DPOTrainer(
             model=model,
             ref_model=None,
-            args=dpo_config(spec, str(ctx.layout.stage_dir("dpo")), evaluation is not None),
+            args=dpo_config(spec, str(ctx.layout.stage_dir(Stage.DPO)), evaluation is not None),
             train_dataset=train,
             eval_dataset=evaluation,
             processing_class=tokenizer,
             peft_config=lora_config(spec.dpo.lora),
-            callbacks=callbacks(ctx, "dpo"),
+            callbacks=callbacks(ctx, Stage.DPO),
         )
-        train_and_save(ctx, "dpo", trainer)
+        train_and_save(ctx, Stage.DPO, trainer)
     except Exception as exc:
-        reraise(exc, TrainingError, "dpo")
+        reraise(exc, TrainingError, Stage.DPO)
 
 
 def stage_metrics(ctx: RunContext, stage: TrainingStage) -> dict[str, float]:

@@ -3,9 +3,10 @@
 from pathlib import Path
 
 import jsonschema
+import pytest
 import yaml
 
-from dpo_operator import crd
+from dpo_dev import crd
 from dpojob_api.spec import DPOJobSpec
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -13,9 +14,7 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_committed_crd_matches_the_models() -> None:
     committed = (ROOT / crd.CRD_FILE).read_text()
-    assert committed == crd.render(), (
-        "crds/ drifted from the spec: run `python -m dpo_operator.crd > " + crd.CRD_FILE + "`"
-    )
+    assert committed == crd.render(), "crds/ drifted from the spec: run `python -m dpo_dev.crd > " + crd.CRD_FILE + "`"
 
 
 def _walk(node: dict, path: str = ""):
@@ -76,22 +75,34 @@ def test_printer_columns_and_names() -> None:
 
 
 def test_cel_rules_match_the_model_validators() -> None:
-    """The CEL rules (apply-time on >= 1.25) mirror the pydantic validators, so both reject the same specs."""
+    """Every CEL rule (apply-time on >= 1.25) mirrors a pydantic validator: a spec each rule rejects, the model
+    rejects too; the rules' defaults are the model's."""
     from pydantic import ValidationError
 
     assert "x-kubernetes-validations" not in crd.render(), "the committed CRD must install on Kubernetes 1.20"
-    spec = crd.build_crd(cel=True)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
-    rules = [r["message"] for r in spec["x-kubernetes-validations"]]
-    rules += [r["message"] for r in spec["properties"]["dpo"]["x-kubernetes-validations"]]
-    assert len(rules) == 4
-    for bad in (
-        {},
-        {"output": {"directory": "/o"}, "dpo": {"lossWeights": [1, 2]}},
-        {"output": {"directory": "/o"}, "dpo": {"lossType": ["exo_pair"]}},
-        {"output": {"directory": "/o"}, "dpo": {"maxPromptLength": 1024}},
-    ):
-        try:
+    schema = crd.build_crd(cel=True)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+
+    def rules(node: dict) -> dict[str, str]:
+        found = {rule["message"]: rule["rule"] for rule in node.get("x-kubernetes-validations", [])}
+        for child in (node.get("properties") or {}).values():
+            found |= rules(child)
+        return found
+
+    out = {"directory": "/o"}
+    rejected_by = {
+        "output needs hub or directory (or both): the merged model has to go somewhere": {},
+        "lossWeights needs one weight per lossType entry": {"output": out, "dpo": {"lossWeights": [1, 2]}},
+        "lossType exo_pair and robust need labelSmoothing > 0": {"output": out, "dpo": {"lossType": ["robust"]}},
+        "maxPromptLength must be less than maxLength": {"output": out, "dpo": {"maxPromptLength": 1024}},
+        "gates.notWorseThanTarget needs hub: it compares with the model at hub.revision": {
+            "output": {**out, "gates": {"notWorseThanTarget": True}}
+        },
+    }
+    found = rules(schema)
+    assert set(found) == set(rejected_by)
+    for bad in rejected_by.values():
+        with pytest.raises(ValidationError):
             DPOJobSpec.model_validate(bad)
-        except ValidationError:
-            continue
-        raise AssertionError(f"pydantic accepted {bad} although a CEL rule rejects it")
+    dpo = DPOJobSpec.model_fields["dpo"].default_factory()  # type: ignore[misc]
+    lengths = found["maxPromptLength must be less than maxLength"]
+    assert f": {dpo.max_prompt_length})" in lengths and f": {dpo.max_length})" in lengths
