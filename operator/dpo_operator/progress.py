@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from dpojob_api.progress import PROGRESS_KIND, ProgressEvent, bounded_metrics, finite, status_metrics
+from dpojob_api.status import MAX_RULE_HITS
 from dpojob_api.vocabulary import STAGE_WEIGHTS, Stage
 
 _MARKER = '{"kind": "' + PROGRESS_KIND + '"'
@@ -61,6 +62,8 @@ class TrainerProgress:
     metrics: dict[str, float] = field(default_factory=dict)
     done: bool = False
     events_seen: int = 0
+    rules: list[dict[str, Any]] = field(default_factory=list)
+    """Stop rules that fired (status.rules), each once."""
 
     def apply(self, event: dict[str, Any]) -> None:
         """Fold one progress event (in log order), as parse_line validated it."""
@@ -68,7 +71,12 @@ class TrainerProgress:
         kind, stage, when = event.get("event"), event.get("stage"), event.get("time")
         if finite(when):
             self.updated = float(when)
-        if kind == "stage_start" and stage in STAGE_WEIGHTS:
+        if kind == "rule" and stage in STAGE_WEIGHTS and event["rule"] and event["action"] and event["reason"]:
+            hit = {k: event[k] for k in ("stage", "rule", "action", "reason", "step", "message")}
+            seen = {(h["stage"], h["rule"]) for h in self.rules}
+            if (stage, hit["rule"]) not in seen and len(self.rules) < MAX_RULE_HITS:
+                self.rules.append(hit)
+        elif kind == "stage_start" and stage in STAGE_WEIGHTS:
             self.stage, self.step, self.total_steps, self.first_seen = Stage(stage), 0, 0, None
             if stage in (Stage.SFT, Stage.DPO):
                 self.metrics = {}  # each training stage reports its own loss; don't mix SFT's into DPO's
@@ -118,7 +126,7 @@ class TrainerProgress:
     def status_fields(self) -> dict[str, Any]:
         """The status fields this progress determines (camelCase, ready for a merge patch)."""
         if self.stage is None and not self.metrics:
-            return {}
+            return {"rules": self.rules} if self.rules else {}
         eta = 0 if self.done else self.eta_seconds()
         fields: dict[str, Any] = {
             "progress": {
@@ -135,6 +143,8 @@ class TrainerProgress:
             fields["stage"] = self.stage
         if self.metrics:
             fields.update(status_metrics(self.metrics))
+        if self.rules:
+            fields["rules"] = self.rules
         return fields
 
 

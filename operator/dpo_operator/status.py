@@ -13,12 +13,14 @@ from typing import Any, Literal
 
 from dpojob_api.progress import TerminationMessage, status_metrics
 from dpojob_api.status import (
+    MAX_RULE_HITS,
     Bookkeeping,
     Condition,
     DPOJobStatus,
     ModelLocation,
     Progress,
     Rewards,
+    RuleHit,
     Run,
     RunRef,
     TrainerRef,
@@ -56,6 +58,7 @@ _RUN_FIELDS = (
     "start_time",
     "completion_time",
     "retries",
+    "rules",
 )
 
 
@@ -388,6 +391,9 @@ def compute_status(old: dict[str, Any], obs: Observed) -> DPOJobStatus:
         reported = DPOJobStatus.from_document(obs.progress)
         if not same_run or _is_newer(reported, previous):
             status = status.model_copy(update={name: getattr(reported, name) for name in reported.model_fields_set})
+    if same_run and previous.rules:
+        status.rules = _union_rules(previous.rules, status.rules)
+    _warn_of_rules(status, previous.conditions if same_run else [], obs.generation, now)
     if outcome.phase not in TERMINAL_PHASES:
         status.completion_time = None  # e.g. an InvalidSpec fixed through runtime: the run goes on
     else:
@@ -395,6 +401,32 @@ def compute_status(old: dict[str, Any], obs: Observed) -> DPOJobStatus:
         if outcome.final is not None:
             _apply_final(status, outcome.final)
     return status
+
+
+def _union_rules(old: list[RuleHit], new: list[RuleHit]) -> list[RuleHit]:
+    """The rule hits of earlier pods of the run, then this pod's new ones (each rule of a stage once)."""
+    seen = {(hit.stage, hit.rule) for hit in old}
+    return [*old, *(hit for hit in new if (hit.stage, hit.rule) not in seen)][:MAX_RULE_HITS]
+
+
+def _warn_of_rules(status: DPOJobStatus, old: list[Condition], generation: int, now: str) -> None:
+    """A warn rule that fired in the run: the MetricWarning condition, and status.reason while it runs on."""
+    warnings = [hit for hit in status.rules if hit.action == "warn"]
+    if not warnings:
+        return
+    latest = warnings[-1]
+    before = next((c for c in old if c.type == ConditionType.METRIC_WARNING and c.status == "True"), None)
+    warning = Condition(
+        type=ConditionType.METRIC_WARNING,
+        status="True",
+        reason=latest.reason,
+        message=latest.message,
+        last_transition_time=before.last_transition_time if before else now,
+        observed_generation=generation,
+    )
+    status.conditions = [*status.conditions, warning]
+    if status.phase == Phase.RUNNING:
+        status.reason = latest.reason
 
 
 def _message(status: DPOJobStatus) -> str:
@@ -430,7 +462,7 @@ class Event:
 
 
 def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
-    """Events for what changed between two statuses: new run, stage, retries, phase."""
+    """Events for what changed between two statuses: new run, stop rules that fired, stage, retries, phase."""
     events: list[Event] = []
     old_run, new_run = old.get("run"), new.get("run")
     if old_run and new_run and old_run != new_run:
@@ -443,6 +475,14 @@ def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
             )
         )
     same_run = old_run == new_run
+    known = {(h.get("stage"), h.get("rule")) for h in (old.get("rules") or [])} if same_run else set()
+    for hit in new.get("rules") or []:
+        if (hit.get("stage"), hit.get("rule")) in known or hit.get("action") == "fail":  # fail: the Failed Event
+            continue
+        if hit.get("action") == "warn":
+            events.append(Event("Warning", hit.get("reason") or Reason.METRIC_RULE, hit.get("message") or ""))
+        else:
+            events.append(Event("Normal", EventReason.STOPPED_EARLY, hit.get("message") or ""))
     if new.get("stage") and (not same_run or old.get("stage") != new.get("stage")):
         events.append(Event("Normal", EventReason.STAGE_STARTED, f"stage {new['stage']} started"))
     retries_before = old.get("retries", 0) if same_run else 0

@@ -92,9 +92,23 @@ class TrainerFailed(_Line):
     message: str
 
 
-ProgressLine = StageStart | StageLog | StageEnd | Done | TrainerFailed
+class RuleFired(_Line):
+    """A stop rule (spec.sft/dpo.stopRules or a built-in one) fired."""
+
+    event: Literal["rule"] = "rule"
+    stage: Stage
+    step: int
+    rule: str
+    """The rule's name (built-in: diverged, likelihood-displacement)."""
+    action: Literal["fail", "finish", "warn"]
+    reason: str
+    """A vocabulary.Reason: StoppedByRule, Diverged, MetricRule, LikelihoodDisplacement."""
+    message: str
+
+
+ProgressLine = StageStart | StageLog | StageEnd | Done | TrainerFailed | RuleFired
 """What the trainer writes."""
-EventKind = Literal["stage_start", "log", "stage_end", "done", "error"]
+EventKind = Literal["stage_start", "log", "stage_end", "done", "error", "rule"]
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 TERMINATION_PATH_ENV = "DPO_TERMINATION_MESSAGE_PATH"
 """The trainer writes its termination message where this env var says (the pod spec sets it)."""
@@ -134,6 +148,8 @@ MAX_METRICS = 64
 """Metric keys kept per event: the Trainer logs about 20; status must stay far below the object size limit."""
 _METRIC_KEY = re.compile(r"[A-Za-z0-9_./-]{1,64}")
 _MAX_STEP = 10**9
+MAX_RULE_MESSAGE = 1024
+"""Longest rule message taken into status."""
 MAX_CLOCK_SKEW_S = 300.0
 """An event time further ahead of the reader's clock than this is not believed (it would freeze replays)."""
 
@@ -160,6 +176,14 @@ def bounded_metrics(value: Any) -> dict[str, float]:
     return {key: kept[key] for key in ranked[:MAX_METRICS]}
 
 
+def _none_if_invalid(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
+    """A field of untrusted input that does not validate is dropped, not the message it came in."""
+    try:
+        return handler(value)
+    except ValidationError:
+        return None
+
+
 class ProgressEvent(BaseModel):
     """One progress line as the operator accepts it."""
 
@@ -174,6 +198,15 @@ class ProgressEvent(BaseModel):
     skipped: bool = False
     metrics: dict[str, float] = Field(default_factory=dict)
     summary_metrics: dict[str, float] = Field(default_factory=dict)
+    rule: Annotated[str | None, Field(pattern=r"^[a-z0-9][-a-z0-9]{0,62}$"), WrapValidator(_none_if_invalid)] = None
+    action: Annotated[Literal["fail", "finish", "warn"] | None, WrapValidator(_none_if_invalid)] = None
+    reason: Annotated[str | None, Field(pattern=r"^[A-Z][A-Za-z0-9]{0,63}$"), WrapValidator(_none_if_invalid)] = None
+    message: str = ""
+
+    @field_validator("message", mode="before")
+    @classmethod
+    def _one_bounded_line(cls, value: Any) -> str:
+        return " ".join(value.split())[:MAX_RULE_MESSAGE] if isinstance(value, str) else ""
 
     @field_validator("time")
     @classmethod
@@ -191,14 +224,6 @@ class ProgressEvent(BaseModel):
     @classmethod
     def _bounded_metrics(cls, value: Any) -> dict[str, float]:
         return bounded_metrics({} if value is None else value)
-
-
-def _none_if_invalid(value: Any, handler: ValidatorFunctionWrapHandler) -> Any:
-    """A field of untrusted input that does not validate is dropped, not the message it came in."""
-    try:
-        return handler(value)
-    except ValidationError:
-        return None
 
 
 MAX_LOCATION_LENGTH = 1024

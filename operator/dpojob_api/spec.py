@@ -285,6 +285,35 @@ class DPOLoRASpec(LoRASpec):
     """Module names the adapter wraps."""
 
 
+Comparison = Literal["<", "<=", ">", ">="]
+RuleAction = Literal["fail", "finish", "warn"]
+RULE_FIELDS = ("stopRules", "builtinStopRules")
+"""A training section's fields that watch training rather than decide it: left out of the training hash and of
+the stage's inputs, so editing a rule goes on from the checkpoint (a new run, the same work directory)."""
+
+
+class StopRule(SpecModel):
+    """A rule on a metric the stage logs, checked at every log of the stage (train and eval logs)."""
+
+    name: str = Field(min_length=1, max_length=63, pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+    """Names the rule in status, Events and messages."""
+    metric: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_./-]+$")
+    """A metric the stage's Trainer logs, by its TRL name: loss, grad_norm, rewards/margins, rewards/accuracies,
+    logps/chosen, eval_loss, eval_rewards/accuracies, ... A log without it neither counts nor breaks a streak."""
+    comparison: Comparison
+    """How the metric compares with the threshold for the rule to count a log."""
+    threshold: float = Field(allow_inf_nan=False)
+    """The value the metric is compared with."""
+    after_step: int = Field(default=0, ge=0)
+    """Logs before this optimizer step do not count."""
+    for_logs: int = Field(default=1, ge=1, le=1000)
+    """Consecutive logs (that carry the metric) the comparison must hold for."""
+    action: RuleAction = "fail"
+    """fail: stop now, keep a checkpoint, fail the run (reason StoppedByRule, nothing pushed); finish: stop
+    training early and go on to merge and push (a plateau); warn: a condition and a Warning Event, training goes
+    on."""
+
+
 class TrainingSpec(SpecModel):
     """Hyperparameters shared by the SFT and DPO stages."""
 
@@ -316,6 +345,19 @@ class TrainingSpec(SpecModel):
     """Evaluate every N steps when eval data exists."""
     lora: LoRASpec = Field(default_factory=LoRASpec)
     """Adapter for this stage."""
+    stop_rules: list[StopRule] = Field(default_factory=list, max_length=16)
+    """Rules on the stage's logged metrics: stop (failing or finishing early) or warn while it trains."""
+    builtin_stop_rules: bool = True
+    """The built-in rules: a non-finite loss fails the run at once (reason Diverged); in DPO, chosen and rejected
+    log-probabilities both falling for 5 logs while the margin grows (likelihood displacement) warns."""
+
+    @field_validator("stop_rules")
+    @classmethod
+    def _unique_rule_names(cls, rules: list[StopRule]) -> list[StopRule]:
+        names = [rule.name for rule in rules]
+        if len(names) != len(set(names)):
+            raise ValueError(f"stop rule names must be unique: {sorted({n for n in names if names.count(n) > 1})}")
+        return rules
 
 
 class SFTSpec(TrainingSpec):
@@ -686,9 +728,16 @@ def model_identity(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def training_hash(spec: DPOJobSpec) -> str:
-    """Hash of what a run trains (the spec less NOT_ABOUT_TRAINING, defaults filled in): names its work directory."""
+    """Hash of what a run trains (the spec less NOT_ABOUT_TRAINING and the stop rules, defaults filled in): names
+    its work directory."""
     dumped = spec.model_dump(by_alias=True, mode="json")
-    return digest({k: v for k, v in dumped.items() if k not in NOT_ABOUT_TRAINING})
+    kept = {k: v for k, v in dumped.items() if k not in NOT_ABOUT_TRAINING}
+    return digest({k: without_rules(v) if k in ("sft", "dpo") else v for k, v in kept.items()})
+
+
+def without_rules(section: dict[str, Any]) -> dict[str, Any]:
+    """A training section (sft, dpo) less RULE_FIELDS: what decides how it trains."""
+    return {k: v for k, v in section.items() if k not in RULE_FIELDS}
 
 
 def digest(value: Any) -> str:

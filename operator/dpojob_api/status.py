@@ -82,6 +82,21 @@ class ModelLocation(StatusModel):
     commit_sha: str | None = None
 
 
+class RuleHit(StatusModel):
+    """A stop rule that fired in the current run (spec.sft/dpo.stopRules, or a built-in one)."""
+
+    stage: str = Field(max_length=64)
+    rule: str = Field(max_length=63)
+    action: Literal["fail", "finish", "warn"]
+    reason: str = Field(max_length=64)
+    """StoppedByRule, Diverged, MetricRule or LikelihoodDisplacement."""
+    step: int = 0
+    message: str = Field(default="", max_length=1024)
+
+
+MAX_RULE_HITS = 16
+
+
 class TrainerRef(StatusModel):
     """The Kubernetes objects running the current run."""
 
@@ -173,6 +188,8 @@ class DPOJobStatus(StatusModel):
     """Latest logged metrics by their TRL names (rewards/margins, loss, eval_loss, ...)."""
     model: ModelLocation | None = None
     trainer: TrainerRef | None = None
+    rules: list[RuleHit] = Field(default_factory=list, max_length=MAX_RULE_HITS)
+    """Stop rules that fired in the current run, in order: a warn rule sets the MetricWarning condition."""
     retries: int = 0
     """Trainer pods of the current run that failed and were retried (the one that failed the run is not)."""
     run: RunRef | None = None

@@ -35,6 +35,8 @@ class ConditionType(StrEnum):
     RECONCILING = "Reconciling"
     STALLED = "Stalled"
     SUSPENDED = Phase.SUSPENDED.value
+    METRIC_WARNING = "MetricWarning"
+    """True once a warn rule (spec.sft/dpo.stopRules, or a built-in one) fired in the current run."""
 
 
 class Stage(StrEnum):
@@ -85,6 +87,10 @@ class Reason(StrEnum):
     GPU_UNAVAILABLE = "GPUUnavailable"
     GPU_OUT_OF_MEMORY = "GPUOutOfMemory"
     INTERRUPTED = "Interrupted"
+    STOPPED_BY_RULE = "StoppedByRule"
+    DIVERGED = "Diverged"
+    METRIC_RULE = "MetricRule"
+    LIKELIHOOD_DISPLACEMENT = "LikelihoodDisplacement"
     # The operator's
     CREATING = "Creating"
     POD_CREATING = "PodCreating"
@@ -204,6 +210,27 @@ REASONS: dict[Reason, ReasonInfo] = {
         exit_code=143,
         retried=True,
     ),
+    Reason.STOPPED_BY_RULE: ReasonInfo(
+        "trainer",
+        "a `fail` stop rule fired: training stopped with a checkpoint kept, nothing merged or pushed",
+        "the training spec, or the rule (`stopRules`); a retry resumes from the checkpoint",
+        exit_code=12,
+    ),
+    Reason.DIVERGED: ReasonInfo(
+        "trainer",
+        "the loss became NaN or infinite (the built-in rule): training stopped, nothing pushed",
+        "lower the stage's `learningRate`, raise `warmupSteps`, check the data",
+        exit_code=13,
+    ),
+    Reason.METRIC_RULE: ReasonInfo(
+        "trainer", "a `warn` stop rule fired (the MetricWarning condition); training goes on", "nothing, or the run"
+    ),
+    Reason.LIKELIHOOD_DISPLACEMENT: ReasonInfo(
+        "trainer",
+        "DPO pushes the chosen and the rejected answers' log-probabilities both down while the margin grows "
+        "(the built-in warn rule); training goes on",
+        "a lower `learningRate` or a higher `beta`; `lossType: [sigmoid, sft]` keeps the chosen answers likely",
+    ),
     Reason.CREATING: ReasonInfo("operator", "the operator is creating the run's trainer Job", "nothing: routine"),
     Reason.POD_CREATING: ReasonInfo(
         "operator", "waiting for the Job controller to create the trainer pod", "nothing: routine"
@@ -272,7 +299,10 @@ REASONS: dict[Reason, ReasonInfo] = {
     ),
 }
 """Every reason: where it comes from, what it means, what to change; the trainer's with exit code and retries."""
-TRAINER_REASONS: dict[Reason, ReasonInfo] = {r: info for r, info in REASONS.items() if info.origin == "trainer"}
+TRAINER_REASONS: dict[Reason, ReasonInfo] = {r: info for r, info in REASONS.items() if info.exit_code is not None}
+"""The reasons a trainer run ends with (termination message and exit code)."""
+RULE_WARNINGS = frozenset({Reason.METRIC_RULE, Reason.LIKELIHOOD_DISPLACEMENT})
+"""The reasons of warn rules: the MetricWarning condition's, and status.reason while the run goes on."""
 EXIT_CODES: dict[Reason, int] = {r: info.exit_code for r, info in REASONS.items() if info.exit_code is not None}
 """The trainer's exit code for each of its reasons."""
 FAIL_AT_ONCE = frozenset(r for r, info in TRAINER_REASONS.items() if not info.retried and EXIT_CODES[r])
@@ -303,6 +333,7 @@ class EventReason(StrEnum):
     RETRYING = "Retrying"
     RESUMED = "Resumed"
     CLEANED = "Cleaned"
+    STOPPED_EARLY = "StoppedEarly"
 
 
 class PodPhase(StrEnum):

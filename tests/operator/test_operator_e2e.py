@@ -532,6 +532,41 @@ def test_a_quality_gate_the_model_misses_fails_the_run_without_a_push(stack: Loc
     glance(stack, "Failed (QualityGateFailed)", "gated")
 
 
+def test_stop_rules_fail_finish_and_warn_with_the_real_trainer(stack: LocalStack) -> None:
+    """A fail rule stops DPO and fails the run at once (StoppedByRule, one pod, nothing pushed); a finish rule
+    ends DPO early and the run succeeds; a warn rule shows as the MetricWarning condition and a Warning Event."""
+    above = {"metric": "loss", "comparison": ">", "threshold": -1.0}
+    rules = {
+        "rule-fail": [{"name": "always", **above, "afterStep": 10}],
+        "rule-finish": [
+            {"name": "plateau", **above, "afterStep": 15, "action": "finish"},
+            {"name": "noted", **above, "forLogs": 2, "action": "warn"},
+        ],
+    }
+    for name, stop_rules in rules.items():
+        document = quickstart_for_cluster(NS, name=name, repo=f"{HUB_USER}/{name}")
+        document["spec"]["sft"]["enabled"] = False
+        document["spec"]["dpo"]["stopRules"] = stop_rules
+        apply(stack, document)
+    failed = stack.wait_for(NS, "rule-fail", lambda o: phase(o) == "Failed", 300)
+    assert failed["status"]["reason"] == "StoppedByRule"
+    assert "stop rule always: loss > -1 from step 10" in condition(failed, "Stalled")["message"]
+    (job,) = jobs_of(stack, "rule-fail")
+    assert job["status"].get("failed") == 1, "a fail rule is not retried"
+    assert "model" not in failed["status"] or "commitUrl" not in failed["status"]["model"], "nothing pushed"
+    finished = stack.wait_for(NS, "rule-finish", lambda o: phase(o) in ("Succeeded", "Failed"), 300)
+    assert phase(finished) == "Succeeded", finished["status"].get("conditions")
+    assert finished["status"]["model"]["commitUrl"]
+    assert [(h["rule"], h["action"], h["step"]) for h in finished["status"]["rules"]] == [
+        ("noted", "warn", 10),
+        ("plateau", "finish", 15),
+    ]
+    warning = condition(finished, "MetricWarning")
+    assert (warning["status"], warning["reason"]) == ("True", "MetricRule")
+    reasons = {e["reason"]: e["type"] for e in events(stack, "rule-finish")}
+    assert reasons.get("MetricRule") == "Warning" and reasons.get("StoppedEarly") == "Normal", reasons
+
+
 @pytest.fixture(scope="module")
 def quickstart_run(stack: LocalStack) -> dict:
     """Run the quickstart: kill -9 the operator pod's process in SFT, suspend in DPO, resume; record what was seen."""

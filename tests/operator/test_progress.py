@@ -11,6 +11,7 @@ from dpojob_api.progress import (
     Done,
     EventKind,
     ProgressLine,
+    RuleFired,
     StageEnd,
     StageLog,
     StageStart,
@@ -146,6 +147,7 @@ def test_status_shows_metrics_to_four_significant_digits() -> None:
         StageEnd(stage=Stage.DPO, seconds=2.0, skipped=True),
         Done(summary={"metrics": {"eval_loss": 0.4}, "stages": {}}),
         TrainerFailed(reason=Reason.DATASET_ERROR, message="no column x"),
+        RuleFired(stage=Stage.DPO, step=10, rule="flat", action="finish", reason=Reason.STOPPED_BY_RULE, message="m"),
     ],
     ids=lambda line: line.event,
 )
@@ -162,3 +164,19 @@ def test_every_line_the_trainer_writes_is_read_as_written(written: ProgressLine)
 def test_the_reader_knows_every_kind_the_writer_writes() -> None:
     kinds = {line.model_fields["event"].default for line in get_args(ProgressLine)}
     assert kinds == set(get_args(EventKind))
+
+
+def test_rule_events_are_folded_once_per_rule_and_hostile_ones_dropped() -> None:
+    progress = TrainerProgress()
+    fired = RuleFired(stage=Stage.DPO, step=10, rule="noted", action="warn", reason="MetricRule", message="m\n x")
+    for text in (
+        fired.line(),
+        fired.line(),  # a replayed log
+        line("rule", stage="dpo", step=12, rule="BAD NAME", action="warn", reason="MetricRule", message="x"),
+        line("rule", stage="dpo", step=12, rule="x", action="explode", reason="MetricRule", message="x"),
+        line("rule", stage="dpo", step=12, rule="y", action="warn", reason="not camel", message="x" * 5000),
+    ):
+        fold(progress, text)
+    assert progress.status_fields()["rules"] == [
+        {"stage": "dpo", "rule": "noted", "action": "warn", "reason": "MetricRule", "step": 10, "message": "m x"}
+    ]

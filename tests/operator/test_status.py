@@ -306,6 +306,11 @@ def test_status_documents_validate_against_the_crd_status_schema() -> None:
         observe(job=job(failed=1, conditions=[{"type": "Failed", "status": "True"}]), pods=[pod("p1", "Failed")]),
         observe(suspended=True),
         observe(spec_error="spec.output.directory: not on a volume"),
+        observe(
+            job=job(active=1),
+            pods=[pod("p1", "Running", running={})],
+            progress=_rule_progress({"rule": "noted", "action": "warn", "reason": "MetricRule"}),
+        ),
     ]
     written = {key for document in documents for key in document}
     assert written == set(schema["properties"]), "the documents must exercise every status field"
@@ -461,3 +466,43 @@ def test_a_failed_run_shows_the_stage_it_stopped_in() -> None:
         job=job(failed=1, conditions=[{"type": "Failed", "status": "True"}]), pods=[failed], progress=lagging
     )
     assert status["stage"] == "gates" and status["reason"] == "QualityGateFailed"
+
+
+def _rule_progress(*hits: dict) -> dict:
+    """Status fields from a pod's log that reported these stop rules (as TrainerProgress.status_fields has them)."""
+    return {"stage": "dpo", "rules": [{"stage": "dpo", "step": 10, "message": "m", **hit} for hit in hits]}
+
+
+def test_a_warn_rule_is_a_condition_the_reason_while_running_and_one_warning_event() -> None:
+    running = {"job": job(active=1), "pods": [pod("p1", "Running", running={})]}
+    before = observe(**running)
+    warn = {"rule": "likelihood-displacement", "action": "warn", "reason": "LikelihoodDisplacement"}
+    status = observe(before, progress=_rule_progress(warn), **running)
+    assert status["phase"] == "Running" and status["reason"] == "LikelihoodDisplacement"
+    warning = condition(status, "MetricWarning")
+    assert (warning["status"], warning["reason"], warning["message"]) == ("True", "LikelihoodDisplacement", "m")
+    (event,) = [e for e in transition_events(before, status) if e.reason == "LikelihoodDisplacement"]
+    assert event.type == "Warning" and event.message == "m"
+    again = observe(status, progress=_rule_progress(warn), **running)
+    assert not [e for e in transition_events(status, again) if e.reason == "LikelihoodDisplacement"], "posted once"
+    assert condition(again, "MetricWarning")["lastTransitionTime"] == warning["lastTransitionTime"]
+
+
+def test_rule_hits_of_earlier_pods_of_the_run_are_kept_and_a_finish_is_a_normal_event() -> None:
+    running = {"job": job(active=1), "pods": [pod("p2", "Running", running={})]}
+    first = observe(progress=_rule_progress({"rule": "noted", "action": "warn", "reason": "MetricRule"}), **running)
+    finish = {"rule": "plateau", "action": "finish", "reason": "StoppedByRule", "step": 15}
+    later = observe(first, progress=_rule_progress(finish), **running)  # a new pod: its log has the finish only
+    assert [h["rule"] for h in later["rules"]] == ["noted", "plateau"]
+    events = transition_events(first, later)
+    assert [(e.type, e.reason) for e in events if e.reason in ("StoppedEarly", "MetricRule")] == [
+        ("Normal", "StoppedEarly")
+    ]
+
+
+def test_a_fail_rule_fails_the_run_with_its_reason_from_the_termination_message() -> None:
+    failure = {"reason": "StoppedByRule", "message": "dpo: stop rule always: loss > -1 (at step 10: 0.69)"}
+    failed = pod("p1", "Failed", terminated={"exitCode": 12, "message": json.dumps(failure)})
+    status = observe(job=job(failed=1), pods=[failed])
+    assert (status["phase"], status["reason"]) == ("Failed", "StoppedByRule")
+    assert "stop rule always" in condition(status, "Ready")["message"]

@@ -77,6 +77,14 @@ class Interrupted(TrainerError):
     reason = Reason.INTERRUPTED
 
 
+class StoppedByRule(TrainerError):
+    reason = Reason.STOPPED_BY_RULE
+
+
+class Diverged(TrainerError):
+    reason = Reason.DIVERGED
+
+
 ALL_ERRORS: tuple[type[TrainerError], ...] = (
     InvalidSpec,
     DatasetError,
@@ -89,6 +97,8 @@ ALL_ERRORS: tuple[type[TrainerError], ...] = (
     GPUUnavailable,
     GPUOutOfMemory,
     Interrupted,
+    StoppedByRule,
+    Diverged,
 )
 
 

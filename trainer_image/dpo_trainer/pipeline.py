@@ -33,7 +33,7 @@ from dpo_trainer.layout import RunLayout, TrainingStage
 from dpo_trainer.progress import Reporter
 from dpo_trainer.specfile import spec_as_yaml_dict
 from dpojob_api.progress import StageEnd, StageStart
-from dpojob_api.spec import DPOJobSpec, model_identity
+from dpojob_api.spec import DPOJobSpec, model_identity, without_rules
 from dpojob_api.vocabulary import Stage
 
 KEY_METRICS_PREFIXES = ("rewards/", "eval_", memory.GPU_METRIC_PREFIX)
@@ -67,7 +67,7 @@ STAGES: tuple[PipelineStage, ...] = (
     PipelineStage(
         name=Stage.SFT,
         run=training.run_sft,
-        inputs=lambda s: [s["sft"], s["quantization"], s["seed"]],
+        inputs=lambda s: [without_rules(s["sft"]), s["quantization"], s["seed"]],
         enabled=_sft_enabled,
         main_only=False,
     ),
@@ -78,7 +78,7 @@ STAGES: tuple[PipelineStage, ...] = (
     PipelineStage(
         name=Stage.DPO,
         run=training.run_dpo,
-        inputs=lambda s: [s["dpo"], s["quantization"], s["seed"]],
+        inputs=lambda s: [without_rules(s["dpo"]), s["quantization"], s["seed"]],
         main_only=False,
     ),
     PipelineStage(name=Stage.DPO_MERGE, run=merge.run_dpo_merge, inputs=lambda s: [s["output"]["directory"]]),

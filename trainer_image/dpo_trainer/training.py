@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 
 from dpo_trainer.context import RunContext
 from dpo_trainer.data import load_split
-from dpo_trainer.errors import DatasetError, Interrupted, TrainingError, reraise
+from dpo_trainer.errors import DatasetError, Diverged, Interrupted, StoppedByRule, TrainingError, reraise
 from dpo_trainer.layout import TrainingStage
 from dpo_trainer.memory import as_metrics
-from dpojob_api.vocabulary import Stage
+from dpojob_api.vocabulary import Reason, Stage
 
 if TYPE_CHECKING:
     from transformers import Trainer, TrainingArguments
@@ -65,7 +65,9 @@ def parallelism(args: TrainingArguments) -> dict[str, Any]:
 
 def train_and_save(ctx: RunContext, stage: TrainingStage, trainer: Trainer) -> None:
     """Train (resuming when a checkpoint exists) with fp32 adapter weights, evaluate once more if the last step
-    missed an eval, save."""
+    missed an eval, save. A `fail` stop rule ends the run here (its checkpoint saved); a `finish` rule's early stop
+    is saved like a finished stage."""
+    from dpo_trainer.callbacks import stop_rules
     from dpo_trainer.models import trainable_in_fp32
 
     assert trainer.model is not None  # every Trainer here is built with its model
@@ -73,7 +75,12 @@ def train_and_save(ctx: RunContext, stage: TrainingStage, trainer: Trainer) -> N
     checkpoint = latest_checkpoint(ctx.layout.stage_dir(stage))
     trainer.train(resume_from_checkpoint=checkpoint)
     state = trainer.state
-    if state.global_step < state.max_steps:
+    rules = stop_rules(trainer.callback_handler.callbacks)
+    stop = rules.stop if rules is not None else None
+    if stop is not None and stop.action == "fail":
+        ctx.write_json(ctx.layout.log_history(stage), state.log_history)
+        raise (Diverged if stop.reason == Reason.DIVERGED else StoppedByRule)(stop.message)
+    if state.global_step < state.max_steps and stop is None:
         raise Interrupted(
             f"{stage} stopped at step {state.global_step} of {state.max_steps} after SIGTERM; "
             "the checkpoint is saved and a rerun resumes from it"
