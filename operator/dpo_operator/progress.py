@@ -37,7 +37,10 @@ def parse_line(line: str) -> dict[str, Any] | None:
     try:
         raw = json.loads(line[start:])
         if isinstance(raw, dict) and isinstance(raw.get("summary"), dict):
-            raw["summary_metrics"] = raw["summary"].get("metrics")
+            summary = raw["summary"]
+            raw["summary_metrics"] = summary.get("metrics")
+            raw["summary_efficiency"] = summary.get("efficiency") or {}
+            raw["summary_provenance"] = summary.get("provenance") or {}
         return ProgressEvent.model_validate(raw).model_dump()
     except (ValueError, ValidationError, RecursionError):
         return None
@@ -64,6 +67,9 @@ class TrainerProgress:
     events_seen: int = 0
     rules: list[dict[str, Any]] = field(default_factory=list)
     """Stop rules that fired (status.rules), each once."""
+    efficiency: dict[str, Any] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """status.efficiency and status.provenance, from the `done` event's summary."""
 
     def apply(self, event: dict[str, Any]) -> None:
         """Fold one progress event (in log order), as parse_line validated it."""
@@ -91,6 +97,7 @@ class TrainerProgress:
             self.done = True
             self.stage = Stage.PUSH
             self.metrics = bounded_metrics({**self.metrics, **event["summary_metrics"]})
+            self.efficiency, self.provenance = event["summary_efficiency"], event["summary_provenance"]
 
     def percent(self) -> int:
         """Share of the whole run done, weighting stages by how long they usually take."""
@@ -145,6 +152,10 @@ class TrainerProgress:
             fields.update(status_metrics(self.metrics))
         if self.rules:
             fields["rules"] = self.rules
+        if self.efficiency:
+            fields["efficiency"] = self.efficiency
+        if self.provenance:
+            fields["provenance"] = self.provenance
         return fields
 
 

@@ -139,6 +139,14 @@ def pod_failure(pod: dict[str, Any]) -> tuple[str, str]:
     return (reason or Reason.POD_FAILED), pod.get("status", {}).get("message", "the trainer pod failed")
 
 
+def _image_id(pod: dict[str, Any]) -> str | None:
+    """The image the pod's trainer container runs, by digest, once the kubelet has pulled it."""
+    statuses = pod.get("status", {}).get("containerStatuses") or []
+    trainer = next((s for s in statuses if s.get("name") == CONTAINER), None)
+    image_id = (trainer or {}).get("imageID")
+    return image_id[:512] if isinstance(image_id, str) and image_id else None
+
+
 def trainer_started(pod: dict[str, Any]) -> bool:
     """Whether the pod's trainer container has ever run (not only waited for its image, node or config)."""
     statuses = pod.get("status", {}).get("containerStatuses") or []
@@ -375,6 +383,7 @@ def compute_status(old: dict[str, Any], obs: Observed) -> DPOJobStatus:
             job_name=name,
             config_map_name=name,
             pod_name=outcome.pod_name or (latest["metadata"]["name"] if latest else None),
+            image_id=_image_id(latest) if latest else None,
             last_failure=f"{failed['metadata']['name']}: {': '.join(pod_failure(failed))}"[:1024] if failed else None,
         )
         # Every failed pod was retried but the one that failed the run. A Job recreated on resume starts counting

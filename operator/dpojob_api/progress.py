@@ -106,6 +106,36 @@ class RuleFired(_Line):
     message: str
 
 
+class ResolvedRepo(BaseModel):
+    """A Hub repository at the commit a run started from (or a local directory)."""
+
+    name: str = Field(max_length=256)
+    revision: str | None = Field(default=None, max_length=256)
+    sha: str | None = Field(default=None, max_length=64)
+    local: bool = False
+
+    def label(self) -> str:
+        """name@commit (or @revision while unresolved), or the local directory's name."""
+        return self.name if self.local else f"{self.name}@{self.sha or self.revision or 'main'}"
+
+
+class RunProvenance(BaseModel):
+    """What the model came from: the trainer writes it (summary.json "provenance"), the operator reads it."""
+
+    model: ResolvedRepo | None = None
+    datasets: list[ResolvedRepo] = Field(default_factory=list, max_length=8)
+    libraries: dict[str, Annotated[str, Field(max_length=64)]] = Field(default_factory=dict, max_length=16)
+
+    def to_status(self) -> dict[str, Any]:
+        """status.provenance (camelCase)."""
+        document: dict[str, Any] = {"datasets": [d.label() for d in self.datasets], "libraries": self.libraries}
+        if self.model is not None:
+            document["model"] = self.model.name if self.model.local else f"{self.model.name}@{self.model.revision}"
+            if self.model.sha:
+                document["modelSha"] = self.model.sha
+        return document
+
+
 ProgressLine = StageStart | StageLog | StageEnd | Done | TrainerFailed | RuleFired
 """What the trainer writes."""
 EventKind = Literal["stage_start", "log", "stage_end", "done", "error", "rule"]
@@ -198,10 +228,36 @@ class ProgressEvent(BaseModel):
     skipped: bool = False
     metrics: dict[str, float] = Field(default_factory=dict)
     summary_metrics: dict[str, float] = Field(default_factory=dict)
+    summary_efficiency: dict[str, Any] = Field(default_factory=dict)
+    """summary.json "efficiency", as status.efficiency has it (camelCase); empty when it does not validate."""
+    summary_provenance: dict[str, Any] = Field(default_factory=dict)
+    """summary.json "provenance" as status.provenance has it (RunProvenance.to_status); empty when invalid."""
     rule: Annotated[str | None, Field(pattern=r"^[a-z0-9][-a-z0-9]{0,62}$"), WrapValidator(_none_if_invalid)] = None
     action: Annotated[Literal["fail", "finish", "warn"] | None, WrapValidator(_none_if_invalid)] = None
     reason: Annotated[str | None, Field(pattern=r"^[A-Z][A-Za-z0-9]{0,63}$"), WrapValidator(_none_if_invalid)] = None
     message: str = ""
+
+    @field_validator("summary_efficiency", mode="before")
+    @classmethod
+    def _efficiency(cls, value: Any) -> dict[str, Any]:
+        from .status import StageCost
+
+        try:
+            return {
+                stage: StageCost.model_validate(cost).model_dump(by_alias=True, exclude_none=True)
+                for stage, cost in value.items()
+                if stage in (Stage.SFT, Stage.DPO)
+            }
+        except (AttributeError, TypeError, ValidationError):
+            return {}
+
+    @field_validator("summary_provenance", mode="before")
+    @classmethod
+    def _provenance(cls, value: Any) -> dict[str, Any]:
+        try:
+            return RunProvenance.model_validate(value).to_status()
+        except ValidationError:
+            return {}
 
     @field_validator("message", mode="before")
     @classmethod

@@ -97,6 +97,29 @@ class RuleHit(StatusModel):
 MAX_RULE_HITS = 16
 
 
+class StageCost(StatusModel):
+    """What a training stage took (the trainer's summary)."""
+
+    seconds: float = Field(ge=0)
+    gpu_hours: float = Field(ge=0)
+    """Wall time times the GPUs the pod asked for."""
+    samples_per_second: float | None = Field(default=None, ge=0)
+    steps_per_second: float | None = Field(default=None, ge=0)
+
+
+class Provenance(StatusModel):
+    """What the model came from, as the trainer resolved it when the run started in its work directory."""
+
+    model: str | None = Field(default=None, max_length=512)
+    """The base model: name@revision, or a local directory."""
+    model_sha: str | None = Field(default=None, max_length=64)
+    """The base model revision's commit SHA on the Hub."""
+    datasets: list[str] = Field(default_factory=list, max_length=8)
+    """Hub datasets read, each name@commit SHA (or @revision when it could not be resolved)."""
+    libraries: dict[str, str] = Field(default_factory=dict, max_length=16)
+    """Versions of torch, transformers, TRL, PEFT, ... that trained it."""
+
+
 class TrainerRef(StatusModel):
     """The Kubernetes objects running the current run."""
 
@@ -105,6 +128,8 @@ class TrainerRef(StatusModel):
     config_map_name: str | None = None
     last_failure: str | None = Field(default=None, max_length=1024)
     """The run's latest failed trainer pod: its name, reason and message (why the Job retried or failed)."""
+    image_id: str | None = Field(default=None, max_length=512)
+    """The trainer image the latest pod runs, by digest (its container status' imageID)."""
 
 
 class RunRef(StatusModel):
@@ -188,6 +213,10 @@ class DPOJobStatus(StatusModel):
     """Latest logged metrics by their TRL names (rewards/margins, loss, eval_loss, ...)."""
     model: ModelLocation | None = None
     trainer: TrainerRef | None = None
+    efficiency: dict[str, StageCost] | None = None
+    """Per training stage (sft, dpo): wall seconds, GPU-hours, samples and steps per second."""
+    provenance: Provenance | None = None
+    """The exact base model and dataset revisions and the library versions (also in the model card)."""
     rules: list[RuleHit] = Field(default_factory=list, max_length=MAX_RULE_HITS)
     """Stop rules that fired in the current run, in order: a warn rule sets the MetricWarning condition."""
     retries: int = 0

@@ -180,3 +180,28 @@ def test_rule_events_are_folded_once_per_rule_and_hostile_ones_dropped() -> None
     assert progress.status_fields()["rules"] == [
         {"stage": "dpo", "rule": "noted", "action": "warn", "reason": "MetricRule", "step": 10, "message": "m x"}
     ]
+
+
+def test_the_done_summary_gives_efficiency_and_provenance_and_drops_what_does_not_validate() -> None:
+    progress = TrainerProgress()
+    summary = {
+        "metrics": {"loss": 0.5},
+        "efficiency": {"dpo": {"seconds": 12.5, "gpuHours": 0.0035, "samplesPerSecond": 3.2}, "evil": {"x": 1}},
+        "provenance": {
+            "model": {"name": "meta-llama/Llama-2-7b-hf", "revision": "main", "sha": "a" * 40},
+            "datasets": [{"name": "lvwerra/stack-exchange-paired", "revision": "main", "sha": "b" * 40}],
+            "libraries": {"trl": "1.16.0"},
+        },
+    }
+    fold(progress, Done(summary=summary).line())
+    fields = progress.status_fields()
+    assert fields["efficiency"] == {"dpo": {"seconds": 12.5, "gpuHours": 0.0035, "samplesPerSecond": 3.2}}
+    assert fields["provenance"] == {
+        "model": "meta-llama/Llama-2-7b-hf@main",
+        "modelSha": "a" * 40,
+        "datasets": ["lvwerra/stack-exchange-paired@" + "b" * 40],
+        "libraries": {"trl": "1.16.0"},
+    }
+    hostile = TrainerProgress()
+    fold(hostile, Done(summary={"efficiency": {"dpo": {"seconds": -1}}, "provenance": {"model": 5}}).line())
+    assert "efficiency" not in hostile.status_fields() and "provenance" not in hostile.status_fields()

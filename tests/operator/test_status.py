@@ -309,7 +309,11 @@ def test_status_documents_validate_against_the_crd_status_schema() -> None:
         observe(
             job=job(active=1),
             pods=[pod("p1", "Running", running={})],
-            progress=_rule_progress({"rule": "noted", "action": "warn", "reason": "MetricRule"}),
+            progress={
+                **_rule_progress({"rule": "noted", "action": "warn", "reason": "MetricRule"}),
+                "efficiency": {"dpo": {"seconds": 12.5, "gpuHours": 0.01, "stepsPerSecond": 1.5}},
+                "provenance": {"model": "org/base@main", "modelSha": "a" * 40, "datasets": [], "libraries": {}},
+            },
         ),
     ]
     written = {key for document in documents for key in document}
@@ -506,3 +510,12 @@ def test_a_fail_rule_fails_the_run_with_its_reason_from_the_termination_message(
     status = observe(job=job(failed=1), pods=[failed])
     assert (status["phase"], status["reason"]) == ("Failed", "StoppedByRule")
     assert "stop rule always" in condition(status, "Ready")["message"]
+
+
+def test_the_trainer_image_is_recorded_by_digest() -> None:
+    running = pod("p1", "Running", running={})
+    running["status"]["containerStatuses"][0].update(
+        name="trainer", imageID="docker.io/org/dpo-trainer@sha256:" + "c" * 64
+    )
+    status = observe(job=job(active=1), pods=[running])
+    assert status["trainer"]["imageId"] == "docker.io/org/dpo-trainer@sha256:" + "c" * 64

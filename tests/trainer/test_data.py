@@ -18,6 +18,7 @@ from typing import Any
 import pytest
 import yaml
 from datasets import Dataset, load_from_disk
+from huggingface_hub import HfApi
 
 from dpo_dev.hub import LocalHub
 from dpo_trainer import data, pipeline
@@ -176,6 +177,12 @@ def test_preset_dataset_from_the_hub_without_sft(hub: LocalHub, stack_exchange_o
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["datasets"] == [stack_exchange_on_hub] and "sft" not in front["tags"]
     assert "## SFT results" not in card
+    # Provenance: the dataset's exact commit, resolved once and recorded in the summary and the card.
+    sha = HfApi(endpoint=hub.url, token=HUB_TOKEN).dataset_info(stack_exchange_on_hub).sha
+    (dataset,) = summary["provenance"]["datasets"]
+    assert dataset == {"name": stack_exchange_on_hub, "revision": "main", "sha": sha, "local": False}
+    assert f"- dataset: `{stack_exchange_on_hub}` at `main`, commit `{sha}`" in card
+    assert set(summary["efficiency"]) == {"dpo"} and summary["efficiency"]["dpo"]["stepsPerSecond"] > 0
 
 
 @pytest.mark.usefixtures("stack_exchange_on_hub")

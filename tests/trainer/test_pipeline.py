@@ -86,6 +86,16 @@ def test_summary_and_termination_message(quickstart_run: CliRun) -> None:
     assert model["directory"].endswith("final-model")
     assert model["repoId"] == PUSH_REPO and model["revision"] == PUSH_BRANCH
     assert model["commitUrl"].endswith(model["commitSha"])
+    # What it cost, per training stage, and what it came from (a local base model; the libraries that trained it).
+    assert set(summary["efficiency"]) == {"sft", "dpo"}
+    for stage, cost in summary["efficiency"].items():
+        assert cost["seconds"] > 0 and cost["gpuHours"] == 0 and cost["samplesPerSecond"] > 0, stage
+    provenance = summary["provenance"]
+    assert provenance["model"]["local"] and provenance["datasets"] == []
+    assert {"torch", "transformers", "trl", "peft"} <= set(provenance["libraries"])
+    assert (quickstart_run.layout.root / "provenance.json").exists()
+    card = quickstart_run.layout.card.read_text()
+    assert "## Provenance" in card and f"trl {provenance['libraries']['trl']}" in card and "- dpo: " in card
 
     raw = quickstart_run.termination_path.read_bytes()
     assert len(raw) <= 4096

@@ -16,10 +16,10 @@ from typing import Any
 
 import yaml
 
-from dpo_trainer import hub
+from dpo_trainer import hub, provenance
 from dpo_trainer.context import RunContext
 from dpo_trainer.errors import scrub
-from dpo_trainer.layout import PLOT_FILE
+from dpo_trainer.layout import PLOT_FILE, TrainingStage
 from dpo_trainer.memory import GPU_METRIC_PREFIX
 from dpo_trainer.specfile import looks_like_path
 from dpo_trainer.training import stage_metrics
@@ -175,6 +175,28 @@ def run_line(ctx: RunContext) -> str:
     return "Run: " + ", ".join(parts) + "."
 
 
+def provenance_section(recorded: dict[str, Any], cost: dict[str, dict[str, float]]) -> str:
+    """The exact inputs (revisions as commit SHAs, library versions) and what training took: with the spec below,
+    enough to train the same model again."""
+    lines = []
+    model = recorded.get("model") or {}
+    if model.get("local"):
+        lines.append(f"- base model: `{model.get('name')}` (a local directory)")
+    elif model:
+        sha = f", commit `{model['sha']}`" if model.get("sha") else " (commit not resolved)"
+        lines.append(f"- base model: `{model.get('name')}` at `{model.get('revision')}`{sha}")
+    for dataset in recorded.get("datasets") or []:
+        sha = f", commit `{dataset['sha']}`" if dataset.get("sha") else " (commit not resolved)"
+        lines.append(f"- dataset: `{dataset['name']}` at `{dataset['revision']}`{sha}")
+    if libraries := recorded.get("libraries"):
+        lines.append("- libraries: " + ", ".join(f"{name} {version}" for name, version in libraries.items()))
+    for stage, entry in cost.items():
+        units = (("samplesPerSecond", "samples"), ("stepsPerSecond", "steps"))
+        rates = "".join(f", {entry[key]:g} {unit}/s" for key, unit in units if key in entry)
+        lines.append(f"- {stage}: {entry['seconds']:g} s, {entry['gpuHours']:g} GPU-hours{rates}")
+    return "\n".join(lines) or "Not recorded."
+
+
 def render_card(
     ctx: RunContext,
     dpo_metrics: dict[str, float],
@@ -227,6 +249,8 @@ def render_card(
         sections += ["## SFT results (final)", metrics_table(sft_metrics)]
     if gpu_memory:
         sections += ["## GPU memory", gpu_memory_table(gpu_memory)]
+    trained: list[TrainingStage] = [Stage.SFT, Stage.DPO] if spec.sft.enabled else [Stage.DPO]
+    sections += ["## Provenance", provenance_section(ctx.provenance, provenance.efficiency(ctx, trained))]
     spec_yaml = yaml.safe_dump(model_identity(given), sort_keys=False)
     sections += [
         "## Training spec",

@@ -126,6 +126,8 @@ class RunContext:
     state: RunState
     metadata: dict[str, Any] = field(default_factory=dict)
     timings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """What the model came from (dpo_trainer.provenance): resolved revisions and library versions."""
 
     @property
     def secrets(self) -> tuple[str, ...]:

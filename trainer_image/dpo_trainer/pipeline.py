@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpo_trainer import card, data, gates, hub, memory, merge, models, training
+from dpo_trainer import card, data, gates, hub, memory, merge, models, provenance, training
 from dpo_trainer.context import RunContext, RunState, fingerprint, is_main_process, wait_for_everyone
 from dpo_trainer.layout import RunLayout, TrainingStage
 from dpo_trainer.progress import Reporter
@@ -128,9 +128,12 @@ def build_summary(ctx: RunContext) -> dict[str, Any]:
     and the gates' verdict when output.gates is set."""
     trained: list[TrainingStage] = [Stage.SFT, Stage.DPO] if ctx.spec.sft.enabled else [Stage.DPO]
     verdict = {"gates": ctx.read_json(ctx.layout.gates_result)} if ctx.spec.output.gates else {}
+    metrics = {stage: training.stage_metrics(ctx, stage) for stage in trained}
     return {
-        "metrics": training.stage_metrics(ctx, Stage.DPO),
-        "sftMetrics": training.stage_metrics(ctx, Stage.SFT) if ctx.spec.sft.enabled else {},
+        "metrics": metrics[Stage.DPO],
+        "sftMetrics": metrics.get(Stage.SFT, {}),
+        "efficiency": provenance.efficiency(ctx, trained),
+        "provenance": ctx.provenance,
         "parallelism": {stage: ctx.read_json(ctx.layout.parallelism(stage)) or {} for stage in trained},
         "stages": ctx.timings,
         "data": data.stats(ctx),
@@ -159,6 +162,7 @@ def run(
     wait_for_everyone()  # every rank has read state.json before the main process changes it
     if is_main_process():  # one whoami, not one per GPU; should it fail, the launcher stops the waiting ranks
         hub.check_token(ctx)
+        ctx.provenance = provenance.record(ctx)
     for stage, chain in plan(spec):
         reporter.emit(StageStart(stage=stage.name))
         if ctx.state.is_done(stage.name, chain):
