@@ -69,6 +69,8 @@ class TrainerProgress:
     """Stop rules that fired (status.rules), each once."""
     efficiency: dict[str, Any] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
+    preflight: dict[str, Any] = field(default_factory=dict)
+    """status.preflight: the estimated peak GPU memory per training stage, and the GPU's."""
     """status.efficiency and status.provenance, from the `done` event's summary."""
 
     def apply(self, event: dict[str, Any]) -> None:
@@ -77,7 +79,11 @@ class TrainerProgress:
         kind, stage, when = event.get("event"), event.get("stage"), event.get("time")
         if finite(when):
             self.updated = float(when)
-        if kind == "rule" and stage in STAGE_WEIGHTS and event["rule"] and event["action"] and event["reason"]:
+        if kind == "preflight" and event["estimates"]:
+            self.preflight = {"estimatedGiB": event["estimates"]}
+            if event["gpuMemoryGiB"] is not None:
+                self.preflight["gpuMemoryGiB"] = event["gpuMemoryGiB"]
+        elif kind == "rule" and stage in STAGE_WEIGHTS and event["rule"] and event["action"] and event["reason"]:
             hit = {k: event[k] for k in ("stage", "rule", "action", "reason", "step", "message")}
             seen = {(h["stage"], h["rule"]) for h in self.rules}
             if (stage, hit["rule"]) not in seen and len(self.rules) < MAX_RULE_HITS:
@@ -133,7 +139,8 @@ class TrainerProgress:
     def status_fields(self) -> dict[str, Any]:
         """The status fields this progress determines (camelCase, ready for a merge patch)."""
         if self.stage is None and not self.metrics:
-            return {"rules": self.rules} if self.rules else {}
+            early = {"rules": self.rules, "preflight": self.preflight}
+            return {key: value for key, value in early.items() if value}
         eta = 0 if self.done else self.eta_seconds()
         fields: dict[str, Any] = {
             "progress": {
@@ -156,6 +163,8 @@ class TrainerProgress:
             fields["efficiency"] = self.efficiency
         if self.provenance:
             fields["provenance"] = self.provenance
+        if self.preflight:
+            fields["preflight"] = self.preflight
         return fields
 
 

@@ -106,6 +106,16 @@ class RuleFired(_Line):
     message: str
 
 
+class Preflight(_Line):
+    """The preflight's estimate of each training stage's peak GPU memory (dpo_trainer.preflight)."""
+
+    event: Literal["preflight"] = "preflight"
+    estimates: dict[str, float]
+    """GiB per training stage."""
+    gpuMemoryGiB: float | None = None
+    """The memory of the GPU the estimate was checked against (none on CPU)."""
+
+
 class ResolvedRepo(BaseModel):
     """A Hub repository at the commit a run started from (or a local directory)."""
 
@@ -136,9 +146,9 @@ class RunProvenance(BaseModel):
         return document
 
 
-ProgressLine = StageStart | StageLog | StageEnd | Done | TrainerFailed | RuleFired
+ProgressLine = StageStart | StageLog | StageEnd | Done | TrainerFailed | RuleFired | Preflight
 """What the trainer writes."""
-EventKind = Literal["stage_start", "log", "stage_end", "done", "error", "rule"]
+EventKind = Literal["stage_start", "log", "stage_end", "done", "error", "rule", "preflight"]
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 TERMINATION_PATH_ENV = "DPO_TERMINATION_MESSAGE_PATH"
 """The trainer writes its termination message where this env var says (the pod spec sets it)."""
@@ -228,6 +238,9 @@ class ProgressEvent(BaseModel):
     skipped: bool = False
     metrics: dict[str, float] = Field(default_factory=dict)
     summary_metrics: dict[str, float] = Field(default_factory=dict)
+    estimates: dict[str, float] = Field(default_factory=dict)
+    """A preflight's GiB per training stage (sft, dpo); others dropped."""
+    gpuMemoryGiB: Annotated[float | None, Field(ge=0, le=1 << 20), WrapValidator(_none_if_invalid)] = None
     summary_efficiency: dict[str, Any] = Field(default_factory=dict)
     """summary.json "efficiency", as status.efficiency has it (camelCase); empty when it does not validate."""
     summary_provenance: dict[str, Any] = Field(default_factory=dict)
@@ -236,6 +249,13 @@ class ProgressEvent(BaseModel):
     action: Annotated[Literal["fail", "finish", "warn"] | None, WrapValidator(_none_if_invalid)] = None
     reason: Annotated[str | None, Field(pattern=r"^[A-Z][A-Za-z0-9]{0,63}$"), WrapValidator(_none_if_invalid)] = None
     message: str = ""
+
+    @field_validator("estimates", mode="before")
+    @classmethod
+    def _estimates(cls, value: Any) -> dict[str, float]:
+        if not isinstance(value, dict):
+            return {}
+        return {k: float(v) for k, v in value.items() if k in (Stage.SFT, Stage.DPO) and finite(v) and 0 <= v < 1 << 20}
 
     @field_validator("summary_efficiency", mode="before")
     @classmethod

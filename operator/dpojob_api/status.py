@@ -107,6 +107,15 @@ class StageCost(StatusModel):
     steps_per_second: float | None = Field(default=None, ge=0)
 
 
+class PreflightEstimate(StatusModel):
+    """What the trainer's preflight estimated before downloading the model (dpo_trainer.preflight)."""
+
+    estimated_gi_b: dict[str, float] = Field(default_factory=dict, alias="estimatedGiB")
+    """Peak GPU memory per training stage (sft, dpo), GiB."""
+    gpu_memory_gi_b: float | None = Field(default=None, alias="gpuMemoryGiB")
+    """The memory of the GPU it was checked against (absent on CPU)."""
+
+
 class Provenance(StatusModel):
     """What the model came from, as the trainer resolved it when the run started in its work directory."""
 
@@ -215,6 +224,8 @@ class DPOJobStatus(StatusModel):
     trainer: TrainerRef | None = None
     efficiency: dict[str, StageCost] | None = None
     """Per training stage (sft, dpo): wall seconds, GPU-hours, samples and steps per second."""
+    preflight: PreflightEstimate | None = None
+    """The preflight's estimate of each training stage's peak GPU memory, and the GPU's memory."""
     provenance: Provenance | None = None
     """The exact base model and dataset revisions and the library versions (also in the model card)."""
     rules: list[RuleHit] = Field(default_factory=list, max_length=MAX_RULE_HITS)

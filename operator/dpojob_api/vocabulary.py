@@ -87,6 +87,7 @@ class Reason(StrEnum):
     GPU_UNAVAILABLE = "GPUUnavailable"
     GPU_OUT_OF_MEMORY = "GPUOutOfMemory"
     INTERRUPTED = "Interrupted"
+    INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
     STOPPED_BY_RULE = "StoppedByRule"
     DIVERGED = "Diverged"
     METRIC_RULE = "MetricRule"
@@ -209,6 +210,12 @@ REASONS: dict[Reason, ReasonInfo] = {
         "nothing: it resumes",
         exit_code=143,
         retried=True,
+    ),
+    Reason.INSUFFICIENT_GPU_MEMORY: ReasonInfo(
+        "trainer",
+        "the preflight estimate of a stage's peak GPU memory exceeds the GPU's; nothing was downloaded or trained",
+        "what the message names: the stage's `batchSize`, `gradientCheckpointing`, `maxLength`, or a larger GPU",
+        exit_code=14,
     ),
     Reason.STOPPED_BY_RULE: ReasonInfo(
         "trainer",

@@ -10,6 +10,7 @@ from dpojob_api.progress import (
     MAX_METRICS,
     Done,
     EventKind,
+    Preflight,
     ProgressLine,
     RuleFired,
     StageEnd,
@@ -148,6 +149,7 @@ def test_status_shows_metrics_to_four_significant_digits() -> None:
         Done(summary={"metrics": {"eval_loss": 0.4}, "stages": {}}),
         TrainerFailed(reason=Reason.DATASET_ERROR, message="no column x"),
         RuleFired(stage=Stage.DPO, step=10, rule="flat", action="finish", reason=Reason.STOPPED_BY_RULE, message="m"),
+        Preflight(estimates={"sft": 24.6, "dpo": 10.6}, gpuMemoryGiB=79.2),
     ],
     ids=lambda line: line.event,
 )
@@ -205,3 +207,12 @@ def test_the_done_summary_gives_efficiency_and_provenance_and_drops_what_does_no
     hostile = TrainerProgress()
     fold(hostile, Done(summary={"efficiency": {"dpo": {"seconds": -1}}, "provenance": {"model": 5}}).line())
     assert "efficiency" not in hostile.status_fields() and "provenance" not in hostile.status_fields()
+
+
+def test_the_preflight_estimate_reaches_status_and_a_hostile_one_is_bounded() -> None:
+    progress = TrainerProgress()
+    fold(progress, Preflight(estimates={"sft": 24.6, "dpo": 10.6}, gpuMemoryGiB=79.2).line())
+    assert progress.status_fields() == {"preflight": {"estimatedGiB": {"sft": 24.6, "dpo": 10.6}, "gpuMemoryGiB": 79.2}}
+    hostile = TrainerProgress()
+    fold(hostile, line("preflight", estimates={"evil": 1.0, "sft": -3, "dpo": "x"}, gpuMemoryGiB=-1))
+    assert hostile.status_fields() == {}

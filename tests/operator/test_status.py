@@ -313,6 +313,7 @@ def test_status_documents_validate_against_the_crd_status_schema() -> None:
                 **_rule_progress({"rule": "noted", "action": "warn", "reason": "MetricRule"}),
                 "efficiency": {"dpo": {"seconds": 12.5, "gpuHours": 0.01, "stepsPerSecond": 1.5}},
                 "provenance": {"model": "org/base@main", "modelSha": "a" * 40, "datasets": [], "libraries": {}},
+                "preflight": {"estimatedGiB": {"dpo": 10.6}, "gpuMemoryGiB": 79.2},
             },
         ),
     ]

@@ -77,6 +77,10 @@ class Interrupted(TrainerError):
     reason = Reason.INTERRUPTED
 
 
+class InsufficientGPUMemory(TrainerError):
+    reason = Reason.INSUFFICIENT_GPU_MEMORY
+
+
 class StoppedByRule(TrainerError):
     reason = Reason.STOPPED_BY_RULE
 
@@ -99,6 +103,7 @@ ALL_ERRORS: tuple[type[TrainerError], ...] = (
     Interrupted,
     StoppedByRule,
     Diverged,
+    InsufficientGPUMemory,
 )
 
 

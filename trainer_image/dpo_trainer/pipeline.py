@@ -27,12 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpo_trainer import card, data, gates, hub, memory, merge, models, provenance, training
+from dpo_trainer import card, data, gates, hub, memory, merge, models, preflight, provenance, training
 from dpo_trainer.context import RunContext, RunState, fingerprint, is_main_process, wait_for_everyone
 from dpo_trainer.layout import RunLayout, TrainingStage
 from dpo_trainer.progress import Reporter
 from dpo_trainer.specfile import spec_as_yaml_dict
-from dpojob_api.progress import StageEnd, StageStart
+from dpojob_api.progress import Preflight, StageEnd, StageStart
 from dpojob_api.spec import DPOJobSpec, model_identity, without_rules
 from dpojob_api.vocabulary import Stage
 
@@ -161,6 +161,8 @@ def run(
     ctx = RunContext(spec, layout, reporter, token, RunState.load(layout.state), metadata)
     wait_for_everyone()  # every rank has read state.json before the main process changes it
     if is_main_process():  # one whoami, not one per GPU; should it fail, the launcher stops the waiting ranks
+        fit = preflight.check(spec, token)  # before anything large is downloaded: will it fit the GPU?
+        reporter.emit(Preflight(estimates=fit["stages"], gpuMemoryGiB=fit.get("gpuMemoryGiB")))
         hub.check_token(ctx)
         ctx.provenance = provenance.record(ctx)
     for stage, chain in plan(spec):

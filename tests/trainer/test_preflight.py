@@ -1,0 +1,98 @@
+"""The preflight: counts from config.json alone, a peak-memory estimate per training stage, and a misfit that fails
+in seconds, before anything is downloaded or trained."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from dpo_trainer import preflight
+from dpo_trainer.errors import InvalidSpec
+from dpo_trainer.models import lora_config
+from dpojob_api.spec import DPOJobSpec
+from dpojob_api.vocabulary import Stage
+
+from .conftest import TINY_MODEL, assert_failed, quickstart_job, run_cli
+
+LLAMA_2_7B = {
+    "model_type": "llama",
+    "hidden_size": 4096,
+    "intermediate_size": 11008,
+    "num_hidden_layers": 32,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 32,
+    "vocab_size": 32000,
+    "max_position_embeddings": 4096,
+}
+
+
+def _spec(**overrides: object) -> DPOJobSpec:
+    return DPOJobSpec.model_validate({"output": {"directory": "/o"}, **overrides})
+
+
+def test_llama_2_7b_is_counted_exactly_from_its_config_on_the_meta_device() -> None:
+    started = time.monotonic()
+    shape = preflight.model_shape(_spec(), LLAMA_2_7B)
+    assert time.monotonic() - started < 5, "no weights are allocated"
+    assert shape.linear_params + shape.other_params == 6_738_415_616  # Llama-2-7B's published parameter count
+    assert shape.other_params == 2 * 32000 * 4096 + 65 * 4096  # embeddings, lm_head, RMSNorm weights
+    assert shape.lora_params == {"sft": 32 * 2 * 8 * (4096 + 4096), "dpo": 32 * 3 * 8 * (4096 + 4096)}
+
+
+def test_the_estimate_moves_with_the_knobs_the_message_names() -> None:
+    spec = _spec()
+    shape = preflight.model_shape(spec, LLAMA_2_7B)
+    sft = preflight.estimate(spec, shape, Stage.SFT)
+    assert 3.5 < sft.weights / preflight.GIB < 4.0, "4-bit weights of a 7B model"
+    checkpointed = preflight.estimate(_spec(sft={"gradientCheckpointing": True}), shape, Stage.SFT)
+    assert checkpointed.activations < sft.activations / 5 and checkpointed.weights == sft.weights
+    halved = preflight.estimate(_spec(sft={"batchSize": 2}), shape, Stage.SFT)
+    assert halved.activations == sft.activations // 2 and halved.logits == sft.logits // 2
+    dpo = preflight.estimate(spec, shape, Stage.DPO)  # chosen and rejected rows: twice the logits per batch
+    assert dpo.logits == 2 * sft.logits
+    unquantized = preflight.estimate(_spec(quantization={"mode": "none"}), shape, Stage.SFT)
+    assert unquantized.weights == 6_738_415_616 * 2 > 3 * sft.weights
+
+
+def test_counts_match_the_real_tiny_model_and_its_adapter(tmp_path: Path) -> None:
+    """What can be measured on a CPU: the parameter bytes of the loaded model, PEFT's trainable parameters."""
+    import torch
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    spec = _spec(model={"name": str(TINY_MODEL)}, quantization={"mode": "none"})
+    shape = preflight.model_shape(spec, json.loads((TINY_MODEL / "config.json").read_text()))
+    model = AutoModelForCausalLM.from_pretrained(TINY_MODEL, dtype=torch.bfloat16)
+    estimate = preflight.estimate(spec, shape, Stage.DPO)
+    assert estimate.weights == sum(p.numel() * p.element_size() for p in model.parameters())
+    adapted = get_peft_model(model, lora_config(spec.dpo.lora))
+    trainable = sum(p.numel() for p in adapted.parameters() if p.requires_grad)
+    assert shape.lora_params[Stage.DPO] == trainable
+
+
+@pytest.mark.parametrize(("text", "expected"), [("17179869184", 16 << 30), ("16Gi", 16 << 30), ("80G", 80 * 10**9)])
+def test_gpu_memory_quantities(text: str, expected: int) -> None:
+    assert preflight.parse_bytes(text) == expected
+
+
+def test_a_gpu_memory_quantity_that_is_not_one_is_refused() -> None:
+    with pytest.raises(InvalidSpec, match="DPO_GPU_MEMORY"):
+        preflight.parse_bytes("lots")
+
+
+def test_a_model_that_cannot_fit_fails_in_seconds_before_any_stage(tmp_path: Path) -> None:
+    started = time.monotonic()
+    run = run_cli(quickstart_job(), tmp_path, env={preflight.GPU_MEMORY_ENV: "64Mi"})
+    assert_failed(run, "InsufficientGPUMemory", "sft needs about", "the GPU has 0.1 GiB", "lower sft.batchSize")
+    assert not [e for e in run.events if e["event"] == "stage_start"], "nothing downloaded, nothing trained"
+    assert time.monotonic() - started < 60
+
+
+def test_a_fitting_run_reports_its_estimate(tmp_path: Path) -> None:
+    run = run_cli(quickstart_job(sft={"enabled": False}, dpo={"maxSteps": 2}), tmp_path, env={"DPO_GPU_MEMORY": "1Gi"})
+    assert run.returncode == 0, run.stderr[-3000:]
+    (event,) = [e for e in run.events if e["event"] == "preflight"]
+    assert set(event["estimates"]) == {"dpo"} and 0 < event["estimates"]["dpo"] < 1 and event["gpuMemoryGiB"] == 1.0
