@@ -71,7 +71,8 @@ IMAGES = (
     ImageSpec(
         "dpo-trainer",
         REPO_ROOT / "trainer_image" / "Dockerfile",
-        build_args=(("PIP_FIND_LINKS", CPU_WHEELS),),
+        # The CPU variant: torch-2.13.0+cpu from the local wheels; TORCH_CUDA empty (the Dockerfile checks it).
+        build_args=(("PIP_FIND_LINKS", CPU_WHEELS), ("TORCH_CUDA", "")),
         volumes=(f"{CPU_WHEELS}:{CPU_WHEELS}:ro",),
     ),
 )

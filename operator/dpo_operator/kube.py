@@ -16,6 +16,7 @@ from kubernetes.client.exceptions import ApiException
 
 from dpojob_api.spec import API_GROUP, API_VERSION, KIND, PLURAL
 
+from .logs import about
 from .manifests import MANAGED_BY, ServerFeatures
 
 log = logging.getLogger(__name__)
@@ -298,4 +299,11 @@ class Kube:
         try:
             self.request("POST", resource_path("Event", meta["namespace"]), body=body)
         except ApiException as exc:
-            log.warning("could not post event %s on %s/%s: %s", reason, meta["namespace"], meta["name"], exc.reason)
+            log.warning(
+                "could not post event %s on %s/%s: %s",
+                reason,
+                meta["namespace"],
+                meta["name"],
+                exc.reason,
+                extra=about(meta["namespace"], meta["name"]),
+            )

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import json
 import logging
 import sys
 import threading
@@ -20,7 +21,7 @@ from kubernetes import client, config
 
 from dpojob_api.spec import API_GROUP, API_VERSION, PLURAL
 
-from . import health, kopf_config, metrics
+from . import __version__, health, kopf_config, logs, metrics
 from .cache import ObjectCache
 from .kube import Kube, one_attempt
 from .leader import LeaderElector
@@ -142,7 +143,8 @@ def cli() -> None:
     """Serve health and metrics, wait for the leader Lease (when enabled), then run Kopf until stopped."""
     parser = argparse.ArgumentParser(prog="dpo-operator", description=__doc__)
     parser.add_argument("-n", "--namespace", action="append", default=[], help="watch only these (repeatable)")
-    parser.add_argument("--verbose", action="store_true")
+    parser.add_argument("--verbose", action="store_true", help="debug logging (as DPO_OPERATOR_LOG_LEVEL=DEBUG)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args()
     try:
         settings = OperatorSettings.from_env()
@@ -150,12 +152,9 @@ def cli() -> None:
         sys.exit(f"dpo-operator: {exc}")
     if args.namespace:
         settings.namespaces = args.namespace
-    verbose = args.verbose or settings.verbose
-    kopf.configure(verbose=verbose)
-    if not verbose:
-        # Kopf logs "Handler … succeeded" at INFO for every watch event (a share of its CPU: docs/benchmarks.md);
-        # its warnings and errors still show.
-        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    settings.verbose = args.verbose or settings.verbose
+    logs.configure(settings.log_format, settings.effective_log_level)
+    log.info("dpo-operator %s starting with settings %s", __version__, json.dumps(settings.loggable()))
     metrics.per_dpojob_series(settings.per_dpojob_series)
     status = health.Health()
     health.serve(status, settings.listen_address, settings.port)

@@ -10,14 +10,26 @@ import hashlib
 import posixpath
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 from kubernetes.utils import parse_quantity
 
 from dpojob_api.progress import SPEC_DIGEST_ENV, TERMINATION_MESSAGE_PATH, TERMINATION_PATH_ENV
-from dpojob_api.spec import API_GROUP, API_VERSION, KIND, DPOJobSpec, VolumeClaim, digest, training_hash
+from dpojob_api.spec import (
+    API_GROUP,
+    API_VERSION,
+    KIND,
+    DPOJobSpec,
+    RuntimeSpec,
+    VolumeClaim,
+    digest,
+    training_hash,
+)
 from dpojob_api.vocabulary import FAIL_AT_ONCE_EXIT_CODES
+
+if TYPE_CHECKING:
+    from .settings import TrainerDefaults
 
 CONFIG_MOUNT = "/etc/dpo-operator"
 SPEC_FILE = "dpojob.yaml"
@@ -121,6 +133,47 @@ def labels(dpojob_name: str, generation: int) -> dict[str, str]:
         LABEL_DPOJOB: label_value(dpojob_name),
         LABEL_RUN: str(generation),
     }
+
+
+OWN_LABEL_KEYS = frozenset(
+    [
+        *labels("x", 0),
+        "job-name",
+        "controller-uid",
+        "batch.kubernetes.io/job-name",
+        "batch.kubernetes.io/controller-uid",
+    ]
+)
+"""Labels of a trainer pod that only the operator (its selectors) and the Job controller set: no default may."""
+OWN_ANNOTATION_KEYS = frozenset({ANNOTATION_DPOJOB})
+
+
+def runtime_with_defaults(dpojob: dict[str, Any], spec: DPOJobSpec, defaults: TrainerDefaults | None) -> RuntimeSpec:
+    """spec.runtime with the cluster-wide defaults filled in where the DPOJob, as written, sets nothing.
+
+    Whether it sets a field is read from the document (a key present and not null), not from the model: the model
+    fills in the API's own defaults (its image), which must lose to the cluster's. A field set to an empty list or
+    map (`tolerations: []`) is set: that DPOJob opts out of the default."""
+    runtime = spec.runtime
+    if defaults is None:
+        return runtime
+    written = (dpojob.get("spec") or {}).get("runtime") or {}
+    fields = RuntimeSpec.model_fields
+    wanted: dict[str, Any] = {
+        "image": defaults.image.reference(),
+        "image_pull_policy": defaults.image.pull_policy or None,
+        "image_pull_secrets": defaults.image_pull_secrets or None,
+        "tolerations": defaults.tolerations or None,
+        "node_selector": defaults.node_selector or None,
+        "affinity": defaults.affinity or None,
+        "priority_class_name": defaults.priority_class_name,
+    }
+    update = {
+        name: value
+        for name, value in wanted.items()
+        if value is not None and written.get(fields[name].alias or name) is None and written.get(name) is None
+    }
+    return runtime.model_copy(update=update) if update else runtime
 
 
 def child_metadata(dpojob: dict[str, Any], name: str, generation: int) -> dict[str, Any]:
@@ -282,11 +335,14 @@ def build_job(
     attempt: int = 0,
     features: ServerFeatures = ServerFeatures(),
     default_cache_claim: str | None = None,
+    defaults: TrainerDefaults | None = None,
 ) -> dict[str, Any]:
     """The batch/v1 Job that runs `dpo-trainer` for one run of the DPOJob.
 
     default_cache_claim: the PVC mounted as the Hugging Face cache when the DPOJob names none (the chart value
-    trainerDefaults.cacheClaimName).
+    trainerDefaults.cacheClaimName). defaults: the cluster's other trainer defaults (the chart's trainerDefaults),
+    each applied where the DPOJob sets nothing (runtime_with_defaults); their labels and annotations are added to
+    the pod's, the operator's own winning.
 
     On servers with podFailurePolicy (>= 1.26) a pod evicted or preempted is replaced without spending a
     retry (the trainer resumes from its checkpoint), and a trainer exit code the same spec would meet again
@@ -297,7 +353,7 @@ def build_job(
     """
     meta = dpojob["metadata"]
     name = run_name(meta["name"], generation, attempt)
-    runtime = spec.runtime
+    runtime = runtime_with_defaults(dpojob, spec, defaults)
     cache = _cache_claim(spec, default_cache_claim)
     volumes, mounts = _volumes(spec, name, cache)
     container = {
@@ -351,7 +407,10 @@ def build_job(
         "completions": 1,
         "parallelism": 1,
         "template": {
-            "metadata": {"labels": labels(meta["name"], generation), "annotations": {ANNOTATION_DPOJOB: meta["name"]}},
+            "metadata": {
+                "labels": {**(defaults.labels if defaults else {}), **labels(meta["name"], generation)},
+                "annotations": {**(defaults.annotations if defaults else {}), ANNOTATION_DPOJOB: meta["name"]},
+            },
             "spec": pod_spec,
         },
     }

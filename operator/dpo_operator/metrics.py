@@ -13,13 +13,30 @@ import contextlib
 from collections import Counter as Tally
 from collections.abc import Callable, Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from dpojob_api.vocabulary import Phase
 
+from . import __version__
+
+disable_created_metrics()  # no `_created` series beside every counter and histogram (process-wide)
 REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)  # process_cpu_seconds_total, process_resident_memory_bytes, open fds, ...
+PlatformCollector(registry=REGISTRY)  # python_info
+BUILD_INFO = Gauge(
+    "dpo_operator_build_info", "Always 1; the operator's version as a label.", ["version"], registry=REGISTRY
+)
+BUILD_INFO.labels(__version__).set(1)
 
 RECONCILES = Counter("dpo_operator_reconcile", "Reconciles of a DPOJob.", registry=REGISTRY)
 RECONCILE_ERRORS = Counter(
@@ -46,6 +63,13 @@ JOB_CREATION_DELAY = Histogram(
 )
 RESYNC_ERRORS = Counter(
     "dpo_operator_resync_errors", "Periodic resyncs that could not list DPOJobs.", registry=REGISTRY
+)
+QUEUE_LATENCY = Histogram(
+    "dpo_operator_workqueue_queue_duration_seconds",
+    "From a DPOJob's key being added to the work queue to a worker taking it, by lane (workqueue.py).",
+    ["lane"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30, 60, 300),
+    registry=REGISTRY,
 )
 LEADER = Gauge("dpo_operator_leader", "1 while this replica holds the leader Lease (or runs alone).", registry=REGISTRY)
 REWARD_ACCURACY = Gauge(
@@ -77,10 +101,16 @@ def per_dpojob_series(enabled: bool) -> None:
 
 
 class StateCollector(Collector):
-    """Gauges read off live state at scrape time: DPOJobs by phase, log followers active."""
+    """Gauges read off live state at scrape time: DPOJobs by phase, log followers active, the work queue's depth
+    by lane."""
 
-    def __init__(self, phases: Callable[[], list[str]], followers: Callable[[], int]) -> None:
-        self.phases, self.followers = phases, followers
+    def __init__(
+        self,
+        phases: Callable[[], list[str]],
+        followers: Callable[[], int],
+        queue_depths: Callable[[], dict[str, int]] = dict,
+    ) -> None:
+        self.phases, self.followers, self.queue_depths = phases, followers, queue_depths
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         counts = Tally(self.phases())
@@ -89,6 +119,12 @@ class StateCollector(Collector):
             by_phase.add_metric([phase], counts.get(phase, 0))
         yield by_phase
         yield GaugeMetricFamily("dpo_operator_log_followers", "Trainer pod logs being followed.", self.followers())
+        depth = GaugeMetricFamily(
+            "dpo_operator_workqueue_depth", "DPOJob keys waiting in the work queue, by lane.", labels=["lane"]
+        )
+        for lane, waiting in sorted(self.queue_depths().items()):
+            depth.add_metric([lane], waiting)
+        yield depth
 
 
 def record_rewards(namespace: str, name: str, rewards: dict[str, float]) -> None:

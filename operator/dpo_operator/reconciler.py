@@ -32,6 +32,7 @@ from .kube import (
     owned_by,
     prune_none,
 )
+from .logs import about
 from .settings import OperatorSettings
 from .status import (
     Observed,
@@ -187,7 +188,9 @@ class Reconciler:
         self.phases: dict[Key, str] = {}
         """Each known DPOJob's phase as last written (the dpo_operator_dpojobs gauge)."""
         self.followers = LogFollowers(kube, self.mark_dirty, health=health)
-        self._collector = metrics.StateCollector(lambda: list(self.phases.values()), self.followers.active)
+        self._collector = metrics.StateCollector(
+            lambda: list(self.phases.values()), self.followers.active, queue.depths
+        )
         self.events = EventPoster(kube.post_event, health, busy=queue.urgent_waiting)
         self.pod_creation_errors = PodCreationErrors(kube)
         self._loops = (
@@ -240,7 +243,12 @@ class Reconciler:
             self.reconcile(namespace, name)
         except Exception:
             metrics.RECONCILE_ERRORS.inc()
-            log.exception("reconcile of %s/%s failed; the next event or resync retries", namespace, name)
+            log.exception(
+                "reconcile of %s/%s failed; the next event or resync retries",
+                namespace,
+                name,
+                extra=about(namespace, name),
+            )
         finally:
             metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
 
@@ -333,7 +341,7 @@ class Reconciler:
                     except NotOwnedError as exc:
                         observed.not_owned = str(exc)
                     except ChildRejectedError as exc:
-                        log.warning("%s/%s: %s", namespace, name, exc)
+                        log.warning("%s/%s: %s", namespace, name, exc, extra=about(namespace, name))
                         self._rejected[(namespace, name)] = (dpojob["metadata"]["generation"], time.monotonic(), exc)
                         observed.rejected = (exc.code, str(exc))
         observed.job = job
@@ -482,6 +490,7 @@ class Reconciler:
             attempt=attempt,
             features=self.features,
             default_cache_claim=self.settings.trainer_cache_claim,
+            defaults=self.settings.trainer_defaults,
         )
 
     def _current_job(self, namespace: str, name: str, uid: str, current: str) -> dict[str, Any] | None:
@@ -506,7 +515,12 @@ class Reconciler:
         made by someone else, or the operator's own when it stopped before its status recorded it. Either way it is
         not the run: delete it (this very one, by UID) so that the operator's own is created."""
         name = job["metadata"]["name"]
-        log.warning("%s/%s: Job %s is not the one the operator created; deleting it", *_key(dpojob), name)
+        log.warning(
+            "%s/%s: Job %s is not the one the operator created; deleting it",
+            *_key(dpojob),
+            name,
+            extra=about(*_key(dpojob)),
+        )
         self._delete_child(job, dpojob["metadata"]["uid"])
         self.events.post(
             dpojob,

@@ -11,17 +11,93 @@ import os
 import socket
 import uuid
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
-from dpojob_api.spec import K8sName
+from dpojob_api.spec import (
+    LABEL_KEY,
+    K8sName,
+    LabelValue,
+    LocalObjectReference,
+    RuntimeSpec,
+    SpecModel,
+    Toleration,
+)
+
+from .manifests import OWN_ANNOTATION_KEYS, OWN_LABEL_KEYS
 
 ENV_PREFIX = "DPO_OPERATOR_"
 
 
 class SettingsError(ValueError):
     """An environment variable holds a value the operator cannot run with."""
+
+
+class TrainerImage(SpecModel):
+    """The chart value trainerDefaults.image: the trainer image of DPOJobs that name none (spec.runtime.image)."""
+
+    repository: str = ""
+    """Empty: the repository of the API's default image (only tag or digest changes)."""
+    tag: str = Field("", pattern=r"^([A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$")
+    """Empty: the tag of the API's default image (the trainer this operator was built with)."""
+    digest: str = Field("", pattern=r"^(sha256:[a-f0-9]{64})?$")
+    """When set, the image is repository@digest and tag is ignored."""
+    pull_policy: Literal["", "Always", "IfNotPresent", "Never"] = ""
+    """The imagePullPolicy of DPOJobs that set no spec.runtime.imagePullPolicy; empty: the API's default."""
+
+    def reference(self) -> str | None:
+        """The image these values name, or None when they name nothing (the API's default image applies)."""
+        if not (self.repository or self.tag or self.digest):
+            return None
+        builtin = RuntimeSpec.model_fields["image"].default
+        name, _, builtin_tag = builtin.rpartition(":")
+        repository = self.repository or name
+        return f"{repository}@{self.digest}" if self.digest else f"{repository}:{self.tag or builtin_tag}"
+
+
+class TrainerDefaults(SpecModel):
+    """Cluster-wide defaults of trainer pods (the chart's trainerDefaults, but cacheClaimName): each applies only
+    where the DPOJob's spec.runtime sets nothing for it (the DPOJob wins). Labels and annotations are merged into
+    the pod's, the DPOJob's and the operator's own keys winning."""
+
+    image: TrainerImage = Field(default_factory=TrainerImage)
+    image_pull_secrets: list[LocalObjectReference] = Field(default_factory=list)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    node_selector: dict[str, LabelValue] = Field(default_factory=dict)
+    affinity: dict[str, Any] = Field(default_factory=dict)
+    priority_class_name: K8sName | None = None
+    labels: dict[str, LabelValue] = Field(default_factory=dict)
+    """Extra labels of trainer pods."""
+    annotations: dict[str, str] = Field(default_factory=dict)
+    """Extra annotations of trainer pods."""
+
+    @field_validator("priority_class_name", mode="before")
+    @classmethod
+    def _empty_is_none(cls, value: Any) -> Any:
+        return value or None
+
+    @field_validator("node_selector", "labels", "annotations")
+    @classmethod
+    def _keys(cls, value: dict[str, str]) -> dict[str, str]:
+        for key in value:
+            if not LABEL_KEY.fullmatch(key) or len(key.partition("/")[0]) > 253:
+                raise ValueError(f"{key!r} is not a label key (optional DNS prefix and '/', then up to 63 characters)")
+        return value
+
+    @field_validator("labels")
+    @classmethod
+    def _not_ours(cls, value: dict[str, str]) -> dict[str, str]:
+        if taken := sorted(OWN_LABEL_KEYS & value.keys()):
+            raise ValueError(f"{', '.join(taken)}: the operator sets these labels itself (it selects its pods by them)")
+        return value
+
+    @field_validator("annotations")
+    @classmethod
+    def _annotations_not_ours(cls, value: dict[str, str]) -> dict[str, str]:
+        if taken := sorted(OWN_ANNOTATION_KEYS & value.keys()):
+            raise ValueError(f"{', '.join(taken)}: the operator sets these annotations itself")
+        return value
 
 
 class OperatorSettings(BaseModel):
@@ -38,6 +114,8 @@ class OperatorSettings(BaseModel):
     trainer_cache_claim: K8sName | None = None
     """PVC (in each DPOJob's namespace) mounted as the Hugging Face cache of trainer pods whose DPOJob names no
     spec.runtime.cacheVolume (the chart value trainerDefaults.cacheClaimName; empty: none)."""
+    trainer_defaults: TrainerDefaults = Field(default_factory=TrainerDefaults)
+    """Defaults of trainer pods where the DPOJob sets nothing (the chart's other trainerDefaults, as JSON)."""
     listen_address: str = "0.0.0.0"
     """Where /healthz, /readyz and /metrics are served (the chart value listenAddress)."""
     port: int = Field(8080, ge=0, le=65535)
@@ -60,6 +138,47 @@ class OperatorSettings(BaseModel):
     restarted in the same pod is a new candidate and cannot pass for the leader it replaced (as
     controller-runtime does)."""
     verbose: bool = False
+    """Debug logging, whatever log_level says."""
+    log_format: Literal["text", "json"] = "text"
+    """text: one readable line per record; json: one JSON object per line (the chart value logFormat)."""
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    """The chart value logLevel (case does not matter); verbose means DEBUG."""
+
+    @property
+    def effective_log_level(self) -> str:
+        return "DEBUG" if self.verbose else self.log_level
+
+    def loggable(self) -> dict[str, Any]:
+        """The settings for the start-up log line: trainer_env by variable names only (their values may be
+        credentials, e.g. a proxy URL with a password)."""
+        shown = self.model_dump(mode="json", exclude={"trainer_env"})
+        shown["trainer_env"] = [var["name"] for var in self.trainer_env]
+        shown["trainer_defaults"] = self.trainer_defaults.model_dump(mode="json", by_alias=True, exclude_defaults=True)
+        return shown
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _upper_case(cls, value: Any) -> Any:
+        return value.strip().upper() if isinstance(value, str) else value
+
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _lower_case(cls, value: Any) -> Any:
+        return value.strip().lower() if isinstance(value, str) else value
+
+    @field_validator("trainer_defaults", mode="before")
+    @classmethod
+    def _parse_trainer_defaults(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            try:
+                value = json.loads(value or "{}")
+            except json.JSONDecodeError as exc:
+                raise ValueError(f"not JSON: {exc}") from None
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise ValueError("must be a JSON object (the chart's trainerDefaults)")
+        return value
 
     @field_validator("namespaces", mode="before")
     @classmethod
@@ -102,14 +221,18 @@ class OperatorSettings(BaseModel):
         try:
             settings = cls.model_validate(raw)
         except ValidationError as exc:
-            problems = "; ".join(
-                f"{ENV_PREFIX}{str(error['loc'][0]).upper() if error['loc'] else ''}: {error['msg']}"
-                for error in exc.errors()
-            )
+            problems = "; ".join(_problem(error) for error in exc.errors(include_url=False))
             raise SettingsError(problems) from None
         if settings.leader_election and not settings.lease_namespace:
             raise SettingsError(f"{ENV_PREFIX}LEASE_NAMESPACE (or POD_NAMESPACE) is needed for leader election")
         return settings
+
+
+def _problem(error: Any) -> str:
+    """One validation error, naming the variable and, inside a JSON value, the key: DPO_OPERATOR_X.a.b: why."""
+    variable, *inside = error["loc"] or ("",)
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in inside)
+    return f"{ENV_PREFIX}{str(variable).upper()}{where}: {error['msg'].removeprefix('Value error, ')}"
 
 
 def _check_env_var(var: Any) -> None:

@@ -43,9 +43,12 @@ from typing import Any
 from . import metrics
 from .cache import Key, ObjectCache
 from .health import Health
+from .logs import about
 
 log = logging.getLogger(__name__)
 _IDLE_WAKE_S = 5.0
+URGENT, READY = "urgent", "ready"
+"""The work queue's lanes, as the queue metrics name them."""
 
 
 class WorkQueue:
@@ -72,6 +75,8 @@ class WorkQueue:
         what is no longer waiting."""
         self._waiting: dict[Key, bool] = {}
         """Waiting keys → urgent."""
+        self._since: dict[Key, float] = {}
+        """Waiting keys → when they started waiting (metrics.QUEUE_LATENCY; a move to the urgent lane keeps it)."""
         self._ready_turn = False
         """While the other lane is overdue (READY_MAX_WAIT_S): whether it has the next turn."""
         self._processing: set[Key] = set()
@@ -119,6 +124,8 @@ class WorkQueue:
                         if self._waiting.get(key) is (lane is self._urgent):  # else a stale entry: skip it
                             del self._waiting[key]
                             self._processing.add(key)
+                            waited = now - self._since.pop(key, now)
+                            metrics.QUEUE_LATENCY.labels(URGENT if lane is self._urgent else READY).observe(waited)
                             return key
                 wake = min([deadline] + [due for due, _ in self._delayed[:1]])
                 if now >= deadline:
@@ -139,6 +146,12 @@ class WorkQueue:
     def depth(self) -> int:
         with self._cond:
             return len(self._waiting)
+
+    def depths(self) -> dict[str, int]:
+        """Keys waiting in each lane (the dpo_operator_workqueue_depth gauge)."""
+        with self._cond:
+            urgent = sum(self._waiting.values())
+            return {URGENT: urgent, READY: len(self._waiting) - urgent}
 
     def urgent_waiting(self) -> bool:
         """Whether a DPOJob waits for its spec to be acted on (a key leaves the urgent lane when it is taken)."""
@@ -174,6 +187,7 @@ class WorkQueue:
         if key in self._processing:
             self._again[key] = self._again.get(key, False) or urgent
         elif key not in self._waiting or (urgent and not self._waiting[key]):
+            self._since.setdefault(key, self._clock())
             self._waiting[key] = urgent
             (self._urgent if urgent else self._ready).append((self._clock(), key))
             self._cond.notify()
@@ -360,7 +374,7 @@ class EventPoster:
         budget.tokens, budget.at = min(self.BURST, budget.tokens + (now - budget.at) / self.REFILL_S), now
         if budget.tokens < 1:
             if not budget.omitted:
-                log.warning("%s/%s posts Events faster than its budget; omitting them for now", *key)
+                log.warning("%s/%s posts Events faster than its budget; omitting them for now", *key, extra=about(*key))
             budget.omitted += 1
             return None
         budget.tokens -= 1

@@ -3,9 +3,13 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from lupa import LuaRuntime
 
-SCRIPT = Path(__file__).resolve().parents[2] / "docs" / "gitops" / "argocd-health-dpojob.lua"
+ROOT = Path(__file__).resolve().parents[2]
+CHECK = ROOT / "docs" / "gitops" / "argocd" / "dpo-operator.io" / "DPOJob"
+"""argo-cd's resource_customizations layout: health.lua, health_test.yaml and testdata/."""
+SCRIPT = CHECK / "health.lua"
 
 
 def health(obj: dict) -> tuple[str, str]:
@@ -68,3 +72,37 @@ def test_every_phase_has_its_health() -> None:
         assert health(dpojob(observedGeneration=2, phase=phase.value, model=model))[0] == health_status, phase
     script = SCRIPT.read_text()
     assert all(f'"{phase}"' in script for phase in set(Phase) - {Phase.PENDING, Phase.RUNNING})
+
+
+def health_test_cases() -> list[dict]:
+    return yaml.safe_load((CHECK / "health_test.yaml").read_text())["tests"]
+
+
+@pytest.mark.parametrize("case", health_test_cases(), ids=[c["inputPath"] for c in health_test_cases()])
+def test_upstream_health_test_cases(case: dict) -> None:
+    """Each case of health_test.yaml, as argo-cd's own test runs it: the Lua on the testdata object gives the expected
+    status, and the expected message where the case names one."""
+    obj = yaml.safe_load((CHECK / case["inputPath"]).read_text())
+    status, message = health(obj)
+    expected = case["healthStatus"]
+    assert status == expected["status"]
+    if "message" in expected:
+        assert message == expected["message"]
+
+
+def test_upstream_layout_is_complete_and_its_testdata_are_dpojobs() -> None:
+    """Every testdata file is a case, every phase has one, and each is a DPOJob the API accepts."""
+    from dpojob_api.spec import DPOJob
+    from dpojob_api.vocabulary import Phase
+
+    cases = health_test_cases()
+    assert {c["inputPath"] for c in cases} == {f"testdata/{p.name}" for p in (CHECK / "testdata").glob("*.yaml")}
+    assert all(
+        set(c) == {"healthStatus", "inputPath"} and set(c["healthStatus"]) <= {"status", "message"} for c in cases
+    )
+    phases = set()
+    for case in cases:
+        obj = yaml.safe_load((CHECK / case["inputPath"]).read_text())
+        phases.add(obj.get("status", {}).get("phase"))
+        DPOJob.model_validate({k: v for k, v in obj.items() if k != "status"})
+    assert {p.value for p in Phase} <= phases

@@ -3,9 +3,9 @@
 The test plays git and the GitOps tool: examples/gitops is copied into a git repository, every step is a commit
 that edits dpojob.yaml, and every sync is `kubectl apply -k` of the checkout (what Argo CD and Flux render from
 that directory). After each step the DPOJob read back from the cluster goes through the real Argo CD health
-check (docs/gitops/argocd-health-dpojob.lua in a Lua interpreter). Trainer runs are simulated by the node
-simulator (a scripted exit with the trainer's termination message) except in the last test, which trains twice
-with the real trainer and finds two commits in the local Hub. Tests share one stack and run in file order.
+check (docs/gitops/argocd/dpo-operator.io/DPOJob/health.lua in a Lua interpreter). Trainer runs are simulated by
+the node simulator (a scripted exit with the trainer's termination message) except in the last test, which trains
+twice with the real trainer and finds two commits in the local Hub. Tests share one stack and run in file order.
 """
 
 from __future__ import annotations

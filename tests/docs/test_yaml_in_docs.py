@@ -58,6 +58,9 @@ def check_document(where: str, document: Any) -> str:
         return "foreign"
     if "data" in document and set(document) <= {"data"} and "resource.customizations.health" in str(document):
         return "argocd-cm"
+    if set(document) == {"configs"} and set(document["configs"]) == {"cm"}:
+        assert all(key.startswith("resource.customizations.") for key in document["configs"]["cm"]), where
+        return "argo-cd chart values"
     if set(document) <= {field.alias or name for name, field in DPOJobSpec.model_fields.items()} | {"output"}:
         try:
             DPOJobSpec.model_validate({"output": {"directory": "/output/m"}, **document})

@@ -20,7 +20,7 @@ from types import SimpleNamespace
 import pytest
 from urllib3.exceptions import MaxRetryError
 
-from dpo_operator import health, metrics
+from dpo_operator import __version__, health, metrics
 from dpo_operator.cache import ObjectCache
 from dpo_operator.manifests import ServerFeatures
 from dpo_operator.reconciler import Reconciler
@@ -178,3 +178,36 @@ def test_per_dpojob_series_off_exports_no_series_labelled_by_a_dpojob(served) ->
     metrics.record_rewards("team-a", "after", {"accuracies": 0.5})
     assert 'dpo_operator_dpojob_rewards_accuracies{name="after",namespace="team-a"} 0.5' in get(server, "/metrics")[1]
     metrics.forget_dpojob("team-a", "after")
+
+
+def test_metrics_carry_process_build_info_and_the_work_queue_without_created_series(served) -> None:
+    _, server = served
+    queue = WorkQueue()
+    collector = metrics.StateCollector(list, lambda: 0, queue.depths)
+    metrics.REGISTRY.register(collector)
+    try:
+        queue.add(("ns", "new"), urgent=True)
+        queue.add(("ns", "a"))
+        queue.add(("ns", "b"))
+        text = get(server, "/metrics")[1]
+        assert 'dpo_operator_workqueue_depth{lane="urgent"} 1.0' in text
+        assert 'dpo_operator_workqueue_depth{lane="ready"} 2.0' in text
+        before = metrics.REGISTRY.get_sample_value(
+            "dpo_operator_workqueue_queue_duration_seconds_count", {"lane": "urgent"}
+        )
+        assert queue.get(timeout=1) == ("ns", "new")
+        after = metrics.REGISTRY.get_sample_value(
+            "dpo_operator_workqueue_queue_duration_seconds_count", {"lane": "urgent"}
+        )
+        assert after == (before or 0) + 1
+        text = get(server, "/metrics")[1]
+    finally:
+        metrics.REGISTRY.unregister(collector)
+    assert 'dpo_operator_workqueue_depth{lane="urgent"} 0.0' in text
+    assert f'dpo_operator_build_info{{version="{__version__}"}} 1.0' in text
+    assert "process_resident_memory_bytes" in text and "process_cpu_seconds_total" in text
+    assert "python_info{" in text
+    assert "dpo_operator_workqueue_queue_duration_seconds_bucket" in text
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")}
+    assert "dpo_operator_reconcile_total" in names
+    assert not [name for name in names if name.endswith("_created")], "no _created series"

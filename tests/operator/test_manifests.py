@@ -9,6 +9,7 @@ from kubernetes.client import V1Job
 from pydantic import ValidationError
 
 from dpo_operator import manifests
+from dpo_operator.settings import TrainerDefaults
 from dpojob_api.progress import SPEC_DIGEST_ENV
 from dpojob_api.spec import DPOJob, DPOJobSpec, digest, spec_hash
 from dpojob_api.vocabulary import EXIT_CODES, FAIL_AT_ONCE
@@ -164,6 +165,93 @@ def test_the_template_hash_and_spec_digest_say_what_the_operator_built() -> None
     assert other["metadata"]["annotations"][manifests.TEMPLATE_ANNOTATION] != digest(job["spec"])
 
 
+# --- the cluster's trainer defaults (the chart's trainerDefaults) -------------------------------------------
+
+CLUSTER_DEFAULTS = TrainerDefaults.model_validate(
+    {
+        "image": {"repository": "mirror.example/dpo/trainer", "pullPolicy": "Always"},
+        "imagePullSecrets": [{"name": "mirror-pull"}],
+        "tolerations": [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}],
+        "nodeSelector": {"pool": "training"},
+        "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}},
+        "priorityClassName": "batch-low",
+        "labels": {"team": "ml", "app.kubernetes.io/part-of": "training"},
+        "annotations": {"cost-center": "42"},
+    }
+)
+
+
+def pod_with_defaults(runtime: dict | None, defaults: TrainerDefaults | None = CLUSTER_DEFAULTS) -> dict:
+    """The pod template of a DPOJob whose spec.runtime is `runtime` as written (None: no runtime at all)."""
+    document = copy.deepcopy(DPOJOB)
+    document["spec"] = {"output": {"hub": {"repoId": "org/m"}}}
+    if runtime is not None:
+        document["spec"]["runtime"] = runtime
+    spec = DPOJobSpec.model_validate(document["spec"])
+    return manifests.build_job(document, spec, 1, defaults=defaults)["spec"]["template"]
+
+
+def test_cluster_defaults_apply_to_a_dpojob_that_sets_nothing() -> None:
+    template = pod_with_defaults(None)
+    pod, container = template["spec"], template["spec"]["containers"][0]
+    assert container["image"] == "mirror.example/dpo/trainer:0.1.0", "the API's built-in image loses to the cluster's"
+    assert container["imagePullPolicy"] == "Always"
+    assert pod["imagePullSecrets"] == [{"name": "mirror-pull"}]
+    assert pod["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]
+    assert pod["nodeSelector"] == {"pool": "training"} and pod["priorityClassName"] == "batch-low"
+    assert pod["affinity"] == {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": []}}
+    assert template["metadata"]["labels"]["team"] == "ml"
+    assert template["metadata"]["annotations"]["cost-center"] == "42"
+    empty = pod_with_defaults({})  # an empty runtime sets nothing either
+    assert empty["spec"]["containers"][0]["image"] == container["image"]
+    assert {k: v for k, v in empty["spec"].items() if k != "containers"} == {
+        k: v for k, v in pod.items() if k != "containers"
+    }
+
+
+def test_what_the_dpojob_sets_wins_over_the_cluster_defaults() -> None:
+    runtime = {
+        "image": "ghcr.io/dpo-operator/trainer:0.1.0",  # the built-in default, but written out: the DPOJob's choice
+        "imagePullPolicy": "IfNotPresent",
+        "imagePullSecrets": [{"name": "own"}],
+        "tolerations": [],  # an explicit empty list opts out of the default
+        "nodeSelector": {"gpu": "h100"},
+        "affinity": {},
+        "priorityClassName": "urgent",
+    }
+    pod = pod_with_defaults(runtime)["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == "ghcr.io/dpo-operator/trainer:0.1.0" and container["imagePullPolicy"] == "IfNotPresent"
+    assert pod["imagePullSecrets"] == [{"name": "own"}] and "tolerations" not in pod
+    assert pod["nodeSelector"] == {"gpu": "h100"} and pod["priorityClassName"] == "urgent"
+    assert pod["affinity"] == {}
+    partly = pod_with_defaults({"nodeSelector": {"gpu": "h100"}})["spec"]
+    assert partly["nodeSelector"] == {"gpu": "h100"}, "each field on its own"
+    assert partly["tolerations"] == [{"key": "dedicated", "operator": "Equal", "value": "ml", "effect": "NoSchedule"}]
+
+
+def test_without_cluster_defaults_the_api_defaults_apply() -> None:
+    template = pod_with_defaults(None, defaults=None)
+    assert template["spec"]["containers"][0]["image"] == "ghcr.io/dpo-operator/trainer:0.1.0"
+    assert not {"tolerations", "nodeSelector", "priorityClassName", "imagePullSecrets"} & template["spec"].keys()
+    assert pod_with_defaults(None, defaults=TrainerDefaults()) == template, "empty defaults change nothing"
+
+
+def test_default_labels_never_replace_the_operators_own() -> None:
+    # The settings refuse such keys (test_settings); a model built around them still loses to the operator's labels.
+    defaults = TrainerDefaults.model_construct(
+        **{
+            **dict(CLUSTER_DEFAULTS),
+            "labels": {manifests.LABEL_DPOJOB: "other", "app.kubernetes.io/managed-by": "me", "team": "ml"},
+            "annotations": {manifests.ANNOTATION_DPOJOB: "other"},
+        }
+    )
+    metadata = pod_with_defaults(None, defaults)["metadata"]
+    assert metadata["labels"] == {**manifests.labels("llama", 1), "team": "ml"}
+    assert metadata["annotations"] == {manifests.ANNOTATION_DPOJOB: "llama"}
+    assert manifests.LABEL_DPOJOB in manifests.OWN_LABEL_KEYS and "job-name" in manifests.OWN_LABEL_KEYS
+
+
 # --- where the trainer writes: the Hugging Face cache, scratch and work emptyDirs, ephemeral storage ---------
 
 
@@ -229,7 +317,11 @@ def test_on_current_servers_the_job_fails_at_once_on_a_deterministic_trainer_exi
     job = manifests.build_job(DPOJOB, spec, 1, features=manifests.ServerFeatures(pod_failure_policy=True))
     ignore, fail = job["spec"]["podFailurePolicy"]["rules"]
     assert ignore["action"] == "Ignore" and fail["action"] == "FailJob"
-    assert fail["onExitCodes"] == {"containerName": "trainer", "operator": "In", "values": [2, 3, 4, 5, 7, 9, 11]}
+    assert fail["onExitCodes"] == {
+        "containerName": "trainer",
+        "operator": "In",
+        "values": [2, 3, 4, 5, 7, 9, 11, 12, 13, 14],
+    }
     assert set(fail["onExitCodes"]["values"]) == {EXIT_CODES[r] for r in FAIL_AT_ONCE}
     V1Job.model_validate(job)
     misspelt = copy.deepcopy(job)

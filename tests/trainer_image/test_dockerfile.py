@@ -149,10 +149,11 @@ def test_pin_check_catches_drift(pins: dict[str, str], problem: str) -> None:
 
 def test_no_secrets_in_the_image() -> None:
     assert not secret_problems(DOCKERFILE, COMMANDS)
-    # Build args end up in the image history: only the base and the CPU variant's wheel directory, which real
-    # builds leave unset (so pip takes PyPI's CUDA torch).
+    # Build args end up in the image history: only the base, torch's CUDA build (the CPU variant's wheel directory,
+    # the CUDA 12 variant's extra index, both unset by default so pip takes PyPI's CUDA torch) and what it needs.
     args = build_args()
-    assert set(args) == {"BASE", "PIP_FIND_LINKS"} and args["PIP_FIND_LINKS"][1] is None
+    assert set(args) == {"BASE", "PIP_FIND_LINKS", "PIP_EXTRA_INDEX_URL", "TORCH_CUDA", "DPO_MIN_DRIVER"}
+    assert args["PIP_FIND_LINKS"][1] is None and args["PIP_EXTRA_INDEX_URL"][1] is None
     assert not any("HF_TOKEN" in c.original for c in COMMANDS)
 
 
@@ -184,3 +185,52 @@ def test_hadolint_is_clean() -> None:
 def test_the_image_carries_the_shared_api_and_the_trainer_only() -> None:
     sources = [s for s in copy_sources(COMMANDS) if s.startswith(("operator", "trainer_image/dpo"))]
     assert sorted(sources) == ["operator/dpojob_api", "trainer_image/dpo_trainer"]
+
+
+def release_variants() -> dict[str, dict[str, str]]:
+    """The trainer variants the release workflow builds: matrix name -> build arguments (plus the tag suffix)."""
+    workflow = yaml.safe_load((ROOT / ".github" / "workflows" / "release.yml").read_text())
+    variants = {}
+    for entry in workflow["jobs"]["images"]["strategy"]["matrix"]["include"]:
+        if entry["dockerfile"] == str(DOCKERFILE.relative_to(ROOT)):
+            lines = entry["build-args"].splitlines()
+            variants[entry["name"]] = {**dict(line.split("=", 1) for line in lines), "suffix": entry["suffix"]}
+    return variants
+
+
+def test_default_variant_records_the_driver_its_torch_needs() -> None:
+    """The defaults are the CUDA 13 image: TORCH_CUDA is PyPI's torch build, DPO_MIN_DRIVER the trainer's table."""
+    from dpo_trainer.models import DRIVER_FOR_CUDA, IMAGE_CUDA
+
+    args = build_args()
+    torch = read_pins(CONSTRAINTS)[canonicalize_name("torch")]
+    assert args["TORCH_CUDA"][1] == TORCH_CUDA[f"{torch.major}.{torch.minor}"] == IMAGE_CUDA
+    assert args["DPO_MIN_DRIVER"][1] == str(DRIVER_FOR_CUDA[int(IMAGE_CUDA.split(".")[0])])
+    assert args["TORCH_CUDA"][0] > COMMANDS.index(instructions(COMMANDS, "FROM")[0]), "ARGs after FROM reach RUN"
+    env = env_vars(COMMANDS)
+    assert env["DPO_TORCH_CUDA"] == "${TORCH_CUDA}" and env["DPO_MIN_DRIVER"] == "${DPO_MIN_DRIVER}"
+    (label,) = instructions(COMMANDS, "LABEL")
+    assert dict(zip(label.value[::2], label.value[1::2], strict=True)) == {
+        "io.dpo-operator.torch-cuda": '"${TORCH_CUDA}"',
+        "io.dpo-operator.min-nvidia-driver": '"${DPO_MIN_DRIVER}"',
+    }
+    # The build fails when pip resolved another CUDA build of torch than TORCH_CUDA (e.g. PyPI's over the index).
+    runs = [c.original for c in instructions(COMMANDS, "RUN")]
+    assert any("torch/version.py" in run and "${TORCH_CUDA}" in run for run in runs)
+
+
+def test_cuda12_variant_arguments_agree_with_each_other_and_the_trainer() -> None:
+    """The release's CUDA 12 trainer: a CUDA 12.x runtime base, torch's +cu12x build from PyTorch's index for
+    the same CUDA release, tagged -cuda12.x, needing the driver dpo_trainer.models names for CUDA 12."""
+    from dpo_trainer.models import DRIVER_FOR_CUDA
+
+    variants = release_variants()
+    assert variants["trainer"] == {"suffix": ""}, "the default trainer is the Dockerfile's defaults"
+    (cuda12,) = [v for name, v in variants.items() if name != "trainer"]
+    assert set(cuda12) - {"suffix"} <= set(build_args()), "every build argument is an ARG of the Dockerfile"
+    cuda = cuda12["TORCH_CUDA"]
+    assert cuda.startswith("12.") and cuda12["suffix"] == f"-cuda{cuda}"
+    match, default = BASE_IMAGE.fullmatch(cuda12["BASE"]), BASE_IMAGE.fullmatch(build_args()["BASE"][1] or "")
+    assert match and default and match["cuda"] == cuda and match["ubuntu"] == default["ubuntu"]
+    assert cuda12["PIP_EXTRA_INDEX_URL"] == "https://download.pytorch.org/whl/cu" + cuda.replace(".", "")
+    assert cuda12["DPO_MIN_DRIVER"] == str(DRIVER_FOR_CUDA[12])

@@ -1,5 +1,6 @@
--- Argo CD health check for dpo-operator.io/DPOJob.
--- Install: argocd-cm data key `resource.customizations.health.dpo-operator.io_DPOJob` = this file's content.
+-- Argo CD health check for dpo-operator.io/DPOJob, laid out as argo-cd's resource_customizations/ (with
+-- health_test.yaml and testdata/). Install: argocd-cm data key
+-- `resource.customizations.health.dpo-operator.io_DPOJob` = this file's content.
 hs = {}
 if obj.status == nil or obj.status.observedGeneration == nil then
   hs.status = "Progressing"

@@ -21,12 +21,46 @@
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
 {{- end }}
 
-{{/* Labels of every object. */}}
-{{- define "dpo-operator.labels" -}}
+{{/* The chart's own labels of every object, which commonLabels and podLabels may not replace. */}}
+{{- define "dpo-operator.ownLabels" -}}
 helm.sh/chart: {{ include "dpo-operator.chart" . }}
 {{ include "dpo-operator.selectorLabels" . }}
 app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{/*
+Fails when extra labels name one of the chart's own: a replaced selector label would orphan the pods of the
+Deployment (its selector is immutable) and the Service's endpoints. Called with (list $ "commonLabels" $labels).
+*/}}
+{{- define "dpo-operator.checkLabels" -}}
+{{- $root := index . 0 }}
+{{- $own := include "dpo-operator.ownLabels" $root | fromYaml }}
+{{- range $key, $_ := index . 2 }}
+{{- if hasKey $own $key }}
+{{- fail (printf "%s must not set %s: the chart sets it (the selector labels app.kubernetes.io/name and app.kubernetes.io/instance select the operator pods; nameOverride changes the name)" (index $ 1) $key) }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* Labels of every object: the chart's own, then commonLabels. */}}
+{{- define "dpo-operator.labels" -}}
+{{- $common := .Values.commonLabels | default dict }}
+{{- include "dpo-operator.checkLabels" (list . "commonLabels" $common) }}
+{{- include "dpo-operator.ownLabels" . }}
+{{- with $common }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* Labels of the operator pod: those of every object, then podLabels (which win over commonLabels). */}}
+{{- define "dpo-operator.podLabels" -}}
+{{- $pod := .Values.podLabels | default dict }}
+{{- include "dpo-operator.checkLabels" (list . "podLabels" $pod) }}
+{{- include "dpo-operator.ownLabels" . }}
+{{- with merge (deepCopy $pod) (.Values.commonLabels | default dict) }}
+{{ toYaml . }}
+{{- end }}
 {{- end }}
 
 {{/* Selector labels: only name and instance, which never change over upgrades. */}}
