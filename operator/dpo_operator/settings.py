@@ -37,8 +37,11 @@ class SettingsError(ValueError):
 class TrainerImage(SpecModel):
     """The chart value trainerDefaults.image: the trainer image of DPOJobs that name none (spec.runtime.image)."""
 
+    registry: str = Field("", pattern=r"^([A-Za-z0-9.-]+(:[0-9]+)?(/[a-z0-9._-]+)*)?$")
+    """A registry (mirror) to pull from, e.g. registry.example.com: it replaces the registry of the API's default
+    image, or is put before repository (the chart's global.imageRegistry when empty)."""
     repository: str = ""
-    """Empty: the repository of the API's default image (only tag or digest changes)."""
+    """Empty: the repository of the API's default image (only registry, tag or digest changes)."""
     tag: str = Field("", pattern=r"^([A-Za-z0-9_][A-Za-z0-9_.-]{0,127})?$")
     """Empty: the tag of the API's default image (the trainer this operator was built with)."""
     digest: str = Field("", pattern=r"^(sha256:[a-f0-9]{64})?$")
@@ -48,11 +51,13 @@ class TrainerImage(SpecModel):
 
     def reference(self) -> str | None:
         """The image these values name, or None when they name nothing (the API's default image applies)."""
-        if not (self.repository or self.tag or self.digest):
+        if not (self.registry or self.repository or self.tag or self.digest):
             return None
         builtin = RuntimeSpec.model_fields["image"].default
         name, _, builtin_tag = builtin.rpartition(":")
         repository = self.repository or name
+        if self.registry:  # the default image's path (after its registry, ghcr.io), or repository, on the mirror
+            repository = f"{self.registry}/{self.repository or name.partition('/')[2]}"
         return f"{repository}@{self.digest}" if self.digest else f"{repository}:{self.tag or builtin_tag}"
 
 

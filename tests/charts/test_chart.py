@@ -367,7 +367,7 @@ def test_trainer_defaults_and_logging_reach_the_operator(helm: Path) -> None:
     values = env(objects)
     assert values["DPO_OPERATOR_TRAINER_CACHE_CLAIM"] == "hf-cache"
     rendered = json.loads(values["DPO_OPERATOR_TRAINER_DEFAULTS"].replace("$$", "$"))
-    assert rendered == {**TRAINER_DEFAULTS, "image": {**TRAINER_DEFAULTS["image"], "digest": ""}}
+    assert rendered == {**TRAINER_DEFAULTS, "image": {**TRAINER_DEFAULTS["image"], "digest": "", "registry": ""}}
     assert (values["DPO_OPERATOR_LOG_FORMAT"], values["DPO_OPERATOR_LOG_LEVEL"]) == ("json", "WARNING")
     environ = {name: value.replace("$$", "$") for name, value in values.items() if isinstance(value, str)}
     settings = OperatorSettings.from_env({**environ, "POD_NAMESPACE": NAMESPACE})
@@ -865,3 +865,29 @@ def test_grafana_dashboard_configmap_reads_real_metrics(helm: Path) -> None:
     wanted = {"dpo_operator_dpojobs", "dpo_operator_reconcile_total", "dpo_operator_reconcile_errors_total"}
     assert wanted <= read
     assert len({p["id"] for p in dashboard["panels"]}) == len(dashboard["panels"])
+
+
+def test_a_global_image_registry_mirrors_the_operator_and_the_default_trainer_image(helm: Path) -> None:
+    """global.imageRegistry (a mirror in an air-gapped cluster) for both images; image.registry and
+    trainerDefaults.image.registry override it."""
+    from dpo_operator.settings import OperatorSettings
+
+    mirrored = render(helm, "--set", "global.imageRegistry=registry.example.com:5000")
+    assert container(mirrored)["image"].startswith("registry.example.com:5000/dpo-operator:")
+    settings = OperatorSettings.from_env(
+        {"DPO_OPERATOR_TRAINER_DEFAULTS": env(mirrored)["DPO_OPERATOR_TRAINER_DEFAULTS"]}
+    )
+    assert settings.trainer_defaults.image.reference() == "registry.example.com:5000/dpo-operator/trainer:0.1.0"
+    own = render(
+        helm,
+        "--set",
+        "global.imageRegistry=registry.example.com",
+        "--set",
+        "image.registry=operator.example.com",
+        "--set",
+        "trainerDefaults.image.registry=trainers.example.com",
+    )
+    assert container(own)["image"].startswith("operator.example.com/dpo-operator:")
+    assert '"registry":"trainers.example.com"' in env(own)["DPO_OPERATOR_TRAINER_DEFAULTS"]
+    assert container(render(helm))["image"].startswith("dpo-operator:"), "no registry: as before"
+    assert "/global/imageRegistry" in render_error(helm, "--set", "global.imageRegistry=not a host")

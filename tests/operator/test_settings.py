@@ -94,6 +94,11 @@ def test_trainer_defaults_and_logging_are_read() -> None:
     digest = "sha256:" + "ab" * 32
     pinned = OperatorSettings.from_env({"DPO_OPERATOR_TRAINER_DEFAULTS": json.dumps({"image": {"digest": digest}})})
     assert pinned.trainer_defaults.image.reference() == f"ghcr.io/dpo-operator/trainer@{digest}"
+    mirror = OperatorSettings.from_env({"DPO_OPERATOR_TRAINER_DEFAULTS": '{"image": {"registry": "mirror.example"}}'})
+    assert mirror.trainer_defaults.image.reference() == "mirror.example/dpo-operator/trainer:0.1.0"
+    moved = {"image": {"registry": "mirror.example", "repository": "ml/trainer", "tag": "1.0"}}
+    repository = OperatorSettings.from_env({"DPO_OPERATOR_TRAINER_DEFAULTS": json.dumps(moved)})
+    assert repository.trainer_defaults.image.reference() == "mirror.example/ml/trainer:1.0"
 
 
 def test_the_start_up_line_shows_trainer_env_names_only() -> None:

@@ -85,11 +85,26 @@ app.kubernetes.io/instance: {{ .Release.Name }}
 {{- end }}
 
 {{- define "dpo-operator.image" -}}
+{{- $registry := .Values.image.registry | default (dig "imageRegistry" "" (.Values.global | default dict)) }}
+{{- $repository := ternary (printf "%s/%s" $registry .Values.image.repository) .Values.image.repository (ne $registry "") }}
 {{- if .Values.image.digest }}
-{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- printf "%s@%s" $repository .Values.image.digest }}
 {{- else }}
-{{- printf "%s:%s" .Values.image.repository (.Values.image.tag | default .Chart.AppVersion) }}
+{{- printf "%s:%s" $repository (.Values.image.tag | default .Chart.AppVersion) }}
 {{- end }}
+{{- end }}
+
+{{/*
+trainerDefaults less cacheClaimName (its own env var), the trainer image's registry defaulting to
+global.imageRegistry: what DPO_OPERATOR_TRAINER_DEFAULTS carries.
+*/}}
+{{- define "dpo-operator.trainerDefaults" -}}
+{{- $defaults := omit (.Values.trainerDefaults | default dict | deepCopy) "cacheClaimName" }}
+{{- $registry := dig "imageRegistry" "" (.Values.global | default dict) }}
+{{- if and $registry (not (dig "image" "registry" "" $defaults)) }}
+{{- $_ := set $defaults "image" (merge (dict "registry" $registry) (get $defaults "image" | default dict)) }}
+{{- end }}
+{{- toJson $defaults }}
 {{- end }}
 
 {{/*
