@@ -29,7 +29,7 @@ from celpy import celtypes
 from packaging.version import Version
 from referencing import Registry, Resource
 
-from dpo_dev import crd
+from dpo_dev import crd, monitoring_schemas
 from dpo_operator import manifests
 from dpo_operator.kube import Kube
 from dpojob_api.spec import DPOJobSpec
@@ -44,7 +44,8 @@ VERSIONS = sorted(
 )
 VERSIONS = [v for v in VERSIONS if OLDEST <= Version(v) <= NEWEST]
 # Kinds defined by CRDs that kubernetes-validate has no schema for (it ships the built-in API only): the
-# Prometheus operator's ServiceMonitor, PodMonitor and PrometheusRule. tests/charts checks their content.
+# Prometheus operator's ServiceMonitor, PodMonitor and PrometheusRule: checked against that operator's own
+# schemas instead (test_the_monitoring_objects_match_the_prometheus_operator_schemas).
 CUSTOM_GROUPS = {"monitoring.coreos.com"}
 
 
@@ -131,6 +132,20 @@ def test_chart_objects_match_the_kubernetes_schema(helm: Path, variant: str, ver
     checked = [o for o in objects if o["apiVersion"].split("/")[0] not in CUSTOM_GROUPS]
     assert {"Deployment", "CustomResourceDefinition", "ServiceAccount"} <= {o["kind"] for o in checked}
     assert not [error for obj in checked for error in schema_errors(obj, version)]
+
+
+def test_the_monitoring_objects_match_the_prometheus_operator_schemas(helm: Path) -> None:
+    """The ServiceMonitor, PodMonitor and PrometheusRule (every switch on) against prometheus-operator's CRD
+    schemas (monitoring_schemas: the validators generated from them), and a broken one is refused."""
+    argv = [str(helm), "template", "r", str(CHART), "-n", "dpo-operator", *CHART_VARIANTS["every-switch-on"]]
+    result = subprocess.run(argv, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    monitoring = [o for o in yaml.safe_load_all(result.stdout) if o and o["apiVersion"].split("/")[0] in CUSTOM_GROUPS]
+    assert sorted(o["kind"] for o in monitoring) == ["PodMonitor", "PrometheusRule", "ServiceMonitor"]
+    assert monitoring_schemas.validate(monitoring) == [[], [], []]
+    broken = {**monitoring[0], "spec": {**monitoring[0]["spec"], "selector": "not a selector"}}
+    (problems,) = monitoring_schemas.validate([broken])
+    assert problems and "selector" in problems[0]
 
 
 DPOJOB: dict[str, Any] = {
