@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from dpojob_api.progress import TerminationMessage, status_metrics
 from dpojob_api.status import (
+    MAX_CONDITION_MESSAGE,
+    MAX_CONDITION_REASON,
     MAX_RULE_HITS,
     Bookkeeping,
     Condition,
@@ -288,8 +290,8 @@ def _conditions(old: list[Condition], outcome: Outcome, generation: int, now: st
             Condition(
                 type=kind,
                 status=wanted[kind],
-                reason=outcome.reason,
-                message=outcome.message,
+                reason=outcome.reason[:MAX_CONDITION_REASON],
+                message=outcome.message[:MAX_CONDITION_MESSAGE],
                 last_transition_time=before.last_transition_time if before and before.status == wanted[kind] else now,
                 observed_generation=generation,
             )

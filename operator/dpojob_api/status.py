@@ -25,18 +25,23 @@ class StatusModel(BaseModel):
     )
 
 
+MAX_CONDITION_REASON = 1024
+MAX_CONDITION_MESSAGE = 32768
+"""metav1.Condition's bounds."""
+
+
 class Condition(StatusModel):
     """A Kubernetes-style condition (kstatus / Flux / Argo CD read these)."""
 
     type: str = Field(max_length=64, pattern=r"^[A-Z][A-Za-z0-9]*$")
     """A vocabulary.ConditionType (any CamelCase word is kept: another version's type)."""
     status: Literal["True", "False", "Unknown"]
-    reason: str
+    reason: str = Field(max_length=MAX_CONDITION_REASON)
     """CamelCase reason, e.g. Running, Succeeded, OutOfMemory, Unschedulable, InvalidSpec."""
-    message: str = ""
+    message: str = Field(default="", max_length=MAX_CONDITION_MESSAGE)
     last_transition_time: str = Field(json_schema_extra={"format": "date-time"})
     """When status last changed (RFC 3339)."""
-    observed_generation: int | None = None
+    observed_generation: int | None = Field(default=None, ge=0)
     """metadata.generation this condition was computed for."""
 
 

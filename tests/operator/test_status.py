@@ -520,3 +520,15 @@ def test_the_trainer_image_is_recorded_by_digest() -> None:
     )
     status = observe(job=job(active=1), pods=[running])
     assert status["trainer"]["imageId"] == "docker.io/org/dpo-trainer@sha256:" + "c" * 64
+
+
+def test_a_condition_keeps_within_metav1_condition_bounds() -> None:
+    """An unschedulable message listing thousands of nodes is cut to metav1.Condition's 32768 characters (the model
+    refuses more, and the API server would refuse the status write)."""
+    problem = {"type": "PodScheduled", "status": "False", "reason": "Unschedulable", "message": "0/9999 nodes " * 4000}
+    stuck = pod("p1", "Pending")
+    stuck["status"]["conditions"] = [problem]
+    status = observe(job=job(active=1), pods=[stuck])
+    assert status["reason"] == "Unschedulable" and len(condition(status, "Ready")["message"]) == 32768
+    with pytest.raises(ValidationError):
+        Condition(type="Ready", status="True", reason="x" * 1025, last_transition_time="2026-01-01T00:00:00Z")
