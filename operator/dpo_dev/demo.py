@@ -33,6 +33,8 @@ def _line(obj: dict) -> str:
     parts = [f"phase={status.get('phase', '-')}", f"stage={status.get('stage', '-')}"]
     if progress:
         parts.append(f"step={progress.get('step')}/{progress.get('totalSteps')} ({progress.get('percent')}%)")
+        if progress.get("eta"):
+            parts.append(f"eta={progress['eta']}")
     parts += [f"{k}={v:.4f}" for k, v in sorted(rewards.items())]
     return "  ".join(parts)
 
@@ -89,6 +91,10 @@ def run(timeout: float, workdir: Path | None, mode: str) -> int:
             files = HfApi(endpoint=stack.hub.url, token=stack.hub_token).list_repo_files(model["repoId"])
             print(f"[demo] metrics: {yaml.safe_dump(status.get('metrics'), default_flow_style=True).strip()}")
             print(f"[demo] model pushed: {model.get('commitUrl')} ({len(files)} files: {', '.join(sorted(files))})")
+            for field in ("preflight", "efficiency", "provenance"):  # the summary arrives with the trainer's last line
+                obj = stack.wait_for(NAMESPACE, name, lambda o, f=field: f in (o.get("status") or {}), 60)
+                shown = yaml.safe_dump(obj["status"][field], default_flow_style=True, width=110).strip()
+                print(f"[demo] {field}: {shown}")
             print(f"[demo] done in {time.monotonic() - started:.0f}s")
             return 0 if "model.safetensors" in files and "README.md" in files else 1
 

@@ -61,7 +61,12 @@ _RUN_FIELDS = (
     "completion_time",
     "retries",
     "rules",
+    "preflight",
+    "efficiency",
+    "provenance",
 )
+_SUMMARY_FIELDS = ("efficiency", "provenance")
+"""From the trainer's last line (its summary): it may be read after the run's outcome is final."""
 
 
 def now_rfc3339(now: datetime | None = None) -> str:
@@ -402,6 +407,11 @@ def compute_status(old: dict[str, Any], obs: Observed) -> DPOJobStatus:
         reported = DPOJobStatus.from_document(obs.progress)
         if not same_run or _is_newer(reported, previous):
             status = status.model_copy(update={name: getattr(reported, name) for name in reported.model_fields_set})
+    elif obs.progress:
+        reported = DPOJobStatus.from_document(obs.progress)
+        for name in _SUMMARY_FIELDS:
+            if getattr(status, name) is None and getattr(reported, name) is not None:
+                setattr(status, name, getattr(reported, name))
     if same_run and previous.rules:
         status.rules = _union_rules(previous.rules, status.rules)
     _warn_of_rules(status, previous.conditions if same_run else [], obs.generation, now)

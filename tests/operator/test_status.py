@@ -532,3 +532,20 @@ def test_a_condition_keeps_within_metav1_condition_bounds() -> None:
     assert status["reason"] == "Unschedulable" and len(condition(status, "Ready")["message"]) == 32768
     with pytest.raises(ValidationError):
         Condition(type="Ready", status="True", reason="x" * 1025, last_transition_time="2026-01-01T00:00:00Z")
+
+
+def test_the_summary_is_kept_and_may_arrive_after_the_outcome() -> None:
+    """efficiency and provenance come with the trainer's last line: a final status written before the follower
+    read it still takes them, and later observations without progress (an operator restart) keep them."""
+    summary = {
+        "efficiency": {"dpo": {"seconds": 12.5, "gpuHours": 0.01}},
+        "provenance": {"model": "org/base@main", "datasets": [], "libraries": {"trl": "1.16.0"}},
+    }
+    finished = succeeded()
+    assert "provenance" not in finished
+    late = observe(
+        finished, job=job(succeeded=1, conditions=[{"type": "Complete", "status": "True"}]), progress=summary
+    )
+    assert late["provenance"]["libraries"] == {"trl": "1.16.0"} and late["efficiency"]["dpo"]["seconds"] == 12.5
+    restarted = observe(late, job=job(succeeded=1, conditions=[{"type": "Complete", "status": "True"}]))
+    assert restarted["provenance"] == late["provenance"] and restarted["phase"] == "Succeeded"
