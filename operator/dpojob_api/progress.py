@@ -36,6 +36,7 @@ from pydantic import (
 )
 from pydantic.alias_generators import to_camel
 
+from .status import StageCost
 from .vocabulary import Stage
 
 PROGRESS_KIND = "dpo-trainer/progress"
@@ -260,8 +261,6 @@ class ProgressEvent(BaseModel):
     @field_validator("summary_efficiency", mode="before")
     @classmethod
     def _efficiency(cls, value: Any) -> dict[str, Any]:
-        from .status import StageCost
-
         try:
             return {
                 stage: StageCost.model_validate(cost).model_dump(by_alias=True, exclude_none=True)
