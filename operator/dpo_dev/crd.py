@@ -114,6 +114,7 @@ def build_crd(cel: bool = False) -> dict[str, Any]:
         ("Train-Acc", "number", ".status.rewards.accuracies", "Latest DPO rewards/accuracies (train batches)", 0),
         ("Eval-Acc", "number", ".status.evalRewards.accuracies", "Latest eval_rewards/accuracies (the gates')", 0),
         ("Eval-Margin", "number", ".status.evalRewards.margins", "Latest eval_rewards/margins", 1),
+        ("SFT", "string", ".status.sftModel.source", "trained, reused (from another DPOJob) or waiting", 1),
         ("Model", "string", ".status.model.repoId", "Hub repository of the pushed model", 1),
         ("Age", "date", ".metadata.creationTimestamp", "", 0),
     ]

@@ -4,10 +4,13 @@ Why the pod log: trainer pods then need no Kubernetes API rights at all (their t
 the channel works on every cluster version, and `kubectl logs` shows users the same lines.
 
 How: every running trainer pod's log is one HTTP stream (`GET .../pods/<pod>/log?follow=true`, proxied by the
-API server from the kubelet), read by an asyncio task. All tasks share ONE event loop in ONE thread owned by
-LogFollowers (not Kopf's loop: Kopf's watches must not wait behind a thousand log streams, and Kopf's loop is
-not ours to block or stop) and one aiohttp session built from the kubernetes client's credentials. So 1,000
-running jobs cost 1,000 sockets and 1,000 small tasks, not 1,000 OS threads; a finished pod costs nothing.
+API server from the kubelet), read by an asyncio task on Kopf's event loop (main.py attaches it at start-up:
+the operator's concurrency is Kopf's loop and the worker threads, see reconciler.py). So 1,000 running jobs
+cost 1,000 sockets and 1,000 small tasks, not 1,000 OS threads; a finished pod costs nothing. Each stream is
+plain HTTP/1.1 (h11) over asyncio's streams with TLS from ssl.MemoryBIO (_Connection says why), with the
+kubernetes client's own credentials (its Configuration: CA, client certificate, refreshed bearer token, proxy).
+A stream's work on the loop is a read and a JSON parse per progress line; the heavy part (the status write)
+happens on a worker thread, so Kopf's watches do not wait behind the streams.
 
 Bounded: at most `max_streams` log streams are open at once (DEFAULT_MAX_STREAMS). Further pods wait, in
 order, for a slot and are followed once one frees (a pod ends, or an idle stream reconnects and queues up
@@ -19,8 +22,8 @@ once per PUBLISH_INTERVAL_S, each publish asking for one reconcile, so its DPOJo
 that often for progress, whatever else triggers reconciles meanwhile (the watch event of each status write
 does); the newest progress is published when the interval ends, so none is held back longer.
 
-The loop's thread registers with the Health registry as LOOP_NAME and beats every few seconds: if it dies or
-stalls, /healthz fails and names it, instead of progress silently stopping for every job.
+Health: the streams live on Kopf's loop, which main.py's beat registers with /healthz (a stalled or dead loop
+fails it); a follower task that fails is replaced on its DPOJob's next reconcile.
 """
 
 from __future__ import annotations
@@ -36,16 +39,16 @@ import resource
 import ssl
 import threading
 import time
-from collections.abc import Callable
+import urllib.parse
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import aiohttp
+import h11
 from kubernetes import client
 
 from dpojob_api.vocabulary import FINISHED_POD_PHASES
 
-from .health import Health
 from .manifests import CONTAINER
 from .progress import TrainerProgress, parse_line
 from .status import container_state
@@ -54,20 +57,19 @@ log = logging.getLogger(__name__)
 _REPLAY_MARGIN = 60  # seconds of log re-read on reconnect, against delivery delays (both ends use our clock)
 MAX_LINE_BYTES = 64 * 1024
 """Longer lines are dropped unread: a progress event is < 4 KiB, and an endless line must not grow memory."""
-LOOP_NAME = "log-followers"
-"""The event loop's name in the Health registry (and its thread's name)."""
 DEFAULT_MAX_STREAMS = 1000
 """Log streams open at once. Why 1,000: it follows 1,000 concurrently running jobs (one running pod each), the
 scale the operator is sized for, without any waiting, within the chart's memory limit. What one stream costs:
 on the API server a long-running request (exempt from --max-requests-inflight and priority-and-fairness seats)
 plus a kubelet connection it proxies, a few per node; here one socket (a file descriptor: the soft
-RLIMIT_NOFILE is raised to fit), aiohttp and task state, OpenSSL's per-connection state and the read buffer
-(see _EventLoop; the measured cost is in docs/benchmarks.md, "Log followers"). Beyond the bound, memory (and the
+RLIMIT_NOFILE is raised to fit), h11 and task state, OpenSSL's per-connection state and the read buffer
+(see _Connection; the measured cost is in docs/benchmarks.md, "Log followers"). Beyond the bound, memory (and the
 kubelets' and API server's work) would grow without a limit with the number of running pods; pods beyond it
 wait their turn instead."""
 PUBLISH_INTERVAL_S = 1.0
 """A pod's progress reaches status at most this often (docs/operator.md promises one write a second)."""
-_TLS_READ_BUFFER = 16 * 1024
+_MAX_POD_BYTES = 1024 * 1024
+"""A pod object is a few KiB; more is not read."""
 _FINISHED, _RECONNECT, _FAILED = "finished", "reconnect", "failed"
 
 
@@ -222,78 +224,191 @@ def ssl_context(configuration: client.Configuration) -> ssl.SSLContext | None:
     return context
 
 
+class _Connection:
+    """One connection to the API server: TCP from asyncio's streams, TLS from ssl.MemoryBIO.
+
+    Why not asyncio's TLS transport: it reads through a 256 KiB buffer per connection, several times what the
+    rest of a log stream costs (docs/benchmarks.md, "Log followers"), and has no public way to shrink it. Here a
+    read takes at most READ_BYTES (one TLS record is at most 16 KiB) and nothing else is buffered."""
+
+    READ_BYTES = 16 * 1024
+
+    def __init__(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, tls: ssl.SSLContext | None, name: str
+    ) -> None:
+        self.reader, self.writer = reader, writer
+        self._incoming, self._outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self._tls = tls.wrap_bio(self._incoming, self._outgoing, server_hostname=name) if tls else None
+
+    async def handshake(self) -> None:
+        if self._tls is not None:
+            await self._through_tls(self._tls.do_handshake)
+
+    async def send(self, data: bytes) -> None:
+        if self._tls is None:
+            self.writer.write(data)
+        else:
+            await self._through_tls(self._tls.write, data)
+        await self.writer.drain()
+
+    async def receive(self) -> bytes:
+        """What arrived next (at most READ_BYTES); b"" once the server has closed the connection."""
+        if self._tls is None:
+            return await self.reader.read(self.READ_BYTES)
+        try:
+            return await self._through_tls(self._tls.read, self.READ_BYTES)  # type: ignore[no-any-return]
+        except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+            return b""
+
+    def close(self) -> None:
+        self.writer.close()
+
+    async def _through_tls(self, operation: Callable[..., Any], *args: Any) -> Any:
+        """Run a TLS operation, moving bytes between the socket and OpenSSL's memory buffers until it is done."""
+        while True:
+            try:
+                result = operation(*args)
+            except ssl.SSLWantReadError:
+                self._flush()
+                await self.writer.drain()
+                data = await self.reader.read(self.READ_BYTES)
+                if data:
+                    self._incoming.write(data)
+                else:
+                    self._incoming.write_eof()
+                continue
+            self._flush()
+            return result
+
+    def _flush(self) -> None:
+        if self._outgoing.pending:
+            self.writer.write(self._outgoing.read())
+
+
+class _Response:
+    """An HTTP/1.1 response read with h11 (chunked or not), its body in pieces as they arrive."""
+
+    def __init__(self, connection: _Connection, http: h11.Connection, read_timeout: float) -> None:
+        self.connection, self.http, self.read_timeout = connection, http, read_timeout
+        self.status = 0
+
+    async def start(self) -> None:
+        event = await self._next()
+        if not isinstance(event, h11.Response):
+            raise h11.RemoteProtocolError(f"expected a response, got {type(event).__name__}")
+        self.status = event.status_code
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """The body as it arrives; TimeoutError when nothing arrived for read_timeout."""
+        while isinstance(event := await self._next(), h11.Data):
+            yield bytes(event.data)
+
+    async def body(self, limit: int) -> bytes:
+        """The whole body, at most `limit` bytes kept."""
+        parts, size = [], 0
+        async for chunk in self.chunks():
+            if size < limit:
+                parts.append(chunk[: limit - size])
+                size += len(parts[-1])
+        return b"".join(parts)
+
+    async def _next(self) -> Any:
+        while (event := self.http.next_event()) is h11.NEED_DATA:
+            async with asyncio.timeout(self.read_timeout):
+                self.http.receive_data(await self.connection.receive())
+        return event
+
+
 class _Api:
-    """The loop's side of the API server: one aiohttp session (created on the loop, used only on it) with the
-    kubernetes client's credentials, and the stream slots."""
+    """The followers' side of the API server: the kubernetes client's credentials, the stream slots, and GET."""
 
     def __init__(self, configuration: client.Configuration, max_streams: int, connect: float, read: float) -> None:
-        tls = ssl_context(configuration)
         self.configuration = configuration
-        self.connect_timeout = connect
+        self.tls = ssl_context(configuration)
+        url = urllib.parse.urlsplit(configuration.host)
+        if not url.hostname:
+            raise ValueError(f"no host in the API server URL {configuration.host!r}")
+        self.host, self.port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+        self.authority, self.base_path = url.netloc.rpartition("@")[2], url.path.rstrip("/")
+        self.proxy = None
+        if configuration.proxy and not _bypass_proxy(configuration):
+            self.proxy = urllib.parse.urlsplit(configuration.proxy)
+        self.connect_timeout, self.read_timeout = connect, read
         self.slots = asyncio.Semaphore(max_streams)  # FIFO: a freed slot goes to the longest waiter
-        self.session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, ssl=tls if tls is not None else True),  # bounded by the slots
-            timeout=aiohttp.ClientTimeout(total=None, connect=connect, sock_read=read),
-            headers={"User-Agent": "dpo-operator/log-followers"},
-        )
 
-    def url(self, path: str) -> str:
-        return self.configuration.host.rstrip("/") + path
+    @contextlib.asynccontextmanager
+    async def get(
+        self, path: str, params: dict[str, str] | None = None, read_timeout: float | None = None
+    ) -> AsyncIterator[_Response]:
+        """GET `path` on a new connection, closed on leaving the block."""
+        async with asyncio.timeout(self.connect_timeout):
+            connection = await self._connect()
+        try:
+            http = h11.Connection(h11.CLIENT)
+            target = self.base_path + path + (f"?{urllib.parse.urlencode(params)}" if params else "")
+            request = h11.Request(method="GET", target=target, headers=[("Host", self.authority), *self._headers()])
+            await connection.send(http.send(request) + (http.send(h11.EndOfMessage()) or b""))
+            response = _Response(connection, http, read_timeout or self.read_timeout)
+            await response.start()
+            yield response
+        finally:
+            connection.close()
 
-    def options(self) -> dict[str, Any]:
-        """Per request: the Authorization header, fetched anew (the client's refresh hook re-reads a rotated
-        ServiceAccount token or renews an expired kubeconfig token), the TLS server name and the proxy.
+    def _headers(self) -> list[tuple[str, str]]:
+        """The Authorization header, fetched anew per request (the client's refresh hook re-reads a rotated
+        ServiceAccount token or renews an expired kubeconfig token).
 
         Key names: kubernetes >= 36 keeps the bearer token under "BearerToken", older clients "authorization";
         the value already carries its scheme ("Bearer …"), as the kubernetes client sends it."""
         configuration = self.configuration
-        headers = {}
+        headers = [("User-Agent", "dpo-operator/log-followers"), ("Accept", "application/json, */*")]
         token = configuration.get_api_key_with_prefix("BearerToken", alias="authorization")
         if token:
-            headers["Authorization"] = token
+            headers.append(("Authorization", token))
         elif (configuration.username or configuration.password) and (basic := configuration.get_basic_auth_token()):
-            headers["Authorization"] = basic
-        options: dict[str, Any] = {"headers": headers}
+            headers.append(("Authorization", basic))
+        return headers
+
+    async def _connect(self) -> _Connection:
+        configuration = self.configuration
         server_name = getattr(configuration, "tls_server_name", None) or getattr(configuration, "assert_hostname", None)
-        if isinstance(server_name, str) and server_name:
-            options["server_hostname"] = server_name
-        if configuration.proxy and not _bypass_proxy(configuration):
-            options["proxy"] = configuration.proxy
-            if getattr(configuration, "proxy_headers", None):
-                options["proxy_headers"] = configuration.proxy_headers
-        return options
+        name = server_name if isinstance(server_name, str) and server_name else self.host
+        if self.proxy is None:
+            reader, writer = await asyncio.open_connection(self.host, self.port)
+        else:
+            reader, writer = await self._tunnel()
+        connection = _Connection(reader, writer, self.tls, name)
+        try:
+            await connection.handshake()
+        except BaseException:
+            connection.close()
+            raise
+        return connection
 
-
-class _EventLoop(asyncio.SelectorEventLoop):
-    """The followers' loop: asyncio gives every TLS connection a 256 KiB read buffer (sslproto.SSLProtocol.
-    max_size), several times what the rest of a stream costs (docs/benchmarks.md, "Log followers"). A log stream
-    needs no more than one TLS record (16 KiB) per read. Only this loop's connections are affected, not Kopf's."""
-
-    def _make_ssl_transport(self, *args: Any, **kwargs: Any) -> Any:
-        transport = super()._make_ssl_transport(*args, **kwargs)  # type: ignore[misc]  # private (issue 17)
-        protocol = getattr(transport, "_ssl_protocol", None)  # nothing has been read yet: reading starts later
-        if protocol is not None and len(getattr(protocol, "_ssl_buffer", b"")) > _TLS_READ_BUFFER:
-            protocol.max_size = _TLS_READ_BUFFER
-            protocol._ssl_buffer = bytearray(_TLS_READ_BUFFER)
-            protocol._ssl_buffer_view = memoryview(protocol._ssl_buffer)
-        return transport
-
-
-@dataclass
-class _Runtime:
-    """One start of the loop: its thread, and what _main created on it."""
-
-    loop: asyncio.AbstractEventLoop
-    thread: threading.Thread
-    api: _Api | None = None
-    stopping: asyncio.Event | None = None
+    async def _tunnel(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """An HTTP CONNECT tunnel through the configured proxy (kubeconfig proxy-url)."""
+        assert self.proxy is not None and self.proxy.hostname
+        reader, writer = await asyncio.open_connection(self.proxy.hostname, self.proxy.port or 80)
+        http = h11.Connection(h11.CLIENT)
+        authority = f"{self.host}:{self.port}"
+        extra = list((getattr(self.configuration, "proxy_headers", None) or {}).items())
+        writer.write(http.send(h11.Request(method="CONNECT", target=authority, headers=[("Host", authority), *extra])))
+        while (event := http.next_event()) is h11.NEED_DATA:
+            http.receive_data(await reader.read(4096))
+        if not isinstance(event, h11.Response) or event.status_code != 200:
+            writer.close()
+            raise OSError(f"proxy {self.proxy.hostname} refused CONNECT: {getattr(event, 'status_code', event)}")
+        leftover, _ = http.trailing_data
+        if leftover:
+            reader.feed_data(leftover)  # already read from the socket: the server's first bytes
+        return reader, writer
 
 
 class LogFollowers:
     """The followers of one operator process, keyed by pod; their progress outlives their task.
 
-    Called from any thread (reconciles, the resync, Kopf's handlers); the streams themselves run on the
-    event loop of the thread LOOP_NAME, started on the first pod to follow.
+    Called from any thread (reconciles, the resync, Kopf's handlers); the streams run as tasks on the event loop
+    given to attach() (Kopf's, at start-up); until then nothing is followed.
     """
 
     give_up_after = 30  # consecutive failed attempts, `retry_seconds` apart (~1 min)
@@ -302,8 +417,6 @@ class LogFollowers:
     read_timeout = 120.0
     """A stream that delivered nothing for this long is reconnected (sinceSeconds): normal for an idle trainer,
     and how a connection that died without a reset is noticed."""
-    beat_seconds = 5.0
-    max_silence = 60.0
 
     def __init__(
         self,
@@ -311,7 +424,6 @@ class LogFollowers:
         mark_dirty: Callable[[str, str], None],
         *,
         max_streams: int = DEFAULT_MAX_STREAMS,
-        health: Health | None = None,
         configuration: client.Configuration | None = None,
     ) -> None:
         """`configuration`: the credentials; by default those of `api`'s ApiClient (the reconciler's Kube), else
@@ -321,13 +433,21 @@ class LogFollowers:
         self.api = api
         self.mark_dirty = mark_dirty
         self.max_streams = max_streams
-        self.health = health
         self._configuration = configuration
         self._followers: dict[tuple[str, str], _Follower] = {}
         self._owner: dict[tuple[str, str], str] = {}
         self._lock = threading.Lock()
-        self._runtime: _Runtime | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._api: _Api | None = None
         self._dead_reported = False
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Run the streams on `loop` from now on (main.py gives Kopf's at start-up)."""
+        _raise_open_files_limit(self.max_streams + 1024)
+        configuration = self._configuration or _configuration_of(self.api)
+        with self._lock:
+            self._api = _Api(configuration, self.max_streams, self.connect_timeout, self.read_timeout)
+            self._loop, self._dead_reported = loop, False
 
     # --- the interface, called from any thread ---------------------------------------------------------
     def ensure(self, namespace: str, dpojob: str, pods: list[dict[str, Any]]) -> None:
@@ -349,9 +469,9 @@ class LogFollowers:
                     continue
                 if not container_state(pod).get("running"):
                     continue
-                runtime = self._running()
-                if runtime is None or runtime.api is None:
+                if not self._running():
                     return
+                assert self._loop is not None and self._api is not None
                 # A follower that gave up is replaced, keeping what it read (its replay guard included).
                 follower = _Follower(
                     namespace,
@@ -360,7 +480,7 @@ class LogFollowers:
                     previous.state if previous is not None else None,
                 )
                 self._followers[key], self._owner[key] = follower, dpojob
-                follower.future = asyncio.run_coroutine_threadsafe(self._follow(runtime.api, follower), runtime.loop)
+                follower.future = asyncio.run_coroutine_threadsafe(self._follow(self._api, follower), self._loop)
 
     def latest_progress(self, namespace: str, pods: list[dict[str, Any]]) -> dict[str, Any] | None:
         """Status fields from the newest pod that reported anything."""
@@ -377,7 +497,7 @@ class LogFollowers:
     def active(self) -> int:
         """Pods being followed: streaming, waiting for a slot or about to reconnect (the log_followers gauge)."""
         with self._lock:
-            if self._runtime is None or not self._runtime.thread.is_alive():
+            if self._loop is None or self._loop.is_closed():
                 return 0
             return sum(f.is_alive() for f in self._followers.values())
 
@@ -390,85 +510,21 @@ class LogFollowers:
         """Stop following a deleted DPOJob's pods."""
         self.ensure(namespace, dpojob, [])
 
-    def stop_all(self, timeout: float = 5.0) -> None:
-        """Stop every stream and the loop's thread (a later ensure starts a new one)."""
+    def stop_all(self) -> None:
+        """Stop every stream (each closes its connection as its task ends); a later ensure starts new ones."""
         with self._lock:
             followers = list(self._followers.values())
-            runtime, self._runtime = self._runtime, None
         for follower in followers:
             follower.stop()
-        if runtime is not None:
-            if self.health is not None:
-                self.health.unregister(LOOP_NAME)
-            if runtime.thread.is_alive() and runtime.stopping is not None:
-                runtime.loop.call_soon_threadsafe(runtime.stopping.set)
-                runtime.thread.join(timeout)
-            elif not runtime.thread.is_alive() and not runtime.loop.is_closed():
-                # The thread died with the loop's streams open: close them here (the loop runs nowhere else).
-                try:
-                    runtime.loop.run_until_complete(self._shutdown(runtime))  # cancelled tasks end at once
-                    runtime.loop.close()
-                except Exception as exc:
-                    log.warning("could not close the streams of the dead %s loop: %s", LOOP_NAME, exc)
 
-    # --- the loop's thread ------------------------------------------------------------------------------
-    def _running(self) -> _Runtime | None:
-        """The loop, started on first use; None (logged once) when it is not running. Under self._lock."""
-        if self._runtime is None:
-            self._runtime, self._dead_reported = self._start(), False
-        if not self._runtime.thread.is_alive() or self._runtime.api is None:
-            if not self._dead_reported:
-                self._dead_reported = True
-                log.error("the %s event loop is not running: no trainer log is followed (see /healthz)", LOOP_NAME)
-            return None
-        return self._runtime
-
-    def _start(self) -> _Runtime:
-        _raise_open_files_limit(self.max_streams + 1024)
-        loop = _EventLoop()
-        ready = threading.Event()
-        thread = threading.Thread(target=lambda: self._run(runtime, ready), name=LOOP_NAME, daemon=True)
-        runtime = _Runtime(loop, thread)
-        if self.health is not None:
-            self.health.register(LOOP_NAME, self.max_silence, thread)
-        thread.start()
-        ready.wait(10.0)
-        return runtime
-
-    def _run(self, runtime: _Runtime, ready: threading.Event) -> None:
-        loop = runtime.loop
-        asyncio.set_event_loop(loop)
-        # Host name lookups (a kubeconfig naming the server by name) use the loop's executor: a small one.
-        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix=f"{LOOP_NAME}-dns"))
-        try:
-            loop.run_until_complete(self._main(runtime, ready))
-        except BaseException:
-            log.exception("the %s event loop ended: no trainer log is followed any more", LOOP_NAME)
-            raise
-        loop.run_until_complete(self._shutdown(runtime))
-        loop.run_until_complete(loop.shutdown_default_executor())
-        loop.close()
-
-    async def _main(self, runtime: _Runtime, ready: threading.Event) -> None:
-        """Connect (on this loop), then beat until stop_all."""
-        configuration = self._configuration or _configuration_of(self.api)
-        stopping = runtime.stopping = asyncio.Event()
-        runtime.api = _Api(configuration, self.max_streams, self.connect_timeout, self.read_timeout)
-        ready.set()
-        while not stopping.is_set():
-            if self.health is not None:
-                self.health.beat(LOOP_NAME)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stopping.wait(), self.beat_seconds)
-
-    async def _shutdown(self, runtime: _Runtime) -> None:
-        """End every follower (closing its stream), then the session."""
-        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
-        for task in tasks:
-            task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        if runtime.api is not None:
-            await runtime.api.session.close()
+    def _running(self) -> bool:
+        """Whether there is a loop to run streams on (logged once when there is none). Under self._lock."""
+        if self._loop is not None and self._loop.is_running():
+            return True
+        if not self._dead_reported:
+            self._dead_reported = True
+            log.error("no running event loop for the log followers: no trainer log is followed (see /healthz)")
+        return False
 
     # --- one follower, on the loop ----------------------------------------------------------------------
     async def _follow(self, api: _Api, follower: _Follower) -> None:
@@ -506,7 +562,7 @@ class LogFollowers:
                 if ended or await self._container_ended(api, follower):
                     return _FINISHED
                 return _RECONNECT
-            except (_StatusError, aiohttp.ClientError, OSError, TimeoutError, ValueError) as exc:
+            except (_StatusError, h11.ProtocolError, OSError, TimeoutError, ValueError) as exc:
                 follower.last_error = str(exc) or type(exc).__name__
                 log.debug("log stream of %s/%s: %s", follower.namespace, follower.pod, follower.last_error)
             finally:
@@ -520,20 +576,19 @@ class LogFollowers:
         since = follower.state.since_seconds(time.time())
         if since is not None:
             params["sinceSeconds"] = str(since)
-        url = api.url(f"/api/v1/namespaces/{follower.namespace}/pods/{follower.pod}/log")
-        async with api.session.get(url, params=params, **api.options()) as response:
+        async with api.get(f"/api/v1/namespaces/{follower.namespace}/pods/{follower.pod}/log", params) as response:
             if response.status == 404:
                 return True
             if response.status != 200:
-                raise _StatusError(response.status, await response.content.read(4096))
+                raise _StatusError(response.status, await response.body(4096))
             splitter = LineSplitter()
             try:
-                async for chunk in response.content.iter_any():
+                async for chunk in response.chunks():
                     follower.received = True
                     follower.state.read_until = time.time()
                     if follower.fold(chunk, splitter):
                         follower.progressed(asyncio.get_running_loop())
-            except aiohttp.SocketTimeoutError:
+            except TimeoutError:
                 follower.state.read_until = time.time()
                 return None
             follower.state.read_until = time.time()
@@ -541,15 +596,14 @@ class LogFollowers:
 
     async def _container_ended(self, api: _Api, follower: _Follower) -> bool:
         """After a stream ended: has the trainer container terminated (or the pod gone)?"""
-        url = api.url(f"/api/v1/namespaces/{follower.namespace}/pods/{follower.pod}")
-        options = api.options()
-        options["timeout"] = aiohttp.ClientTimeout(total=30.0, connect=api.connect_timeout)
-        async with api.session.get(url, **options) as response:
-            if response.status == 404:
-                return True
-            if response.status != 200:
-                raise _StatusError(response.status, await response.content.read(4096))
-            pod = await response.json()
+        async with asyncio.timeout(30.0):
+            async with api.get(f"/api/v1/namespaces/{follower.namespace}/pods/{follower.pod}") as response:
+                body = await response.body(_MAX_POD_BYTES)
+        if response.status == 404:
+            return True
+        if response.status != 200:
+            raise _StatusError(response.status, body[:4096])
+        pod = json.loads(body)
         if (pod.get("status") or {}).get("phase") in FINISHED_POD_PHASES:
             return True
         statuses = (pod.get("status") or {}).get("containerStatuses") or []

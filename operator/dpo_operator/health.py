@@ -1,10 +1,11 @@
-"""Health and metrics endpoints: /healthz, /readyz, /metrics on one port, served from a thread of its own.
+"""Health and metrics endpoints: /healthz, /readyz, /metrics on one port, served on the operator's event loop.
 
 Why not Kopf's liveness endpoint: a standby replica waits for the leader Lease before Kopf even starts and
-must still answer its probes, and the loops that matter (Kopf's event loop, the workers, the resync, the log
-followers, the Lease renewal) live in different threads. Each loop registers here and beats; /healthz fails, naming the
-loop, when a loop's thread has died or it has not beaten within its allowance, so the kubelet restarts a
-replica whose background work stopped instead of leaving it green.
+must still answer its probes (main.py starts this server on the loop first), and the loops that matter (the
+event loop, the workers, the resync, the Event posters, the Lease renewal) live in different threads. Each loop
+registers here and beats; /healthz fails, naming the loop, when a loop's thread has died or it has not beaten
+within its allowance, so the kubelet restarts a replica whose background work stopped instead of leaving it
+green. A stalled event loop cannot answer at all: the probe times out, which the kubelet counts as a failure.
 """
 
 from __future__ import annotations
@@ -77,34 +78,26 @@ _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 405: "Method Not Al
 
 
 class _Server:
-    """The endpoint on an event loop of its own (one thread, however many clients: an idle connection costs a
-    socket, not a thread, and is closed after its timeout)."""
+    """The endpoint, on the operator's event loop (however many clients: an idle connection costs a socket,
+    not a thread, and is closed after its timeout)."""
 
-    def __init__(self, health: Health, sock: socket.socket, timeout: float, max_connections: int) -> None:
+    def __init__(self, health: Health, timeout: float, max_connections: int) -> None:
         self.health, self.timeout, self.max_connections = health, timeout, max_connections
-        self.server_address = sock.getsockname()
+        self.server_address: tuple[str, int] = ("", 0)
         self._connections: dict[asyncio.StreamWriter, None] = {}
         """Open connections, oldest first."""
-        self._loop = asyncio.new_event_loop()
-        self._server = self._loop.run_until_complete(asyncio.start_server(self._serve_one, sock=sock, limit=16 * 1024))
-        threading.Thread(target=self._run, name="dpo-health", daemon=True).start()
+        self._server: asyncio.Server | None = None
 
-    def _run(self) -> None:
-        try:
-            self._loop.run_forever()
-        finally:
-            self._loop.close()
+    async def start(self, sock: socket.socket) -> None:
+        self.server_address = sock.getsockname()
+        self._server = await asyncio.start_server(self._serve_one, sock=sock, limit=16 * 1024)
 
-    def shutdown(self) -> None:
-        """Close the listening socket and every connection, then end the thread."""
-
-        async def close() -> None:
+    def close(self) -> None:
+        """Close the listening socket and every connection (on the loop)."""
+        if self._server is not None:
             self._server.close()
-            for writer in list(self._connections):
-                writer.transport.abort()
-
-        asyncio.run_coroutine_threadsafe(close(), self._loop).result()
-        self._loop.call_soon_threadsafe(self._loop.stop)
+        for writer in list(self._connections):
+            writer.transport.abort()
 
     async def _serve_one(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """One request per connection (HTTP/1.0 style), each step within the timeout."""
@@ -147,15 +140,16 @@ class _Server:
         return 404, b"not found\n", "text/plain"
 
 
-def serve(
+async def serve(
     health: Health,
     address: str,
     port: int,
     timeout: float = IO_TIMEOUT_S,
     max_connections: int = MAX_CONNECTIONS,
 ) -> _Server:
-    """Start the endpoint in a daemon thread; returns the server (server_address has the bound port)."""
+    """Serve the endpoint on the running event loop; returns the server (server_address has the bound port)."""
     family = socket.AF_INET6 if ":" in address else socket.AF_INET
-    server = _Server(health, socket.create_server((address, port), family=family), timeout, max_connections)
+    server = _Server(health, timeout, max_connections)
+    await server.start(socket.create_server((address, port), family=family))
     log.info("serving /healthz, /readyz and /metrics on http://%s:%d", *server.server_address[:2])
     return server

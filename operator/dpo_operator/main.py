@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import json
 import logging
@@ -40,14 +41,16 @@ _BEAT_SECONDS = 5.0
 
 
 @kopf.on.startup()
-def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: object) -> None:
-    """Set Kopf up (kopf_config) and start the reconciler. Handlers are on.event only, so Kopf writes nothing to
-    the objects: no finalizer, no annotations. cli() has loaded the cluster credentials and put the operator's
-    settings and health in the memo."""
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: object) -> None:
+    """Set Kopf up (kopf_config) and start the reconciler, its log followers on Kopf's loop. Handlers are
+    on.event only, so Kopf writes nothing to the objects: no finalizer, no annotations. cli() has loaded the
+    cluster credentials and put the operator's settings and health in the memo."""
     kopf_config.configure(settings)
     kube = Kube(client.ApiClient())
     memo.cache, memo.queue = ObjectCache(), WorkQueue()
-    memo.reconciler = Reconciler(kube, memo.cache, memo.queue, memo.settings, memo.health, kube.server_features())
+    features = await asyncio.to_thread(kube.server_features)  # a request: not on the loop
+    memo.reconciler = Reconciler(kube, memo.cache, memo.queue, memo.settings, memo.health, features)
+    memo.reconciler.followers.attach(asyncio.get_running_loop())
     memo.reconciler.start()
     memo.health.ready.set()
 
@@ -140,7 +143,7 @@ def stop_reconciling(memo: kopf.Memo, timeout: float) -> bool:
 
 
 def cli() -> None:
-    """Serve health and metrics, wait for the leader Lease (when enabled), then run Kopf until stopped."""
+    """Parse the command line and settings, then run the operator (run) on one event loop until stopped."""
     parser = argparse.ArgumentParser(prog="dpo-operator", description=__doc__)
     parser.add_argument("-n", "--namespace", action="append", default=[], help="watch only these (repeatable)")
     parser.add_argument("--verbose", action="store_true", help="debug logging (as DPO_OPERATOR_LOG_LEVEL=DEBUG)")
@@ -156,20 +159,26 @@ def cli() -> None:
     logs.configure(settings.log_format, settings.effective_log_level)
     log.info("dpo-operator %s starting with settings %s", __version__, json.dumps(settings.loggable()))
     metrics.per_dpojob_series(settings.per_dpojob_series)
+    with contextlib.suppress(asyncio.CancelledError):
+        asyncio.run(run(settings))
+
+
+async def run(settings: OperatorSettings) -> None:
+    """Serve health and metrics, wait for the leader Lease (when enabled), then run Kopf, all on this loop."""
     status = health.Health()
-    health.serve(status, settings.listen_address, settings.port)
+    await health.serve(status, settings.listen_address, settings.port)
     log.info("credentials: %s", load_cluster_credentials())
     memo = kopf.Memo(settings=settings, health=status, elector=None)
     elector = None
     if settings.leader_election:
         elector = memo.elector = LeaderElector(settings, status, stop_work=functools.partial(stop_reconciling, memo))
         status.ready.set()  # a standby is ready: a rolling update must be able to retire the old leader
-        elector.acquire()
+        await asyncio.to_thread(elector.acquire)  # blocking; the loop goes on answering probes
         status.ready.clear()
     else:
         metrics.LEADER.set(1)
     try:
-        kopf.run(
+        await kopf.operator(
             standalone=True,
             clusterwide=not settings.namespaces,
             namespaces=settings.namespaces,

@@ -99,6 +99,19 @@ def work_directory(spec: DPOJobSpec, dpojob_name: str) -> str:
     return posixpath.join(spec.checkpointing.directory, f"{dpojob_name}-{training_hash(spec)[:12]}")
 
 
+SFT_CACHE_DIRECTORY = "sft-cache"
+"""Under checkpointing.directory on a checkpointVolume: the merged SFT models DPOJobs share (dpo_trainer.sft_cache).
+No work directory can take the name: theirs end in a hex hash."""
+
+
+def sft_cache_directory(spec: DPOJobSpec) -> str | None:
+    """Where the trainer shares merged SFT models with the other DPOJobs on the same checkpointVolume (`--sft-cache`),
+    or None: SFT off, sft.reuse false, or no checkpointVolume (an emptyDir is the pod's alone)."""
+    if spec.runtime.checkpoint_volume is None or not spec.sft.enabled or not spec.sft.reuse:
+        return None
+    return posixpath.join(spec.checkpointing.directory, SFT_CACHE_DIRECTORY)
+
+
 _JOB_SUFFIX = re.compile(r"-g([0-9]+)(?:-r([0-9]+))?$")
 
 
@@ -283,6 +296,22 @@ def _volumes(
     return volumes, mounts
 
 
+def writable_mounts(spec: DPOJobSpec) -> list[str]:
+    """Where the trainer pod can write, as `_volumes` mounts it (the root filesystem is read-only): the work volume,
+    scratch, and the data, output and cache claims the spec names that are not readOnly. The operator's default
+    cache claim (a chart value) is left out: it is no place for a DPOJob's output."""
+    _, mounts = _volumes(spec, CONFIG_MOUNT, spec.runtime.cache_volume)
+    return [normalized_path(m["mountPath"]) for m in mounts if not m.get("readOnly") and m["mountPath"] != "/dev/shm"]
+
+
+def on_writable_volume(spec: DPOJobSpec, path: str) -> bool:
+    """Whether an absolute path inside the trainer container lies on one of its writable volumes."""
+    if not path.startswith("/"):
+        return False
+    target = normalized_path(path)
+    return any(target == mount or target.startswith(mount.rstrip("/") + "/") for mount in writable_mounts(spec))
+
+
 def _env(
     spec: DPOJobSpec, extra_env: list[dict[str, Any]], cache: VolumeClaim | None, spec_text: str
 ) -> list[dict[str, Any]]:
@@ -364,6 +393,7 @@ def build_job(
         "args": [
             "run",
             posixpath.join(CONFIG_MOUNT, SPEC_FILE),
+            *(["--sft-cache", cache_dir] if (cache_dir := sft_cache_directory(spec)) else []),
             "--output",
             work_directory(spec, meta["name"]),
         ],

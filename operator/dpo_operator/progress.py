@@ -71,6 +71,8 @@ class TrainerProgress:
     provenance: dict[str, Any] = field(default_factory=dict)
     preflight: dict[str, Any] = field(default_factory=dict)
     """status.preflight: the estimated peak GPU memory per training stage, and the GPU's."""
+    sft_model: dict[str, Any] = field(default_factory=dict)
+    """status.sftModel: the run's shared SFT model (trained, reused or waited for), from the latest sft_model event."""
     """status.efficiency and status.provenance, from the `done` event's summary."""
 
     def apply(self, event: dict[str, Any]) -> None:
@@ -83,6 +85,10 @@ class TrainerProgress:
             self.preflight = {"estimatedGiB": event["estimates"]}
             if event["gpuMemoryGiB"] is not None:
                 self.preflight["gpuMemoryGiB"] = event["gpuMemoryGiB"]
+        elif kind == "sft_model" and event["digest"] and event["source"]:
+            self.sft_model = {"digest": event["digest"], "source": event["source"], "message": event["message"]}
+            if event["origin"]:
+                self.sft_model["from"] = event["origin"]
         elif kind == "rule" and stage in STAGE_WEIGHTS and event["rule"] and event["action"] and event["reason"]:
             hit = {k: event[k] for k in ("stage", "rule", "action", "reason", "step", "message")}
             seen = {(h["stage"], h["rule"]) for h in self.rules}
@@ -139,7 +145,7 @@ class TrainerProgress:
     def status_fields(self) -> dict[str, Any]:
         """The status fields this progress determines (camelCase, ready for a merge patch)."""
         if self.stage is None and not self.metrics:
-            early = {"rules": self.rules, "preflight": self.preflight}
+            early = {"rules": self.rules, "preflight": self.preflight, "sftModel": self.sft_model}
             return {key: value for key, value in early.items() if value}
         eta = 0 if self.done else self.eta_seconds()
         fields: dict[str, Any] = {
@@ -165,6 +171,8 @@ class TrainerProgress:
             fields["provenance"] = self.provenance
         if self.preflight:
             fields["preflight"] = self.preflight
+        if self.sft_model:
+            fields["sftModel"] = self.sft_model
         return fields
 
 

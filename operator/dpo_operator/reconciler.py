@@ -60,7 +60,20 @@ def validate_spec(raw: dict[str, Any]) -> tuple[DPOJobSpec | None, str | None]:
             f"spec.checkpointing.directory: {spec.checkpointing.directory!r} must be an absolute path other than "
             f"{', '.join(sorted(manifests.RESERVED_PATHS))} (the trainer pod mounts its work volume there)"
         )
+    if spec.runtime.checkpoint_volume is not None and spec.runtime.checkpoint_volume.read_only:
+        return spec, (
+            "spec.runtime.checkpointVolume.readOnly: the trainer writes its work directory and checkpoints on that "
+            "volume; mount it read-write"
+        )
     directory = spec.output.directory
+    if directory is not None and not manifests.on_writable_volume(spec, directory):
+        # Refused even with output.hub set: the trainer copies the model there, and fails there, after the training.
+        return spec, (
+            f"spec.output.directory: {directory!r} is not on a writable volume of the trainer pod (its root "
+            f"filesystem is read-only; writable: {', '.join(manifests.writable_mounts(spec))}); put it under "
+            f"{manifests.OUTPUT_MOUNT}/ with spec.runtime.outputVolume (not readOnly) to keep the model, or leave "
+            "output.directory out and push with spec.output.hub"
+        )
     if spec.output.hub is None and directory is not None:
         on_volume = (spec.runtime.output_volume and directory.startswith(manifests.OUTPUT_MOUNT + "/")) or (
             spec.runtime.checkpoint_volume and directory.startswith(spec.checkpointing.directory.rstrip("/") + "/")
@@ -187,7 +200,7 @@ class Reconciler:
         (status.internal.jobUid) has not happened yet: under a burst it waits behind other DPOJobs' Jobs."""
         self.phases: dict[Key, str] = {}
         """Each known DPOJob's phase as last written (the dpo_operator_dpojobs gauge)."""
-        self.followers = LogFollowers(kube, self.mark_dirty, health=health)
+        self.followers = LogFollowers(kube, self.mark_dirty)
         self._collector = metrics.StateCollector(
             lambda: list(self.phases.values()), self.followers.active, queue.depths
         )

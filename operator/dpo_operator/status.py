@@ -64,6 +64,7 @@ _RUN_FIELDS = (
     "preflight",
     "efficiency",
     "provenance",
+    "sft_model",
 )
 _SUMMARY_FIELDS = ("efficiency", "provenance")
 """From the trainer's last line (its summary): it may be read after the run's outcome is final."""
@@ -415,6 +416,9 @@ def compute_status(old: dict[str, Any], obs: Observed) -> DPOJobStatus:
     if same_run and previous.rules:
         status.rules = _union_rules(previous.rules, status.rules)
     _warn_of_rules(status, previous.conditions if same_run else [], obs.generation, now)
+    waiting_for_sft = status.sft_model is not None and status.sft_model.source == "waiting"
+    if status.phase == Phase.RUNNING and not status.reason and waiting_for_sft:
+        status.reason = Reason.WAITING_FOR_SFT  # another DPOJob trains the same SFT model (status.sftModel says which)
     if outcome.phase not in TERMINAL_PHASES:
         status.completion_time = None  # e.g. an InvalidSpec fixed through runtime: the run goes on
     else:
@@ -504,6 +508,7 @@ def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
             events.append(Event("Warning", hit.get("reason") or Reason.METRIC_RULE, hit.get("message") or ""))
         else:
             events.append(Event("Normal", EventReason.STOPPED_EARLY, hit.get("message") or ""))
+    events += _sft_model_events(old.get("sftModel") if same_run else None, new.get("sftModel"))
     if new.get("stage") and (not same_run or old.get("stage") != new.get("stage")):
         events.append(Event("Normal", EventReason.STAGE_STARTED, f"stage {new['stage']} started"))
     retries_before = old.get("retries", 0) if same_run else 0
@@ -529,6 +534,18 @@ def transition_events(old: dict[str, Any], new: dict[str, Any]) -> list[Event]:
     elif phase != old_phase:
         events.append(_phase_event(new, old_phase))
     return events
+
+
+def _sft_model_events(old: dict[str, Any] | None, new: dict[str, Any] | None) -> list[Event]:
+    """SFTReused when the run takes a shared SFT model, WaitingForSFT when it starts waiting for one."""
+    if not new or (old or {}).get("source") == new.get("source"):
+        return []
+    message = new.get("message") or f"{new.get('source')} {new.get('digest')}"
+    if new.get("source") == "reused":
+        return [Event("Normal", EventReason.SFT_REUSED, f"SFT skipped: {message}")]
+    if new.get("source") == "waiting":
+        return [Event("Normal", Reason.WAITING_FOR_SFT, message)]
+    return []
 
 
 def _condition(status: dict[str, Any], kind: str) -> dict[str, Any] | None:

@@ -1,10 +1,16 @@
-"""The operator's concurrency model, in one place.
+"""The operator's concurrency model, in one place: one asyncio event loop, and threads for blocking work.
 
 What runs where:
 
-- Kopf's event loop (the main thread) runs the watches of DPOJobs, trainer Jobs and trainer pods. Its index
-  functions fill the ObjectCache (cache.py); its event handlers only enqueue the DPOJob concerned
-  (handlers.py). Nothing there blocks on the API server.
+- The event loop (the main thread; main.run starts it, Kopf runs on it) serves /healthz, /readyz and /metrics
+  (health.py) from the start, also while a standby waits for the Lease; runs the watches of DPOJobs, trainer
+  Jobs and trainer pods, whose index functions fill the ObjectCache (cache.py) and whose event handlers only
+  enqueue the DPOJob concerned (main.py); and streams the running trainer pods' logs (followers.py: one task
+  per pod, at most 1,000 streams), publishing each pod's progress at most once a second and enqueueing the
+  DPOJob with a one-second delay (`add_after`: a key has at most one delayed add pending, later ones merge into
+  it), so however fast a pod prints, its DPOJob gets at most one log-driven reconcile and one progress status
+  write a second. Nothing on the loop blocks on the API server: every request that waits for an answer is
+  made from a thread below.
 - `Workers` (settings.workers threads) take DPOJob keys from the WorkQueue and reconcile them. The queue hands
   a key to one worker at a time, so two reconciles of the same DPOJob never overlap (no per-DPOJob locks);
   a key added while it is being reconciled is reconciled once more afterwards; many adds before a worker
@@ -18,13 +24,10 @@ What runs where:
   reconciles ask for, off the reconcile's critical path, and after the urgent work (WorkQueue's urgent lane:
   DPOJobs whose spec was not acted on yet); each DPOJob has an Event budget, so one DPOJob's flood cannot fill
   the queue the others' Events wait in.
-- Log followers (followers.py, their own event-loop thread) stream trainer pod logs, publish each pod's
-  progress at most once a second, and enqueue the DPOJob with a one-second delay (`add_after`: a key has at
-  most one delayed add pending, later ones merge into it), so however fast a pod prints, its DPOJob gets at
-  most one log-driven reconcile and one progress status write a second.
+- The Lease (leader.py): acquired from a thread while the loop answers probes, then renewed by one thread.
 
-Every thread is registered with the Health registry and beats while idle: one that dies or hangs turns
-/healthz red and the kubelet restarts the pod.
+The loop and every thread are registered with the Health registry and beat while idle: one that dies or hangs
+turns /healthz red (a stalled loop cannot answer at all) and the kubelet restarts the pod.
 """
 
 from __future__ import annotations

@@ -10,6 +10,7 @@ one JSON object:
     stage_end    {"stage", "seconds", "skipped"}
     done         {"summary": {"metrics"}}
     error        {"reason", "message"}
+    sft_model    {"digest", "source", "origin", "message"}   (the SFT model shared between DPOJobs)
 
 The trainer (and the benchmarks standing in for it) write them as StageStart, StageLog, StageEnd, Done and
 TrainerFailed; the operator validates each line with ProgressEvent, leniently, because pod output is untrusted
@@ -117,6 +118,23 @@ class Preflight(_Line):
     """The memory of the GPU the estimate was checked against (none on CPU)."""
 
 
+SFTSource = Literal["trained", "reused", "waiting"]
+"""Where a run's merged SFT model comes from (dpo_trainer.sft_cache): trained by this run (and shared), reused from
+the shared cache, or not yet known while another DPOJob trains the same one."""
+
+
+class SFTModel(_Line):
+    """The run's SFT model, by its identity (dpo_trainer.sft_cache.sft_identity): trained here, reused, or waited
+    for while another DPOJob trains it."""
+
+    event: Literal["sft_model"] = "sft_model"
+    digest: str = Field(pattern=r"^[0-9a-f]{16}$")
+    source: SFTSource
+    origin: str = Field(max_length=512)
+    """The DPOJob (namespace/name) that trains or trained it, or the directory of a run outside Kubernetes."""
+    message: str = ""
+
+
 class ResolvedRepo(BaseModel):
     """A Hub repository at the commit a run started from (or a local directory)."""
 
@@ -147,9 +165,9 @@ class RunProvenance(BaseModel):
         return document
 
 
-ProgressLine = StageStart | StageLog | StageEnd | Done | TrainerFailed | RuleFired | Preflight
+ProgressLine = StageStart | StageLog | StageEnd | Done | TrainerFailed | RuleFired | Preflight | SFTModel
 """What the trainer writes."""
-EventKind = Literal["stage_start", "log", "stage_end", "done", "error", "rule", "preflight"]
+EventKind = Literal["stage_start", "log", "stage_end", "done", "error", "rule", "preflight", "sft_model"]
 TERMINATION_MESSAGE_PATH = "/dev/termination-log"
 TERMINATION_PATH_ENV = "DPO_TERMINATION_MESSAGE_PATH"
 """The trainer writes its termination message where this env var says (the pod spec sets it)."""
@@ -250,6 +268,12 @@ class ProgressEvent(BaseModel):
     action: Annotated[Literal["fail", "finish", "warn"] | None, WrapValidator(_none_if_invalid)] = None
     reason: Annotated[str | None, Field(pattern=r"^[A-Z][A-Za-z0-9]{0,63}$"), WrapValidator(_none_if_invalid)] = None
     message: str = ""
+    digest: Annotated[str | None, Field(pattern=r"^[0-9a-f]{16}$"), WrapValidator(_none_if_invalid)] = None
+    """An sft_model event's SFT identity."""
+    source: Annotated[SFTSource | None, WrapValidator(_none_if_invalid)] = None
+    origin: Annotated[
+        str | None, Field(max_length=512, pattern=r"^[^\x00-\x1f\x7f]*$"), WrapValidator(_none_if_invalid)
+    ] = None
 
     @field_validator("estimates", mode="before")
     @classmethod

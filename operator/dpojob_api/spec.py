@@ -290,6 +290,9 @@ RuleAction = Literal["fail", "finish", "warn"]
 RULE_FIELDS = ("stopRules", "builtinStopRules")
 """A training section's fields that watch training rather than decide it: left out of the training hash and of
 the stage's inputs, so editing a rule goes on from the checkpoint (a new run, the same work directory)."""
+SHARING_FIELDS = ("reuse",)
+"""The sft section's fields that say where the SFT model may come from, not how it trains: left out like
+RULE_FIELDS (a reused SFT model is the very model this DPOJob would train)."""
 
 
 class StopRule(SpecModel):
@@ -371,6 +374,11 @@ class SFTSpec(TrainingSpec):
     """Recompute activations in backward to save memory (the seed's SFT ran without)."""
     packing: bool = True
     """Pack several rows into each maxLength sequence."""
+    reuse: bool = True
+    """Share the merged SFT model with other DPOJobs through runtime.checkpointVolume: a DPOJob whose SFT (base
+    model at its resolved commit, SFT data and template, hyperparameters, quantization, LoRA) matches one already
+    trained there skips SFT, and one started while another trains it waits for it (status.sftModel). Needs a
+    checkpointVolume; false trains SFT in this DPOJob's own work directory only."""
 
 
 def _dpo_rules(schema: dict[str, Any], model: type[BaseModel]) -> None:
@@ -736,8 +744,8 @@ def training_hash(spec: DPOJobSpec) -> str:
 
 
 def without_rules(section: dict[str, Any]) -> dict[str, Any]:
-    """A training section (sft, dpo) less RULE_FIELDS: what decides how it trains."""
-    return {k: v for k, v in section.items() if k not in RULE_FIELDS}
+    """A training section (sft, dpo) less RULE_FIELDS and SHARING_FIELDS: what decides how it trains."""
+    return {k: v for k, v in section.items() if k not in RULE_FIELDS and k not in SHARING_FIELDS}
 
 
 def digest(value: Any) -> str:

@@ -134,6 +134,21 @@ class Provenance(StatusModel):
     """Versions of torch, transformers, TRL, PEFT, ... that trained it."""
 
 
+class SFTModelStatus(StatusModel):
+    """The run's merged SFT model, shared between DPOJobs by its identity (docs/trainer.md, Shared SFT models)."""
+
+    digest: str = Field(max_length=16)
+    """The SFT identity: a hash of the base model (at its resolved commit), the SFT data, template and
+    hyperparameters, the quantization and the LoRA settings."""
+    source: Literal["trained", "reused", "waiting"]
+    """trained: this run trained it (and shared it); reused: taken from the shared cache, SFT skipped; waiting:
+    another DPOJob is training the same SFT model, this run goes on with it once it is published."""
+    from_: str | None = Field(default=None, alias="from", max_length=512)
+    """The DPOJob (namespace/name) that trained it, or trains it while this run waits."""
+    message: str | None = Field(default=None, max_length=1024)
+    """The same in words, e.g. "reused 3f2a9c0d1e4b5a69 from team/sweep-beta-0.1"."""
+
+
 class TrainerRef(StatusModel):
     """The Kubernetes objects running the current run."""
 
@@ -233,6 +248,8 @@ class DPOJobStatus(StatusModel):
     """The preflight's estimate of each training stage's peak GPU memory, and the GPU's memory."""
     provenance: Provenance | None = None
     """The exact base model and dataset revisions and the library versions (also in the model card)."""
+    sft_model: SFTModelStatus | None = None
+    """Where the run's merged SFT model comes from: trained, reused from another DPOJob, or waited for."""
     rules: list[RuleHit] = Field(default_factory=list, max_length=MAX_RULE_HITS)
     """Stop rules that fired in the current run, in order: a warn rule sets the MetricWarning condition."""
     retries: int = 0

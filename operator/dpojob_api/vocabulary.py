@@ -90,6 +90,10 @@ class Reason(StrEnum):
     INSUFFICIENT_GPU_MEMORY = "InsufficientGPUMemory"
     STOPPED_BY_RULE = "StoppedByRule"
     DIVERGED = "Diverged"
+    HUB_WRITE_DENIED = "HubWriteDenied"
+    RUN_REVISION_TAKEN = "RunRevisionTaken"
+    OUTPUT_NOT_WRITABLE = "OutputNotWritable"
+    HUB_READ_DENIED = "HubReadDenied"
     METRIC_RULE = "MetricRule"
     LIKELIHOOD_DISPLACEMENT = "LikelihoodDisplacement"
     # The operator's
@@ -107,6 +111,7 @@ class Reason(StrEnum):
     TRAINER_EXITED = "TrainerExited"
     POD_FAILED = "PodFailed"
     JOB_FAILED = "JobFailed"
+    WAITING_FOR_SFT = "WaitingForSFT"
     # Kubernetes', passed on (a pod's or Job's own reason is passed on as it is, these are the ones we explain)
     UNSCHEDULABLE = "Unschedulable"
     IMAGE_PULL_BACK_OFF = "ImagePullBackOff"
@@ -161,7 +166,7 @@ REASONS: dict[Reason, ReasonInfo] = {
     ),
     Reason.HUB_AUTH_ERROR: ReasonInfo(
         "trainer",
-        "the Hub refused the token (401/403, gated repo), no token for a push, or a read-only token for a push",
+        "the Hub refused the token (401/403, gated repo) or no token for a push",
         "the Secret of `hubTokenSecretRef`: a write token for the target namespace",
         exit_code=5,
     ),
@@ -229,6 +234,35 @@ REASONS: dict[Reason, ReasonInfo] = {
         "lower the stage's `learningRate`, raise `warmupSteps`, check the data",
         exit_code=13,
     ),
+    Reason.HUB_WRITE_DENIED: ReasonInfo(
+        "trainer",
+        "preflight: the token may not write to `output.hub.repoId` (a read token; its user is not that namespace "
+        "nor a write member of that organization; a fine-grained token without write there); nothing trained",
+        "the Secret of `hubTokenSecretRef`: a write token of a user who may write there; or `output.hub.repoId`",
+        exit_code=15,
+    ),
+    Reason.RUN_REVISION_TAKEN: ReasonInfo(
+        "trainer",
+        "preflight: the run's tag or branch (`run-g<generation>`) already names a commit this run did not push "
+        "(an earlier DPOJob of the same name, deleted and recreated); nothing trained",
+        "delete that tag or branch on the Hub, or set `output.hub.runRevision: none`, or another `output.hub.repoId`",
+        exit_code=16,
+    ),
+    Reason.OUTPUT_NOT_WRITABLE: ReasonInfo(
+        "trainer",
+        "preflight: the work directory or `output.directory` cannot be written (a read-only filesystem or volume, "
+        "no permission); nothing downloaded (the operator refuses such a path as InvalidSpec before any pod)",
+        "`output.directory` / `checkpointing.directory`: a path on a writable volume (`runtime.outputVolume` at "
+        "/output, the checkpoint volume)",
+        exit_code=17,
+    ),
+    Reason.HUB_READ_DENIED: ReasonInfo(
+        "trainer",
+        "preflight: the base model or a dataset is gated and the token's user was not granted access; nothing "
+        "downloaded",
+        "request access on the repo's Hub page with the token's user, or use a token of a user who has it",
+        exit_code=18,
+    ),
     Reason.METRIC_RULE: ReasonInfo(
         "trainer", "a `warn` stop rule fired (the MetricWarning condition); training goes on", "nothing, or the run"
     ),
@@ -283,6 +317,12 @@ REASONS: dict[Reason, ReasonInfo] = {
         "operator", "the trainer pod failed before its container ran (e.g. evicted)", "the pod's status message"
     ),
     Reason.JOB_FAILED: ReasonInfo("operator", "the trainer Job failed without a failed pod to explain it", "—"),
+    Reason.WAITING_FOR_SFT: ReasonInfo(
+        "operator",
+        "the trainer waits while another DPOJob trains the same SFT model (status.sftModel names it); it goes on "
+        "from that model once published, or trains it itself if that DPOJob stops",
+        "nothing; `sft.reuse: false` trains its own",
+    ),
     Reason.UNSCHEDULABLE: ReasonInfo(
         "kubernetes",
         "no node fits the trainer pod (the scheduler's message, e.g. `Insufficient nvidia.com/gpu`)",
@@ -341,6 +381,7 @@ class EventReason(StrEnum):
     RESUMED = "Resumed"
     CLEANED = "Cleaned"
     STOPPED_EARLY = "StoppedEarly"
+    SFT_REUSED = "SFTReused"
 
 
 class PodPhase(StrEnum):

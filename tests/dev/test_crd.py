@@ -67,6 +67,7 @@ def test_printer_columns_and_names() -> None:
         "Train-Acc": 0,
         "Eval-Acc": 0,
         "Eval-Margin": 1,
+        "SFT": 1,
         "Model": 1,
         "Age": 0,
     }, "priority 1: only with -o wide"

@@ -7,15 +7,18 @@ import os
 import re
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 from huggingface_hub import HfApi, HfFileSystem, hf_hub_download, snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from safetensors.numpy import load_file, save_file
 
-from dpo_dev.hub import LocalHub
+from dpo_dev.hub import HubToken, LocalHub
+
+from .conftest import HUB_TOKEN, HUB_USER
 
 COMMIT_URL = re.compile(r"/commit/[0-9a-f]{40}$")
 
@@ -234,3 +237,106 @@ def test_the_request_log_shows_a_cached_file_is_not_fetched_again(local_hub: Loc
 
     assert ("GET", 200) in download()
     assert download() == [("HEAD", 200)], "a cached file: only its metadata is asked for"
+
+
+READER, OUTSIDER, BOB, SCOPED = "hf_tester_read", "hf_alice_write", "hf_bob_write", "hf_tester_fine"
+
+
+@pytest.fixture
+def org_hub(tmp_path: Path, hub_client_env: None) -> Iterator[LocalHub]:
+    """tester (a write token, a read token, a fine-grained token that may write acme/scoped only), alice (no
+    organization) and bob; the organization acme: tester writes, bob reads."""
+    tokens = {
+        HUB_TOKEN: HUB_USER,
+        READER: HubToken(HUB_USER, "read"),
+        SCOPED: HubToken(HUB_USER, "fineGrained", scoped={"acme/scoped": ["repo.write"]}),
+        OUTSIDER: "alice",
+        BOB: "bob",
+    }
+    with LocalHub(tmp_path / "hub-root", tokens, orgs={"acme": {HUB_USER: "write", "bob": "read"}}) as hub:
+        yield hub
+
+
+def _refused(call: Callable[[], object], status: int = 403) -> HfHubHTTPError:
+    with pytest.raises(HfHubHTTPError) as refused:
+        call()
+    assert refused.value.response.status_code == status, refused.value
+    return refused.value
+
+
+def test_writing_into_a_namespace_needs_a_write_token_of_its_user_or_a_writing_member(org_hub: LocalHub) -> None:
+    """As on huggingface.co: 403 (huggingface_hub's plain HfHubHTTPError, the server's reason in its message) for
+    a read token, a user writing into someone else's namespace, a read member of an organization, a fine-grained
+    token without repo.write there; creating is refused before the repo's existence is told (no 409)."""
+    api = {token: HfApi(endpoint=org_hub.url, token=token) for token in (HUB_TOKEN, READER, OUTSIDER, BOB, SCOPED)}
+    own = api[HUB_TOKEN].create_repo("tester/own").repo_id
+    org = api[HUB_TOKEN].create_repo("acme/shared").repo_id
+    api[HUB_TOKEN].create_repo("acme/scoped")
+
+    error = _refused(lambda: api[OUTSIDER].create_repo(own))
+    assert type(error) is HfHubHTTPError and 'rights to create a model under the namespace "tester"' in str(error)
+    _refused(lambda: api[OUTSIDER].create_repo("acme/new"))
+    _refused(lambda: api[BOB].create_repo("acme/new"))
+    assert "read token" in str(_refused(lambda: api[READER].create_repo("tester/new")))
+    for token in (READER, OUTSIDER):
+        _refused(lambda t=token: api[t].upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=own))
+        _refused(lambda t=token: api[t].create_branch(own, branch="b"))
+        _refused(lambda t=token: api[t].create_tag(own, tag="v1"))
+    _refused(lambda: api[BOB].upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=org))
+    _refused(lambda: api[SCOPED].upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=org))
+    api[SCOPED].upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id="acme/scoped")
+    api[HUB_TOKEN].upload_file(path_or_fileobj=b"x", path_in_repo="x.txt", repo_id=org)
+    assert api[OUTSIDER].list_repo_files(own) == [".gitattributes"], "public: anyone reads it"
+    with pytest.raises(RepositoryNotFoundError):
+        api[OUTSIDER].auth_check("tester/missing")
+    _refused(lambda: api[OUTSIDER].auth_check(own, write=True))
+    api[HUB_TOKEN].auth_check(org, write=True)
+
+
+def test_private_repos_are_invisible_outside_their_namespace(org_hub: LocalHub) -> None:
+    owner, member = HfApi(endpoint=org_hub.url, token=HUB_TOKEN), HfApi(endpoint=org_hub.url, token=BOB)
+    own = owner.create_repo("tester/secret", private=True).repo_id
+    org = owner.create_repo("acme/secret", private=True, repo_type="dataset").repo_id
+    assert member.dataset_info(org).private is True, "any member of the organization sees its private repos"
+    for caller, repo_id, kind in ((OUTSIDER, own, "model"), (BOB, own, "model"), (OUTSIDER, org, "dataset")):
+        with pytest.raises(RepositoryNotFoundError) as hidden:
+            HfApi(endpoint=org_hub.url, token=caller).repo_info(repo_id, repo_type=kind)
+        assert hidden.value.response.status_code == 404
+        with pytest.raises(RepositoryNotFoundError):  # not a 403: writing does not reveal it either
+            HfApi(endpoint=org_hub.url, token=caller).create_tag(repo_id, tag="v1", repo_type=kind)
+    with pytest.raises(RepositoryNotFoundError):
+        HfApi(endpoint=org_hub.url, token=False).model_info(own)
+
+
+def test_a_gated_repos_files_answer_gated_repo_error_until_access_is_granted(org_hub: LocalHub, tmp_path: Path) -> None:
+    owner, outsider = HfApi(endpoint=org_hub.url, token=HUB_TOKEN), HfApi(endpoint=org_hub.url, token=OUTSIDER)
+    repo_id = owner.create_repo("tester/gated").repo_id
+    owner.upload_file(path_or_fileobj=b"{}", path_in_repo="config.json", repo_id=repo_id)
+    owner.update_repo_settings(repo_id, gated="auto")
+    assert outsider.model_info(repo_id).gated == "auto", "the repo's page is public"
+    for api in (outsider, HfApi(endpoint=org_hub.url, token=False)):
+        with pytest.raises(GatedRepoError):
+            api.hf_hub_download(repo_id, "config.json", cache_dir=tmp_path / "refused")
+        with pytest.raises(GatedRepoError):
+            api.auth_check(repo_id)
+    owner.hf_hub_download(repo_id, "config.json", cache_dir=tmp_path / "owner")
+    owner.grant_access(repo_id, "alice")
+    outsider.auth_check(repo_id)
+    assert Path(outsider.hf_hub_download(repo_id, "config.json", cache_dir=tmp_path / "granted")).read_bytes() == b"{}"
+
+
+def test_whoami_reports_the_user_its_organizations_and_the_tokens_role(org_hub: LocalHub) -> None:
+    def whoami(token: str) -> dict:
+        return HfApi(endpoint=org_hub.url, token=token).whoami()
+
+    tester = whoami(HUB_TOKEN)
+    assert tester["name"] == HUB_USER and tester["type"] == "user"
+    assert [(o["name"], o["roleInOrg"], o["type"]) for o in tester["orgs"]] == [("acme", "write", "org")]
+    assert tester["auth"]["accessToken"]["role"] == "write"
+    assert whoami(READER)["auth"]["accessToken"]["role"] == "read"
+    assert whoami(OUTSIDER)["orgs"] == [] and whoami(BOB)["orgs"][0]["roleInOrg"] == "read"
+    fine = whoami(SCOPED)["auth"]["accessToken"]
+    assert fine["role"] == "fineGrained"
+    (scope,) = fine["fineGrained"]["scoped"]
+    assert scope["entity"]["type"] == "model" and scope["entity"]["name"] == "acme/scoped"
+    assert scope["permissions"] == ["repo.write"]

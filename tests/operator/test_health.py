@@ -6,6 +6,7 @@ MaxRetryError, not an ApiException): the loop must survive it (it used to die fo
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import select
@@ -38,10 +39,35 @@ def get(server: object, path: str) -> tuple[int, dict | str]:
     return code, (json.loads(body) if body.startswith("{") else body)
 
 
+class LoopServer:
+    """health.serve on an event loop in a thread of its own: the operator's event loop, here."""
+
+    def __init__(self, status: health.Health, **kwargs: float) -> None:
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, name="test-event-loop", daemon=True)
+        self.thread.start()
+        started = asyncio.run_coroutine_threadsafe(health.serve(status, "127.0.0.1", 0, **kwargs), self.loop)
+        self.server = started.result(10)
+        self.server_address = self.server.server_address
+
+    def shutdown(self) -> None:
+        async def close() -> None:  # the server, then what its connections' handlers still do
+            self.server.close()
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
+        asyncio.run_coroutine_threadsafe(close(), self.loop).result(10)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)
+        self.loop.close()
+
+
 @pytest.fixture
-def served() -> Iterator[tuple[health.Health, object]]:
+def served() -> Iterator[tuple[health.Health, LoopServer]]:
     status = health.Health()
-    server = health.serve(status, "127.0.0.1", 0)
+    server = LoopServer(status)
     yield status, server
     server.shutdown()
 
@@ -131,7 +157,7 @@ def closed_by_peer(sock: socket.socket) -> bool:
 
 def test_idle_connections_take_no_thread_are_closed_after_the_timeout_and_probes_still_answer() -> None:
     status = health.Health()
-    server = health.serve(status, "127.0.0.1", 0, timeout=1.0, max_connections=20)
+    server = LoopServer(status, timeout=1.0, max_connections=20)
     idle: list[socket.socket] = []
     try:
         threads = threading.active_count()
@@ -150,7 +176,7 @@ def test_idle_connections_take_no_thread_are_closed_after_the_timeout_and_probes
 
 
 def test_a_slow_client_is_closed_after_the_timeout_even_while_it_sends() -> None:
-    server = health.serve(health.Health(), "127.0.0.1", 0, timeout=1.0)
+    server = LoopServer(health.Health(), timeout=1.0)
     slow = socket.create_connection(server.server_address[:2])
     try:
         started = time.monotonic()

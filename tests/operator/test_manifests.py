@@ -101,7 +101,24 @@ def test_checkpoints_on_the_claim_and_run_specific_output() -> None:
     assert "dshm" in volumes, "multi-GPU pods get a memory-backed /dev/shm"
     args = pod["containers"][0]["args"]
     spec = DPOJobSpec.model_validate(DPOJOB["spec"])
-    assert args == ["run", "/etc/dpo-operator/dpojob.yaml", "--output", manifests.work_directory(spec, "llama")]
+    shared = ["--sft-cache", "/checkpoints/sft-cache"]  # SFT models shared with the claim's other DPOJobs
+    output = ["--output", manifests.work_directory(spec, "llama")]
+    assert args == ["run", "/etc/dpo-operator/dpojob.yaml", *shared, *output]
+
+
+def test_the_sft_model_is_shared_on_a_checkpoint_volume_unless_reuse_is_off() -> None:
+    """Only a checkpointVolume outlives the pod and is seen by other DPOJobs; sft.reuse false or SFT off: no cache."""
+
+    def args(**changes: dict) -> list[str]:
+        document = {**DPOJOB, "spec": {**DPOJOB["spec"], **changes}}
+        job = manifests.build_job(document, DPOJobSpec.model_validate(document["spec"]), 3)
+        return job["spec"]["template"]["spec"]["containers"][0]["args"]
+
+    assert "--sft-cache" in args()
+    assert "--sft-cache" not in args(sft={"reuse": False})
+    assert "--sft-cache" not in args(sft={"enabled": False})
+    no_volume = {k: v for k, v in DPOJOB["spec"]["runtime"].items() if k != "checkpointVolume"}
+    assert "--sft-cache" not in args(runtime=no_volume)
 
 
 def test_runs_that_train_the_same_share_a_work_directory() -> None:
@@ -320,7 +337,7 @@ def test_on_current_servers_the_job_fails_at_once_on_a_deterministic_trainer_exi
     assert fail["onExitCodes"] == {
         "containerName": "trainer",
         "operator": "In",
-        "values": [2, 3, 4, 5, 7, 9, 11, 12, 13, 14],
+        "values": [2, 3, 4, 5, 7, 9, 11, 12, 13, 14, 15, 16, 17, 18],
     }
     assert set(fail["onExitCodes"]["values"]) == {EXIT_CODES[r] for r in FAIL_AT_ONCE}
     V1Job.model_validate(job)

@@ -27,6 +27,7 @@ from dpo_operator.progress import parse_line
 
 NS = "e2e"
 REPO_ROOT = Path(__file__).resolve().parents[2]
+SWEEP = REPO_ROOT / "examples" / "sweep"
 MODE = os.environ.get("DPO_E2E_MODE", "container")
 # The stack's start may rebuild the images after a code change (up to a minute; three when cold).
 pytestmark = pytest.mark.timeout(900)
@@ -565,6 +566,50 @@ def test_stop_rules_fail_finish_and_warn_with_the_real_trainer(stack: LocalStack
     assert (warning["status"], warning["reason"]) == ("True", "MetricRule")
     reasons = {e["reason"]: e["type"] for e in events(stack, "rule-finish")}
     assert reasons.get("MetricRule") == "Warning" and reasons.get("StoppedEarly") == "Normal", reasons
+
+
+def test_a_sweep_trains_sft_once(stack: LocalStack) -> None:
+    """examples/sweep (three DPOJobs over beta and loss type), each made tiny like the quickstart, applied together
+    on one checkpoint PVC: one trains SFT, the others wait for it visibly (WaitingForSFT) and reuse it (SFTReused,
+    SFT and its merge skipped), and all three succeed."""
+    kubectl(stack.admin_kubeconfig, "apply", "-f", "-",
+            stdin=yaml.safe_dump(_host_volume("e2e-sweep", "sweep-checkpoints", stack.workdir / "sweep")))  # fmt: skip
+    rendered = [d for d in yaml.safe_load_all(kubectl(stack.admin_kubeconfig, "kustomize", str(SWEEP))) if d]
+    documents = []
+    for variant in rendered:
+        name = variant["metadata"]["name"]
+        document = quickstart_for_cluster(NS, name=name, repo=f"{HUB_USER}/{name}")
+        spec = document["spec"]
+        spec["dpo"].update(beta=variant["spec"]["dpo"]["beta"], lossType=variant["spec"]["dpo"]["lossType"])
+        spec["sft"].update(maxSteps=100)  # a window in which the others start and find SFT being trained
+        spec["runtime"]["checkpointVolume"] = {"claimName": "sweep-checkpoints"}
+        documents.append(document)
+    kubectl(stack.admin_kubeconfig, "apply", "-f", "-", stdin=yaml.safe_dump({"apiVersion": "v1", "kind": "List",
+                                                                             "items": documents}))  # fmt: skip
+    names = [d["metadata"]["name"] for d in documents]
+    seen_waiting: set[str] = set()
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        finals = {name: stack.get_dpojob(NS, name) for name in names}
+        seen_waiting |= {n for n, o in finals.items() if (o.get("status") or {}).get("reason") == "WaitingForSFT"}
+        if all(phase(o) in ("Succeeded", "Failed") for o in finals.values()):
+            break
+        time.sleep(1)
+    assert {n: phase(o) for n, o in finals.items()} == dict.fromkeys(names, "Succeeded"), finals
+    shared = {n: o["status"]["sftModel"] for n, o in finals.items()}
+    (trainer,) = [n for n, s in shared.items() if s["source"] == "trained"]
+    reusers = [n for n in names if n != trainer]
+    assert all(shared[n]["source"] == "reused" and shared[n]["from"] == f"{NS}/{trainer}" for n in reusers), shared
+    assert len({s["digest"] for s in shared.values()}) == 1
+    adapters = sorted(p.parents[2].name for p in (stack.workdir / "sweep").glob("*/sft/adapter/*.safetensors"))
+    assert len(adapters) == 1 and adapters[0].startswith(trainer), f"SFT trained once: {adapters}"
+    published = [p.name for p in (stack.workdir / "sweep" / "sft-cache").iterdir() if p.is_dir()]
+    assert published == [shared[trainer]["digest"]]
+    waited = {n for n in reusers if "WaitingForSFT" in {e["reason"] for e in events(stack, n)}} | seen_waiting
+    assert waited, "a DPOJob started together with the trainer waited for it visibly"
+    for name in reusers:
+        reused = [e for e in events(stack, name) if e["reason"] == "SFTReused"]
+        assert len(reused) == 1 and shared[name]["digest"] in reused[0]["message"], events(stack, name)
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,7 @@ from dpojob_api.progress import (
     Preflight,
     ProgressLine,
     RuleFired,
+    SFTModel,
     StageEnd,
     StageLog,
     StageStart,
@@ -150,6 +151,7 @@ def test_status_shows_metrics_to_four_significant_digits() -> None:
         TrainerFailed(reason=Reason.DATASET_ERROR, message="no column x"),
         RuleFired(stage=Stage.DPO, step=10, rule="flat", action="finish", reason=Reason.STOPPED_BY_RULE, message="m"),
         Preflight(estimates={"sft": 24.6, "dpo": 10.6}, gpuMemoryGiB=79.2),
+        SFTModel(digest="0123456789abcdef", source="reused", origin="team/sweep-a", message="reused x from y"),
     ],
     ids=lambda line: line.event,
 )
@@ -216,3 +218,24 @@ def test_the_preflight_estimate_reaches_status_and_a_hostile_one_is_bounded() ->
     hostile = TrainerProgress()
     fold(hostile, line("preflight", estimates={"evil": 1.0, "sft": -3, "dpo": "x"}, gpuMemoryGiB=-1))
     assert hostile.status_fields() == {}
+
+
+def test_the_sft_model_reaches_status_the_latest_word_winning_and_a_hostile_one_is_dropped() -> None:
+    progress = TrainerProgress()
+    waiting = SFTModel(digest="0123456789abcdef", source="waiting", origin="team/a", message="waiting for x")
+    fold(progress, waiting.line())
+    assert progress.status_fields() == {
+        "sftModel": {"digest": "0123456789abcdef", "source": "waiting", "from": "team/a", "message": "waiting for x"}
+    }
+    fold(progress, SFTModel(digest="0123456789abcdef", source="reused", origin="team/a", message="reused").line())
+    assert progress.status_fields()["sftModel"]["source"] == "reused"
+    hostile = TrainerProgress()
+    for text in (
+        line("sft_model", digest="../../etc", source="reused", origin="x"),
+        line("sft_model", digest="0123456789abcdef", source="stolen", origin="x"),
+    ):
+        fold(hostile, text)
+    assert hostile.status_fields() == {}
+    odd_origin = TrainerProgress()
+    fold(odd_origin, line("sft_model", digest="0123456789abcdef", source="reused", origin="a\nb" + "x" * 600))
+    assert "from" not in odd_origin.status_fields()["sftModel"]

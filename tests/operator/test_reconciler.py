@@ -300,3 +300,39 @@ def test_podless_jobs_of_a_namespace_share_one_failed_create_listing() -> None:
     assert message is None and 0 < retry_in <= PodCreationErrors.REFRESH_S and events.listings == 1
     errors.REFRESH_S = 0.0
     assert errors.lookup(job("uid-3", 9)) == (None, 0.0) and events.listings == 2, "taken again when allowed"
+
+
+def test_an_output_directory_off_the_pods_writable_volumes_is_refused_even_with_a_hub_output() -> None:
+    """The trainer pod's root filesystem is read-only: a model copied anywhere but onto one of its writable volumes
+    would fail after the whole training, so the spec is refused before any pod, naming the field and the way out."""
+    base = {**SPEC, "output": {"hub": {"repoId": "org/m"}}}
+    output_volume = {"outputVolume": {"claimName": "models"}}
+    refused = [
+        ({"directory": "/models/m"}, {}),
+        ({"directory": "model"}, {}),
+        ({"directory": "/output/m"}, {}),  # no output volume there
+        ({"directory": "/output/m"}, {"outputVolume": {"claimName": "models", "readOnly": True}}),
+        ({"directory": "/data/m"}, {"dataVolume": {"claimName": "data", "readOnly": True}}),
+        ({"directory": "/tmp/../etc/m"}, {}),
+    ]
+    for output, runtime in refused:
+        spec = {**base, "output": {**base["output"], **output}, "runtime": runtime}
+        _, error = validate_spec(spec)
+        assert error is not None and error.startswith("spec.output.directory:"), (output, runtime, error)
+        assert "spec.runtime.outputVolume" in error and "read-only" in error
+    accepted = [
+        ({"directory": "/output/m"}, output_volume),
+        ({"directory": "/output"}, output_volume),
+        ({"directory": "/tmp/model"}, {}),  # scratch: lost with the pod, but the Hub has the model
+        ({"directory": "/checkpoints/final"}, {}),
+        ({"directory": "/data/m"}, {"dataVolume": {"claimName": "data"}}),
+    ]
+    for output, runtime in accepted:
+        spec = {**base, "output": {**base["output"], **output}, "runtime": runtime}
+        assert validate_spec(spec)[1] is None, (output, runtime)
+
+
+def test_a_read_only_checkpoint_volume_is_refused() -> None:
+    spec = {**SPEC, "runtime": {"checkpointVolume": {"claimName": "work", "readOnly": True}}}
+    _, error = validate_spec(spec)
+    assert error is not None and error.startswith("spec.runtime.checkpointVolume.readOnly")

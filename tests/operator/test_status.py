@@ -314,6 +314,7 @@ def test_status_documents_validate_against_the_crd_status_schema() -> None:
                 "efficiency": {"dpo": {"seconds": 12.5, "gpuHours": 0.01, "stepsPerSecond": 1.5}},
                 "provenance": {"model": "org/base@main", "modelSha": "a" * 40, "datasets": [], "libraries": {}},
                 "preflight": {"estimatedGiB": {"dpo": 10.6}, "gpuMemoryGiB": 79.2},
+                "sftModel": {"digest": "0123456789abcdef", "source": "reused", "from": "ns/a", "message": "m"},
             },
         ),
     ]
@@ -549,3 +550,29 @@ def test_the_summary_is_kept_and_may_arrive_after_the_outcome() -> None:
     assert late["provenance"]["libraries"] == {"trl": "1.16.0"} and late["efficiency"]["dpo"]["seconds"] == 12.5
     restarted = observe(late, job=job(succeeded=1, conditions=[{"type": "Complete", "status": "True"}]))
     assert restarted["provenance"] == late["provenance"] and restarted["phase"] == "Succeeded"
+
+
+def _sft_progress(source: str) -> dict:
+    message = f"{source} 0123456789abcdef from team/sweep-a"
+    return {"stage": "sft", "sftModel": {"digest": "0123456789abcdef", "source": source, "from": "team/sweep-a",
+                                         "message": message}}  # fmt: skip
+
+
+def test_waiting_for_a_shared_sft_model_is_the_reason_and_reusing_it_an_event() -> None:
+    """Another DPOJob trains the same SFT model: REASON says WaitingForSFT (an Event says for whom); once it is
+    published this run reuses it: one SFTReused Event, the reason cleared, status.sftModel kept for the run."""
+    running = {"job": job(active=1), "pods": [pod("p1", "Running", running={})]}
+    before = observe(**running)
+    waiting = observe(before, progress=_sft_progress("waiting"), **running)
+    assert (waiting["phase"], waiting["reason"]) == ("Running", "WaitingForSFT")
+    assert waiting["sftModel"]["from"] == "team/sweep-a"
+    assert [(e.type, e.reason) for e in transition_events(before, waiting) if "SFT" in e.reason] == [
+        ("Normal", "WaitingForSFT")
+    ]
+    reused = observe(waiting, progress=_sft_progress("reused"), **running)
+    assert "reason" not in reused and reused["sftModel"]["source"] == "reused"
+    (event,) = [e for e in transition_events(waiting, reused) if "SFT" in e.reason]
+    assert (event.type, event.reason) == ("Normal", "SFTReused") and "team/sweep-a" in event.message
+    later = observe(reused, progress={"stage": "dpo"}, **running)
+    assert later["sftModel"] == reused["sftModel"], "carried while the run lasts"
+    assert not [e for e in transition_events(reused, later) if "SFT" in e.reason], "posted once"

@@ -162,7 +162,10 @@ def hub(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
     """A local Hub for the whole session; this process's huggingface_hub is pointed at nothing global."""
     from huggingface_hub import constants
 
-    with pytest.MonkeyPatch.context() as patch, LocalHub(tmp_path_factory.mktemp("hub"), {HUB_TOKEN: HUB_USER}) as h:
+    # The seed's dataset lives under lvwerra/: the tester writes there as a member of an organization of that name.
+    orgs = {"lvwerra": {HUB_USER: "write"}}
+    root = tmp_path_factory.mktemp("hub")
+    with pytest.MonkeyPatch.context() as patch, LocalHub(root, {HUB_TOKEN: HUB_USER}, orgs=orgs) as h:
         patch.setattr(constants, "HF_HUB_OFFLINE", False)
         patch.setattr(constants, "HF_HUB_DISABLE_XET", True)
         patch.setattr(constants, "HF_HUB_DISABLE_TELEMETRY", True)

@@ -4,20 +4,33 @@ from __future__ import annotations
 
 import io
 import json
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from dpo_dev.hub import LocalHub
 from dpo_trainer.context import RunContext, RunState
-from dpo_trainer.errors import HubError
+from dpo_trainer.errors import DatasetError, HubError, HubReadDenied, HubWriteDenied, RunRevisionTaken
+from dpo_trainer.hub import check_sources, check_token, tag_commit
 from dpo_trainer.hub import run as push_stage
-from dpo_trainer.hub import tag_commit
 from dpo_trainer.layout import CARD_FILE, PLOT_FILE, RunLayout
 from dpo_trainer.progress import Reporter
 from dpojob_api.spec import DPOJobSpec
 
-from .conftest import HUB_TOKEN, PUSH_BRANCH, PUSH_REPO, CliRun, assert_failed, hub_env, quickstart_job, run_cli
+from .conftest import (
+    HUB_TOKEN,
+    HUB_USER,
+    PUSH_BRANCH,
+    PUSH_REPO,
+    TINY_MODEL,
+    CliRun,
+    assert_failed,
+    hub_env,
+    quickstart_job,
+    run_cli,
+)
 
 
 def test_pushed_files_download_identical(quickstart_run: CliRun, hub: LocalHub, tmp_path: Path) -> None:
@@ -127,3 +140,180 @@ def test_private_true_warns_when_the_existing_repo_is_public_and_still_pushes(
     assert warned is public
     info = api.model_info(repo_id)
     assert info.sha == commit and info.private is not public, "pushed; the visibility is left as it was"
+
+
+READER, OUTSIDER, BOB, SCOPED = (
+    "reader-token-0123456789",
+    "alice-token-0123456789",
+    "bob-token-0123456789",
+    "fine-0123456789",
+)
+
+
+@pytest.fixture(scope="module")
+def guarded_hub(hub: LocalHub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
+    """A Hub with the refusals a user meets (the session `hub` set the client up): tester's write, read and
+    fine-grained (acme/scoped only) tokens, alice's and bob's; tester writes in the organization acme, bob reads."""
+    from dpo_dev.hub import HubToken
+
+    tokens = {
+        HUB_TOKEN: HUB_USER,
+        READER: HubToken(HUB_USER, "read"),
+        SCOPED: HubToken(HUB_USER, "fineGrained", scoped={"acme/scoped": ["repo.write"]}),
+        OUTSIDER: "alice",
+        BOB: "bob",
+    }
+    root = tmp_path_factory.mktemp("guarded-hub")
+    with LocalHub(root, tokens, orgs={"acme": {HUB_USER: "write", "bob": "read"}}) as guarded:
+        yield guarded
+
+
+def _context(tmp_path: Path, token: str | None, generation: int = 1, **spec: object) -> RunContext:
+    layout = RunLayout(tmp_path / "run")
+    document = quickstart_job(**spec)["spec"]
+    metadata = {"name": "m", "generation": generation}
+    return RunContext(
+        DPOJobSpec.model_validate(document), layout, Reporter(io.StringIO()), token, RunState(layout.state), metadata
+    )
+
+
+@pytest.fixture
+def on_guarded_hub(guarded_hub: LocalHub) -> Iterator[LocalHub]:
+    """This process's huggingface_hub pointed at the guarded Hub."""
+    from huggingface_hub import constants
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(constants, "ENDPOINT", guarded_hub.url)
+        yield guarded_hub
+
+
+@pytest.mark.parametrize(
+    ("token", "repo_id", "refusal"),
+    [
+        (READER, "tester/m", "HF_TOKEN is a read token of tester"),
+        (OUTSIDER, "tester/m", "belongs to alice, who is neither tester nor a member of the organization tester"),
+        (BOB, "acme/m", "bob is a read member of the organization acme: pushing needs the write or admin role"),
+        (SCOPED, "tester/m", "fine-grained token of tester without write access (repo.write) to tester"),
+        (HUB_TOKEN, "tester/m", None),
+        (HUB_TOKEN, "acme/m", None),
+        (SCOPED, "acme/scoped", None),
+    ],
+)
+def test_the_token_must_be_able_to_write_the_target_namespace(
+    on_guarded_hub: LocalHub, tmp_path: Path, token: str, repo_id: str, refusal: str | None
+) -> None:
+    ctx = _context(tmp_path, token, output={"hub": {"repoId": repo_id}})
+    if refusal is None:
+        check_token(ctx)
+        return
+    with pytest.raises(HubWriteDenied) as denied:
+        check_token(ctx)
+    assert str(denied.value).startswith(f"spec.output.hub.repoId {repo_id!r}: ") and refusal in str(denied.value)
+
+
+def test_an_existing_repo_the_hub_refuses_to_this_token_is_refused_before_training(
+    on_guarded_hub: LocalHub, tmp_path: Path
+) -> None:
+    """whoami says acme is writable, the Hub's auth-check of the repo itself says no (a fine-grained token scoped
+    to one repo of the organization)."""
+    from huggingface_hub import HfApi
+
+    HfApi(token=HUB_TOKEN).create_repo("acme/other", exist_ok=True)
+    ctx = _context(tmp_path, SCOPED, output={"hub": {"repoId": "acme/other"}})
+    with pytest.raises(HubWriteDenied, match="'acme/other'"):
+        check_token(ctx)
+
+
+def test_a_read_token_fails_the_run_in_seconds_before_anything_is_downloaded(
+    guarded_hub: LocalHub, tmp_path: Path
+) -> None:
+    started = time.monotonic()
+    run = run_cli(
+        quickstart_job(output={"hub": {"repoId": "tester/never"}}), tmp_path, env=hub_env(guarded_hub, READER)
+    )
+    assert_failed(run, "HubWriteDenied", "spec.output.hub.repoId 'tester/never'", "read token")
+    assert not [e for e in run.events if e["event"] == "stage_start"]
+    assert READER not in run.stdout + run.stderr
+    assert time.monotonic() - started < 60
+
+
+def test_the_runs_tag_of_another_run_fails_before_training_and_its_own_tag_is_a_resume(
+    on_guarded_hub: LocalHub, tmp_path: Path
+) -> None:
+    """A DPOJob deleted and recreated under the same name starts again at generation 1: run-g1 of the target names
+    the earlier DPOJob's commit, and the push would fail at the tag after the whole training. A tag on the commit
+    this run's work directory recorded (a pod stopped after tagging) is this run's own."""
+    from huggingface_hub import HfApi
+
+    api = HfApi(token=HUB_TOKEN)
+    repo_id = api.create_repo("tester/replaced", exist_ok=True).repo_id
+    earlier = api.upload_file(path_or_fileobj=b"earlier", path_in_repo="a.txt", repo_id=repo_id).oid
+    api.create_tag(repo_id, tag="run-g1", revision=earlier)
+    ctx = _context(tmp_path, HUB_TOKEN, output={"hub": {"repoId": repo_id}})
+    with pytest.raises(RunRevisionTaken) as taken:
+        check_token(ctx)
+    assert f"the tag run-g1 of {repo_id} already names commit {earlier}, which this run did not push" in str(
+        taken.value
+    )
+    assert "spec.output.hub.runRevision: none" in str(taken.value)
+    check_token(_context(tmp_path, HUB_TOKEN, generation=2, output={"hub": {"repoId": repo_id}}))
+    check_token(_context(tmp_path, HUB_TOKEN, output={"hub": {"repoId": repo_id, "runRevision": "none"}}))
+    ctx.write_json(ctx.layout.push_result, {"repoId": repo_id, "commitSha": earlier})
+    check_token(ctx)
+
+    branch = _context(tmp_path / "branch", HUB_TOKEN, output={"hub": {"repoId": repo_id, "runRevision": "branch"}})
+    api.create_branch(repo_id, branch="run-g1")
+    check_token(branch)  # created, nothing pushed on it yet: a pod stopped before its upload
+    api.upload_file(path_or_fileobj=b"other", path_in_repo="a.txt", repo_id=repo_id, revision="run-g1")
+    with pytest.raises(RunRevisionTaken, match="the branch run-g1"):
+        check_token(branch)
+
+
+def test_a_tag_clash_fails_the_run_in_seconds(guarded_hub: LocalHub, tmp_path: Path) -> None:
+    from huggingface_hub import HfApi
+
+    api = HfApi(endpoint=guarded_hub.url, token=HUB_TOKEN)
+    repo_id = api.create_repo("tester/gitops-replaced", exist_ok=True).repo_id
+    api.create_tag(repo_id, tag="run-g1")
+    job = quickstart_job(output={"hub": {"repoId": repo_id}})
+    job["metadata"]["generation"] = 1
+    run = run_cli(job, tmp_path, env=hub_env(guarded_hub))
+    assert_failed(run, "RunRevisionTaken", "the tag run-g1 of tester/gitops-replaced")
+    assert not [e for e in run.events if e["event"] == "stage_start"]
+
+
+def test_a_gated_or_private_source_the_token_cannot_read_fails_naming_its_field(
+    on_guarded_hub: LocalHub, tmp_path: Path
+) -> None:
+    from huggingface_hub import HfApi
+
+    alice = HfApi(token=OUTSIDER)
+    model = alice.create_repo("alice/gated-llama", exist_ok=True).repo_id
+    alice.upload_file(
+        path_or_fileobj=(TINY_MODEL / "config.json").read_bytes(), path_in_repo="config.json", repo_id=model
+    )
+    alice.update_repo_settings(model, gated="manual")
+    dataset = alice.create_repo("alice/pairs", repo_type="dataset", private=True, exist_ok=True).repo_id
+    gated_model = DPOJobSpec.model_validate(quickstart_job(model={"name": model})["spec"])
+    with pytest.raises(HubReadDenied) as denied:
+        check_sources(gated_model, HUB_TOKEN)
+    assert str(denied.value).startswith(f"spec.model.name {model!r} is a gated model and HF_TOKEN's user was not")
+    assert "request access" in str(denied.value)
+    job = quickstart_job()
+    job["spec"]["data"]["dpo"]["source"] = {"hub": {"name": dataset}}
+    with pytest.raises(DatasetError, match=f"spec.data.dpo.source.hub.name {dataset!r}: no such dataset .* private"):
+        check_sources(DPOJobSpec.model_validate(job["spec"]), HUB_TOKEN)
+    check_sources(DPOJobSpec.model_validate(job["spec"]), OUTSIDER)
+    alice.grant_access(model, HUB_USER)
+    check_sources(gated_model, HUB_TOKEN)
+
+
+def test_a_gated_base_model_fails_the_run_in_seconds(guarded_hub: LocalHub, tmp_path: Path) -> None:
+    from huggingface_hub import HfApi
+
+    alice = HfApi(endpoint=guarded_hub.url, token=OUTSIDER)
+    model = alice.create_repo("alice/gated-base", exist_ok=True).repo_id
+    alice.update_repo_settings(model, gated="auto")
+    run = run_cli(quickstart_job(model={"name": model}), tmp_path, env=hub_env(guarded_hub))
+    assert_failed(run, "HubReadDenied", f"spec.model.name {model!r} is a gated model")
+    assert not [e for e in run.events if e["event"] in ("stage_start", "preflight")], "not even config.json"

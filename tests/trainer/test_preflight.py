@@ -4,13 +4,14 @@ in seconds, before anything is downloaded or trained."""
 from __future__ import annotations
 
 import json
+import os
 import time
 from pathlib import Path
 
 import pytest
 
 from dpo_trainer import preflight
-from dpo_trainer.errors import InvalidSpec
+from dpo_trainer.errors import InvalidSpec, OutputNotWritable
 from dpo_trainer.models import lora_config
 from dpojob_api.spec import DPOJobSpec
 from dpojob_api.vocabulary import Stage
@@ -96,3 +97,32 @@ def test_a_fitting_run_reports_its_estimate(tmp_path: Path) -> None:
     assert run.returncode == 0, run.stderr[-3000:]
     (event,) = [e for e in run.events if e["event"] == "preflight"]
     assert set(event["estimates"]) == {"dpo"} and 0 < event["estimates"]["dpo"] < 1 and event["gpuMemoryGiB"] == 1.0
+
+
+def _unwritable(tmp_path: Path) -> Path:
+    """A directory nobody can create: under a read-only directory, or for root (who writes through modes) on sysfs."""
+    if os.geteuid() == 0:
+        return Path("/sys/dpo-trainer-test/out")
+    locked = tmp_path / "read-only"
+    locked.mkdir(mode=0o555)
+    return locked / "out"
+
+
+def test_an_output_directory_that_cannot_be_written_fails_before_anything_else(tmp_path: Path) -> None:
+    target = _unwritable(tmp_path)
+    spec = _spec(output={"directory": str(target)})
+    with pytest.raises(OutputNotWritable) as refused:
+        preflight.check_writable(spec, tmp_path / "work")
+    assert str(refused.value).startswith(f"spec.output.directory {str(target)!r} is not writable")
+    assert "spec.runtime.outputVolume" in str(refused.value)
+    with pytest.raises(OutputNotWritable, match="the work directory"):
+        preflight.check_writable(_spec(), target)
+    preflight.check_writable(_spec(output={"directory": str(tmp_path / "model")}), tmp_path / "work")
+    assert (tmp_path / "model").is_dir() and not list((tmp_path / "model").iterdir()), "the probe is removed"
+
+
+def test_an_unwritable_output_directory_fails_the_run_in_seconds(tmp_path: Path) -> None:
+    target = _unwritable(tmp_path)
+    run = run_cli(quickstart_job(output={"directory": str(target)}), tmp_path)
+    assert_failed(run, "OutputNotWritable", f"spec.output.directory {str(target)!r}")
+    assert not [e for e in run.events if e["event"] in ("preflight", "stage_start")], "nothing read or downloaded"

@@ -197,6 +197,14 @@ def provenance_section(recorded: dict[str, Any], cost: dict[str, dict[str, float
     return "\n".join(lines) or "Not recorded."
 
 
+def sft_model_line(shared: dict[str, Any] | None) -> str:
+    """Which shared SFT model DPO started from (dpo_trainer.sft_cache), as a provenance line; "" when not shared."""
+    if not shared:
+        return ""
+    how = "trained by this run" if shared.get("source") == "trained" else f"reused from {shared.get('from')}"
+    return f"\n- SFT model: `{shared.get('digest')}` ({how}; SFT identity in `{shared.get('path')}/origin.json`)"
+
+
 def render_card(
     ctx: RunContext,
     dpo_metrics: dict[str, float],
@@ -250,7 +258,8 @@ def render_card(
     if gpu_memory:
         sections += ["## GPU memory", gpu_memory_table(gpu_memory)]
     trained: list[TrainingStage] = [Stage.SFT, Stage.DPO] if spec.sft.enabled else [Stage.DPO]
-    sections += ["## Provenance", provenance_section(ctx.provenance, provenance.efficiency(ctx, trained))]
+    recorded = provenance_section(ctx.provenance, provenance.efficiency(ctx, trained))
+    sections += ["## Provenance", recorded + sft_model_line(ctx.sft_source)]
     spec_yaml = yaml.safe_dump(model_identity(given), sort_keys=False)
     sections += [
         "## Training spec",

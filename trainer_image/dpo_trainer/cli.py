@@ -1,4 +1,5 @@
-"""`dpo-trainer run SPEC.yaml [--output DIR] [--nproc N]`: the trainer pod's entrypoint, also runnable on a laptop.
+"""`dpo-trainer run SPEC.yaml [--output DIR] [--sft-cache CACHE] [--nproc N]`: the trainer pod's entrypoint, also
+runnable on a laptop.
 
 SPEC.yaml is the very DPOJob a user applies with kubectl (multi-document files are fine; the DPOJob
 document is used). Heavy libraries (torch, transformers, TRL) are imported by the stages that need them,
@@ -69,6 +70,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=Path,
         metavar="DIR",
         help="work directory for stages, checkpoints and summary.json (default: spec.checkpointing.directory)",
+    )
+    run.add_argument(
+        "--sft-cache",
+        type=Path,
+        metavar="CACHE",
+        help="share the merged SFT model with other runs through this directory: a run whose SFT identity was "
+        "trained there skips SFT, one started while another trains it waits (spec.sft.reuse: false opts out)",
     )
     run.add_argument(
         "--nproc",
@@ -172,14 +180,16 @@ def _run(argv: list[str] | None) -> int:
         job = parse_job(document)
         spec = resolve_local_paths(job.spec)
         out_dir = (args.output or Path(spec.checkpointing.directory)).expanduser().absolute()
+        sft_cache = args.sft_cache.expanduser().absolute() if args.sft_cache else None
         nproc = launch.processes(args.nproc, spec.runtime.gpus)
         if nproc > 1:
+            shared = ["--sft-cache", str(sft_cache)] if sft_cache else []
             write_termination_message(
-                launch.run_workers(nproc, ["run", str(args.spec), "--output", str(out_dir)]), secrets
+                launch.run_workers(nproc, ["run", str(args.spec), "--output", str(out_dir), *shared]), secrets
             )
             return 0
         reporter.stream = claim_stdout()
-        summary = pipeline.run(spec, out_dir, reporter, token, run_metadata(document, job))
+        summary = pipeline.run(spec, out_dir, reporter, token, run_metadata(document, job), sft_cache)
     except (Exception, KeyboardInterrupt) as exc:
         return fail(classify(exc), exc, reporter, out_dir, secrets)
     reporter.emit(Done(summary=to_json_safe(summary)))

@@ -128,6 +128,10 @@ class RunContext:
     timings: dict[str, dict[str, Any]] = field(default_factory=dict)
     provenance: dict[str, Any] = field(default_factory=dict)
     """What the model came from (dpo_trainer.provenance): resolved revisions and library versions."""
+    sft_model: Path | None = None
+    """The merged SFT model DPO trains on when it is not this run's own (reused from dpo_trainer.sft_cache)."""
+    sft_source: dict[str, Any] | None = None
+    """Where the SFT model came from when it is shared (sft_cache.SharedSFT.status): summary.json, the card."""
 
     @property
     def secrets(self) -> tuple[str, ...]:

@@ -89,6 +89,22 @@ class Diverged(TrainerError):
     reason = Reason.DIVERGED
 
 
+class HubWriteDenied(TrainerError):
+    reason = Reason.HUB_WRITE_DENIED
+
+
+class RunRevisionTaken(TrainerError):
+    reason = Reason.RUN_REVISION_TAKEN
+
+
+class OutputNotWritable(TrainerError):
+    reason = Reason.OUTPUT_NOT_WRITABLE
+
+
+class HubReadDenied(TrainerError):
+    reason = Reason.HUB_READ_DENIED
+
+
 ALL_ERRORS: tuple[type[TrainerError], ...] = (
     InvalidSpec,
     DatasetError,
@@ -104,6 +120,10 @@ ALL_ERRORS: tuple[type[TrainerError], ...] = (
     StoppedByRule,
     Diverged,
     InsufficientGPUMemory,
+    HubWriteDenied,
+    RunRevisionTaken,
+    OutputNotWritable,
+    HubReadDenied,
 )
 
 

@@ -1,5 +1,11 @@
-"""The `push` stage, a pre-flight token check so a bad token fails before hours of training, and reading the
-card of the model a push would replace.
+"""The `push` stage, the preflight Hub checks so a push that cannot succeed fails before hours of training, and
+reading the card of the model a push would replace.
+
+Preflight (before any download): every Hub repo the run reads (the base model, each dataset) is readable with the
+token (`check_sources`: a gated repo not granted is HubReadDenied); and with output.hub, `check_token`: the token
+is valid (HubAuthError), may write into the target's namespace — whoami's role, user, organizations (roleInOrg)
+and fine-grained scopes, then the Hub's own auth-check of an existing repo (HubWriteDenied) — and the run's tag or
+branch is free or this run's own (RunRevisionTaken).
 
 huggingface_hub reads HF_ENDPOINT when it is imported, so a private Hub (or the tests' local one) is
 chosen by the environment, never by the spec.
@@ -20,13 +26,24 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dpo_trainer.context import RunContext
-from dpo_trainer.errors import HubAuthError, HubError, classify, reraise
+from dpo_trainer.errors import (
+    DatasetError,
+    HubAuthError,
+    HubError,
+    HubReadDenied,
+    HubWriteDenied,
+    ModelLoadError,
+    RunRevisionTaken,
+    classify,
+    reraise,
+)
 from dpo_trainer.layout import CARD_FILE
+from dpo_trainer.specfile import looks_like_path
 
 if TYPE_CHECKING:
     from huggingface_hub import HfApi
 
-    from dpojob_api.spec import HubOutput
+    from dpojob_api.spec import DPOJobSpec, HubOutput
 
 WEIGHT_FILES = (
     "model.safetensors",
@@ -40,8 +57,14 @@ WEIGHT_FILES = (
 delete_patterns: those of the target the push does not replace are deleted in its commit."""
 
 
+ORG_WRITE_ROLES = frozenset({"write", "admin", "contributor"})
+"""Organization roles that may create repos in it (a contributor: its own repos; the Hub's auth-check of an existing
+repo says the rest)."""
+
+
 def check_token(ctx: RunContext) -> None:
-    """Pushing needs a token the Hub accepts; checked up front. A server without whoami is not an error."""
+    """Pushing needs a token the Hub accepts that may write the target; checked up front. A server without whoami is
+    not an error."""
     hub = ctx.spec.output.hub
     if hub is None:
         return
@@ -49,15 +72,163 @@ def check_token(ctx: RunContext) -> None:
         raise HubAuthError(f"output.hub.repoId {hub.repo_id!r} is set but HF_TOKEN is empty: a push needs a token")
     from huggingface_hub import HfApi
 
+    api = HfApi(token=ctx.token)
     try:
-        info = HfApi(token=ctx.token).whoami()
+        info = api.whoami()
     except Exception as exc:
         error = classify(exc, HubError, "checking HF_TOKEN with the Hub")
         if isinstance(error, HubAuthError):
             raise error from exc
         return
-    if info.get("auth", {}).get("accessToken", {}).get("role") == "read":
-        raise HubAuthError(f"HF_TOKEN is a read-only token: it cannot push to {hub.repo_id!r}")
+    refusal = write_refusal(info, hub.repo_id)
+    if refusal:
+        raise HubWriteDenied(f"spec.output.hub.repoId {hub.repo_id!r}: {refusal}")
+    if _may_write_existing(api, hub.repo_id):
+        check_run_revision(ctx, api)
+
+
+def write_refusal(whoami: dict[str, Any], repo_id: str) -> str | None:
+    """Why whoami's token may not write into repo_id's namespace, or None: its role (read; fineGrained without
+    repo.write on the namespace or the repo), and the namespace (the user's own, or an organization where the user
+    has a writing role)."""
+    namespace = repo_id.split("/")[0]
+    user = whoami.get("name")
+    access = (whoami.get("auth") or {}).get("accessToken") or {}
+    role = access.get("role")
+    if role == "read":
+        return f"HF_TOKEN is a read token of {user}: a push needs a write token"
+    if namespace != user:
+        orgs = {org.get("name"): org.get("roleInOrg") for org in whoami.get("orgs") or []}
+        if namespace not in orgs:
+            member_of = ", ".join(sorted(filter(None, orgs))) or "none"
+            return (
+                f"HF_TOKEN belongs to {user}, who is neither {namespace} nor a member of the organization {namespace} "
+                f"(member of: {member_of}); use a token of a user who may write there, or a repoId under {user}/"
+            )
+        if orgs[namespace] is not None and orgs[namespace] not in ORG_WRITE_ROLES:
+            return (
+                f"HF_TOKEN's user {user} is a {orgs[namespace]} member of the organization {namespace}: pushing needs "
+                "the write or admin role there"
+            )
+    if role == "fineGrained":
+        scoped = ((access.get("fineGrained") or {}).get("scoped")) or []
+        if not any(
+            (entry.get("entity") or {}).get("name") in (namespace, repo_id)
+            and "repo.write" in entry.get("permissions", [])
+            for entry in scoped
+        ):
+            return (
+                f"HF_TOKEN is a fine-grained token of {user} without write access (repo.write) to {namespace} or "
+                f"{repo_id}: add it to the token's permissions, or use a write token"
+            )
+    return None
+
+
+def _may_write_existing(api: HfApi, repo_id: str) -> bool:
+    """The Hub's own verdict on an existing repo (auth-check/write): True when it exists and may be written, False
+    when it does not exist yet (the push creates it) or the Hub cannot say; HubWriteDenied when refused."""
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    try:
+        api.auth_check(repo_id, write=True)
+    except RepositoryNotFoundError:
+        return False
+    except HfHubHTTPError as exc:
+        if exc.response is not None and exc.response.status_code == 403:
+            raise HubWriteDenied(
+                f"spec.output.hub.repoId {repo_id!r}: the Hub refuses HF_TOKEN write access to this repo (HTTP 403); "
+                "use a token of a user who may write it, or another repoId"
+            ) from None
+        return False
+    except Exception:
+        return False
+    return True
+
+
+def check_run_revision(ctx: RunContext, api: HfApi) -> None:
+    """The run's tag or branch (run_ref) must be free, or name what this run pushed (its work directory's record:
+    a resumed push), or, a branch, still be where it started (nothing pushed on it yet). Otherwise another run
+    pushed there — a DPOJob deleted and recreated under the same name starts again at generation 1 — and the push
+    would fail at the tag (or mix two runs on one branch) after all the training."""
+    hub = ctx.spec.output.hub
+    assert hub is not None
+    ref = run_ref(ctx)
+    if ref is None:
+        return
+    try:
+        refs = api.list_repo_refs(hub.repo_id)
+    except Exception:
+        return  # the push stage meets (and reports) whatever this was
+    kind = "tag" if hub.run_revision == "tag" else "branch"
+    found = {r.name: r.target_commit for r in (refs.tags if kind == "tag" else refs.branches)}.get(ref)
+    if found is None:
+        return
+    pushed = ctx.read_json(ctx.layout.push_result) or {}
+    if pushed.get("repoId") == hub.repo_id and pushed.get("commitSha") == found:
+        return
+    if kind == "branch":
+        start = {r.name: r.target_commit for r in refs.branches}.get(hub.revision or "main")
+        if found == start:
+            return
+    raise RunRevisionTaken(
+        f"spec.output.hub.runRevision: the {kind} {ref} of {hub.repo_id} already names commit {found}, which this "
+        "run did not push (an earlier DPOJob of the same name, deleted and recreated, starts again at generation "
+        f"1?): delete that {kind} on the Hub, set spec.output.hub.runRevision: none, or push to another "
+        "spec.output.hub.repoId"
+    )
+
+
+def check_sources(spec: DPOJobSpec, token: str | None) -> None:
+    """Every Hub repo the run reads (spec.model.name, the datasets of spec.data) readable with the token, asked with
+    the Hub's auth-check (no file is downloaded): a gated repo not granted is HubReadDenied, a repo that is missing
+    or private to others is the stage's own reason (ModelLoadError, DatasetError). Skipped offline."""
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError
+
+    if constants.HF_HUB_OFFLINE:
+        return
+    repos: list[tuple[str, str, str, type[ModelLoadError | DatasetError]]] = []
+    if not looks_like_path(spec.model.name):
+        repos.append(("spec.model.name", spec.model.name, "model", ModelLoadError))
+    for field, source in _hub_sources(spec):
+        repos.append((field, source, "dataset", DatasetError))
+    api = HfApi(token=token)
+    for field, repo_id, kind, missing in repos:
+        try:
+            api.auth_check(repo_id, repo_type=kind)
+        except GatedRepoError:
+            who = "HF_TOKEN's user" if token else "an anonymous caller (HF_TOKEN is empty)"
+            raise HubReadDenied(
+                f"{field} {repo_id!r} is a gated {kind} and {who} was not granted access: request access on its Hub "
+                "page with the token's user (and wait for the grant), or use a token of a user who has it"
+            ) from None
+        except RepositoryNotFoundError:
+            raise missing(
+                f"{field} {repo_id!r}: no such {kind} on the Hub, or it is private and "
+                + ("HF_TOKEN's user may not read it" if token else "HF_TOKEN is empty")
+                + ": check the id, or use a token of a user who may read it"
+            ) from None
+        except Exception as exc:
+            error = classify(exc, HubError, f"checking access to {field} {repo_id!r}")
+            if isinstance(error, HubAuthError):
+                raise error from exc
+            # anything else (network, a server without auth-check): the stage that downloads it says
+
+
+def _hub_sources(spec: DPOJobSpec) -> list[tuple[str, str]]:
+    """(field path, dataset id) of every Hub dataset the run reads."""
+    found = []
+    data = spec.data
+    sections = [("data.dpo", data.dpo)] + ([("data.sft", data.sft)] if spec.sft.enabled else [])
+    for prefix, section in sections:
+        if section is None:
+            continue
+        for name in ("source", "eval_source"):
+            source = getattr(section, name, None)
+            if source is not None and source.hub is not None:
+                camel = "evalSource" if name == "eval_source" else "source"
+                found.append((f"spec.{prefix}.{camel}.hub.name", source.hub.name))
+    return found
 
 
 def target_card(ctx: RunContext) -> tuple[str | None, str | None]:
@@ -166,16 +337,19 @@ def run(ctx: RunContext) -> None:
             repo_type="model",
             delete_patterns=list(WEIGHT_FILES),
         )
+        result: dict[str, Any] = {
+            "repoId": hub.repo_id,
+            "revision": branch or "main",
+            "commitUrl": commit.commit_url,
+            "commitSha": commit.oid,
+        }
+        # Recorded before the tag: a pod stopped between the two finds its own commit under the tag when it resumes
+        # (check_run_revision), not another run's.
+        ctx.write_json(ctx.layout.push_result, result)
         if tag:
             tag_commit(api, hub.repo_id, tag, commit.oid, commit.commit_url)
     except Exception as exc:
         reraise(exc, HubError, f"pushing to {hub.repo_id}")
-    result: dict[str, Any] = {
-        "repoId": hub.repo_id,
-        "revision": branch or "main",
-        "commitUrl": commit.commit_url,
-        "commitSha": commit.oid,
-    }
     if tag:
         result["tag"] = tag
-    ctx.write_json(ctx.layout.push_result, result)
+        ctx.write_json(ctx.layout.push_result, result)

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpo_trainer import card, data, gates, hub, memory, merge, models, preflight, provenance, training
+from dpo_trainer import card, data, gates, hub, memory, merge, models, preflight, provenance, sft_cache, training
 from dpo_trainer.context import RunContext, RunState, fingerprint, is_main_process, wait_for_everyone
 from dpo_trainer.layout import RunLayout, TrainingStage
 from dpo_trainer.progress import Reporter
@@ -134,6 +134,7 @@ def build_summary(ctx: RunContext) -> dict[str, Any]:
         "sftMetrics": metrics.get(Stage.SFT, {}),
         "efficiency": provenance.efficiency(ctx, trained),
         "provenance": ctx.provenance,
+        **({"sftModel": ctx.sft_source} if ctx.sft_source else {}),
         "parallelism": {stage: ctx.read_json(ctx.layout.parallelism(stage)) or {} for stage in trained},
         "stages": ctx.timings,
         "data": data.stats(ctx),
@@ -153,37 +154,66 @@ def run(
     reporter: Reporter,
     token: str | None,
     metadata: dict[str, Any],
+    sft_cache_dir: Path | None = None,
 ) -> dict[str, Any]:
-    """Run (or resume) every enabled stage; return the summary also written to DIR/summary.json."""
+    """Run (or resume) every enabled stage; return the summary also written to DIR/summary.json. With
+    sft_cache_dir the merged SFT model is shared there with other runs (dpo_trainer.sft_cache)."""
     models.check_device(spec)  # before anything is written, downloaded or loaded
+    preflight.check_writable(spec, out_dir)  # a read-only path fails now, not after the training
     layout = RunLayout(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ctx = RunContext(spec, layout, reporter, token, RunState.load(layout.state), metadata)
     wait_for_everyone()  # every rank has read state.json before the main process changes it
     if is_main_process():  # one whoami, not one per GPU; should it fail, the launcher stops the waiting ranks
+        hub.check_sources(spec, token)  # a gated model or dataset not granted fails before config.json is read
         fit = preflight.check(spec, token)  # before anything large is downloaded: will it fit the GPU?
         reporter.emit(Preflight(estimates=fit["stages"], gpuMemoryGiB=fit.get("gpuMemoryGiB")))
         hub.check_token(ctx)
         ctx.provenance = provenance.record(ctx)
-    for stage, chain in plan(spec):
-        reporter.emit(StageStart(stage=stage.name))
-        if ctx.state.is_done(stage.name, chain):
-            done = ctx.state.stages[stage.name]
-            ctx.timings[stage.name] = {"seconds": done.get("seconds", 0.0), "skipped": True, **_gpu(done.get("gpu"))}
-            reporter.emit(StageEnd(stage=stage.name, seconds=0.0, skipped=True))
-            continue
-        ctx.prepare_stage_dir(stage.name, wipe=not ctx.state.is_resumable(stage.name, chain))
-        ctx.state.start(stage.name, chain, later=[s.name for s in STAGES[STAGES.index(stage) + 1 :]])
-        started, used = time.monotonic(), memory.StageMemory()
-        used.start()
-        if is_main_process() or not stage.main_only:
-            stage.run(ctx)
-        wait_for_everyone()
-        seconds, gpu = round(time.monotonic() - started, 3), _gpu(used.result())
-        ctx.state.mark(stage.name, chain, "done", seconds=seconds, **gpu)
-        ctx.timings[stage.name] = {"seconds": seconds, "skipped": False, **gpu}
-        reporter.emit(StageEnd(stage=stage.name, seconds=seconds, skipped=False))
+    shared = sft_cache.open_shared(ctx, sft_cache_dir)
+    try:
+        _run_stages(ctx, shared)
+    finally:
+        if shared is not None and is_main_process():
+            shared.release()  # a run that stops before publishing lets a waiting one take over at once
     summary = build_summary(ctx)
     if is_main_process():
         layout.summary.write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _run_stages(ctx: RunContext, shared: sft_cache.SharedSFT | None) -> None:
+    """Every planned stage in order: skipped when done (or when a shared SFT model is reused), else run."""
+    reporter = ctx.reporter
+    for stage, chain in plan(ctx.spec):
+        reporter.emit(StageStart(stage=stage.name))
+        if shared is not None and stage.name == Stage.SFT:
+            sft_cache.claim(ctx, shared)
+        if shared is not None and shared.reused and stage.name in (Stage.SFT, Stage.SFT_MERGE):
+            ctx.timings[stage.name] = {"seconds": 0.0, "skipped": True}
+            reporter.emit(StageEnd(stage=stage.name, seconds=0.0, skipped=True))
+            continue
+        if ctx.state.is_done(stage.name, chain):
+            done = ctx.state.stages[stage.name]
+            ctx.timings[stage.name] = {"seconds": done.get("seconds", 0.0), "skipped": True, **_gpu(done.get("gpu"))}
+            reporter.emit(StageEnd(stage=stage.name, seconds=0.0, skipped=True))
+        else:
+            _run_stage(ctx, stage, chain)
+        if shared is not None and stage.name == Stage.SFT_MERGE and is_main_process():
+            shared.publish(ctx.layout.sft_model)  # also when an earlier pod merged it and stopped before this
+
+
+def _run_stage(ctx: RunContext, stage: PipelineStage, chain: str) -> None:
+    """Run one stage from its newest checkpoint (or afresh when its inputs changed), and record it done."""
+    reporter = ctx.reporter
+    ctx.prepare_stage_dir(stage.name, wipe=not ctx.state.is_resumable(stage.name, chain))
+    ctx.state.start(stage.name, chain, later=[s.name for s in STAGES[STAGES.index(stage) + 1 :]])
+    started, used = time.monotonic(), memory.StageMemory()
+    used.start()
+    if is_main_process() or not stage.main_only:
+        stage.run(ctx)
+    wait_for_everyone()
+    seconds, gpu = round(time.monotonic() - started, 3), _gpu(used.result())
+    ctx.state.mark(stage.name, chain, "done", seconds=seconds, **gpu)
+    ctx.timings[stage.name] = {"seconds": seconds, "skipped": False, **gpu}
+    reporter.emit(StageEnd(stage=stage.name, seconds=seconds, skipped=False))

@@ -15,6 +15,11 @@ SFT trains batchSize sequences of maxLength tokens; DPO twice as many rows (chos
 the reference pass runs under no_grad before the policy's and does not add to the peak). An estimate above the
 memory of the GPU the pod sees fails the run at once (InsufficientGPUMemory), naming the stage, the parts and
 what to change; DPO_GPU_MEMORY (bytes, or e.g. "16Gi") stands in for the GPU's memory (tests, or to plan).
+
+Before that, `check_writable`: the work directory and output.directory are created and a probe file written and
+removed in each, so a read-only filesystem or volume fails the run at once (OutputNotWritable) instead of after
+the training. The Hub's side of the preflight (sources readable, the target writable, the run's tag free) is in
+dpo_trainer.hub.
 """
 
 from __future__ import annotations
@@ -26,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from dpo_trainer.errors import InsufficientGPUMemory, InvalidSpec, ModelLoadError, classify
+from dpo_trainer.errors import InsufficientGPUMemory, InvalidSpec, ModelLoadError, OutputNotWritable, classify
 from dpo_trainer.specfile import looks_like_path
 from dpojob_api.spec import DPOJobSpec, TrainingSpec
 from dpojob_api.vocabulary import Stage, TrainingStage
@@ -78,6 +83,25 @@ class StageEstimate:
     def describe(self) -> str:
         parts = ("weights", "adapter", "activations", "logits")
         return ", ".join(f"{name} {getattr(self, name) / GIB:.1f}" for name in parts)
+
+
+def check_writable(spec: DPOJobSpec, work_dir: Path) -> None:
+    """Create the work directory and output.directory and write (then remove) a probe file in each."""
+    targets = [(work_dir, "the work directory (--output; in a cluster under spec.checkpointing.directory)")]
+    if spec.output.directory:
+        targets.append((Path(spec.output.directory), "spec.output.directory"))
+    for path, what in targets:
+        probe = path / f".dpo-trainer-probe-{os.getpid()}"
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise OutputNotWritable(
+                f"{what} {str(path)!r} is not writable ({exc.strerror or exc}): nothing was downloaded or trained; "
+                "give a path on a writable volume (spec.runtime.outputVolume mounted at /output, not readOnly; the "
+                "checkpoint volume at spec.checkpointing.directory)"
+            ) from exc
 
 
 def read_config(spec: DPOJobSpec, token: str | None) -> dict[str, Any]:

@@ -68,11 +68,13 @@ def load_job(path: Path) -> DPOJob:
 
 
 def run_metadata(document: dict[str, Any], job: DPOJob) -> dict[str, Any]:
-    """What the card and the push say about the run: the DPOJob's name, its metadata.generation (the run's, in
-    the operator's ConfigMap) and the operator's spec hash of the spec as written (status.internal.specHash)."""
+    """What the card and the push say about the run: the DPOJob's name (and namespace), its metadata.generation (the
+    run's, in the operator's ConfigMap) and the operator's spec hash of the spec as written
+    (status.internal.specHash)."""
     generation = job.metadata.get("generation")
     return {
         "name": job.metadata.get("name", "model"),
+        "namespace": job.metadata.get("namespace"),
         "given_spec": spec_as_yaml_dict(job.spec),
         "generation": generation if isinstance(generation, int) and generation > 0 else None,
         "spec_hash": spec_hash(document["spec"]),

@@ -167,7 +167,7 @@ def run_sft(ctx: RunContext) -> None:
 def dpo_input(ctx: RunContext) -> tuple[str, str | None]:
     """DPO starts from the merged SFT model, or from the base when SFT is disabled."""
     if ctx.spec.sft.enabled:
-        return str(ctx.layout.sft_model), None
+        return str(ctx.sft_model or ctx.layout.sft_model), None
     return ctx.spec.model.name, ctx.spec.model.revision
 
 

@@ -63,7 +63,7 @@ class _ContentRoutes(_BaseHandler):
                 "lastModified": commit["date"],
                 "createdAt": repo["createdAt"],
                 "private": repo["private"],
-                "gated": False,
+                "gated": repo.get("gated", False),
                 "disabled": False,
                 "downloads": 0,
                 "likes": 0,
@@ -163,7 +163,8 @@ class _ContentRoutes(_BaseHandler):
 
     @_route("GET HEAD", _GIT_REPO + r"/resolve/(?P<rev>[^/]+)/(?P<path>.+)$")
     def _resolve(self, args: dict[str, str]) -> None:
-        kind, repo_id, _ = self._readable(args)
+        kind, repo_id, repo = self._readable(args)
+        self.server.accounts.check_gate(self._caller(), kind, repo_id, repo)
         store = self.server.store
         commit_id = store.resolve(kind, repo_id, unquote(args["rev"]))
         path = unquote(args["path"])
@@ -210,8 +211,7 @@ class _ContentRoutes(_BaseHandler):
     @_route("POST", _API_REPO + r"/preupload/(?P<rev>.+)$")
     def _preupload(self, args: dict[str, str]) -> None:
         """Tells the client which files go to LFS, which are ignored, and the oid already stored for each path."""
-        self._writer()
-        kind, repo_id, _ = self._readable(args)
+        kind, repo_id, _ = self._writable(args)
         body = self._json()
         store = self.server.store
         files = store.commit(kind, repo_id, store.resolve(kind, repo_id, unquote(args["rev"])))["files"]
@@ -238,8 +238,7 @@ class _ContentRoutes(_BaseHandler):
 
     @_route("POST", _API_REPO + r"/commit/(?P<rev>.+)$")
     def _commit(self, args: dict[str, str]) -> None:
-        user = self._writer()
-        kind, repo_id, _ = self._readable(args)
+        kind, repo_id, user = self._writable(args)
         lines = [line for line in b"".join(self._iter_body()).splitlines() if line.strip()]
         try:
             items = [json.loads(line) for line in lines]
@@ -266,8 +265,7 @@ class _ContentRoutes(_BaseHandler):
     @_route("POST", _GIT_REPO + r"\.git/info/lfs/objects/batch$")
     def _lfs_batch(self, args: dict[str, str]) -> None:
         """git-lfs batch API, basic transfer only: a signed PUT URL per missing object, plus a verify action."""
-        self._writer()
-        kind, repo_id, _ = self._readable(args)
+        kind, repo_id, _ = self._writable(args)
         body = self._json()
         if body.get("operation") != "upload":
             raise HubError(400, "Only the LFS 'upload' operation is supported; download files with /resolve")
@@ -307,8 +305,7 @@ class _ContentRoutes(_BaseHandler):
 
     @_route("POST", _GIT_REPO + r"\.git/info/lfs/objects/verify$")
     def _lfs_verify(self, args: dict[str, str]) -> None:
-        self._writer()
-        self._readable(args)
+        self._writable(args)
         body = self._json()
         oid, size = str(body.get("oid", "")), body.get("size")
         if not _SHA256_RE.match(oid) or not self.server.store.has_object(oid, size if isinstance(size, int) else None):

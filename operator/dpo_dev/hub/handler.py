@@ -14,6 +14,7 @@ from http.server import BaseHTTPRequestHandler
 from typing import TYPE_CHECKING, Any, TypeVar
 from urllib.parse import parse_qs, unquote, urlsplit
 
+from .access import HubToken
 from .store import HubError
 
 if TYPE_CHECKING:
@@ -164,25 +165,40 @@ class _BaseHandler(BaseHTTPRequestHandler):
         headers = {"X-Error-Message": message, **error.headers}
         if error.code:
             headers["X-Error-Code"] = error.code
+        if not self._body_done:  # refused before its body was read (a 403): the client must not reuse the connection
+            headers["Connection"] = "close"
         self._send(error.status, json.dumps({"error": error.message, **error.body}).encode(), headers=headers)
 
-    # -- auth and repo lookup --
-    def _user(self) -> str | None:
-        """The token's user; an Authorization header with an unknown token is a 401 like on huggingface.co."""
+    # -- auth and repo lookup (who may do what: access.py) --
+    def _caller(self) -> HubToken | None:
+        """The caller's token; an Authorization header with an unknown token is a 401 like on huggingface.co."""
         header = self.headers.get("Authorization")
         if not header:
             return None
-        scheme, _, token = header.partition(" ")
-        user = self.server.tokens.get(token.strip()) if scheme.lower() == "bearer" else None
-        if user is None:
+        scheme, _, value = header.partition(" ")
+        token = self.server.accounts.token(value.strip()) if scheme.lower() == "bearer" else None
+        if token is None:
             raise HubError(401, "Invalid credentials in Authorization header")
-        return user
+        return token
 
-    def _writer(self) -> str:
-        user = self._user()
-        if user is None:
+    def _user(self) -> str | None:
+        """The token's user (None without a token)."""
+        token = self._caller()
+        return token.user if token else None
+
+    def _writer(self) -> HubToken:
+        token = self._caller()
+        if token is None:
             raise HubError(401, "You must be authenticated to write: pass a token (Authorization: Bearer ...)")
-        return user
+        return token
+
+    def _writable(self, args: Mapping[str, str]) -> tuple[str, str, str]:
+        """(kind, repo id, user) of a repo the caller may write: 401 without a token, 404 for a private repo it
+        cannot see, 403 without write rights in its namespace."""
+        token = self._writer()
+        kind, repo_id, _ = self._readable(args)
+        self.server.accounts.check_write(token, kind, repo_id)
+        return kind, repo_id, token.user
 
     def _repo_ref(self, args: Mapping[str, str]) -> tuple[str, str]:
         kind = REPO_KINDS[args["kinds"]] if "kinds" in args else REPO_KINDS.get(args["prefix"], "model")
@@ -192,12 +208,14 @@ class _BaseHandler(BaseHTTPRequestHandler):
         return kind, f"{namespace}/{name}"
 
     def _readable(self, args: Mapping[str, str]) -> tuple[str, str, dict[str, Any]]:
-        """(kind, repo id, repo) of a repo the caller may read; private repos look missing without a token."""
+        """(kind, repo id, repo) of a repo the caller may read; private repos look missing to anyone but their
+        namespace's users (a gated repo's files: `accounts.check_gate`)."""
         kind, repo_id = self._repo_ref(args)
-        user = self._user()
+        token = self._caller()
         repo = self.server.store.repo(kind, repo_id)
-        if repo["private"] and user is None:
-            raise HubError(401, f"Repository {kind}s/{repo_id} not found", "RepoNotFound")
+        if repo["private"] and not self.server.accounts.may_read(token, kind, repo_id):
+            # Invisible rather than forbidden, as on huggingface.co: 401 without a token, else 404.
+            raise HubError(401 if token is None else 404, f"Repository {kind}s/{repo_id} not found", "RepoNotFound")
         return kind, repo_id, repo
 
     def _repo_url(self, kind: str, repo_id: str) -> str:

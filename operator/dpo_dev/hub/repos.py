@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping
 from typing import Any
 from urllib.parse import unquote
@@ -15,20 +14,10 @@ class _RepoRoutes(_BaseHandler):
     # -- account and repo management --
     @_route("GET", r"^/api/whoami-v2$")
     def _whoami(self, args: dict[str, str]) -> None:
-        user = self._user()
-        if user is None:
+        token = self._caller()
+        if token is None:
             raise HubError(401, "Invalid username or password.")
-        self._send_json(
-            {
-                "type": "user",
-                "id": hashlib.sha1(user.encode()).hexdigest()[:24],
-                "name": user,
-                "fullname": user,
-                "isPro": False,
-                "orgs": [],
-                "auth": {"type": "access_token", "accessToken": {"displayName": "local", "role": "write"}},
-            }
-        )
+        self._send_json(self.server.accounts.whoami(token))
 
     def _repo_from_body(self, body: Mapping[str, Any], user: str) -> tuple[str, str]:
         """(kind, repo id) named by a create/delete payload; the namespace defaults to the caller."""
@@ -41,7 +30,9 @@ class _RepoRoutes(_BaseHandler):
     @_route("POST", r"^/api/repos/create$")
     def _create_repo(self, args: dict[str, str]) -> None:
         body = self._json()
-        kind, repo_id = self._repo_from_body(body, self._writer())
+        token = self._writer()
+        kind, repo_id = self._repo_from_body(body, token.user)
+        self.server.accounts.check_write(token, kind, repo_id, creating=True)  # before the 409, as on the Hub
         private = body.get("visibility") == "private" or body.get("private") is True
         url = self._repo_url(kind, repo_id)
         try:
@@ -55,7 +46,11 @@ class _RepoRoutes(_BaseHandler):
     @_route("DELETE", r"^/api/repos/delete$")
     def _delete_repo(self, args: dict[str, str]) -> None:
         body = self._json()
-        self.server.store.delete_repo(*self._repo_from_body(body, self._writer()))
+        token = self._writer()
+        kind, repo_id = self._repo_from_body(body, token.user)
+        self._readable({"kinds": f"{kind}s", "ns": repo_id.split("/")[0], "name": repo_id.split("/")[1]})
+        self.server.accounts.check_write(token, kind, repo_id)
+        self.server.store.delete_repo(kind, repo_id)
         self._send_json({})
 
     @_route("POST", r"^/api/validate-yaml$")
@@ -69,8 +64,7 @@ class _RepoRoutes(_BaseHandler):
 
     @_route("POST DELETE", _API_REPO + r"/branch/(?P<branch>[^/]+)$")
     def _branch(self, args: dict[str, str]) -> None:
-        self._writer()
-        kind, repo_id = self._repo_ref(args)
+        kind, repo_id, _ = self._writable(args)
         branch = unquote(args["branch"])
         if self.command == "POST":
             starting_point = self._json().get("startingPoint")
@@ -82,11 +76,43 @@ class _RepoRoutes(_BaseHandler):
     @_route("POST DELETE", _API_REPO + r"/tag/(?P<ref>[^/]+)$")
     def _tag(self, args: dict[str, str]) -> None:
         """POST tags the revision in the URL with the body's ``tag``; DELETE removes the tag named in the URL."""
-        self._writer()
-        kind, repo_id = self._repo_ref(args)
+        kind, repo_id, _ = self._writable(args)
         if self.command == "POST":
             tag = str(self._json().get("tag") or "")
             self.server.store.create_tag(kind, repo_id, tag, unquote(args["ref"]))
         else:
             self.server.store.delete_tag(kind, repo_id, unquote(args["ref"]))
+        self._send_json({})
+
+    @_route("PUT", _API_REPO + r"/settings$")
+    def _settings(self, args: dict[str, str]) -> None:
+        """update_repo_settings: gated (auto, manual or false) and visibility."""
+        kind, repo_id, _ = self._writable(args)
+        body = self._json()
+        gated = body.get("gated")
+        if gated not in (None, False, "auto", "manual"):
+            raise HubError(400, f"Invalid gated value: {gated!r}")
+        visibility = body.get("visibility")
+        private = body.get("private") if visibility is None else visibility == "private"
+        self.server.store.update_settings(kind, repo_id, gated=gated, private=private)
+        self._send_json({})
+
+    @_route("POST", _API_REPO + r"/user-access-request/grant$")
+    def _grant(self, args: dict[str, str]) -> None:
+        """grant_access: a user may read the gated repo's files."""
+        kind, repo_id, _ = self._writable(args)
+        user = str(self._json().get("user") or "")
+        if not _NAME_RE.match(user):
+            raise HubError(400, f"Invalid user: {user!r}")
+        self.server.store.grant_access(kind, repo_id, user)
+        self._send_json({})
+
+    @_route("GET", _API_REPO + r"/auth-check(?P<write>/write)?$")
+    def _auth_check(self, args: dict[str, str]) -> None:
+        """auth_check: 200 when the caller may read (the files of a gated repo too) or, with /write, write it."""
+        if args["write"]:
+            self._writable(args)
+        else:
+            kind, repo_id, repo = self._readable(args)
+            self.server.accounts.check_gate(self._caller(), kind, repo_id, repo)
         self._send_json({})

@@ -12,6 +12,7 @@ from http.server import ThreadingHTTPServer
 from pathlib import Path
 from types import TracebackType
 
+from .access import Accounts, HubToken
 from .content import _ContentRoutes
 from .handler import HubRequest
 from .repos import _RepoRoutes
@@ -25,12 +26,10 @@ class _Handler(_RepoRoutes, _ContentRoutes):
 class _HubServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(
-        self, address: tuple[str, int], store: _Store, tokens: Mapping[str, str], requests: list[HubRequest]
-    ) -> None:
+    def __init__(self, address: tuple[str, int], store: _Store, accounts: Accounts, requests: list[HubRequest]) -> None:
         super().__init__(address, _Handler)
         self.store = store
-        self.tokens = dict(tokens)
+        self.accounts = accounts
         self.requests = requests
         # Signs LFS upload URLs: like S3 presigned URLs, the PUT carries no Authorization header.
         self.secret = secrets.token_bytes(32)
@@ -42,21 +41,28 @@ class _HubServer(ThreadingHTTPServer):
 class LocalHub:
     """A Hub-compatible HTTP server on a background thread, storing everything under `root_dir`.
 
-    `tokens` are the accepted access tokens: a mapping token -> user name, or an iterable of tokens that all
-    belong to `user`. Any valid token may read and write every repo (there are no orgs or permissions).
+    `tokens` are the accepted access tokens: a mapping token -> user name (a write token) or HubToken (its user,
+    role and fine-grained scopes), or an iterable of write tokens that all belong to `user`. `orgs` maps each
+    organization to its members' roles (read, contributor, write, admin). What each may do: see access.py.
     """
 
     def __init__(
         self,
         root_dir: str | os.PathLike[str],
-        tokens: Mapping[str, str] | Iterable[str],
+        tokens: Mapping[str, str | HubToken] | Iterable[str],
         host: str = "127.0.0.1",
         port: int = 0,
         *,
         user: str = "local",
+        orgs: Mapping[str, Mapping[str, str]] | None = None,
     ) -> None:
         self.root_dir = Path(root_dir)
-        self.tokens = dict(tokens) if isinstance(tokens, Mapping) else dict.fromkeys(tokens, user)
+        given = dict(tokens) if isinstance(tokens, Mapping) else dict.fromkeys(tokens, user)
+        self.accounts = Accounts(
+            {value: t if isinstance(t, HubToken) else HubToken(t) for value, t in given.items()}, orgs or {}
+        )
+        self.tokens = {value: token.user for value, token in self.accounts.tokens.items()}
+        """token -> the user it belongs to"""
         self.host = host
         self.port = port
         self._server: _HubServer | None = None
@@ -76,7 +82,7 @@ class LocalHub:
         if self._server is not None:
             raise RuntimeError("LocalHub is already started")
         self.root_dir.mkdir(parents=True, exist_ok=True)
-        self._server = _HubServer((self.host, self.port), _Store(self.root_dir), self.tokens, self.requests)
+        self._server = _HubServer((self.host, self.port), _Store(self.root_dir), self.accounts, self.requests)
         self._thread = threading.Thread(
             target=self._server.serve_forever, kwargs={"poll_interval": 0.05}, name="local-hub", daemon=True
         )

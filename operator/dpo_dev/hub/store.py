@@ -171,6 +171,23 @@ class _Store:
                 {"private": private, "createdAt": _now(), "branches": {DEFAULT_BRANCH: initial}, "pullRequests": {}},
             )
 
+    def update_settings(self, kind: str, repo_id: str, *, gated: str | bool | None, private: bool | None) -> None:
+        """Gate the repo's files (auto, manual; False lifts the gate) and/or change its visibility."""
+        with self.lock:
+            repo = self.repo(kind, repo_id)
+            if gated is not None:
+                repo["gated"] = gated
+            if private is not None:
+                repo["private"] = bool(private)
+            self._save_repo(kind, repo_id, repo)
+
+    def grant_access(self, kind: str, repo_id: str, user: str) -> None:
+        """Let a user read a gated repo's files."""
+        with self.lock:
+            repo = self.repo(kind, repo_id)
+            repo["grants"] = sorted({*repo.get("grants", ()), user})
+            self._save_repo(kind, repo_id, repo)
+
     def delete_repo(self, kind: str, repo_id: str) -> None:
         with self.lock:
             self.repo(kind, repo_id)
