@@ -55,6 +55,16 @@ TRAINER_PROCESS_ENV = {
     "HF_DATASETS_OFFLINE": "1",
 }
 
+SMALL_GPU_TAINT = {"key": "dpo-operator.dev/small-gpu", "value": "true", "effect": "NoSchedule"}
+SMALL_GPU_NODE = NodeSpec(
+    "small-gpu-node",
+    labels={"dpo-operator.dev/small-gpu": "true"},
+    taints=[SMALL_GPU_TAINT],
+    env={"DPO_GPU_MEMORY": "256Mi"},
+)
+"""A node whose GPU memory is 256 MiB as the trainer's preflight sees it (DPOJobs land there only by selecting
+and tolerating it): a memory misfit found before training, on the control plane."""
+
 
 def kubectl(kubeconfig: Path, *args: str, stdin: str | None = None, check: bool = True) -> str:
     """Run kubectl against the given kubeconfig; raise with its stderr when it fails and check is set."""
@@ -209,7 +219,10 @@ class LocalStack:
         self.hub = LocalHub(self.workdir / "hub", {self.hub_token: HUB_USER})
         self.simulator = NodeSimulator(
             self.admin_kubeconfig,
-            [NodeSpec("gpu-node-0", cpu="16", memory="128Gi", gpus=gpus, labels={"nvidia.com/gpu.present": "true"})],
+            [
+                NodeSpec("gpu-node-0", cpu="16", memory="128Gi", gpus=gpus, labels={"nvidia.com/gpu.present": "true"}),
+                SMALL_GPU_NODE,
+            ],
             config=NodeSimConfig(
                 mode=mode,
                 workdir=self.workdir / "node",

@@ -21,7 +21,14 @@ import pytest
 import yaml
 
 from dpo_dev.nodesim import Outcome
-from dpo_dev.stack import HUB_USER, LocalStack, kubectl, quickstart_for_cluster
+from dpo_dev.stack import (
+    HUB_USER,
+    SMALL_GPU_NODE,
+    SMALL_GPU_TAINT,
+    LocalStack,
+    kubectl,
+    quickstart_for_cluster,
+)
 from dpo_dev.webhook import INJECTED_ENV, MUTATED_LABEL, SIDECAR, WEBHOOK_LABEL, JobWebhook
 from dpo_operator.progress import parse_line
 
@@ -610,6 +617,33 @@ def test_a_sweep_trains_sft_once(stack: LocalStack) -> None:
     for name in reusers:
         reused = [e for e in events(stack, name) if e["reason"] == "SFTReused"]
         assert len(reused) == 1 and shared[name]["digest"] in reused[0]["message"], events(stack, name)
+
+
+def test_preflight_fails_a_bad_column_and_a_gpu_misfit_before_training(stack: LocalStack) -> None:
+    """Both fail in the pod's first seconds, one pod each (not retried), with what to change: a template naming a
+    column the dataset lacks (DPO's, checked on the first rows before SFT would train), and a model that does not
+    fit the GPU of the node the pod landed on (SMALL_GPU_NODE: 256 MiB)."""
+    column = quickstart_for_cluster(NS, name="preflight-column", repo=f"{HUB_USER}/preflight-column")
+    column["spec"]["data"]["dpo"]["chosenTemplate"] = "{best_answer}"
+    misfit = quickstart_for_cluster(NS, name="preflight-gpu", repo=f"{HUB_USER}/preflight-gpu")
+    misfit["spec"]["runtime"]["nodeSelector"] = SMALL_GPU_NODE.labels
+    misfit["spec"]["runtime"]["tolerations"] = [{"operator": "Exists", "key": SMALL_GPU_TAINT["key"]}]
+    for document in (column, misfit):
+        apply(stack, document)
+    for name, reason, says in (
+        ("preflight-column", "DatasetError", "data.dpo.chosenTemplate refers to column 'best_answer'"),
+        ("preflight-gpu", "InsufficientGPUMemory", "but the GPU has 0.2 GiB: lower sft.batchSize"),
+    ):
+        failed = stack.wait_for(NS, name, lambda o: phase(o) == "Failed", 240)
+        assert failed["status"]["reason"] == reason, failed["status"]
+        assert says in condition(failed, "Stalled")["message"], condition(failed, "Stalled")
+        (job,) = jobs_of(stack, name)
+        assert job["status"].get("failed") == 1, "a preflight failure is not retried"
+        assert failed["status"].get("stage") in (None, "data"), f"{name}: failed in {failed['status'].get('stage')}"
+        assert not failed["status"].get("efficiency"), f"{name}: nothing trained before the failure"
+    selector = "dpo-operator.io/dpojob=preflight-gpu"
+    (pod,) = json.loads(kubectl(stack.admin_kubeconfig, "-n", NS, "get", "pods", "-l", selector, "-o", "json"))["items"]
+    assert pod["spec"]["nodeName"] == SMALL_GPU_NODE.name
 
 
 @pytest.fixture(scope="module")

@@ -47,6 +47,9 @@ class NodeSpec:
     pods: int = 110
     labels: dict[str, str] = field(default_factory=dict)
     taints: list[dict[str, str]] = field(default_factory=list)  # [{"key", "value", "effect"}]
+    env: dict[str, str] = field(default_factory=dict)
+    """What this node adds to every container's env (under the pod's own), as a device plugin does; e.g.
+    DPO_GPU_MEMORY for a node whose GPUs are small (the trainer's preflight reads it)."""
 
     def capacity(self) -> dict[str, str]:
         capacity = {"cpu": self.cpu, "memory": self.memory, "pods": str(self.pods), "ephemeral-storage": "100Gi"}

@@ -76,9 +76,11 @@ class PodResolver:
         return response.status.token, response.spec.expiration_seconds or TOKEN_EXPIRATION_S
 
     def resolve_env(self, pod: dict, spec: dict, pod_ip: str) -> dict[str, str]:
-        """The container's env (envFrom, then env with $(VAR) expansion), as the kubelet resolves it."""
+        """The container's env (its node's, then envFrom, then env with $(VAR) expansion), as the kubelet resolves
+        it with a device plugin's variables (NodeSpec.env) under the pod's own."""
         namespace = pod["metadata"]["namespace"]
-        env: dict[str, str] = {}
+        node = self.nodes.get(pod["spec"].get("nodeName", ""))
+        env: dict[str, str] = dict(node.env) if node is not None else {}
         for source in spec.get("envFrom") or []:
             prefix = source.get("prefix", "")
             if "configMapRef" in source:
