@@ -16,7 +16,7 @@ from huggingface_hub import HfApi, HfFileSystem, hf_hub_download, snapshot_downl
 from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
 from safetensors.numpy import load_file, save_file
 
-from dpo_dev.hub import HubToken, LocalHub
+from dpo_dev.hub import LocalHub, RefusalAccounts
 
 from .conftest import HUB_TOKEN, HUB_USER
 
@@ -239,21 +239,14 @@ def test_the_request_log_shows_a_cached_file_is_not_fetched_again(local_hub: Loc
     assert download() == [("HEAD", 200)], "a cached file: only its metadata is asked for"
 
 
-READER, OUTSIDER, BOB, SCOPED = "hf_tester_read", "hf_alice_write", "hf_bob_write", "hf_tester_fine"
+ACCOUNTS = RefusalAccounts(HUB_USER, HUB_TOKEN)
+READER, OUTSIDER, BOB, SCOPED = ACCOUNTS.read, ACCOUNTS.outsider, ACCOUNTS.bob, ACCOUNTS.scoped
 
 
 @pytest.fixture
 def org_hub(tmp_path: Path, hub_client_env: None) -> Iterator[LocalHub]:
-    """tester (a write token, a read token, a fine-grained token that may write acme/scoped only), alice (no
-    organization) and bob; the organization acme: tester writes, bob reads."""
-    tokens = {
-        HUB_TOKEN: HUB_USER,
-        READER: HubToken(HUB_USER, "read"),
-        SCOPED: HubToken(HUB_USER, "fineGrained", scoped={"acme/scoped": ["repo.write"]}),
-        OUTSIDER: "alice",
-        BOB: "bob",
-    }
-    with LocalHub(tmp_path / "hub-root", tokens, orgs={"acme": {HUB_USER: "write", "bob": "read"}}) as hub:
+    """RefusalAccounts: tester's tokens, alice and bob, the organization acme."""
+    with LocalHub(tmp_path / "hub-root", ACCOUNTS.tokens(), orgs=ACCOUNTS.orgs()) as hub:
         yield hub
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from dpo_dev.hub import LocalHub
+from dpo_dev.hub import LocalHub, RefusalAccounts
 from dpo_trainer.context import RunContext, RunState
 from dpo_trainer.errors import DatasetError, HubError, HubReadDenied, HubWriteDenied, RunRevisionTaken
 from dpo_trainer.hub import check_sources, check_token, tag_commit
@@ -142,29 +142,15 @@ def test_private_true_warns_when_the_existing_repo_is_public_and_still_pushes(
     assert info.sha == commit and info.private is not public, "pushed; the visibility is left as it was"
 
 
-READER, OUTSIDER, BOB, SCOPED = (
-    "reader-token-0123456789",
-    "alice-token-0123456789",
-    "bob-token-0123456789",
-    "fine-0123456789",
-)
+ACCOUNTS = RefusalAccounts(HUB_USER, HUB_TOKEN)
+READER, OUTSIDER, BOB, SCOPED = ACCOUNTS.read, ACCOUNTS.outsider, ACCOUNTS.bob, ACCOUNTS.scoped
 
 
 @pytest.fixture(scope="module")
 def guarded_hub(hub: LocalHub, tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalHub]:
-    """A Hub with the refusals a user meets (the session `hub` set the client up): tester's write, read and
-    fine-grained (acme/scoped only) tokens, alice's and bob's; tester writes in the organization acme, bob reads."""
-    from dpo_dev.hub import HubToken
-
-    tokens = {
-        HUB_TOKEN: HUB_USER,
-        READER: HubToken(HUB_USER, "read"),
-        SCOPED: HubToken(HUB_USER, "fineGrained", scoped={"acme/scoped": ["repo.write"]}),
-        OUTSIDER: "alice",
-        BOB: "bob",
-    }
+    """A Hub with the refusals a user meets (the session `hub` set the client up): RefusalAccounts."""
     root = tmp_path_factory.mktemp("guarded-hub")
-    with LocalHub(root, tokens, orgs={"acme": {HUB_USER: "write", "bob": "read"}}) as guarded:
+    with LocalHub(root, ACCOUNTS.tokens(), orgs=ACCOUNTS.orgs()) as guarded:
         yield guarded
 
 

@@ -27,9 +27,9 @@ gitattributes (the LFS and ignore globs), handler (the HTTP plumbing and route t
 routes), server (LocalHub); ``python -m dpo_dev.hub`` serves one.
 """
 
-from .access import HubToken
+from .access import HubToken, RefusalAccounts
 from .handler import HubRequest
 from .server import LocalHub
 from .store import HubError
 
-__all__ = ["HubError", "HubRequest", "HubToken", "LocalHub"]
+__all__ = ["HubError", "HubRequest", "HubToken", "LocalHub", "RefusalAccounts"]

@@ -161,3 +161,29 @@ class Accounts:
             "orgs": orgs,
             "auth": {"type": "access_token", "accessToken": access},
         }
+
+
+@dataclass(frozen=True)
+class RefusalAccounts:
+    """Accounts that meet every refusal (tests of the Hub and of the trainer's preflight): `user`'s write, read
+    and fine-grained (acme/scoped only) tokens, alice (in no organization) and bob; in the organization acme,
+    `user` writes and bob reads."""
+
+    user: str
+    write: str
+    read: str = "reader-token-0123456789"
+    scoped: str = "fine-0123456789"
+    outsider: str = "alice-token-0123456789"
+    bob: str = "bob-token-0123456789"
+
+    def tokens(self) -> dict[str, str | HubToken]:
+        return {
+            self.write: self.user,
+            self.read: HubToken(self.user, "read"),
+            self.scoped: HubToken(self.user, "fineGrained", scoped={"acme/scoped": [WRITE]}),
+            self.outsider: "alice",
+            self.bob: "bob",
+        }
+
+    def orgs(self) -> dict[str, dict[str, str]]:
+        return {"acme": {self.user: "write", "bob": "read"}}
