@@ -5,9 +5,11 @@ parameters on the meta device (no memory), and estimates each training stage's p
                  norms, lm_head) in the compute dtype; `quantization.mode: none`: every parameter in model.dtype
     adapter      LoRA parameters (r x (in + out) per targeted linear layer) in fp32, their gradients and the
                  optimizer's states (two fp32 moments; one byte each for the 8-bit optimizers; none for SGD)
-    activations  per layer and token, ≈ 34 x hidden bytes in 16-bit kept for the backward pass (attention through
-                 PyTorch's SDPA, no score matrix); with gradient checkpointing only each layer's input (2 x
-                 hidden) plus one layer recomputed
+    activations  per layer and token, what autograd keeps for the backward pass in 16-bit: 32 x hidden bytes
+                 (attention through PyTorch's SDPA, no score matrix) plus 8 bytes per input feature of each
+                 LoRA-targeted linear layer (its dropped-out input, the mask, LoRA's own intermediates), measured
+                 with saved_tensors_hooks on Llama-shaped models (tests/trainer/test_preflight.py); with gradient
+                 checkpointing only each layer's input (2 x hidden) plus one layer recomputed
     logits       tokens x vocabulary x 10 bytes: 16-bit logits, their fp32 upcast for the loss and its gradient
     overhead     the CUDA context and allocator slack: 10 % plus 0.5 GiB
 
@@ -48,7 +50,9 @@ OPTIMIZER_STATE_BYTES = {
     "adafactor": 4,
 }
 """Bytes of optimizer state per trainable parameter."""
-ACTIVATION_BYTES_PER_HIDDEN = 34
+ACTIVATION_BYTES_PER_HIDDEN = 32
+LORA_INPUT_BYTES = 8
+"""Activation bytes per layer and token: per hidden unit, and per input feature of a LoRA-targeted linear layer."""
 LOGIT_BYTES = 10
 OVERHEAD_FRACTION = 0.10
 OVERHEAD_BYTES = GIB // 2
@@ -66,6 +70,8 @@ class ModelShape:
     vocab_size: int
     lora_params: dict[str, int]
     """LoRA parameters per stage (its target modules and rank)."""
+    lora_inputs: dict[str, int]
+    """Per stage: input features of one layer's LoRA-targeted linear layers (what their activations scale with)."""
 
 
 @dataclass(frozen=True)
@@ -132,15 +138,13 @@ def model_shape(spec: DPOJobSpec, config: dict[str, Any]) -> ModelShape:
     in_blocks = {name: m for name, m in linear.items() if m is not head}
     linear_params = sum(m.weight.numel() for m in in_blocks.values())
     total = sum(p.numel() for p in model.parameters())
-    lora = {}
+    text = model_config.get_text_config()
+    lora, lora_inputs = {}, {}
     for stage, section in ((Stage.SFT, spec.sft), (Stage.DPO, spec.dpo)):
         targets = tuple(section.lora.target_modules)
-        lora[stage.value] = sum(
-            section.lora.r * (m.in_features + m.out_features)
-            for name, m in in_blocks.items()
-            if name.split(".")[-1] in targets
-        )
-    text = model_config.get_text_config()
+        targeted = [m for name, m in in_blocks.items() if name.split(".")[-1] in targets]
+        lora[stage.value] = sum(section.lora.r * (m.in_features + m.out_features) for m in targeted)
+        lora_inputs[stage.value] = sum(m.in_features for m in targeted) // max(text.num_hidden_layers, 1)
     return ModelShape(
         linear_params=linear_params,
         other_params=total - linear_params,
@@ -148,6 +152,7 @@ def model_shape(spec: DPOJobSpec, config: dict[str, Any]) -> ModelShape:
         layers=text.num_hidden_layers,
         vocab_size=text.vocab_size,
         lora_params=lora,
+        lora_inputs=lora_inputs,
     )
 
 
@@ -162,7 +167,8 @@ def estimate(spec: DPOJobSpec, shape: ModelShape, stage: TrainingStage) -> Stage
     adapter = shape.lora_params[stage.value] * (8 + OPTIMIZER_STATE_BYTES.get(section.optimizer, 8))
     rows = section.batch_size * (2 if stage == Stage.DPO else 1)
     tokens = rows * section.max_length
-    per_layer = ACTIVATION_BYTES_PER_HIDDEN * shape.hidden_size * tokens
+    per_token = ACTIVATION_BYTES_PER_HIDDEN * shape.hidden_size + LORA_INPUT_BYTES * shape.lora_inputs[stage.value]
+    per_layer = per_token * tokens
     if section.gradient_checkpointing:
         activations = 2 * shape.hidden_size * tokens * shape.layers + per_layer
     else:
